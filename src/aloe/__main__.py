@@ -1,0 +1,3 @@
+from aloe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Backends: one interface (:class:`ChatBackend`), three engines, chosen by config.
+
+``open_backend(config, cache_path)`` is the only constructor the stages use; the
+registry below maps a config ``kind`` to its builder, so adding an engine does not
+touch any stage.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from aloe.backends.base import (CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest, Sampling,
+                                match_candidates)
+from aloe.cache import CallCache
+from aloe.config import BackendConfig
+from aloe.models import hf_location, model_identity, resolve_model
+
+__all__ = ["CandidateLogprobs", "ChatBackend", "ChatRequest", "Completion", "ProbRequest", "Sampling",
+           "match_candidates", "open_backend", "BACKENDS"]
+
+
+def _transformers(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
+    from aloe.backends.transformers_backend import TransformersBackend
+
+    spec = resolve_model(cfg.model, cfg.revision)
+    model_id, revision = model_identity(spec)
+    return TransformersBackend(hf_location(spec), model_id, revision, cache, batch_size=cfg.batch_size,
+                               dtype=cfg.dtype, device=cfg.device,
+                               hf_revision=spec.revision if spec.source == "hf" else None)
+
+
+def _openai(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
+    from aloe.backends.openai_backend import OpenAIBackend
+
+    # The model behind a server is whatever it serves; `model` names it for the cache
+    # and the manifest, `served_model` is what the API expects (defaults to `model`).
+    backend = OpenAIBackend(cfg.base_url, cfg.served_model or cfg.model, cfg.model, cfg.revision or "served", cache,
+                            api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
+                            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, top_logprobs=cfg.top_logprobs)
+    backend.check()
+    return backend
+
+
+def _vllm(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
+    from aloe.backends.vllm_backend import VLLMBackend
+
+    spec = resolve_model(cfg.model, cfg.revision)
+    model_id, revision = model_identity(spec)
+    return VLLMBackend(hf_location(spec), model_id, revision, cache,
+                       tensor_parallel_size=cfg.tensor_parallel_size,
+                       gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
+                       top_logprobs=cfg.top_logprobs, hf_revision=spec.revision if spec.source == "hf" else None)
+
+
+BACKENDS: dict[str, Callable[[BackendConfig, CallCache], ChatBackend]] = {
+    "transformers": _transformers,
+    "openai": _openai,
+    "vllm": _vllm,
+}
+
+
+def open_backend(cfg: BackendConfig | dict, cache_path: str | None = None) -> ChatBackend:
+    if isinstance(cfg, dict):
+        from aloe.config import build
+
+        cfg = build(BackendConfig, cfg, "backend")
+    return BACKENDS[cfg.kind](cfg, CallCache(cache_path))

@@ -1,0 +1,204 @@
+"""The one backend interface every engine implements.
+
+Two calls, both batched and order-preserving (result i answers request i):
+
+* ``chat(requests)``: chat completion with explicit sampling parameters and seed.
+* ``logprobs(requests)``: log-probabilities of given candidate continuations of the
+  assistant turn ("1".."5", "first"/"second"); judges read these instead of parsing text.
+
+Every call goes through the SQLite :class:`~aloe.cache.CallCache`. Subclasses only
+implement ``_generate`` and ``_score`` for the cache misses. A per-request failure
+comes back as a result with ``error`` set (never cached, never fake text); a failure
+that dooms every request (server unreachable, bad API key) raises BackendError.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from aloe.cache import CallCache, cache_key
+
+log = logging.getLogger(__name__)
+
+Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[Message, ...]
+    sampling: Sampling = field(default_factory=Sampling)
+    sample_index: int = 0  # distinguishes repeated samples of the same prompt and seed
+    prompt_version: str = ""  # e.g. "judge_pair@v1": bumping it invalidates cached answers
+
+    def __post_init__(self):
+        object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
+
+
+@dataclass
+class Completion:
+    text: str | None
+    error: str | None = None
+    finish_reason: str | None = None
+    completion_tokens: int | None = None
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.text is not None
+
+
+@dataclass(frozen=True)
+class ProbRequest:
+    messages: tuple[Message, ...]
+    candidates: tuple[str, ...]
+    prompt_version: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "messages", tuple(dict(m) for m in self.messages))
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        if len(set(self.candidates)) != len(self.candidates) or not self.candidates:
+            raise ValueError(f"candidates must be distinct and non-empty: {self.candidates!r}")
+
+
+@dataclass
+class CandidateLogprobs:
+    """Log-probability of each candidate as the start of the assistant reply.
+
+    ``logprobs[c]`` is None when the backend did not report that candidate (an HTTP
+    server returns only its top-k tokens). ``exact`` is True when the values are full
+    continuation log-likelihoods (local model), False when they come from next-token
+    top-k lists (first token of each candidate).
+    """
+
+    logprobs: dict[str, float | None]
+    exact: bool = True
+    error: str | None = None
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and any(v is not None for v in self.logprobs.values())
+
+    def probabilities(self) -> dict[str, float]:
+        """Softmax over the candidates that were observed (renormalized to sum to 1)."""
+        seen = {c: v for c, v in self.logprobs.items() if v is not None}
+        if not seen:
+            return {}
+        m = max(seen.values())
+        z = sum(math.exp(v - m) for v in seen.values())
+        return {c: math.exp(v - m) / z for c, v in seen.items()}
+
+
+def match_candidates(top: dict[str, float], candidates: Sequence[str]) -> dict[str, float | None]:
+    """Map next-token top-k log-probabilities onto candidate continuations.
+
+    A token counts for a candidate when, stripped of surrounding whitespace and
+    compared case-insensitively, it equals the candidate or is a prefix that no other
+    candidate shares ("fir" -> "first"). Several matching tokens (" 1", "1") are
+    summed in probability space.
+    """
+    out: dict[str, float | None] = {}
+    lowered = [c.strip().lower() for c in candidates]
+    for cand, low in zip(candidates, lowered):
+        total = 0.0
+        for tok, lp in top.items():
+            t = tok.strip().lower()
+            if not t:
+                continue
+            if t == low or (low.startswith(t) and sum(o.startswith(t) for o in lowered) == 1):
+                total += math.exp(lp)
+        out[cand] = math.log(total) if total > 0 else None
+    return out
+
+
+class ChatBackend(ABC):
+    """Base class: caching, bookkeeping; subclasses implement _generate/_score."""
+
+    kind: str = "abstract"
+
+    def __init__(self, model_id: str, revision: str, cache: CallCache | None = None):
+        self.model_id = model_id
+        self.revision = revision
+        self.cache = cache if cache is not None else CallCache(None)  # an empty cache is falsy (__len__)
+        self.failures = 0
+        self.generated_tokens = 0
+
+    # -- cache keys
+    def _key(self, call: str, payload: dict) -> str:
+        return cache_key({"backend": self.kind, "model": self.model_id, "revision": self.revision,
+                          "call": call, **payload})
+
+    def chat_key(self, r: ChatRequest) -> str:
+        return self._key("chat", {"messages": list(r.messages), "sampling": asdict(r.sampling),
+                                  "sample_index": r.sample_index, "prompt_version": r.prompt_version})
+
+    def prob_key(self, r: ProbRequest) -> str:
+        return self._key("logprobs", {"messages": list(r.messages), "candidates": list(r.candidates),
+                                      "prompt_version": r.prompt_version})
+
+    # -- public, cached calls
+    def chat(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        keys = [self.chat_key(r) for r in requests]
+        found = self.cache.get_many(keys)
+        todo = [i for i, k in enumerate(keys) if k not in found]
+        # Identical requests in one batch are generated once.
+        uniq: dict[str, int] = {}
+        for i in todo:
+            uniq.setdefault(keys[i], i)
+        fresh = self._generate([requests[i] for i in uniq.values()]) if uniq else []
+        by_key = dict(zip(uniq.keys(), fresh))
+        self.cache.put_many({k: asdict(c) for k, c in by_key.items() if c.ok})
+        out = []
+        for k in keys:
+            if k in found:
+                out.append(Completion(**{**found[k], "cached": True}))
+            else:
+                c = by_key[k]
+                if not c.ok:
+                    self.failures += 1
+                out.append(c)
+        log.info("%s chat: %d requests, %d cached, %d generated, %d failed", self.kind, len(requests),
+                 len(requests) - len(todo), len(uniq), sum(1 for c in fresh if not c.ok))
+        return out
+
+    def logprobs(self, requests: Sequence[ProbRequest]) -> list[CandidateLogprobs]:
+        keys = [self.prob_key(r) for r in requests]
+        found = self.cache.get_many(keys)
+        uniq: dict[str, int] = {}
+        for i, k in enumerate(keys):
+            if k not in found:
+                uniq.setdefault(k, i)
+        fresh = self._score([requests[i] for i in uniq.values()]) if uniq else []
+        by_key = dict(zip(uniq.keys(), fresh))
+        self.cache.put_many({k: asdict(c) for k, c in by_key.items() if c.error is None})
+        out = []
+        for k in keys:
+            if k in found:
+                out.append(CandidateLogprobs(**{**found[k], "cached": True}))
+            else:
+                out.append(by_key[k])
+        return out
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "model": self.model_id, "revision": self.revision}
+
+    def close(self) -> None:  # pragma: no cover - overridden where there is something to free
+        pass
+
+    @abstractmethod
+    def _generate(self, requests: list[ChatRequest]) -> list[Completion]: ...
+
+    @abstractmethod
+    def _score(self, requests: list[ProbRequest]) -> list[CandidateLogprobs]: ...

@@ -1,0 +1,66 @@
+"""vLLM offline engine (GPU). ``vllm`` is imported only when this backend is built.
+
+Tensor parallelism comes from the config (``tensor_parallel_size``); for data
+parallelism run several ``vllm serve`` processes and give the ``openai`` backend
+their URLs as a list. Log-probabilities come from the top-k next-token list
+(``SamplingParams(logprobs=k)``), mapped onto candidates like the HTTP backend.
+
+Not run in CI (no GPU there): tests/test_backends_vllm.py drives this adapter
+through a stand-in ``vllm`` module, and a ``gpu``-marked test runs the real engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from aloe.backends.base import (CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest,
+                                match_candidates)
+from aloe.cache import CallCache
+from aloe.errors import AloeError
+
+
+class VLLMBackend(ChatBackend):
+    kind = "vllm"
+
+    def __init__(self, location: str, model_id: str, revision: str, cache: CallCache | None = None,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
+                 max_model_len: int | None = None, top_logprobs: int = 20, hf_revision: str | None = None):
+        super().__init__(model_id, revision, cache)
+        try:
+            self._vllm = importlib.import_module("vllm")
+        except ImportError:
+            raise AloeError("backend kind 'vllm' needs vLLM on a CUDA machine: "
+                            "pip install -c constraints/gpu.txt -e '.[vllm]' (see README, GPU install)") from None
+        kwargs = {"model": location, "tensor_parallel_size": tensor_parallel_size,
+                  "gpu_memory_utilization": gpu_memory_utilization, "revision": hf_revision}
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        self.llm = self._vllm.LLM(**kwargs)
+        self.top_logprobs = top_logprobs
+        self.tensor_parallel_size = tensor_parallel_size
+
+    def describe(self) -> dict:
+        return {**super().describe(), "tensor_parallel_size": self.tensor_parallel_size}
+
+    def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        params = [self._vllm.SamplingParams(temperature=r.sampling.temperature, top_p=r.sampling.top_p,
+                                            max_tokens=r.sampling.max_tokens,
+                                            seed=r.sampling.seed * 1000 + r.sample_index) for r in requests]
+        outs = self.llm.chat([list(r.messages) for r in requests], sampling_params=params, use_tqdm=False)
+        results = []
+        for o in outs:
+            c = o.outputs[0]
+            n = len(c.token_ids)
+            self.generated_tokens += n
+            results.append(Completion(c.text.strip(), finish_reason=c.finish_reason, completion_tokens=n))
+        return results
+
+    def _score(self, requests: list[ProbRequest]) -> list[CandidateLogprobs]:
+        params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, logprobs=self.top_logprobs)
+        outs = self.llm.chat([list(r.messages) for r in requests], sampling_params=params, use_tqdm=False)
+        results = []
+        for r, o in zip(requests, outs):
+            step = (o.outputs[0].logprobs or [{}])[0]
+            top = {lp.decoded_token: lp.logprob for lp in step.values() if lp.decoded_token is not None}
+            results.append(CandidateLogprobs(match_candidates(top, r.candidates), exact=False))
+        return results

@@ -1,0 +1,62 @@
+"""Command line: ``aloe run parameters/<experiment>.yaml [--only STAGE ...]``.
+
+User errors (bad parameters, unknown model, unreachable server) print one clear
+message and exit 2; a failed stage exits 1 and names its executed notebook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from aloe.errors import AloeError, ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aloe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run an experiment's notebooks with Papermill")
+    p_run.add_argument("params", help="parameter file, e.g. parameters/default.yaml")
+    p_run.add_argument("-v", "--verbose", action="store_true", help="stream every cell's output")
+    p_run.add_argument("--only", action="append", metavar="STAGE",
+                       help="run only this stage (repeatable): personas, trees, train, evaluate, report")
+    p_check = sub.add_parser("check", help="validate a parameter file without running anything")
+    p_check.add_argument("params")
+    p_model = sub.add_parser("prepare-model", help="resolve a model; convert the embedded GGUF once")
+    p_model.add_argument("model", nargs="?", default="smollm2-135m")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "verbose", False):
+        logging.getLogger("papermill").setLevel(logging.WARNING)
+    try:
+        if args.command == "run":
+            from aloe.runner import run_experiment
+
+            run_experiment(args.params, args.only, log_output=args.verbose)
+        elif args.command == "check":
+            from aloe.config import NOTEBOOKS, load_experiment
+            from aloe.runner import REPO_ROOT, check_notebook_parameters
+
+            exp = load_experiment(args.params)
+            check_notebook_parameters(exp, list(NOTEBOOKS), REPO_ROOT / "notebooks")
+            print(f"{args.params}: ok (experiment {exp.name!r})")
+        elif args.command == "prepare-model":
+            from aloe.models import hf_location, resolve_model
+
+            print(hf_location(resolve_model(args.model)))
+    except ConfigError as e:
+        print(f"aloe: configuration error: {e}", file=sys.stderr)
+        return 2
+    except AloeError as e:
+        msg = str(e)
+        print(f"aloe: error: {msg}", file=sys.stderr)
+        return 1 if msg.startswith("stage ") else 2
+    except KeyboardInterrupt:
+        print("aloe: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

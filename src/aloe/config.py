@@ -1,0 +1,308 @@
+"""Typed, validated configuration.
+
+A run is one YAML file in ``parameters/``. It is turned into frozen dataclasses
+*before anything runs*; an unknown key, a wrong type or a value outside its
+allowed set is a :class:`ConfigError` naming the file, the key path and what is
+allowed. (Papermill alone only warns on an unknown parameter.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from aloe.errors import ConfigError
+
+STAGES = ("personas", "trees", "train", "evaluate", "report")
+NOTEBOOKS = {
+    "personas": "01_personas.ipynb",
+    "trees": "02_trees.ipynb",
+    "train": "03_train.ipynb",
+    "evaluate": "04_evaluate.ipynb",
+    "report": "05_report.ipynb",
+}
+
+
+# --------------------------------------------------------------------------- validation
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not allowed; allowed: {_type_name(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return build(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a programming error in a config class
+        raise TypeError(f"unsupported config type {tp!r} at {where}")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def build(cls: type, data: dict, where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        near = difflib.get_close_matches(str(k), fields, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"{where}: unknown key {k!r}{hint}; allowed keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}" if where else name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}: missing required key {name!r} ({_type_name(hints[name])})")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _positive(where: str, **values: float) -> None:
+    for k, v in values.items():
+        if v is not None and v <= 0:
+            raise ConfigError(f"{where}.{k}: must be > 0, got {v!r}")
+
+
+# --------------------------------------------------------------------------- configs
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Which engine answers LLM calls. One shape for all three kinds."""
+
+    kind: Literal["transformers", "openai", "vllm"] = "transformers"
+    model: str = "smollm2-135m"  # registry name (parameters/models.yaml), HF id or local folder
+    revision: Optional[str] = None  # HF revision; part of the cache key
+    # transformers
+    batch_size: int = 8
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # openai-compatible HTTP
+    base_url: Optional[str | tuple[str, ...]] = None  # one URL, or a list for a pool of servers
+    api_key_env: Optional[str] = None  # name of the environment variable holding the key
+    served_model: Optional[str] = None  # model name the server expects; defaults to `model`
+    max_concurrency: int = 8
+    timeout_s: float = 120.0
+    max_retries: int = 6
+    # vllm
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.85
+    max_model_len: Optional[int] = None
+    # log-probabilities: how many top tokens to ask for (HTTP / vLLM)
+    top_logprobs: int = 20
+
+    def __post_init__(self):
+        _positive("backend", batch_size=self.batch_size, max_concurrency=self.max_concurrency,
+                  timeout_s=self.timeout_s, tensor_parallel_size=self.tensor_parallel_size,
+                  top_logprobs=self.top_logprobs)
+        if self.kind == "openai" and not self.base_url:
+            raise ConfigError("backend.base_url: required when kind is 'openai' (e.g. http://127.0.0.1:8000/v1)")
+
+
+@dataclass(frozen=True)
+class Common:
+    """Keys every stage receives."""
+
+    experiment: str
+    data_root: str = "data"
+    cache_path: str = "data/cache/llm.sqlite"
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+    @property
+    def stage_dir_root(self) -> Path:
+        return Path(self.data_root) / self.experiment
+
+
+@dataclass(frozen=True)
+class PersonasConfig(Common):
+    n_profiles: int = 4  # seed profiles taken into the pool
+    n_personalities: int = 4  # seed personalities taken into the pool
+    pairs_per_profile: int = 1  # personalities paired with each profile
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive("personas", n_profiles=self.n_profiles, n_personalities=self.n_personalities,
+                  pairs_per_profile=self.pairs_per_profile)
+
+
+@dataclass(frozen=True)
+class TreesConfig(Common):
+    n_personas: int = 2
+    turns: int = 1
+    max_new_tokens: int = 48
+    temperature: float = 0.7
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive("trees", n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class TrainConfig(Common):
+    variants: tuple[Literal["sft_preferred", "sft_rejected", "dpo", "sft_then_dpo"], ...] = ("sft_preferred",)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(Common):
+    n_personas: int = 2
+    turns: int = 1
+    max_new_tokens: int = 48
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive("evaluate", n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens)
+
+
+@dataclass(frozen=True)
+class ReportConfig(Common):
+    title: str = "aloe run"
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "personas": PersonasConfig,
+    "trees": TreesConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "report": ReportConfig,
+}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    path: Path
+    name: str
+    description: str
+    common: dict  # raw common keys injected into every stage
+    stages: dict[str, Any]  # stage name -> typed stage config
+    raw_sections: dict[str, dict]  # stage name -> the YAML section as written
+
+    def parameters_for(self, stage: str) -> dict:
+        """The flat Papermill parameters for one stage's notebook."""
+        params = {"experiment": self.name, **self.common, **self.raw_sections.get(stage, {})}
+        return params
+
+
+_TOP_KEYS = ("experiment", "description", "data_root", "cache_path", "backend", "stages")
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate a parameter file; every error names the file and key."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: parameter file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {loc}invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    for k in data:
+        if k not in _TOP_KEYS:
+            near = difflib.get_close_matches(str(k), _TOP_KEYS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{path}: unknown top-level key {k!r}{hint}; allowed keys: {', '.join(_TOP_KEYS)}")
+    name = data.get("experiment", path.stem)
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ConfigError(f"{path}: experiment: expected a folder-safe name, got {name!r}")
+    common = {k: data[k] for k in ("data_root", "cache_path", "backend") if k in data}
+    stages_raw = data.get("stages") or {}
+    if not isinstance(stages_raw, dict):
+        raise ConfigError(f"{path}: stages: expected a mapping of stage name to settings")
+    for k in stages_raw:
+        if k not in STAGES:
+            raise ConfigError(f"{path}: stages: unknown stage {k!r}; allowed stages: {', '.join(STAGES)}")
+    stages, raw_sections = {}, {}
+    for stage in STAGES:
+        section = stages_raw.get(stage) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: stages.{stage}: expected a mapping, got {section!r}")
+        for k in section:
+            if k in Common.__dataclass_fields__:
+                raise ConfigError(f"{path}: stages.{stage}.{k}: {k!r} is set at the top level, not per stage")
+        raw_sections[stage] = dict(section)
+        try:
+            stages[stage] = build(STAGE_CONFIGS[stage], {"experiment": name, **common, **section}, "")
+        except ConfigError as e:
+            msg = str(e).lstrip(": ")
+            prefix = "" if msg.startswith(("backend", "data_root", "cache_path")) else f"stages.{stage}."
+            if msg.startswith(": "):
+                msg = msg[2:]
+            raise ConfigError(f"{path}: {prefix}{msg}") from None
+    return Experiment(path=path, name=name, description=str(data.get("description", "")), common=common,
+                      stages=stages, raw_sections=raw_sections)
+
+
+def stage_config(stage: str, **params: Any) -> Any:
+    """Build one stage's typed config from notebook parameters (same checks as the runner)."""
+    if stage not in STAGE_CONFIGS:
+        raise ConfigError(f"unknown stage {stage!r}; allowed stages: {', '.join(STAGES)}")
+    return build(STAGE_CONFIGS[stage], params, stage)

@@ -1,0 +1,29 @@
+"""Shared conversation plumbing: the user simulator's view, reply cleaning."""
+
+from __future__ import annotations
+
+import re
+
+from aloe import prompts
+
+_STAGE = re.compile(r"\*[^*\n]{1,80}\*|\([^()\n]{0,40}(smiles|laughs|sighs|grins|nods|pauses)[^()\n]{0,40}\)",
+                    re.IGNORECASE)
+
+
+def clean_user_message(text: str) -> str:
+    """Strip stage directions (*smiles*) and role labels the small model likes to add."""
+    text = _STAGE.sub("", text)
+    text = re.sub(r"^\s*(user|me|friend)\s*:\s*", "", text, flags=re.IGNORECASE)
+    return re.sub(r"\s+", " ", text).strip().strip('"').strip()
+
+
+def simulator_messages(profile: str, personality: str, history: list[dict]) -> list[dict]:
+    """Messages for the user simulator. It plays the *user*, so roles are flipped:
+    its own earlier lines are 'assistant', the assistant's replies are 'user'."""
+    p = prompts.get("user_simulator")
+    msgs = [{"role": "system", "content": p.render("system", profile=profile, personality=personality)}]
+    if not history:
+        msgs.append({"role": "user", "content": p.render("opening")})
+    for m in history:
+        msgs.append({"role": "assistant" if m["role"] == "user" else "user", "content": m["content"]})
+    return msgs

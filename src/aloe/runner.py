@@ -1,0 +1,133 @@
+"""Run an experiment: validated parameters -> ordered notebooks under Papermill -> HTML reports.
+
+Everything about the parameter file is checked before the first notebook starts:
+the typed configs (unknown keys, wrong types, allowed values) and that every key
+injected into a notebook exists in its ``parameters`` cell (Papermill itself would
+only warn). Executed notebooks go to ``reports/<experiment>/`` as .ipynb and HTML,
+with an ``index.html`` linking them and each stage's manifest.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import time
+from pathlib import Path
+
+from aloe.config import NOTEBOOKS, STAGES, Experiment, load_experiment
+from aloe.errors import AloeError, ConfigError
+from aloe.io import write_text
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def notebook_parameters(path: Path) -> dict:
+    import papermill
+
+    if not path.exists():
+        raise AloeError(f"{path}: notebook not found")
+    params = papermill.inspect_notebook(str(path))
+    if not params:
+        raise AloeError(f"{path}: no cell tagged 'parameters'")
+    return params
+
+
+def check_notebook_parameters(exp: Experiment, stages: list[str], notebooks_dir: Path) -> None:
+    for stage in stages:
+        nb = notebooks_dir / NOTEBOOKS[stage]
+        declared = notebook_parameters(nb)
+        for key in exp.parameters_for(stage):
+            if key not in declared:
+                raise ConfigError(
+                    f"{exp.path}: stages.{stage}.{key}: notebook {nb.name} has no parameter {key!r}; "
+                    f"its parameters: {', '.join(declared)}")
+
+
+def run_experiment(params_file: str | Path, only: list[str] | None = None, *,
+                   notebooks_dir: Path | None = None, reports_root: Path | None = None,
+                   cwd: Path | None = None, log_output: bool = True) -> dict:
+    """Execute the experiment's notebooks in order; returns {stage: status}."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    exp = load_experiment(params_file)
+    stages = list(STAGES)
+    if only:
+        bad = [s for s in only if s not in STAGES]
+        if bad:
+            raise ConfigError(f"--only: unknown stage {bad[0]!r}; allowed stages: {', '.join(STAGES)}")
+        stages = [s for s in STAGES if s in only]
+    notebooks_dir = notebooks_dir or REPO_ROOT / "notebooks"
+    reports_dir = (reports_root or REPO_ROOT / "reports") / exp.name
+    cwd = cwd or REPO_ROOT
+    check_notebook_parameters(exp, stages, notebooks_dir)
+
+    status: dict[str, dict] = _read_status(reports_dir)
+    for stage in stages:
+        nb = NOTEBOOKS[stage]
+        out_nb = reports_dir / nb
+        out_nb.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[aloe] {exp.name}: stage {stage} ({nb}) ...", flush=True)
+        t0 = time.time()
+        try:
+            papermill.execute_notebook(str(notebooks_dir / nb), str(out_nb), parameters=exp.parameters_for(stage),
+                                       cwd=str(cwd), kernel_name="python3", progress_bar=False,
+                                       log_output=log_output)
+            status[stage] = {"status": "ok", "seconds": round(time.time() - t0, 1)}
+        except PapermillExecutionError as e:
+            status[stage] = {"status": "failed", "seconds": round(time.time() - t0, 1),
+                             "error": f"{e.ename}: {e.evalue}"}
+            _render(out_nb)
+            _write_index(reports_dir, exp, status)
+            raise AloeError(f"stage {stage} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+                            f"  executed notebook: {out_nb}") from None
+        _render(out_nb)
+        _write_index(reports_dir, exp, status)
+        print(f"[aloe] {exp.name}: stage {stage} done in {status[stage]['seconds']} s -> "
+              f"{out_nb.with_suffix('.html')}", flush=True)
+    return status
+
+
+def _render(nb_path: Path) -> None:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    if not nb_path.exists():
+        return
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(nb_path), as_version=4))
+    write_text(nb_path.with_suffix(".html"), body)
+
+
+def _read_status(reports_dir: Path) -> dict:
+    p = reports_dir / "status.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _write_index(reports_dir: Path, exp: Experiment, status: dict) -> None:
+    write_text(reports_dir / "status.json", json.dumps(status, indent=2))
+    rows = []
+    for stage in STAGES:
+        s = status.get(stage)
+        nb = NOTEBOOKS[stage]
+        manifest = Path(exp.stages[stage].data_root) / exp.name / stage / "manifest.json"
+        counts = ""
+        if manifest.exists():
+            counts = ", ".join(f"{k}: {v}" for k, v in json.loads(manifest.read_text()).get("counts", {}).items())
+        if s is None:
+            rows.append(f"<tr><td>{stage}</td><td>not run</td><td></td><td></td></tr>")
+        else:
+            link = f'<a href="{nb[:-6]}.html">{nb[:-6]}</a>'
+            err = f"<br><code>{html.escape(s.get('error', ''))}</code>" if s.get("error") else ""
+            rows.append(f"<tr><td>{link}</td><td>{s['status']}{err}</td><td>{s['seconds']} s</td>"
+                        f"<td>{html.escape(counts)}</td></tr>")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>aloe: {html.escape(exp.name)}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}}</style>
+</head><body><h1>aloe report: {html.escape(exp.name)}</h1>
+<p>{html.escape(exp.description)}</p><p>Parameter file: <code>{html.escape(str(exp.path))}</code></p>
+<table><tr><th>stage</th><th>status</th><th>wall time</th><th>counts (from manifest.json)</th></tr>
+{''.join(rows)}</table></body></html>
+"""
+    write_text(reports_dir / "index.html", page)
