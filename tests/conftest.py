@@ -1,0 +1,61 @@
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from a model hub at test time
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded model as a transformers backend in fp32 (exact batch/single equality)."""
+    from aloe.backends.transformers_backend import TransformersBackend
+    from aloe.models import hf_location, model_identity, resolve_model
+
+    spec = resolve_model("smollm2-135m")
+    mid, rev = model_identity(spec)
+    return TransformersBackend(hf_location(spec), mid, rev, None, batch_size=4, dtype="float32")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_llama_server(port: int) -> subprocess.Popen:
+    from aloe.models import gguf_path, resolve_model
+
+    gguf = gguf_path(resolve_model("smollm2-135m"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+         "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2-135m"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    import httpx
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama.cpp server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("llama.cpp server did not start within 120 s")
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python[server] is installed by `make test`")
+    port = free_port()
+    proc = start_llama_server(port)
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.terminate()
+    proc.wait(timeout=30)
