@@ -2,6 +2,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,16 +33,18 @@ def start_llama_server(port: int) -> subprocess.Popen:
     from aloe.models import gguf_path, resolve_model
 
     gguf = gguf_path(resolve_model("smollm2-135m"))
+    # stderr to a file, not a pipe: llama.cpp logs enough to fill a pipe and block
+    log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
          "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2-135m"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stdout=subprocess.DEVNULL, stderr=log)
     import httpx
 
     deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama.cpp server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"llama.cpp server exited: {open(log.name).read()[-2000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
                 return proc

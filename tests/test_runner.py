@@ -1,0 +1,63 @@
+"""The runner executes ci.yaml end to end: every notebook, real embedded model, reports."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def test_ci_pipeline_end_to_end(tmp_path):
+    params = tmp_path / "ci-e2e.yaml"
+    text = (REPO / "parameters" / "ci.yaml").read_text().replace("experiment: ci", "experiment: ci-e2e")
+    text = text.replace("data_root: data", f"data_root: {tmp_path / 'data'}")
+    text = text.replace("cache_path: data/cache/llm.sqlite", f"cache_path: {tmp_path / 'cache.sqlite'}")
+    params.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "aloe", "run", str(params)], cwd=REPO, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = tmp_path / "data" / "ci-e2e"
+    for stage in ("personas", "trees", "train", "evaluate", "report"):
+        m = json.loads((data / stage / "manifest.json").read_text())
+        assert m["stage"] == stage and m["packages"]["torch"].startswith("2.13")
+        assert m["parameters"]["experiment"] == "ci-e2e"
+    personas = json.loads((data / "personas" / "manifest.json").read_text())["counts"]
+    assert personas["train_pairs"] == 3 and personas["eval_pairs"] > 0
+    trees = json.loads((data / "trees" / "manifest.json").read_text())
+    assert trees["models"]["backend"]["model"] == "smollm2-135m"
+    assert trees["counts"]["dpo_rows"] == trees["counts"]["turns"] > 0
+    metrics = json.loads((data / "evaluate" / "metrics.json").read_text())
+    assert [row["turn"] for row in metrics["al"]] == [1, 2]
+    for row in metrics["al"]:
+        assert row["n"] == 2 and 1.0 <= row["al"] <= 5.0 and row["ci_low"] <= row["al"] <= row["ci_high"]
+    assert "ir" in metrics and "n_r2" in metrics
+    reports = REPO / "reports" / "ci-e2e"
+    index = (reports / "index.html").read_text()
+    for nb in ("01_personas", "02_trees", "03_train", "04_evaluate", "05_report"):
+        assert f'href="{nb}.html"' in index and (reports / f"{nb}.html").stat().st_size > 1000
+    # the executed notebooks record the injected parameters (so secrets never go there)
+    nb = json.loads((reports / "02_trees.ipynb").read_text())
+    assert nb["metadata"]["papermill"]["parameters"]["turns"] == 1
+
+    # a rerun of one stage hits the call cache instead of generating again
+    r = subprocess.run([sys.executable, "-m", "aloe", "run", str(params), "--only", "evaluate"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = json.loads((data / "evaluate" / "manifest.json").read_text())["counts"]
+    assert counts["cache_misses"] == 0 and counts["cache_hits"] > 0
+
+
+def test_failed_stage_names_notebook(tmp_path):
+    params = tmp_path / "ci-fail.yaml"
+    params.write_text((REPO / "parameters" / "ci.yaml").read_text().replace("experiment: ci", "experiment: ci-fail")
+                      .replace("data_root: data", f"data_root: {tmp_path / 'data'}"))
+    # trees before personas: its input file does not exist yet
+    r = subprocess.run([sys.executable, "-m", "aloe", "run", str(params), "--only", "trees"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1
+    assert "stage trees failed" in r.stderr and "pairs.jsonl: file not found" in r.stderr
+    assert "02_trees.ipynb" in r.stderr
