@@ -26,7 +26,7 @@ def test_ci_pipeline_end_to_end(tmp_path):
         assert m["stage"] == stage and m["packages"]["torch"].startswith("2.13")
         assert m["parameters"]["experiment"] == "ci-e2e"
     personas = json.loads((data / "personas" / "manifest.json").read_text())["counts"]
-    assert personas["train_pairs"] == 3 and personas["eval_pairs"] > 0
+    assert personas["train_pairs"] == personas["profiles"] == 20 and personas["eval_pairs"] == 100
     trees = json.loads((data / "trees" / "manifest.json").read_text())
     assert trees["models"]["backend"]["model"] == "smollm2-135m"
     assert trees["counts"]["dpo_rows"] == trees["counts"]["turns"] > 0

@@ -185,14 +185,33 @@ class Common:
 
 @dataclass(frozen=True)
 class PersonasConfig(Common):
-    n_profiles: int = 4  # seed profiles taken into the pool
-    n_personalities: int = 4  # seed personalities taken into the pool
-    pairs_per_profile: int = 1  # personalities paired with each profile
+    source: Literal["ours", "official"] = "ours"  # our seeds (+ growth) or the official ALOE pools
+    official_dir: Optional[str] = None  # folder with profile.jsonl, personality.jsonl, *_eval.jsonl
+    target_profiles: int = 20  # grow the profile pool to this size (no growth if the seeds reach it)
+    target_personalities: int = 20  # grow the personality pool to this size
+    examples_per_round: int = 5  # pool members shown as in-context examples
+    items_per_round: int = 20  # new items asked for per request
+    requests_per_round: int = 4  # requests per round, batched
+    threshold: float = 0.6  # max cosine similarity to anything in the pool
+    max_rounds: int = 10  # round limit per kind
+    saturation_window: int = 3  # stop when the last m rounds ...
+    saturation_floor: float = 0.05  # ... accepted fewer than this share of candidates
+    temperature: float = 0.9
+    max_new_tokens: int = 512
+    pairs_per_profile: int = 1  # personalities paired with each training profile
+    n_eval_personalities: int = 5  # the ALOE design pairs every eval profile with 5 personalities
     seed: int = 0
 
     def __post_init__(self):
-        _positive(n_profiles=self.n_profiles, n_personalities=self.n_personalities,
-                  pairs_per_profile=self.pairs_per_profile)
+        _positive(target_profiles=self.target_profiles, target_personalities=self.target_personalities,
+                  examples_per_round=self.examples_per_round, items_per_round=self.items_per_round,
+                  requests_per_round=self.requests_per_round, max_rounds=self.max_rounds,
+                  saturation_window=self.saturation_window, pairs_per_profile=self.pairs_per_profile,
+                  n_eval_personalities=self.n_eval_personalities, max_new_tokens=self.max_new_tokens)
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"threshold: must be in (0, 1], got {self.threshold!r}")
+        if self.source == "official" and not self.official_dir:
+            raise ConfigError("official_dir: required when source is 'official' (the upstream datasets/ folder)")
 
 
 @dataclass(frozen=True)

