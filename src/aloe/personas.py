@@ -104,23 +104,22 @@ def run(cfg: PersonasConfig, backend=None) -> dict:
     eval_ids = {r["id"] for r in eval_prof + eval_pers}
     stops, rounds_log = {}, []
     pools = {}
-    embedder = None
+    embedder = Embedder()  # also annotates seeds with their nearest neighbour when nothing grows
     for kind, texts, target, blocked in (("profile", profs, cfg.target_profiles, eval_prof),
                                          ("personality", perss, cfg.target_personalities, eval_pers)):
         seeds = [r for r in _records(texts, kind, source, "train") if r["id"] not in eval_ids]
-        if cfg.source == "official" or target <= len(seeds):
-            pools[kind], stops[kind] = seeds, "no growth (seeds reach the target)" if cfg.source == "ours" else "imported"
-            continue
-        if backend is None:
+        grow = cfg.source == "ours" and target > len(seeds)
+        if grow and backend is None:
             raise AloeError(f"growing the {kind} pool to {target} needs an LLM backend")
-        embedder = embedder or Embedder()
         settings = GrowthSettings(target=target, examples_per_round=cfg.examples_per_round,
                                   items_per_round=cfg.items_per_round, requests_per_round=cfg.requests_per_round,
-                                  threshold=cfg.threshold, max_rounds=cfg.max_rounds,
+                                  threshold=cfg.threshold, max_rounds=cfg.max_rounds if grow else 0,
                                   saturation_window=cfg.saturation_window, saturation_floor=cfg.saturation_floor,
                                   temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         pools[kind], rounds, stops[kind] = grow_pool(kind, seeds, blocked, backend, embedder, settings,
                                                      out / "rounds.jsonl")
+        if not grow:
+            stops[kind] = "imported (no growth)" if cfg.source == "official" else "seeds reach the target (no growth)"
         rounds_log += [{k: v for k, v in r.items() if k != "accepted"} | {"accepted": len(r["accepted"])}
                        for r in rounds]
     profiles, personalities = pools["profile"], pools["personality"]
