@@ -17,7 +17,7 @@ from aloe import prompts
 from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling
 from aloe.config import EvaluateConfig
 from aloe.conversation import clean_user_message, simulator_messages
-from aloe.io import JsonlAppender, atomic_path, read_jsonl, write_json, write_manifest
+from aloe.io import atomic_path, read_jsonl, write_json, write_jsonl, write_manifest
 from aloe.judging import SCORES, expected_score
 from aloe.metrics import al_table, improvement_rate, normalized_improvement_rate, normalized_r2
 
@@ -59,10 +59,7 @@ def run(cfg: EvaluateConfig, backend: ChatBackend) -> dict:
                "avg": sum(al) / len(al) if al else None}
     if len(al) >= 2 and all(a == a for a in al):
         metrics.update(ir=improvement_rate(al), n_ir=normalized_improvement_rate(al), n_r2=normalized_r2(al))
-    with atomic_path(out / "transcripts.jsonl") as tmp:
-        with JsonlAppender(tmp) as f:
-            for r in rows:
-                f.append(r)
+    write_jsonl(out / "transcripts.jsonl", rows)
     with atomic_path(out / "scores.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["model", "persona", "turn", "score", "judge_error"], extrasaction="ignore")
         w.writeheader()
