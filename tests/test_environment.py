@@ -1,7 +1,6 @@
 """The environment is declared once (pyproject.toml); the other files must agree with it."""
 
 import re
-import shutil
 import subprocess
 import sys
 import tomllib

@@ -8,6 +8,7 @@ generated item comes within the threshold of one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -111,11 +112,9 @@ def run(cfg: PersonasConfig, backend=None) -> dict:
         grow = cfg.source == "ours" and target > len(seeds)
         if grow and backend is None:
             raise AloeError(f"growing the {kind} pool to {target} needs an LLM backend")
-        settings = GrowthSettings(target=target, examples_per_round=cfg.examples_per_round,
-                                  items_per_round=cfg.items_per_round, requests_per_round=cfg.requests_per_round,
-                                  threshold=cfg.threshold, max_rounds=cfg.max_rounds if grow else 0,
-                                  saturation_window=cfg.saturation_window, saturation_floor=cfg.saturation_floor,
-                                  temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        # the growth knobs share their names with the stage config's keys
+        shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GrowthSettings) if hasattr(cfg, f.name)}
+        settings = GrowthSettings(**{**shared, "target": target, "max_rounds": cfg.max_rounds if grow else 0})
         pools[kind], rounds, stops[kind] = grow_pool(kind, seeds, blocked, backend, embedder, settings,
                                                      out / "rounds.jsonl")
         if not grow:
