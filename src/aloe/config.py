@@ -216,14 +216,26 @@ class PersonasConfig(Common):
 
 @dataclass(frozen=True)
 class TreesConfig(Common):
-    n_personas: int = 2
-    turns: int = 1
-    max_new_tokens: int = 48
-    temperature: float = 0.7
-    seed: int = 0
+    n_personas: int = 2  # training personas to simulate (one tree each)
+    turns: int = 1  # turns per tree (the paper: 10)
+    max_new_tokens: int = 48  # cap on every generated message
+    temperature: float = 0.7  # sampling temperature of the user simulator and responders
+    inference: Literal["extract", "blind"] = "extract"  # extract: sees the persona (paper); blind: dialogue only
+    branch: Literal["random", "preferred", "rejected"] = "random"  # which reply continues (paper: random)
+    judge_method: Literal["auto", "logprobs", "text"] = "auto"  # auto: probabilities, text where there are none
+    judge_retries: int = 2  # extra tries when parsing a text verdict fails
+    # pairs whose two orders disagree: average the two orders' probabilities; decide by each reply's
+    # own 1-5 rubric score (no position to prefer); keep as an unlabelled tie; or drop the pair
+    inconsistent: Literal["average", "pointwise", "tie", "drop"] = "pointwise"
+    disclosure_threshold: float = 0.5  # MiniLM cosine at which a persona fact counts as revealed/recovered
+    seed: int = 0  # seeds sampling and the branch choice
 
     def __post_init__(self):
         _positive(n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens)
+        if self.judge_retries < 0:
+            raise ConfigError(f"judge_retries: must be >= 0, got {self.judge_retries!r}")
+        if not 0 < self.disclosure_threshold <= 1:
+            raise ConfigError(f"disclosure_threshold: must be in (0, 1], got {self.disclosure_threshold!r}")
 
 
 @dataclass(frozen=True)

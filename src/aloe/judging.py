@@ -9,16 +9,17 @@ unusable judgment is returned as None (missing), never as a made-up verdict.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
-from aloe.backends.base import CandidateLogprobs
+from aloe.backends.base import CandidateLogprobs, ProbRequest
 
 SCORES = ("1", "2", "3", "4", "5")
 _SCORE_RE = re.compile(r"^\s*(?:(?:score|rating)\s*[:=]?\s*)?\**([1-5])\**\s*(?:/\s*5|out of 5)?\s*[.!]?\s*$",
                        re.IGNORECASE)
 
 
-def expected_score(lp: CandidateLogprobs) -> float | None:
+def expected_score(lp: "CandidateLogprobs | Judged") -> float | None:
     """Probability-weighted score over "1".."5" (renormalized over those seen)."""
     if not lp.ok:
         return None
@@ -36,6 +37,12 @@ def parse_score(text: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def parse_score_choice(text: str | None) -> str | None:
+    """parse_score as a candidate string ("1".."5") for :func:`judge`."""
+    s = parse_score(text)
+    return None if s is None else str(s)
+
+
 @dataclass
 class PairVerdict:
     p_a: float | None  # probability that candidate A is better, averaged over both orders
@@ -50,7 +57,7 @@ class PairVerdict:
         return "a" if self.p_a >= 0.5 else "b"
 
 
-def pair_verdict(a_first: CandidateLogprobs, a_second: CandidateLogprobs) -> PairVerdict:
+def pair_verdict(a_first: "CandidateLogprobs | Judged", a_second: "CandidateLogprobs | Judged") -> PairVerdict:
     """Combine the two orders. ``a_first`` asked "1 or 2" with A as reply 1; ``a_second`` with A as reply 2."""
     p1 = a_first.probabilities() if a_first.ok else {}
     p2 = a_second.probabilities() if a_second.ok else {}
@@ -59,3 +66,93 @@ def pair_verdict(a_first: CandidateLogprobs, a_second: CandidateLogprobs) -> Pai
     if pa1 is None or pa2 is None:
         return PairVerdict(None, None, pa1, pa2)
     return PairVerdict((pa1 + pa2) / 2, (pa1 >= 0.5) == (pa2 >= 0.5), pa1, pa2)
+
+
+_CHOICE_RE = re.compile(r"^\s*(?:(?:reply|answer|response)\s*[:#]?\s*)?\**([12])\**\s*[.!]?\s*$", re.IGNORECASE)
+
+
+def parse_choice(text: str | None) -> str | None:
+    """Strict: "1", "2", "Reply 2", "**1**", "Answer: 2." Anything else is None."""
+    if not text:
+        return None
+    m = _CHOICE_RE.match(text.strip())
+    return m.group(1) if m else None
+
+
+@dataclass
+class Judged:
+    """One judgment, however it was obtained; keeps what the judge actually returned.
+
+    ``method`` is "logprobs" (probabilities over the candidates), "text" (a strictly
+    parsed reply, stored one-hot) or "none" (unusable: ``probs`` is None and the
+    judgment is missing, never a verdict).
+    """
+
+    method: str
+    probs: dict[str, float] | None
+    raw: list[str] = field(default_factory=list)
+    logprobs: dict[str, float | None] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.probs)
+
+    def probabilities(self) -> dict[str, float]:
+        return dict(self.probs or {})
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "probs": self.probs, "raw": self.raw, "logprobs": self.logprobs,
+                "error": self.error}
+
+
+def judge(backend, requests: Sequence[ProbRequest], parse: Callable[[str | None], str | None], *,
+          method: str = "auto", retries: int = 2, max_tokens: int = 8, require_all: bool = False) -> list[Judged]:
+    """Ask a judge; read probabilities where the backend gives them, else parse text.
+
+    ``method``: "logprobs" (probabilities only), "text" (parse only) or "auto"
+    (probabilities, falling back to text for any request whose probabilities are
+    unusable). Text is parsed strictly and retried up to ``retries`` more times with
+    sampling; a request that still has no usable answer comes back with method
+    "none". ``require_all``: a probability judgment counts only when every
+    candidate was observed (a pair judge needs both "1" and "2").
+    """
+    from aloe.backends.base import ChatRequest, Sampling
+
+    n = len(requests)
+    out: list[Judged | None] = [None] * n
+    lps: list = [None] * n
+    if method in ("auto", "logprobs"):
+        lps = backend.logprobs(list(requests))
+        for i, lp in enumerate(lps):
+            seen = {c for c, v in lp.logprobs.items() if v is not None}
+            usable = lp.ok and (not require_all or seen == set(requests[i].candidates))
+            if usable:
+                out[i] = Judged("logprobs", lp.probabilities(), logprobs=lp.logprobs)
+            elif method == "logprobs":
+                out[i] = Judged("none", None, logprobs=lp.logprobs,
+                                error=lp.error or f"log-probabilities cover {sorted(seen)} of "
+                                                  f"{list(requests[i].candidates)}")
+    todo = [i for i in range(n) if out[i] is None]
+    raws: dict[int, list[str]] = {i: [] for i in todo}
+    for attempt in range(retries + 1):
+        if not todo:
+            break
+        # First try greedy; retries sample, so they can say something different.
+        samp = Sampling(temperature=0.0 if attempt == 0 else 0.7, max_tokens=max_tokens, seed=attempt)
+        comps = backend.chat([ChatRequest(requests[i].messages, samp, sample_index=attempt,
+                                          prompt_version=requests[i].prompt_version) for i in todo])
+        still = []
+        for i, c in zip(todo, comps):
+            raws[i].append(c.text if c.ok else f"<error: {c.error}>")
+            ans = parse(c.text) if c.ok else None
+            if ans is not None and ans in requests[i].candidates:
+                out[i] = Judged("text", {cand: float(cand == ans) for cand in requests[i].candidates}, raws[i],
+                                lps[i].logprobs if lps[i] is not None else None)
+            else:
+                still.append(i)
+        todo = still
+    for i in todo:
+        out[i] = Judged("none", None, raws[i], lps[i].logprobs if lps[i] is not None else None,
+                        f"no parsable answer in {retries + 1} tries")
+    return out  # type: ignore[return-value]

@@ -1,110 +1,353 @@
-"""Preference conversations (thin foundation version).
+"""Tree-structured preference conversations (the paper's dataset generator).
 
-Per training persona and turn: the user simulator speaks; a *plain* and a *hinted*
-responder answer; a judge that knows the persona compares them in both orders by
-the probability of "1" vs "2"; a seeded random branch continues. All personas'
-calls for one role go to the backend as one batch (lockstep).
+Per training persona, one tree of ``turns`` nodes. At every turn:
 
-Foundation limits, filled in by the tree-synthesis issue: the hint is the true
-persona (no inference step yet), no per-turn resume (the call cache makes a rerun
-cheap), and exports are written at the end.
+1. the *user simulator* (plays the persona, reveals it a little at a time) speaks;
+2. the *inference* step states what the user has revealed so far (``extract``: it
+   sees the true persona, as in the paper; ``blind``: the dialogue only);
+3. two *responders* answer: ``hinted`` (given the inferred persona) and ``plain``;
+4. a *judge* that knows the full persona compares them in both orders, from the
+   probabilities of "1" and "2" where the backend gives them, else by strictly
+   parsed text with bounded retries (:func:`aloe.judging.judge`);
+5. the *branch policy* picks which reply continues the conversation.
+
+Lockstep: at each turn every live tree's calls for one role go to the backend as one
+batch (a local model batches them; an HTTP backend sends them concurrently). A tree
+whose call fails is recorded as failed and stops; the others go on.
+
+Resume: ``trees.jsonl`` is rewritten atomically after every turn, so a killed run
+restarts at the first unfinished turn of each tree; the call cache makes a repeated
+call free. Exports for TRL are written from the finished trees.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import random
+import re
 import time
+from pathlib import Path
 
 from aloe import prompts
 from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling
 from aloe.config import TreesConfig
 from aloe.conversation import clean_user_message, simulator_messages
+from aloe.errors import AloeError
 from aloe.io import read_jsonl, write_jsonl, write_manifest
-from aloe.judging import pair_verdict
+from aloe.judging import SCORES, Judged, expected_score, judge, pair_verdict, parse_choice, parse_score_choice
+
+log = logging.getLogger(__name__)
+
+ROLES = ("user_simulator", "infer_extract", "infer_blind", "responder_hinted", "responder_plain", "judge_pair",
+         "judge_score")
+# Provenance keys that must match for a rerun to continue an existing trees.jsonl.
+_RESUME_KEYS = ("backend", "prompts", "seed", "inference", "branch", "judge_method", "judge_retries",
+                "inconsistent", "temperature", "max_new_tokens")
 
 
-def run(cfg: TreesConfig, backend: ChatBackend) -> dict:
+def provenance(cfg: TreesConfig, backend: ChatBackend) -> dict:
+    return {"backend": backend.describe(), "prompts": {r: prompts.get(r).tag for r in ROLES}, "seed": cfg.seed,
+            "inference": cfg.inference, "branch": cfg.branch, "judge_method": cfg.judge_method,
+            "judge_retries": cfg.judge_retries, "inconsistent": cfg.inconsistent, "temperature": cfg.temperature,
+            "max_new_tokens": cfg.max_new_tokens}
+
+
+def dialogue_text(history: list[dict], user_message: str) -> str:
+    lines = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in history]
+    return "\n".join(lines + [f"User: {user_message}"])
+
+
+def history_of(tree: dict, plain_system: str | None = None) -> list[dict]:
+    """The conversation along the followed branch (what the next turn's speakers see)."""
+    msgs = [{"role": "system", "content": plain_system}] if plain_system else []
+    for t in tree["turns"]:
+        msgs += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["followed_text"]}]
+    return msgs
+
+
+def _branch_rng(cfg: TreesConfig, tree_id: str, turn: int) -> random.Random:
+    # One generator per (seed, tree, turn): a resumed run makes the same choices.
+    return random.Random(f"{cfg.seed}/{tree_id}/{turn}")
+
+
+def decide(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], first: Judged, second: Judged,
+           pointwise: tuple[float | None, float | None] | None = None) -> dict:
+    """Verdict, preferred/rejected and the followed branch for one node.
+
+    ``first`` judged (hinted, plain) in that order, ``second`` (plain, hinted).
+    ``pointwise``: rubric scores (hinted, plain), used when the orders disagree and
+    ``inconsistent`` is "pointwise".
+    """
+    v = pair_verdict(first, second)
+    rng = _branch_rng(cfg, tree_id, turn)
+    hinted, plain = cands
+    node = {"p_hinted": v.p_a, "p_hinted_first": v.p_a_first, "p_hinted_second": v.p_a_second,
+            "consistent": v.consistent, "preferred": None, "rejected": None, "preferred_is_hinted": None,
+            "decided_by": None}
+    hinted_wins = None
+    if v.p_a is None:
+        node["verdict"] = "unusable"
+    elif v.consistent:
+        hinted_wins, node["decided_by"] = v.preferred == "a", "pair"
+    elif cfg.inconsistent == "average":
+        hinted_wins, node["decided_by"] = v.preferred == "a", "average"
+    elif cfg.inconsistent == "pointwise":
+        sa, sb = pointwise or (None, None)
+        node["pointwise"] = {"hinted": sa, "plain": sb}
+        if sa is not None and sb is not None and sa != sb:
+            hinted_wins, node["decided_by"] = sa > sb, "pointwise"
+        else:
+            node["verdict"] = "tie"
+    else:
+        node["verdict"] = cfg.inconsistent  # "tie" (kept, unlabelled) or "drop" (candidates removed)
+    if hinted_wins is not None:
+        win, lose = (hinted, plain) if hinted_wins else (plain, hinted)
+        node.update(verdict="preferred", preferred=win["text"], rejected=lose["text"],
+                    preferred_is_hinted=win["hinted"])
+    if node["verdict"] == "preferred" and cfg.branch != "random":
+        followed = cfg.branch
+    elif node["verdict"] == "preferred":
+        followed = rng.choice(["preferred", "rejected"])
+    else:
+        followed = None  # no preference to follow: a seeded coin picks the reply
+    if followed is None:
+        text = rng.choice([hinted["text"], plain["text"]])
+    else:
+        text = node[followed]
+    node.update(followed=followed, followed_text=text)
+    return node
+
+
+class _Tree:
+    __slots__ = ("rec",)
+
+    def __init__(self, rec: dict):
+        self.rec = rec
+
+    @property
+    def live(self) -> bool:
+        return self.rec["failed"] is None
+
+    def fail(self, turn: int, role: str, error: str | None) -> None:
+        self.rec["failed"] = {"turn": turn, "role": role, "error": error or "empty reply"}
+
+
+def _load_existing(path: Path, prov: dict) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    existing = read_jsonl(path, allow_torn_tail=True)
+    if not existing:
+        return {}
+    old = existing[0].get("provenance", {})
+    diff = [k for k in _RESUME_KEYS if old.get(k) != prov.get(k)]
+    if diff:
+        raise AloeError(
+            f"{path}: made with different settings ({', '.join(diff)}: "
+            f"{', '.join(f'{old.get(k)!r} -> {prov.get(k)!r}' for k in diff)}); "
+            f"delete {path.parent} to start over, or restore the old settings to resume")
+    return {t["id"]: t for t in existing}
+
+
+def run(cfg: TreesConfig, backend: ChatBackend, *, progress: bool = True) -> dict:
     started = time.time()
     out = cfg.stage_dir_root / "trees"
     pairs = [p for p in read_jsonl(cfg.stage_dir_root / "personas" / "pairs.jsonl") if p["split"] == "train"]
+    if not pairs:
+        raise AloeError(f"{cfg.stage_dir_root / 'personas' / 'pairs.jsonl'}: no training personas")
     pairs = pairs[:cfg.n_personas]
-    rng = random.Random(cfg.seed)
-    hist = {p["id"]: [] for p in pairs}
-    trees = {p["id"]: {"id": f"tree-{p['id']}", "persona_id": p["id"], "profile": p["profile"],
-                       "personality": p["personality"], "turns": [], "failed": None} for p in pairs}
-    sim, plain, hinted, judge = (prompts.get(n) for n in ("user_simulator", "responder_plain", "responder_hinted",
-                                                          "judge_pair"))
+    prov = provenance(cfg, backend)
+    existing = _load_existing(out / "trees.jsonl", prov)
+    trees = []
+    for p in pairs:
+        tid = f"tree-{p['id']}"
+        rec = existing.get(tid) or {
+            "id": tid, "persona_id": p["id"], "profile_id": p.get("profile_id"),
+            "personality_id": p.get("personality_id"), "profile": p["profile"], "personality": p["personality"],
+            "provenance": prov, "turns": [], "failed": None}
+        rec["turns"] = [t for t in rec["turns"] if t["turn"] <= cfg.turns]
+        trees.append(_Tree(rec))
+    resumed = sum(len(t.rec["turns"]) for t in trees)
+    if resumed:
+        log.info("resuming: %d turns of %d trees already done", resumed, len(trees))
+
+    sim = prompts.get("user_simulator")
+    infer = prompts.get(f"infer_{cfg.inference}")
+    plain, hinted, judge_p = prompts.get("responder_plain"), prompts.get("responder_hinted"), prompts.get("judge_pair")
     samp = Sampling(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    infer_samp = Sampling(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    plain_system = plain.render("system")
+    stats = {"judge_calls": 0, "judge_unusable": 0, "judge_text": 0}
+    bar = _progress(cfg.turns * len(trees), resumed, progress)
     for turn in range(1, cfg.turns + 1):
-        active = [p for p in pairs if trees[p["id"]]["failed"] is None]
-        users = backend.chat([ChatRequest(simulator_messages(p["profile"], p["personality"], hist[p["id"]]), samp,
-                                          sample_index=turn, prompt_version=sim.tag) for p in active])
-        live = []
-        for p, u in zip(active, users):
+        active = [t for t in trees if t.live and len(t.rec["turns"]) == turn - 1]
+        if not active:
+            continue
+        users = backend.chat([ChatRequest(simulator_messages(t.rec["profile"], t.rec["personality"], history_of(t.rec)),
+                                          samp, sample_index=turn, prompt_version=sim.tag) for t in active])
+        said = []
+        for t, u in zip(active, users):
             msg = clean_user_message(u.text) if u.ok else ""
-            if not msg:
-                trees[p["id"]]["failed"] = {"turn": turn, "role": "user_simulator", "error": u.error or "empty message"}
+            if msg:
+                said.append((t, msg))
             else:
-                live.append((p, msg))
-        def reply_req(p, msg, hint):
-            system = (hinted.render("system", hint=f"{p['profile']} {p['personality']}") if hint
-                      else plain.render("system"))
-            tag = hinted.tag if hint else plain.tag
-            return ChatRequest([{"role": "system", "content": system}, *hist[p["id"]], {"role": "user", "content": msg}],
-                               samp, sample_index=turn, prompt_version=tag)
-        replies = backend.chat([reply_req(p, m, h) for p, m in live for h in (True, False)])
-        jreqs = []
-        for i, (p, m) in enumerate(live):
-            a, b = replies[2 * i].text or "", replies[2 * i + 1].text or ""
-            for first, second in ((a, b), (b, a)):
-                jreqs.append(ProbRequest([{"role": "system", "content": judge.render("system")},
-                                          {"role": "user", "content": judge.render(
-                                              "user", profile=p["profile"], personality=p["personality"],
-                                              message=m, first=first, second=second)}],
-                                         ("1", "2"), prompt_version=judge.tag))
-        judged = backend.logprobs(jreqs)
-        for i, (p, m) in enumerate(live):
+                t.fail(turn, "user_simulator", u.error)
+        inferred = backend.chat([ChatRequest(
+            [{"role": "system", "content": infer.render("system")},
+             {"role": "user", "content": infer.render("user", profile=t.rec["profile"], personality=t.rec["personality"],
+                                                      dialogue=dialogue_text(history_of(t.rec), m))}],
+            infer_samp, sample_index=turn, prompt_version=infer.tag) for t, m in said])
+        step = []
+        for (t, m), inf in zip(said, inferred):
+            if inf.ok:
+                step.append((t, m, inf.text.strip() or "Nothing yet."))
+            else:
+                t.fail(turn, infer.name, inf.error)
+
+        def reply_request(t, m, hint):
+            system = hinted.render("system", hint=hint) if hint is not None else plain_system
+            return ChatRequest([{"role": "system", "content": system}, *history_of(t.rec), {"role": "user", "content": m}],
+                               samp, sample_index=turn, prompt_version=hinted.tag if hint is not None else plain.tag)
+
+        replies = backend.chat([reply_request(t, m, h) for t, m, inf in step for h in (inf, None)])
+        judged_in, jreqs = [], []
+        for i, (t, m, inf) in enumerate(step):
             ra, rb = replies[2 * i], replies[2 * i + 1]
-            if not (ra.ok and rb.ok):
-                trees[p["id"]]["failed"] = {"turn": turn, "role": "responder", "error": ra.error or rb.error}
+            if not (ra.ok and rb.ok and ra.text.strip() and rb.text.strip()):
+                t.fail(turn, "responder", ra.error or rb.error or "empty reply")
                 continue
-            v = pair_verdict(judged[2 * i], judged[2 * i + 1])
-            hinted_wins = v.preferred == "a"
-            preferred, rejected = (ra.text, rb.text) if hinted_wins else (rb.text, ra.text)
-            followed = rng.choice(["preferred", "rejected"])
-            trees[p["id"]]["turns"].append({
-                "turn": turn, "user": m,
-                "candidates": [{"text": ra.text, "hinted": True}, {"text": rb.text, "hinted": False}],
-                "judgment": {"p_hinted": v.p_a, "consistent": v.consistent, "p_hinted_first": v.p_a_first,
-                             "p_hinted_second": v.p_a_second},
-                "preferred": preferred, "rejected": rejected, "preferred_is_hinted": hinted_wins,
-                "followed": followed})
-            hist[p["id"]] += [{"role": "user", "content": m},
-                              {"role": "assistant", "content": preferred if followed == "preferred" else rejected}]
-    records = list(trees.values())
+            judged_in.append((t, m, inf, ra.text.strip(), rb.text.strip()))
+            for first, second in ((ra.text, rb.text), (rb.text, ra.text)):
+                jreqs.append(ProbRequest(
+                    [{"role": "system", "content": judge_p.render("system")},
+                     {"role": "user", "content": judge_p.render("user", profile=t.rec["profile"],
+                                                                personality=t.rec["personality"], message=m,
+                                                                first=first.strip(), second=second.strip())}],
+                    ("1", "2"), prompt_version=judge_p.tag))
+        verdicts = judge(backend, jreqs, parse_choice, method=cfg.judge_method, retries=cfg.judge_retries,
+                         require_all=True)
+        pointwise = _pointwise(cfg, backend, judged_in, verdicts)
+        for i, (t, m, inf, a, b) in enumerate(judged_in):
+            j1, j2 = verdicts[2 * i], verdicts[2 * i + 1]
+            stats["judge_calls"] += 2
+            stats["judge_unusable"] += (j1.method == "none") + (j2.method == "none")
+            stats["judge_text"] += (j1.method == "text") + (j2.method == "text")
+            cands = [{"id": "a", "text": a, "hinted": True}, {"id": "b", "text": b, "hinted": False}]
+            node = decide(cfg, t.rec["id"], turn, cands, j1, j2, pointwise.get(i))
+            rec = {"turn": turn, "user": m, "inferred": {"mode": cfg.inference, "text": inf}}
+            if node["verdict"] != "drop":
+                rec["candidates"] = cands
+                rec["judgments"] = [{"order": ["a", "b"], **j1.to_json()}, {"order": ["b", "a"], **j2.to_json()}]
+            t.rec["turns"].append({**rec, **node})
+        # Checkpoint: every finished turn is on disk before the next one starts.
+        write_jsonl(out / "trees.jsonl", [t.rec for t in trees])
+        bar.update(len(judged_in))
+    bar.close()
+
+    records = [t.rec for t in trees]
+    add_disclosure(records, cfg.disclosure_threshold)
     write_jsonl(out / "trees.jsonl", records)
-    sft, dpo = export_rows(records)
-    write_jsonl(out / "sft_preferred.jsonl", sft)
-    write_jsonl(out / "dpo.jsonl", dpo)
+    exports = export_rows(records, plain_system)
+    for name, rows in exports.items():
+        write_jsonl(out / f"{name}.jsonl", rows)
+    nodes = [n for t in records for n in t["turns"]]
     counts = {"trees": len(records), "failed_trees": sum(t["failed"] is not None for t in records),
-              "turns": sum(len(t["turns"]) for t in records), "sft_rows": len(sft), "dpo_rows": len(dpo),
+              "turns": len(nodes), "resumed_turns": resumed,
+              **{f"verdict_{v}": sum(n["verdict"] == v for n in nodes) for v in ("preferred", "tie", "drop",
+                                                                                   "unusable")},
+              **{f"decided_by_{d}": sum(n.get("decided_by") == d for n in nodes)
+                 for d in ("pair", "average", "pointwise")},
+              **{f"{k}_rows": len(v) for k, v in exports.items()}, **stats,
               "cache_hits": backend.cache.hits, "cache_misses": backend.cache.misses}
     write_manifest(out, stage="trees", parameters=cfg, started=started, models={"backend": backend.describe()},
-                   counts=counts)
+                   counts=counts, extra={"provenance": prov})
     return counts
 
 
-def export_rows(trees: list[dict]) -> tuple[list[dict], list[dict]]:
-    """SFT (prompt/completion, conversational) and DPO rows; each turn's prompt is the
-    history along the followed branch plus *that turn's own* user message."""
-    sft, dpo = [], []
+def _pointwise(cfg: TreesConfig, backend: ChatBackend, judged_in: list, verdicts: list[Judged]) -> dict:
+    """Rubric scores (1-5, no order) of both replies of every node whose two orders disagree.
+
+    A small judge's pair answers are dominated by position (the 135M model gives the
+    first reply the same probability whatever it says); a reply scored on its own has
+    no position to prefer, so its score differences carry what content signal there is.
+    """
+    if cfg.inconsistent != "pointwise":
+        return {}
+    rubric = prompts.get("judge_score")
+    todo = [i for i in range(len(judged_in))
+            if pair_verdict(verdicts[2 * i], verdicts[2 * i + 1]).consistent is False]
+    reqs = [ProbRequest([{"role": "system", "content": rubric.render("system")},
+                         {"role": "user", "content": rubric.render("user", profile=judged_in[i][0].rec["profile"],
+                                                                   personality=judged_in[i][0].rec["personality"],
+                                                                   message=judged_in[i][1], reply=reply)}],
+                        SCORES, prompt_version=rubric.tag)
+            for i in todo for reply in judged_in[i][3:5]]
+    got = judge(backend, reqs, parse_score_choice, method=cfg.judge_method, retries=cfg.judge_retries)
+    return {i: (expected_score(got[2 * k]), expected_score(got[2 * k + 1])) for k, i in enumerate(todo)}
+
+
+def _progress(total: int, done: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc="tree turns", unit="turn", disable=not enabled)
+
+
+def _facts(text: str) -> list[str]:
+    parts = re.split(r"(?<=[.!?;])\s+|,\s+and\s+", text)
+    return [p.strip() for p in parts if len(p.strip()) > 3]
+
+
+@functools.lru_cache(maxsize=1)
+def _embedder():
+    from aloe.growth import Embedder
+
+    return Embedder()
+
+
+def add_disclosure(trees: list[dict], threshold: float) -> None:
+    """Per turn, the share of the persona's facts (its sentences) that the user has
+    *revealed* in their messages so far and that the inference step has *recovered*.
+
+    A fact counts when some sentence of the text has MiniLM cosine >= ``threshold``
+    with it: a rough semantic-overlap proxy, not a fact checker.
+    """
+    todo = [t for t in trees if any("disclosure" not in n for n in t["turns"])]
+    if not todo:
+        return
+    emb = _embedder()
+    for t in todo:
+        facts = _facts(t["profile"]) + _facts(t["personality"])
+        if not facts:
+            continue
+        fe = emb.encode(facts)
+        said: list[str] = []
+        for n in t["turns"]:
+            said += _facts(n["user"]) or [n["user"]]
+            inf = _facts(n["inferred"]["text"]) or [n["inferred"]["text"]]
+            rev = (fe @ emb.encode(said).T).max(axis=1) >= threshold
+            rec = (fe @ emb.encode(inf).T).max(axis=1) >= threshold
+            n["disclosure"] = {"facts": len(facts), "revealed": float(rev.mean()), "recovered": float(rec.mean())}
+
+
+def export_rows(trees: list[dict], system: str | None = None) -> dict[str, list[dict]]:
+    """TRL rows from finished trees, conversational format.
+
+    Each turn's prompt is the history along the *followed* branch plus that turn's own
+    user message (the paper's scripts repeated the first user message instead). SFT
+    rows are prompt/completion, so TRL puts the loss on the assistant reply only.
+    Only nodes with a preference are exported; ties, dropped and unusable nodes are not.
+    """
+    sft_pref, sft_rej, dpo = [], [], []
     for t in trees:
-        history: list[dict] = []
-        for turn in t["turns"]:
-            prompt = history + [{"role": "user", "content": turn["user"]}]
-            rid = f"{t['id']}-t{turn['turn']}"
-            sft.append({"id": rid, "prompt": prompt, "completion": [{"role": "assistant", "content": turn["preferred"]}]})
-            dpo.append({"id": rid, "prompt": prompt, "chosen": [{"role": "assistant", "content": turn["preferred"]}],
-                        "rejected": [{"role": "assistant", "content": turn["rejected"]}]})
-            history = prompt + [{"role": "assistant", "content": turn[turn["followed"]]}]
-    return sft, dpo
+        history = [{"role": "system", "content": system}] if system else []
+        for n in t["turns"]:
+            prompt = history + [{"role": "user", "content": n["user"]}]
+            if n["verdict"] == "preferred":
+                rid = f"{t['id']}-t{n['turn']}"
+                chosen = [{"role": "assistant", "content": n["preferred"]}]
+                rejected = [{"role": "assistant", "content": n["rejected"]}]
+                sft_pref.append({"id": rid, "prompt": prompt, "completion": chosen})
+                sft_rej.append({"id": rid, "prompt": prompt, "completion": rejected})
+                dpo.append({"id": rid, "prompt": prompt, "chosen": chosen, "rejected": rejected})
+            history = prompt + [{"role": "assistant", "content": n["followed_text"]}]
+    return {"sft_preferred": sft_pref, "sft_rejected": sft_rej, "dpo": dpo}
