@@ -56,3 +56,25 @@ def test_cache_roundtrip_with_real_model(smollm, tmp_path):
         assert smollm.cache.stats() == {"hits": 2, "misses": 2}
     finally:
         smollm.cache = CallCache(None)
+
+
+def test_scores_match_a_plain_forward_pass(smollm):
+    """The one-pass path (one-token candidates) and the per-candidate path (longer ones)
+    both equal log P(candidate | prompt) from an unbatched, unpadded forward pass."""
+    import torch
+
+    msgs = [{"role": "user", "content": "Which reply is better, 1 or 2? Answer with one digit."}]
+    p = smollm._prompt_ids(msgs)
+
+    def reference(cand):
+        c = smollm.tokenizer(cand, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = smollm.model(input_ids=torch.tensor([p + c])).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        return float(sum(lp[len(p) - 1 + j, t] for j, t in enumerate(c)))
+
+    short = smollm.logprobs([ProbRequest(msgs, ("1", "2"))])[0]
+    long = smollm.logprobs([ProbRequest(msgs, ("1", "the second one"))])[0]
+    for got in (short, long):
+        for c, v in got.logprobs.items():
+            assert v == pytest.approx(reference(c), abs=1e-3)

@@ -241,6 +241,17 @@ class TreesConfig(Common):
 @dataclass(frozen=True)
 class TrainConfig(Common):
     variants: tuple[Literal["sft_preferred", "sft_rejected", "dpo", "sft_then_dpo"], ...] = ("sft_preferred",)
+    model: Optional[str] = None  # model to fine-tune (registry name, HF id, folder); default: backend.model
+    lora: bool = True  # LoRA adapters through PEFT; false: full fine-tuning
+    peft: dict[str, Any] = dataclasses.field(default_factory=dict)  # peft.LoraConfig fields, passed through
+    sft: dict[str, Any] = dataclasses.field(default_factory=dict)  # trl.SFTConfig fields, passed through
+    dpo: dict[str, Any] = dataclasses.field(default_factory=dict)  # trl.DPOConfig fields, passed through
+    merge: bool = True  # also save a merged model folder (what evaluation loads)
+    seed: int = 0
+
+    @property
+    def base_model(self) -> str:
+        return self.model or self.backend.model
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,252 @@
-"""Training (thin foundation version): checks that the tree exports load as the
-datasets TRL consumes. LoRA SFT / DPO with TRL lands with the training issue; until
-then this stage trains nothing and says so in its manifest."""
+"""Training: SFT on preferred / rejected replies, DPO, and SFT then DPO, with TRL + PEFT.
+
+Reads the tree stage's exports (conversational prompt/completion and
+prompt/chosen/rejected JSONL). The YAML's ``sft``, ``dpo`` and ``peft`` mappings
+pass through unchanged to ``trl.SFTConfig``, ``trl.DPOConfig`` and
+``peft.LoraConfig``; an unknown key is an error naming it, before any model loads.
+
+Per variant, in ``data/<experiment>/train/<variant>/``: ``checkpoints/`` (a rerun
+resumes from the last one), ``adapter/`` (LoRA), ``merged/`` (a plain model folder
+that the evaluation backends load), ``metrics.json`` (the trainer's log history:
+loss; for DPO reward margins and accuracies) and ``done.json`` (written last; a
+variant with a matching ``done.json`` is skipped on rerun).
+
+The same code runs in one process (the notebook) and under ``accelerate launch``
+(DDP, DeepSpeed ZeRO, FSDP: see ``accelerate/``)::
+
+    accelerate launch --config_file accelerate/ddp.yaml -m aloe.training parameters/paper.yaml
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import os
+import resource
+import sys
 import time
+from pathlib import Path
 
 from aloe.config import TrainConfig
-from aloe.io import write_manifest
+from aloe.errors import AloeError, ConfigError
+from aloe.io import read_json, write_json, write_manifest
+
+log = logging.getLogger(__name__)
+
+EXPORT = {"sft_preferred": "sft_preferred", "sft_rejected": "sft_rejected", "dpo": "dpo", "sft_then_dpo": "dpo"}
+
+# Our defaults under the user's keys. Small-data friendly: the default run has a few
+# dozen rows, so log every step and keep two checkpoints.
+COMMON_DEFAULTS = {"num_train_epochs": 1, "logging_steps": 1, "save_strategy": "steps", "save_steps": 20,
+                   "save_total_limit": 2, "report_to": "none", "seed": 0, "max_length": 512}
+SFT_DEFAULTS = {**COMMON_DEFAULTS, "per_device_train_batch_size": 4, "learning_rate": 1e-4}
+DPO_DEFAULTS = {**COMMON_DEFAULTS, "per_device_train_batch_size": 2, "learning_rate": 5e-5, "beta": 0.1}
+LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
+                 "task_type": "CAUSAL_LM"}
 
 
-def run(cfg: TrainConfig) -> dict:
+def _check_keys(section: str, given: dict, cls) -> None:
+    allowed = {f.name for f in dataclasses.fields(cls) if f.init}
+    for k in given:
+        if k == "output_dir":
+            raise ConfigError(f"stages.train.{section}.output_dir: set by aloe (data/<experiment>/train/<variant>)")
+        if k not in allowed:
+            near = difflib.get_close_matches(k, allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"stages.train.{section}: unknown key {k!r}{hint}: not a field of "
+                              f"{cls.__module__.split('.')[0]}.{cls.__name__}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check the pass-through sections against TRL's and PEFT's own config classes."""
+    from peft import LoraConfig
+    from trl import DPOConfig, SFTConfig
+
+    _check_keys("sft", cfg.sft, SFTConfig)
+    _check_keys("dpo", cfg.dpo, DPOConfig)
+    _check_keys("peft", cfg.peft, LoraConfig)
+    if cfg.peft and not cfg.lora:
+        raise ConfigError("stages.train.peft: given, but lora is false (full fine-tuning uses no adapters)")
+
+
+def _device_args() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"bf16": torch.cuda.is_bf16_supported()}
+    # TRL's configs default to bf16=True, which errors on CPU unless use_cpu is set;
+    # with use_cpu, bf16 becomes CPU autocast (faster here, where the CPU has bf16 units).
+    from aloe.backends.transformers_backend import cpu_supports_bf16
+
+    return {"use_cpu": True, "bf16": cpu_supports_bf16()}
+
+
+def _fingerprint(cfg: TrainConfig, variant: str, data_file: Path, base: str) -> str:
+    blob = json.dumps({"variant": variant, "base": base, "lora": cfg.lora, "peft": cfg.peft, "sft": cfg.sft,
+                       "dpo": cfg.dpo, "seed": cfg.seed,
+                       "data": hashlib.sha256(data_file.read_bytes()).hexdigest()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load(location: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(location)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # fp32 weights: on CPU the trainer's bf16 autocast does the fast matmuls.
+    model = AutoModelForCausalLM.from_pretrained(location, dtype="float32")
+    return model, tok
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbacks=None) -> dict:
+    """Train one variant from ``base_location``; returns its metrics (also on disk)."""
     from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+    kind = "dpo" if variant in ("dpo", "sft_then_dpo") else "sft"
+    data_file = cfg.stage_dir_root / "trees" / f"{EXPORT[variant]}.jsonl"
+    if not data_file.exists():
+        raise AloeError(f"{data_file}: file not found; run the trees stage first")
+    out = cfg.stage_dir_root / "train" / variant
+    fp = _fingerprint(cfg, variant, data_file, base_location)
+    done = out / "done.json"
+    if done.exists() and read_json(done).get("fingerprint") == fp:
+        log.info("%s: already trained with these settings (%s); skipping", variant, done)
+        return read_json(out / "metrics.json")
+    dataset = load_dataset("json", data_files=str(data_file), split="train")
+    if len(dataset) == 0:
+        raise AloeError(f"{data_file}: no rows to train on (every node was a tie, dropped or unusable?)")
+    dataset = dataset.remove_columns([c for c in dataset.column_names if c == "id"])
+    user = cfg.sft if kind == "sft" else cfg.dpo
+    args_cls, trainer_cls = (SFTConfig, SFTTrainer) if kind == "sft" else (DPOConfig, DPOTrainer)
+    defaults = SFT_DEFAULTS if kind == "sft" else DPO_DEFAULTS
+    args = args_cls(output_dir=str(out / "checkpoints"), **{**defaults, "seed": cfg.seed, **_device_args(), **user})
+    model, tok = _load(base_location)
+    peft_config = LoraConfig(**{**LORA_DEFAULTS, **cfg.peft}) if cfg.lora else None
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                          peft_config=peft_config, callbacks=callbacks)
+    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").exists() else None
+    if last:
+        log.info("%s: resuming from %s", variant, last)
     started = time.time()
-    src = cfg.stage_dir_root / "trees"
-    counts = {}
-    for name in ("sft_preferred", "dpo"):
-        ds = load_dataset("json", data_files=str(src / f"{name}.jsonl"), split="train")
-        counts[f"{name}_rows"] = len(ds)
-        counts[f"{name}_columns"] = ",".join(ds.column_names)
-    counts["trained_variants"] = 0
-    write_manifest(cfg.stage_dir_root / "train", stage="train", parameters=cfg, started=started, counts=counts,
-                   extra={"note": "foundation: exports validated, no training run yet"})
-    return counts
+    result = trainer.train(resume_from_checkpoint=last)
+    wall = time.time() - started
+    acc = trainer.accelerator
+    metrics = {
+        "variant": variant, "kind": kind, "base": base_location, "rows": len(dataset), "lora": cfg.lora,
+        "global_step": trainer.state.global_step, "resumed_from": last, "world_size": acc.num_processes,
+        "train_runtime_s": round(wall, 2),
+        "seconds_per_step": round(wall / max(1, trainer.state.global_step - _step_of(last)), 3),
+        "peak_rss_mb": round(_peak_rss_mb(), 1), "train_loss": result.training_loss,
+        "log_history": trainer.state.log_history,
+    }
+    if acc.is_main_process:
+        if cfg.lora:
+            trainer.save_model(str(out / "adapter"))
+        if cfg.merge:
+            _save_merged(trainer, tok, out / "merged", cfg.lora)
+        write_json(out / "metrics.json", metrics)
+        write_json(done, {"fingerprint": fp, "variant": variant, "finished": time.time()})
+    acc.wait_for_everyone()
+    return metrics
+
+
+def _step_of(checkpoint: str | None) -> int:
+    return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
+
+
+def _save_merged(trainer, tok, path: Path, lora: bool) -> None:
+    """A plain model folder (adapters folded in) that transformers and vLLM load directly."""
+    import shutil
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if lora:
+        model = model.merge_and_unload()
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def run(cfg: TrainConfig, variants: list[str] | None = None, *, callbacks=None) -> dict:
+    """Train the configured variants in order; ``sft_then_dpo`` trains DPO on the merged
+    ``sft_preferred`` model (trained first if it is not there yet)."""
+    from aloe.models import ensure_local_model, hf_location, resolve_model
+
+    validate(cfg)
+    started = time.time()
+    spec = resolve_model(cfg.base_model)
+    if spec.source == "gguf-package":
+        ensure_local_model(spec)
+    base = hf_location(spec)
+    results = {}
+    for variant in variants or cfg.variants:
+        if variant == "sft_then_dpo":
+            if not cfg.merge:
+                raise ConfigError("stages.train.merge: sft_then_dpo needs merge: true (DPO starts from the "
+                                  "merged SFT model)")
+            if "sft_preferred" not in results:
+                results["sft_preferred"] = train_variant(cfg, "sft_preferred", base, callbacks=callbacks)
+            results[variant] = train_variant(cfg, variant, str(cfg.stage_dir_root / "train" / "sft_preferred" /
+                                                               "merged"), callbacks=callbacks)
+        else:
+            results[variant] = train_variant(cfg, variant, base, callbacks=callbacks)
+    counts = {f"{v}_steps": m["global_step"] for v, m in results.items()}
+    counts.update({f"{v}_seconds_per_step": m["seconds_per_step"] for v, m in results.items()})
+    if _is_main():
+        write_manifest(cfg.stage_dir_root / "train", stage="train", parameters=cfg, started=started, counts=counts,
+                       models={"base": cfg.base_model, "location": base},
+                       extra={"variants": {v: {k: m[k] for k in ("rows", "global_step", "train_loss", "peak_rss_mb",
+                                                                 "world_size")} for v, m in results.items()}})
+    return results
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def variant_model(cfg, variant: str) -> Path:
+    """Where evaluation finds a trained variant's merged model."""
+    return cfg.stage_dir_root / "train" / variant / "merged"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``accelerate launch -m aloe.training PARAMS [--variant V ...]``."""
+    from aloe.config import load_experiment
+
+    ap = argparse.ArgumentParser(prog="python -m aloe.training", description="Train the variants of one experiment.")
+    ap.add_argument("params", help="parameter file (parameters/*.yaml)")
+    ap.add_argument("--variant", action="append", help="train only these variants (repeatable)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_experiment(args.params).stages["train"]
+        for v in args.variant or []:
+            if v not in EXPORT:
+                raise ConfigError(f"--variant {v!r}: allowed: {', '.join(EXPORT)}")
+        results = run(cfg, args.variant)
+    except AloeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if _is_main():
+        for v, m in results.items():
+            print(f"{v}: {m['global_step']} steps, {m['seconds_per_step']} s/step, loss {m['train_loss']:.4f}, "
+                  f"peak RSS {m['peak_rss_mb']:.0f} MB, {m['world_size']} process(es)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ call free. Exports for TRL are written from the finished trees.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import random
 import re
@@ -351,3 +352,44 @@ def export_rows(trees: list[dict], system: str | None = None) -> dict[str, list[
                 dpo.append({"id": rid, "prompt": prompt, "chosen": chosen, "rejected": rejected})
             history = prompt + [{"role": "assistant", "content": n["followed_text"]}]
     return {"sft_preferred": sft_pref, "sft_rejected": sft_rej, "dpo": dpo}
+
+
+def node_table(trees: list[dict]) -> list[dict]:
+    """One flat row per node, for the report's per-turn tables and plots."""
+    rows = []
+    for t in trees:
+        for n in t["turns"]:
+            cands = {c["hinted"]: c["text"] for c in n.get("candidates", [])}
+            methods = [j["method"] for j in n.get("judgments", [])]
+            rows.append({
+                "tree": t["id"], "turn": n["turn"], "verdict": n["verdict"], "decided_by": n.get("decided_by"),
+                "hinted_preferred": n["preferred_is_hinted"], "orders_agree": n["consistent"],
+                "p_hinted": n["p_hinted"], "judge_unusable": methods.count("none"), "judge_text": methods.count("text"),
+                "judgments": len(methods), "user_words": len(n["user"].split()),
+                "hinted_words": len(cands.get(True, "").split()), "plain_words": len(cands.get(False, "").split()),
+                "revealed": (n.get("disclosure") or {}).get("revealed"),
+                "recovered": (n.get("disclosure") or {}).get("recovered")})
+    return rows
+
+
+def tree_html(tree: dict) -> str:
+    """One tree as readable HTML: persona, then per turn the user, the inference and both replies."""
+    from html import escape as e
+
+    parts = [f"<div style='font-family:sans-serif;max-width:60em'><h4>{e(tree['id'])}</h4>",
+             f"<p><b>Profile:</b> {e(tree['profile'])}<br><b>Personality:</b> {e(tree['personality'])}</p>"]
+    for n in tree["turns"]:
+        parts.append(f"<h5>Turn {n['turn']}: verdict {e(n['verdict'])}"
+                     f"{' by ' + e(n['decided_by']) if n.get('decided_by') else ''}</h5>")
+        parts.append(f"<p><b>User:</b> {e(n['user'])}</p>")
+        parts.append(f"<p style='color:#555'><i>Inferred ({e(n['inferred']['mode'])}):</i> "
+                     f"{e(n['inferred']['text'])}</p><ul>")
+        for c in n.get("candidates", []):
+            won = n.get("preferred") == c["text"]
+            mark = "preferred" if won else ("rejected" if n.get("rejected") == c["text"] else "")
+            followed = " &larr; followed" if c["text"] == n["followed_text"] else ""
+            parts.append(f"<li><b>{'hinted' if c['hinted'] else 'plain'}</b> {mark}{followed}: {e(c['text'])}</li>")
+        parts.append("</ul>")
+    if tree.get("failed"):
+        parts.append(f"<p style='color:#a00'>Failed: {e(json.dumps(tree['failed']))}</p>")
+    return "\n".join(parts + ["</div>"])

@@ -1,8 +1,8 @@
 """Local backend on Hugging Face transformers.
 
 Batched generation with left padding; only the new tokens are decoded. On a CPU
-with native bf16 support, generation runs under bf16 autocast (measured here about
-4x faster than fp32 at batch 8; see scripts/bench_backend.py). Requests are grouped
+with native bf16 support, ``dtype: auto`` loads bf16 weights (measured here faster
+than fp32 and than fp32 under autocast; see scripts/bench_backend.py). Requests are grouped
 by sampling parameters (one ``generate`` call takes one setting) and sorted by
 length inside a group so that batches waste little padding; results come back in
 request order.
@@ -137,26 +137,39 @@ class TransformersBackend(ChatBackend):
 
     @torch.inference_mode()
     def _score(self, requests: list[ProbRequest]) -> list[CandidateLogprobs]:
-        """Exact log P(candidate | prompt) for every candidate, batched."""
-        items = []  # (request index, candidate, full ids, candidate length)
+        """Exact log P(candidate | prompt) for every candidate, batched.
+
+        A request whose candidates are all one token ("1".."5") costs one forward pass
+        over its prompt; longer candidates get one pass each. Only the logits at the
+        positions that predict candidate tokens are computed (``logits_to_keep``): the
+        full [batch, length, vocabulary] tensor would dominate the cost on CPU.
+        """
+        # (request index, sequence, [(candidate, token ids)], sequence is the prompt only)
+        items: list[tuple[int, list[int], list[tuple[str, list[int]]], bool]] = []
         for ri, r in enumerate(requests):
             p = self._prompt_ids(r.messages)
-            for c in r.candidates:
-                cid = self.tokenizer(c, add_special_tokens=False)["input_ids"]
-                items.append((ri, c, p + cid, len(cid)))
+            cids = [(c, self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in r.candidates]
+            if all(len(t) == 1 for _, t in cids):
+                items.append((ri, p, cids, True))
+            else:
+                items += [(ri, p + t, [(c, t)], False) for c, t in cids]
         scores: dict[tuple[int, str], float] = {}
-        order = sorted(range(len(items)), key=lambda k: len(items[k][2]))
+        order = sorted(range(len(items)), key=lambda k: len(items[k][1]))
         for start in range(0, len(order), self.batch_size):
             chunk = [items[k] for k in order[start:start + self.batch_size]]
-            ids, mask = self._pad_left([it[2] for it in chunk])
+            ids, mask = self._pad_left([it[1] for it in chunk])
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            keep = max(1 if prompt_only else len(cands[0][1]) + 1 for _, _, cands, prompt_only in chunk)
             with self._autocast():
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            tgt = ids[:, 1:]
-            tok_lp = logp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
-            for row, (ri, c, _, n) in enumerate(chunk):
-                scores[(ri, c)] = float(tok_lp[row, -n:].sum())
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                    logits_to_keep=keep).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)  # [batch, keep, vocabulary]
+            for row, (ri, _, cands, prompt_only) in enumerate(chunk):
+                if prompt_only:  # the prompt's last position predicts every one-token candidate
+                    for c, t in cands:
+                        scores[(ri, c)] = float(logp[row, -1, t[0]])
+                else:  # positions -(n+1) .. -2 predict the candidate's n tokens
+                    (c, t), n = cands[0], len(cands[0][1])
+                    scores[(ri, c)] = float(sum(logp[row, -(n + 1) + j, t[j]] for j in range(n)))
         return [CandidateLogprobs({c: scores[(ri, c)] for c in r.candidates}, exact=True)
                 for ri, r in enumerate(requests)]
-

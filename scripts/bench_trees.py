@@ -1,0 +1,79 @@
+"""Tree synthesis throughput: the lockstep engine vs one call at a time (the paper's loop).
+
+    .venv/bin/python scripts/bench_trees.py [--personas 8] [--turns 2] [--max-new-tokens 48] [--batch-size 16]
+
+Both runs do the same workload: the same training personas (this project's seeds),
+turns, model, backend, seed, with the call cache off. The naive run wraps the same
+backend so that every request goes alone (batch of one), exactly as a loop over
+conversations and roles would send it; the lockstep run sends each role's calls for
+all conversations together. Prints conversation-turns per second for both and the ratio,
+and writes the numbers to data/bench/bench_trees.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from aloe.backends import open_backend
+from aloe.config import BackendConfig, TreesConfig
+from aloe.io import write_json, write_jsonl
+from aloe.personas import _records, load_seeds, make_pairs
+import aloe.trees
+
+
+class OneAtATime:
+    """Forwards every request on its own: what the paper's code does."""
+
+    def __init__(self, inner):
+        self.inner, self.cache = inner, inner.cache
+
+    def chat(self, requests):
+        return [self.inner.chat([r])[0] for r in requests]
+
+    def logprobs(self, requests):
+        return [self.inner.logprobs([r])[0] for r in requests]
+
+    def describe(self):
+        return self.inner.describe()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--personas", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--model", default="smollm2-135m")
+    args = ap.parse_args()
+
+    backend = open_backend(BackendConfig(kind="transformers", model=args.model, batch_size=args.batch_size), None)
+    aloe.trees._embedder()  # load MiniLM once, outside both timings
+    results = {}
+    for mode in ("lockstep", "naive"):
+        with tempfile.TemporaryDirectory() as root:
+            profiles = _records(load_seeds("profiles")[:args.personas], "profile", "seed", "train")
+            personalities = _records(load_seeds("personalities"), "personality", "seed", "train")
+            write_jsonl(Path(root) / "b" / "personas" / "pairs.jsonl", make_pairs(profiles, personalities, 1, 0, "train"))
+            cfg = TreesConfig(experiment="b", data_root=root, n_personas=args.personas, turns=args.turns,
+                              max_new_tokens=args.max_new_tokens)
+            engine = backend if mode == "lockstep" else OneAtATime(backend)
+            t = time.perf_counter()
+            counts = aloe.trees.run(cfg, engine, progress=False)
+            wall = time.perf_counter() - t
+            results[mode] = {"wall_s": round(wall, 2), "turns": counts["turns"],
+                             "turns_per_s": round(counts["turns"] / wall, 4)}
+            print(f"{mode:9s} {counts['turns']} conversation-turns in {wall:7.1f} s = "
+                  f"{counts['turns'] / wall:.3f} turns/s", flush=True)
+    ratio = results["lockstep"]["turns_per_s"] / results["naive"]["turns_per_s"]
+    print(f"ratio lockstep / naive: {ratio:.2f}x")
+    report = {"args": vars(args), "backend": backend.describe(), **results, "ratio": round(ratio, 2)}
+    write_json(Path("data/bench/bench_trees.json"), report)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
