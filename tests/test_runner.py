@@ -30,11 +30,17 @@ def test_ci_pipeline_end_to_end(tmp_path):
     trees = json.loads((data / "trees" / "manifest.json").read_text())
     assert trees["models"]["backend"]["model"] == "smollm2-135m"
     assert trees["counts"]["dpo_rows"] == trees["counts"]["turns"] > 0
+    train = json.loads((data / "train" / "manifest.json").read_text())
+    assert train["counts"]["sft_preferred_steps"] == 2
+    assert (data / "train" / "sft_preferred" / "merged" / "config.json").exists()
     metrics = json.loads((data / "evaluate" / "metrics.json").read_text())
-    assert [row["turn"] for row in metrics["al"]] == [1, 2]
-    for row in metrics["al"]:
-        assert row["n"] == 2 and 1.0 <= row["al"] <= 5.0 and row["ci_low"] <= row["al"] <= row["ci_high"]
-    assert "ir" in metrics and "n_r2" in metrics
+    assert set(metrics["models"]) == {"base", "oracle", "sft_preferred"}
+    for model in metrics["models"].values():
+        assert [row["turn"] for row in model["al"]] == [1, 2]
+        for row in model["al"]:
+            assert row["n"] == 2 and 1.0 <= row["al"] <= 5.0 and row["ci_low"] <= row["al"] <= row["ci_high"]
+        assert model["ir"] is not None and model["n_r2"] is not None
+    assert (data / "trees" / "sft_rejected.jsonl").exists()
     reports = REPO / "reports" / "ci-e2e"
     index = (reports / "index.html").read_text()
     for nb in ("01_personas", "02_trees", "03_train", "04_evaluate", "05_report"):

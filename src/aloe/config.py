@@ -256,13 +256,28 @@ class TrainConfig(Common):
 
 @dataclass(frozen=True)
 class EvaluateConfig(Common):
-    n_personas: int = 2
-    turns: int = 1
-    max_new_tokens: int = 48
+    n_personas: int = 2  # benchmark personas (the first n of 20 profiles x 5 personalities)
+    turns: int = 1  # turns per conversation (the paper: 10)
+    max_new_tokens: int = 48  # cap on every generated message
+    # models under test: base (plain prompt), oracle (persona in the system prompt: an upper
+    # reference), reminder (told to infer and adapt), and trained variants from the train stage
+    models: tuple[Literal["base", "oracle", "reminder", "sft_preferred", "sft_rejected", "dpo",
+                          "sft_then_dpo"], ...] = ("base",)
+    judge: Literal["paper", "history"] = "paper"  # paper: current message only; history: also the dialogue
+    judge_method: Literal["auto", "logprobs", "text"] = "auto"  # probabilities of 1..5, text where none
+    judge_retries: int = 2  # extra tries when parsing a text score fails
+    user_temperature: float = 0.7  # the simulated user samples; the model under test is greedy
+    official_dir: Optional[str] = None  # folder with the official profile_eval / personality_eval files
+    n_boot: int = 2000  # bootstrap resamples for the confidence intervals
     seed: int = 0
 
     def __post_init__(self):
-        _positive(n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens)
+        _positive(n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens,
+                  n_boot=self.n_boot)
+        if self.judge_retries < 0:
+            raise ConfigError(f"judge_retries: must be >= 0, got {self.judge_retries!r}")
+        if len(set(self.models)) != len(self.models) or not self.models:
+            raise ConfigError(f"models: expected distinct model names, got {list(self.models)!r}")
 
 
 @dataclass(frozen=True)

@@ -88,3 +88,46 @@ def al_table(scores: dict[str, dict[int, float]], turns: int, n_boot: int = 2000
         lo, hi = bootstrap_ci(vals, n_boot=n_boot, seed=seed + k) if vals else (math.nan, math.nan)
         rows.append({"turn": k, "al": mean, "n": len(vals), "ci_low": lo, "ci_high": hi})
     return rows
+
+
+def ir_bootstrap_ci(scores: dict[str, dict[int, float]], turns: int, n_boot: int = 2000, alpha: float = 0.05,
+                    seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of IR, resampling personas (whole conversations)."""
+    personas = list(scores)
+    if not personas or turns < 2:
+        return (math.nan, math.nan)
+    rng = random.Random(seed)
+    boots = []
+    for _ in range(n_boot):
+        sample = [scores[personas[rng.randrange(len(personas))]] for _ in personas]
+        al = []
+        for k in range(1, turns + 1):
+            vals = [s[k] for s in sample if s.get(k) is not None]
+            al.append(sum(vals) / len(vals) if vals else math.nan)
+        if not any(math.isnan(a) for a in al):
+            boots.append(_ols(al)[0])
+    if not boots:
+        return (math.nan, math.nan)
+    boots.sort()
+    m = len(boots)
+    return (boots[int(math.floor(alpha / 2 * (m - 1)))], boots[int(math.ceil((1 - alpha / 2) * (m - 1)))])
+
+
+def summarize(scores: dict[str, dict[int, float | None]], turns: int, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Everything the report needs for one model: AL(k) with n and CIs, AVG, IR (+CI), N-IR, N-R².
+
+    Missing judgments (None) are excluded and show up as a smaller n at their turn.
+    """
+    clean = {p: {k: v for k, v in s.items() if v is not None} for p, s in scores.items()}
+    table = al_table(clean, turns, n_boot=n_boot, seed=seed)
+    al = [r["al"] for r in table]
+    usable = [a for a in al if not math.isnan(a)]
+    out = {"al": table, "avg": sum(usable) / len(usable) if usable else math.nan,
+           "n_personas": len(scores), "missing": sum(v is None for s in scores.values() for v in s.values())}
+    if len(al) >= 2 and len(usable) == len(al):
+        out.update(ir=improvement_rate(al), n_ir=normalized_improvement_rate(al), n_r2=normalized_r2(al))
+        lo, hi = ir_bootstrap_ci(clean, turns, n_boot=n_boot, seed=seed)
+        out.update(ir_ci_low=lo, ir_ci_high=hi)
+    else:
+        out.update(ir=None, n_ir=None, n_r2=None, ir_ci_low=None, ir_ci_high=None)
+    return out

@@ -29,3 +29,95 @@ def evaluation_metrics(cfg: ReportConfig) -> dict | None:
 
 def finish(cfg: ReportConfig, started: float) -> None:
     write_manifest(cfg.stage_dir_root / "report", stage="report", parameters=cfg, started=started)
+
+
+def _read_jsonl_or_empty(path: Path) -> list[dict]:
+    from aloe.io import read_jsonl
+
+    return read_jsonl(path) if path.exists() else []
+
+
+def dataset_summary(cfg: ReportConfig) -> dict:
+    """Personas, trees and labels, from the files the stages wrote."""
+    root = cfg.stage_dir_root
+    pool = _read_jsonl_or_empty(root / "personas" / "personas.jsonl")
+    pairs = _read_jsonl_or_empty(root / "personas" / "pairs.jsonl")
+    trees = _read_jsonl_or_empty(root / "trees" / "trees.jsonl")
+    nodes = [n for t in trees for n in t["turns"]]
+    labelled = [n for n in nodes if n["verdict"] == "preferred"]
+    judged = [n for n in nodes if n.get("consistent") is not None]
+    return {
+        "profiles": sum(p["kind"] == "profile" for p in pool),
+        "personalities": sum(p["kind"] == "personality" for p in pool),
+        "generated_items": sum(p["source"] == "generated" for p in pool),
+        "train_personas": sum(p["split"] == "train" for p in pairs),
+        "eval_personas": sum(p["split"] == "eval" for p in pairs),
+        "trees": len(trees), "failed_trees": sum(t["failed"] is not None for t in trees), "nodes": len(nodes),
+        "labelled_nodes": len(labelled),
+        "hinted_preferred": (sum(bool(n["preferred_is_hinted"]) for n in labelled) / len(labelled)) if labelled else None,
+        "orders_agree": (sum(bool(n["consistent"]) for n in judged) / len(judged)) if judged else None,
+        "decided_by_pointwise": sum(n.get("decided_by") == "pointwise" for n in nodes),
+    }
+
+
+def training_summary(cfg: ReportConfig) -> list[dict]:
+    rows = []
+    for p in sorted((cfg.stage_dir_root / "train").glob("*/metrics.json")):
+        m = read_json(p)
+        logged = [e for e in m["log_history"] if "loss" in e]
+        last = logged[-1] if logged else {}
+        rows.append({"variant": m["variant"], "rows": m["rows"], "steps": m["global_step"],
+                     "first_loss": logged[0]["loss"] if logged else None, "last_loss": last.get("loss"),
+                     "dpo_margin_last": last.get("rewards/margins"), "dpo_accuracy_last": last.get("rewards/accuracies"),
+                     "seconds_per_step": m["seconds_per_step"], "peak_rss_mb": m["peak_rss_mb"]})
+    return rows
+
+
+def findings(cfg: ReportConfig) -> list[str]:
+    """'What this run shows and what it cannot show', written from the numbers."""
+    from aloe.evaluation import separation
+
+    out = []
+    ds = dataset_summary(cfg)
+    if ds["orders_agree"] is not None:
+        out.append(f"The pair judge's two orders agreed on {ds['orders_agree']:.0%} of the {ds['nodes']} tree nodes"
+                   + (": its 1-or-2 answers follow position, not content, so those labels came from each reply's "
+                      f"own rubric score ({ds['decided_by_pointwise']} nodes)." if ds["orders_agree"] < 0.5 else "."))
+    if ds["hinted_preferred"] is not None:
+        out.append(f"Of {ds['labelled_nodes']} labelled nodes, the judge preferred the hinted reply in "
+                   f"{ds['hinted_preferred']:.0%} (50% is what a coin would give).")
+    metrics = evaluation_metrics(cfg)
+    if not metrics:
+        return out + ["No evaluation results yet."]
+    ms = metrics["models"]
+    n = metrics["personas"]
+    if "oracle" in ms and "base" in ms:
+        sep = separation(metrics, "oracle", "base")
+        turns = [s["turn"] for s in sep if s["separated"]]
+        if turns:
+            higher = {s["higher"] for s in sep if s["separated"]}
+            out.append(f"The oracle's 95% band separates from the base model's at turn(s) {turns} of "
+                       f"{len(sep)} ({', '.join(sorted(higher))} higher), with {n} personas.")
+        else:
+            out.append(f"The oracle (persona in its prompt) does not separate from the base model at any of the "
+                       f"{len(sep)} turns with {n} personas: at this size and with this judge the benchmark cannot "
+                       f"tell a model that knows the user from one that does not, so differences between the other "
+                       f"models are not evidence either.")
+    for m, s in ms.items():
+        if s.get("ir") is None:
+            out.append(f"{m}: IR undefined (fewer than 2 turns, or a turn without a usable judgment).")
+            continue
+        excl = s["ir_ci_low"] is not None and (s["ir_ci_low"] > 0 or s["ir_ci_high"] < 0)
+        out.append(f"{m}: AVG {s['avg']:.3f}, IR {s['ir']:+.4f} per turn, 95% CI [{s['ir_ci_low']:+.4f}, "
+                   f"{s['ir_ci_high']:+.4f}]: " + ("the interval excludes 0." if excl else
+                                                   "the interval includes 0 (no detectable trend)."))
+    missing = sum(s["missing"] for s in ms.values())
+    if missing:
+        out.append(f"{missing} judgments were unusable and are excluded (each mean's n says where).")
+    model = (metrics.get("judge_model") or {}).get("model", "")
+    if "135m" in model.lower():
+        out.append("Simulator, responders and judge are the embedded SmolLM2-135M: a model this small cannot play "
+                   "a persona, infer one or judge fit reliably. This run shows that the pipeline works end to end "
+                   "and what its outputs look like; it is not evidence about alignment. Point `backend` at a "
+                   "strong model (vLLM or an API; see parameters/paper.yaml) for meaningful numbers.")
+    return out

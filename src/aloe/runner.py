@@ -46,6 +46,17 @@ def check_notebook_parameters(exp: Experiment, stages: list[str], notebooks_dir:
                     f"its parameters: {', '.join(declared)}")
 
 
+def check_pass_through(exp: Experiment, stages: list[str]) -> None:
+    """TRL / PEFT keys in the train stage are checked against those libraries' configs."""
+    if "train" in stages:
+        from aloe.training import validate
+
+        try:
+            validate(exp.stages["train"])
+        except ConfigError as e:
+            raise ConfigError(f"{exp.path}: {e}") from None
+
+
 def run_experiment(params_file: str | Path, only: list[str] | None = None, *,
                    notebooks_dir: Path | None = None, reports_root: Path | None = None,
                    cwd: Path | None = None, log_output: bool = True) -> dict:
@@ -64,6 +75,7 @@ def run_experiment(params_file: str | Path, only: list[str] | None = None, *,
     reports_dir = (reports_root or REPO_ROOT / "reports") / exp.name
     cwd = cwd or REPO_ROOT
     check_notebook_parameters(exp, stages, notebooks_dir)
+    check_pass_through(exp, stages)
 
     status: dict[str, dict] = _read_status(reports_dir)
     for stage in stages:

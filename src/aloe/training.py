@@ -223,6 +223,38 @@ def variant_model(cfg, variant: str) -> Path:
     return cfg.stage_dir_root / "train" / variant / "merged"
 
 
+def history_frame(results: dict):
+    """Long table of the trainers' logged values: variant, step, metric, value."""
+    import pandas as pd
+
+    rows = []
+    for variant, m in results.items():
+        for entry in m["log_history"]:
+            if "step" not in entry or "train_runtime" in entry:
+                continue
+            for k, v in entry.items():
+                if k in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
+                         "learning_rate", "grad_norm") and v is not None:
+                    rows.append({"variant": variant, "step": entry["step"], "metric": k, "value": float(v)})
+    return pd.DataFrame(rows, columns=["variant", "step", "metric", "value"])
+
+
+def sample_replies(cfg: TrainConfig, messages: list[dict], variants: list[str], max_new_tokens: int = 64) -> dict:
+    """Greedy replies to one conversation from the base model and each trained variant."""
+    from aloe.backends import ChatRequest, Sampling
+    from aloe.backends.transformers_backend import TransformersBackend
+    from aloe.models import hf_location, resolve_model
+
+    locations = {"base": hf_location(resolve_model(cfg.base_model))}
+    locations.update({v: str(variant_model(cfg, v)) for v in variants if variant_model(cfg, v).exists()})
+    out = {}
+    for name, loc in locations.items():
+        be = TransformersBackend(loc, name, "local", None, batch_size=1)
+        out[name] = be.chat([ChatRequest(messages, Sampling(temperature=0.0, max_tokens=max_new_tokens))])[0].text
+        del be
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point for ``accelerate launch -m aloe.training PARAMS [--variant V ...]``."""
     from aloe.config import load_experiment

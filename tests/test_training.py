@@ -1,0 +1,187 @@
+"""Training with TRL + PEFT on a tiny random Llama (fast) and under accelerate with 2 CPU processes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from aloe.config import TrainConfig
+from aloe.errors import ConfigError
+from aloe.io import read_json, write_jsonl
+
+from conftest import REPO
+
+SYS = {"role": "system", "content": "You are a friendly assistant."}
+
+
+def _rows(n=6):
+    rows = []
+    for i in range(n):
+        prompt = [SYS, {"role": "user", "content": f"I just got back from my {i}th swim of the week."}]
+        rows.append({"id": f"r{i}", "prompt": prompt,
+                     "chosen": [{"role": "assistant", "content": "Nice! Cold water this time of year?"}],
+                     "rejected": [{"role": "assistant", "content": "Swimming is a sport done in water."}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A random 2-layer Llama (hidden size 32) with the embedded model's tokenizer and chat template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from aloe.models import hf_location, resolve_model
+
+    tok = AutoTokenizer.from_pretrained(hf_location(resolve_model("smollm2-135m")))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _setup(root, rows):
+    trees = root / "t" / "trees"
+    write_jsonl(trees / "dpo.jsonl", rows)
+    for name, key in (("sft_preferred", "chosen"), ("sft_rejected", "rejected")):
+        write_jsonl(trees / f"{name}.jsonl", [{"id": r["id"], "prompt": r["prompt"], "completion": r[key]}
+                                             for r in rows])
+
+
+FAST = {"max_steps": 2, "max_length": 64, "per_device_train_batch_size": 2, "learning_rate": 1e-2,
+        "save_steps": 1}
+
+
+def _cfg(root, model, **kw):
+    return TrainConfig(experiment="t", data_root=str(root), model=model,
+                       **{"sft": FAST, "dpo": {**FAST, "beta": 0.1}, **kw})
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_unknown_trl_and_peft_keys_are_rejected(tmp_path):
+    from aloe.training import validate
+
+    with pytest.raises(ConfigError, match=r"stages.train.sft: unknown key 'max_seq_length'.*trl.SFTConfig"):
+        validate(TrainConfig(experiment="t", sft={"max_seq_length": 512}))
+    with pytest.raises(ConfigError, match=r"unknown key 'betta' \(did you mean 'beta'\?\)"):
+        validate(TrainConfig(experiment="t", dpo={"betta": 0.9}))
+    with pytest.raises(ConfigError, match=r"stages.train.peft: unknown key 'rank'.*peft.LoraConfig"):
+        validate(TrainConfig(experiment="t", peft={"rank": 8}))
+    with pytest.raises(ConfigError, match="output_dir: set by aloe"):
+        validate(TrainConfig(experiment="t", sft={"output_dir": "/tmp/x"}))
+    validate(TrainConfig(experiment="t", sft={"max_length": 256, "learning_rate": 1e-5}, dpo={"beta": 0.9},
+                         peft={"r": 8}))
+
+
+def test_sft_format_trl_receives_puts_loss_on_the_reply_only(tiny_model, tmp_path):
+    """Our conversational prompt/completion rows become input_ids + completion_mask in TRL,
+    and the mask covers exactly the assistant reply's tokens."""
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    _setup(tmp_path, _rows(2))
+    ds = load_dataset("json", data_files=str(tmp_path / "t" / "trees" / "sft_preferred.jsonl"), split="train")
+    assert set(ds.column_names) == {"id", "prompt", "completion"}
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model), processing_class=tok,
+                         train_dataset=ds.remove_columns(["id"]),
+                         args=SFTConfig(output_dir=str(tmp_path / "o"), use_cpu=True, bf16=False, report_to="none"))
+    row = trainer.train_dataset[0]
+    # TRL 1.16 builds labels: -100 (no loss) on the prompt, the token ids on the reply
+    mask = [int(label != -100) for label in row["labels"]]
+    assert 0 in mask and 1 in mask and mask == sorted(mask)  # prompt first, then the reply
+    assert [t for t, m in zip(row["input_ids"], mask) if m] == [x for x in row["labels"] if x != -100]
+    reply = tok.decode([t for t, m in zip(row["input_ids"], mask) if m])
+    assert reply.startswith("Nice! Cold water this time of year?")
+    prompt = tok.decode([t for t, m in zip(row["input_ids"], mask) if not m])
+    assert "swim" in prompt and "Nice!" not in prompt
+
+
+def test_sft_trains_changes_weights_and_skips_when_done(tiny_model, tmp_path):
+    from aloe import training
+
+    _setup(tmp_path, _rows())
+    cfg = _cfg(tmp_path, tiny_model, variants=("sft_preferred", "sft_rejected"))
+    results = training.run(cfg)
+    for v in ("sft_preferred", "sft_rejected"):
+        m = results[v]
+        assert m["global_step"] == 2 and math.isfinite(m["train_loss"])
+        assert all(math.isfinite(e["loss"]) for e in m["log_history"] if "loss" in e)
+        out = tmp_path / "t" / "train" / v
+        assert (out / "adapter" / "adapter_config.json").exists() and (out / "done.json").exists()
+        base, merged = _weights(tiny_model), _weights(out / "merged")
+        changed = [k for k in base if k in merged and not (base[k].float() - merged[k].float()).abs().max() < 1e-6]
+        assert changed, "merging the trained adapter changed no weight"
+        assert read_json(out / "metrics.json")["variant"] == v
+    manifest = read_json(tmp_path / "t" / "train" / "manifest.json")
+    assert manifest["counts"]["sft_preferred_steps"] == 2
+    # a rerun with the same settings and data trains nothing
+    stamp = (tmp_path / "t" / "train" / "sft_preferred" / "done.json").stat().st_mtime_ns
+    training.run(cfg)
+    assert (tmp_path / "t" / "train" / "sft_preferred" / "done.json").stat().st_mtime_ns == stamp
+
+
+def test_dpo_and_sft_then_dpo_log_rewards(tiny_model, tmp_path):
+    from aloe import training
+
+    _setup(tmp_path, _rows())
+    results = training.run(_cfg(tmp_path, tiny_model, variants=("dpo", "sft_then_dpo")))
+    assert set(results) == {"dpo", "sft_preferred", "sft_then_dpo"}
+    for v in ("dpo", "sft_then_dpo"):
+        logged = [e for e in results[v]["log_history"] if "loss" in e]
+        assert logged and all(math.isfinite(e["rewards/margins"]) and 0 <= e["rewards/accuracies"] <= 1
+                              for e in logged)
+    assert results["sft_then_dpo"]["base"].endswith(os.path.join("sft_preferred", "merged"))
+
+
+def test_resume_from_checkpoint_after_a_crash(tiny_model, tmp_path):
+    from transformers import TrainerCallback
+
+    from aloe import training
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise KeyboardInterrupt  # checkpoint-2 is on disk when on_save runs
+
+    _setup(tmp_path, _rows())
+    cfg = _cfg(tmp_path, tiny_model, variants=("sft_preferred",), sft={**FAST, "max_steps": 3})
+    with pytest.raises(KeyboardInterrupt):
+        training.run(cfg, callbacks=[Crash()])
+    out = tmp_path / "t" / "train" / "sft_preferred"
+    assert (out / "checkpoints" / "checkpoint-2").exists() and not (out / "done.json").exists()
+    m = training.run(cfg)["sft_preferred"]
+    assert m["resumed_from"].endswith("checkpoint-2") and m["global_step"] == 3
+    assert [e["step"] for e in m["log_history"] if "loss" in e][-1] == 3
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tiny_model, tmp_path):
+    _setup(tmp_path, _rows(8))
+    params = tmp_path / "p.yaml"
+    params.write_text(json.dumps({"experiment": "t", "data_root": str(tmp_path),
+                                  "stages": {"train": {"variants": ["sft_preferred"], "model": tiny_model,
+                                                       "sft": FAST}}}))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "-m", "aloe.training", str(params)], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "t" / "train" / "sft_preferred"
+    m = read_json(out / "metrics.json")
+    assert m["world_size"] == 2 and m["global_step"] == 2 and math.isfinite(m["train_loss"])
+    assert (out / "merged" / "model.safetensors").exists() and (out / "adapter" / "adapter_config.json").exists()
+    assert "2 process(es)" in r.stdout
