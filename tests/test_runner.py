@@ -49,12 +49,21 @@ def test_ci_pipeline_end_to_end(tmp_path):
     nb = json.loads((reports / "02_trees.ipynb").read_text())
     assert nb["metadata"]["papermill"]["parameters"]["turns"] == 1
 
-    # a rerun of one stage hits the call cache instead of generating again
-    r = subprocess.run([sys.executable, "-m", "aloe", "run", str(params), "--only", "evaluate"], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    counts = json.loads((data / "evaluate" / "manifest.json").read_text())["counts"]
-    assert counts["cache_misses"] == 0 and counts["cache_hits"] > 0
+    # a rerun of one stage finds its finished conversations and calls nothing; without them
+    # (deleted), it replays every call from the cache instead of generating again
+    before = (data / "evaluate" / "metrics.json").read_text()
+    for wipe in (False, True):
+        if wipe:
+            import shutil
+
+            shutil.rmtree(data / "evaluate" / "conversations")
+        r = subprocess.run([sys.executable, "-m", "aloe", "run", str(params), "--only", "evaluate"], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        counts = json.loads((data / "evaluate" / "manifest.json").read_text())["counts"]
+        assert counts["cache_misses"] == 0 and (counts["cache_hits"] > 0) == wipe
+        after = json.loads((data / "evaluate" / "metrics.json").read_text())
+        assert after["models"] == json.loads(before)["models"]
 
 
 def test_failed_stage_names_notebook(tmp_path):
