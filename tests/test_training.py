@@ -185,3 +185,16 @@ def test_accelerate_launch_two_cpu_processes(tiny_model, tmp_path):
     assert m["world_size"] == 2 and m["global_step"] == 2 and math.isfinite(m["train_loss"])
     assert (out / "merged" / "model.safetensors").exists() and (out / "adapter" / "adapter_config.json").exists()
     assert "2 process(es)" in r.stdout
+
+
+def test_full_fine_tuning_without_adapters(tiny_model, tmp_path):
+    from aloe import training
+
+    _setup(tmp_path, _rows())
+    m = training.run(_cfg(tmp_path, tiny_model, variants=("sft_preferred",), lora=False))["sft_preferred"]
+    out = tmp_path / "t" / "train" / "sft_preferred"
+    assert m["lora"] is False and not (out / "adapter").exists()
+    base, merged = _weights(tiny_model), _weights(out / "merged")
+    assert any((base[k].float() - merged[k].float()).abs().max() > 1e-6 for k in base if k in merged)
+    with pytest.raises(ConfigError, match="lora is false"):
+        training.validate(TrainConfig(experiment="t", lora=False, peft={"r": 8}))

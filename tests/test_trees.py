@@ -213,3 +213,38 @@ def test_resume_refuses_other_settings(tmp_path, smollm):
                                                          "turns": [], "failed": None}])
     with pytest.raises(AloeError, match=r"different settings \(seed: 7 -> 0\).*delete"):
         aloe.trees.run(dataclasses.replace(cfg), smollm, progress=False)
+
+
+class OneFails(ChatBackend):
+    """Every call succeeds except the user simulator's for one persona (contains `bad`)."""
+
+    kind = "scripted"
+
+    def __init__(self, bad):
+        super().__init__("scripted", "0")
+        self.bad = bad
+
+    def _generate(self, requests):
+        return [Completion(text=None, error="HTTP 500: boom") if self.bad in r.messages[0]["content"]
+                and r.prompt_version.startswith("user_simulator") else Completion(text=f"Hello number {i}.")
+                for i, r in enumerate(requests)]
+
+    def _score(self, requests):
+        return [CandidateLogprobs({c: math.log(0.6 if c == "1" else 0.4 / max(1, len(r.candidates) - 1))
+                                   for c in r.candidates}) for r in requests]
+
+
+def test_a_failing_tree_is_recorded_and_the_others_go_on(tmp_path):
+    import aloe.trees
+
+    _write_pairs(tmp_path / "t", n=3)
+    pairs = read_jsonl(tmp_path / "t" / "personas" / "pairs.jsonl")
+    cfg = TreesConfig(experiment="t", data_root=str(tmp_path), n_personas=3, turns=2, max_new_tokens=8,
+                      inconsistent="average")
+    counts = aloe.trees.run(cfg, OneFails(pairs[1]["profile"]), progress=False)
+    trees = read_jsonl(tmp_path / "t" / "trees" / "trees.jsonl")
+    assert counts["failed_trees"] == 1 and counts["turns"] == 4
+    assert trees[1]["failed"] == {"turn": 1, "role": "user_simulator", "error": "HTTP 500: boom"}
+    assert [len(t["turns"]) for t in trees] == [2, 0, 2]
+    assert counts["dpo_rows"] == 4 and not any(r["id"].startswith(trees[1]["id"])
+                                               for r in read_jsonl(tmp_path / "t" / "trees" / "dpo.jsonl"))
