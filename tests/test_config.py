@@ -92,3 +92,13 @@ def test_runner_rejects_key_missing_from_notebook(tmp_path):
     exp = load_experiment(REPO / "parameters" / "ci.yaml")
     with pytest.raises(ConfigError, match=r"stages.trees.turns: notebook 02_trees.ipynb has no parameter 'turns'"):
         check_notebook_parameters(exp, ["trees"], nbdir)
+
+
+def test_evaluating_an_untrained_variant_is_refused_up_front(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("stages:\n  train:\n    variants: [sft_preferred]\n  evaluate:\n    models: [base, dpo]\n")
+    with pytest.raises(ConfigError, match=r"stages.evaluate.models: 'dpo' is never trained; add it to "
+                                          r"stages.train.variants \(now \['sft_preferred'\]\)"):
+        load_experiment(p)
+    p.write_text("stages:\n  train:\n    variants: [sft_then_dpo]\n  evaluate:\n    models: [sft_preferred]\n")
+    assert load_experiment(p).stages["evaluate"].models == ("sft_preferred",)

@@ -238,6 +238,9 @@ class TreesConfig(Common):
             raise ConfigError(f"disclosure_threshold: must be in (0, 1], got {self.disclosure_threshold!r}")
 
 
+TRAINED_VARIANTS = ("sft_preferred", "sft_rejected", "dpo", "sft_then_dpo")
+
+
 @dataclass(frozen=True)
 class TrainConfig(Common):
     variants: tuple[Literal["sft_preferred", "sft_rejected", "dpo", "sft_then_dpo"], ...] = ("sft_preferred",)
@@ -365,6 +368,11 @@ def load_experiment(path: str | Path) -> Experiment:
             stages[stage] = build(STAGE_CONFIGS[stage], {**fields, **section}, where)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+    trained = set(stages["train"].variants) | ({"sft_preferred"} if "sft_then_dpo" in stages["train"].variants else set())
+    for m in stages["evaluate"].models:
+        if m in TRAINED_VARIANTS and m not in trained:
+            raise ConfigError(f"{path}: stages.evaluate.models: {m!r} is never trained; add it to "
+                              f"stages.train.variants (now {list(stages['train'].variants)}) or remove it")
     return Experiment(path=path, name=name, description=str(data.get("description", "")), common=common,
                       stages=stages, raw_sections=raw_sections)
 
