@@ -78,15 +78,20 @@ def _system(model: str, pair: dict) -> str:
     return role.render("system")
 
 
-def _open_under_test(cfg: EvaluateConfig, model: str, shared: ChatBackend) -> ChatBackend:
-    if model in BASELINES:
-        return shared
+def _trained_path(cfg: EvaluateConfig, model: str) -> Path:
     from aloe.training import variant_model
 
     path = variant_model(cfg, model)
     if not (path / "config.json").exists():
         raise AloeError(f"{path}: no trained model for {model!r}; run the train stage with this variant, "
                         f"or remove it from stages.evaluate.models")
+    return path
+
+
+def _open_under_test(cfg: EvaluateConfig, model: str, shared: ChatBackend) -> ChatBackend:
+    if model in BASELINES:
+        return shared
+    path = _trained_path(cfg, model)
     # Trained variants load locally (vLLM when the experiment uses vLLM); an HTTP backend's
     # server cannot be told to load our folder, so those runs use transformers for them.
     kind = cfg.backend.kind if cfg.backend.kind in ("transformers", "vllm") else "transformers"
@@ -134,11 +139,12 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], shared: ChatBa
                                    for c, p, m in asked])
         got = {id(c): (m, r) for (c, p, m), r in zip(asked, replies)}
         scored = [(c, p, m, r.text.strip()) for (c, p, m), r in zip(asked, replies) if r.ok and r.text.strip()]
-        fields = lambda c, p, m, r: {"profile": p["profile"], "personality": p["personality"], "message": m,
-                                     "reply": r, "dialogue": dialogue_text(history(c), m)}
+        # the "paper" rubric ignores {dialogue}; the "history" rubric shows it
         jreqs = [ProbRequest([{"role": "system", "content": rubric.render("system")},
-                              {"role": "user", "content": rubric.render("user", **fields(c, p, m, r))}], SCORES,
-                             prompt_version=rubric.tag) for c, p, m, r in scored]
+                              {"role": "user", "content": rubric.render(
+                                  "user", profile=p["profile"], personality=p["personality"], message=m, reply=r,
+                                  dialogue=dialogue_text(history(c), m))}], SCORES, prompt_version=rubric.tag)
+                 for c, p, m, r in scored]
         verdicts = dict(zip((id(c) for c, *_ in scored),
                             judge(shared, jreqs, parse_score_choice, method=cfg.judge_method,
                                   retries=cfg.judge_retries)))
@@ -163,11 +169,7 @@ def run(cfg: EvaluateConfig, backend: ChatBackend, *, progress: bool = True) -> 
     pairs = benchmark_pairs(cfg)
     for m in cfg.models:  # fail before any conversation if a trained model is missing
         if m not in BASELINES:
-            from aloe.training import variant_model
-
-            if not (variant_model(cfg, m) / "config.json").exists():
-                raise AloeError(f"{variant_model(cfg, m)}: no trained model for {m!r}; run the train stage "
-                                f"with this variant, or remove it from stages.evaluate.models")
+            _trained_path(cfg, m)
     all_convs, metrics, timings = [], {}, {}
     for model in cfg.models:
         t0 = time.time()
