@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from aloe.backends.base import CandidateLogprobs, ProbRequest
+from aloe.backends.base import CandidateLogprobs, ChatRequest, ProbRequest, Sampling
 
 SCORES = ("1", "2", "3", "4", "5")
 _SCORE_RE = re.compile(r"^\s*(?:(?:score|rating)\s*[:=]?\s*)?\**([1-5])\**\s*(?:/\s*5|out of 5)?\s*[.!]?\s*$",
@@ -117,8 +117,6 @@ def judge(backend, requests: Sequence[ProbRequest], parse: Callable[[str | None]
     "none". ``require_all``: a probability judgment counts only when every
     candidate was observed (a pair judge needs both "1" and "2").
     """
-    from aloe.backends.base import ChatRequest, Sampling
-
     n = len(requests)
     out: list[Judged | None] = [None] * n
     lps: list = [None] * n

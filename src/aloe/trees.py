@@ -30,6 +30,8 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
+
 from aloe import prompts
 from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling
 from aloe.config import TreesConfig
@@ -59,9 +61,9 @@ def dialogue_text(history: list[dict], user_message: str) -> str:
     return "\n".join(lines + [f"User: {user_message}"])
 
 
-def history_of(tree: dict, plain_system: str | None = None) -> list[dict]:
+def history_of(tree: dict) -> list[dict]:
     """The conversation along the followed branch (what the next turn's speakers see)."""
-    msgs = [{"role": "system", "content": plain_system}] if plain_system else []
+    msgs: list[dict] = []
     for t in tree["turns"]:
         msgs += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["followed_text"]}]
     return msgs
@@ -321,11 +323,12 @@ def add_disclosure(trees: list[dict], threshold: float) -> None:
         if not facts:
             continue
         fe = emb.encode(facts)
-        said: list[str] = []
+        best_said = None  # per fact, the best match in any user message so far (each embedded once)
         for n in t["turns"]:
-            said += _facts(n["user"]) or [n["user"]]
+            said = (fe @ emb.encode(_facts(n["user"]) or [n["user"]]).T).max(axis=1)
+            best_said = said if best_said is None else np.maximum(best_said, said)
             inf = _facts(n["inferred"]["text"]) or [n["inferred"]["text"]]
-            rev = (fe @ emb.encode(said).T).max(axis=1) >= threshold
+            rev = best_said >= threshold
             rec = (fe @ emb.encode(inf).T).max(axis=1) >= threshold
             n["disclosure"] = {"facts": len(facts), "revealed": float(rev.mean()), "recovered": float(rec.mean())}
 
