@@ -1,9 +1,12 @@
 """Tree synthesis throughput: the lockstep engine vs one call at a time (the paper's loop).
 
-    .venv/bin/python scripts/bench_trees.py [--personas 8] [--turns 2] [--max-new-tokens 48] [--batch-size 16]
+    .venv/bin/python scripts/bench_trees.py [--params parameters/default.yaml] [--personas 16] [--turns 2]
+                                            [--batch-size N]
 
 Both runs do the same workload: the same training personas (this project's seeds),
-turns, model, backend, seed, with the call cache off. The naive run wraps the same
+turns, model, backend, seed, with the call cache off. Every tree setting (message cap,
+temperature, inference mode, judging) and the batch size come from the parameter file,
+the default run's by default; --personas and --turns override its size. The naive run wraps the same
 backend so that every request goes alone (batch of one), exactly as a loop over
 conversations and roles would send it; the lockstep run sends each role's calls for
 all conversations together. Prints conversation-turns per second for both and the ratio,
@@ -19,7 +22,7 @@ import time
 from pathlib import Path
 
 from aloe.backends import open_backend
-from aloe.config import BackendConfig, TreesConfig
+from aloe.config import BackendConfig, TreesConfig, load_experiment
 from aloe.io import write_json, write_jsonl
 from aloe.personas import _records, load_seeds, make_pairs
 import aloe.trees
@@ -43,12 +46,16 @@ class OneAtATime:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--personas", type=int, default=8)
+    ap.add_argument("--params", default="parameters/default.yaml", help="tree settings come from its trees stage")
+    ap.add_argument("--personas", type=int, default=16)
     ap.add_argument("--turns", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the parameter file's backend batch_size")
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args()
+    exp = load_experiment(args.params)
+    args.batch_size = args.batch_size or exp.stages["trees"].backend.batch_size
+    settings = {k: v for k, v in exp.raw_sections["trees"].items()
+                if k not in ("n_personas", "turns")}
 
     backend = open_backend(BackendConfig(kind="transformers", model=args.model, batch_size=args.batch_size), None)
     aloe.trees._embedder()  # load MiniLM once, outside both timings
@@ -58,8 +65,7 @@ def main() -> None:
             profiles = _records(load_seeds("profiles")[:args.personas], "profile", "seed", "train")
             personalities = _records(load_seeds("personalities"), "personality", "seed", "train")
             write_jsonl(Path(root) / "b" / "personas" / "pairs.jsonl", make_pairs(profiles, personalities, 1, 0, "train"))
-            cfg = TreesConfig(experiment="b", data_root=root, n_personas=args.personas, turns=args.turns,
-                              max_new_tokens=args.max_new_tokens)
+            cfg = TreesConfig(experiment="b", data_root=root, n_personas=args.personas, turns=args.turns, **settings)
             engine = backend if mode == "lockstep" else OneAtATime(backend)
             t = time.perf_counter()
             counts = aloe.trees.run(cfg, engine, progress=False)
@@ -70,7 +76,7 @@ def main() -> None:
                   f"{counts['turns'] / wall:.3f} turns/s", flush=True)
     ratio = results["lockstep"]["turns_per_s"] / results["naive"]["turns_per_s"]
     print(f"ratio lockstep / naive: {ratio:.2f}x")
-    report = {"args": vars(args), "backend": backend.describe(), **results, "ratio": round(ratio, 2)}
+    report = {"args": vars(args), "trees_settings": settings, "backend": backend.describe(), **results, "ratio": round(ratio, 2)}
     write_json(Path("data/bench/bench_trees.json"), report)
     print(json.dumps(report))
 

@@ -78,3 +78,86 @@ def test_scores_match_a_plain_forward_pass(smollm):
     for got in (short, long):
         for c, v in got.logprobs.items():
             assert v == pytest.approx(reference(c), abs=1e-3)
+
+
+def _assert_sharing_changes_nothing(backend, reqs):
+    shared = backend._score(reqs)
+    backend.share_prefix = False
+    try:
+        separate = backend._score(reqs)
+    finally:
+        backend.share_prefix = True
+    for r, a, b in zip(reqs, shared, separate):
+        for c in r.candidates:
+            assert a.logprobs[c] == pytest.approx(b.logprobs[c], abs=1e-3), (r.candidates, c)
+
+
+def test_shared_prefix_scoring_equals_separate_scoring(smollm):
+    """Prompts that share a long prefix (the judge in both orders) have it encoded once;
+    the scores equal scoring every prompt on its own (fp32)."""
+    from aloe.backends.transformers_backend import prefix_groups
+
+    persona = ("The user: a 52-year-old beekeeper in rural Wales who sings in a choir and restores old "
+               "tractors with her son. Warm, blunt and impatient with jargon.")
+    replies = ["Lovely! Which tractor are you restoring at the moment?",
+               "Beekeeping requires careful attention to hive health, seasonal cycles and regulations.",
+               "Ha, choirs and tractors, what a mix."]
+    msgs = [[{"role": "system", "content": "You judge which of two replies suits a specific user better."},
+             {"role": "user", "content": f"{persona}\nReply 1: \"{a}\"\nReply 2: \"{b}\"\nAnswer with 1 or 2."}]
+            for a, b in ((replies[0], replies[1]), (replies[1], replies[0]), (replies[2], replies[0]))]
+    reqs = [ProbRequest(m, ("1", "2")) for m in msgs]
+    reqs += [ProbRequest(msgs[0], ("1", "the second one")), ProbRequest([{"role": "user", "content": "Say 1."}], ("1", "2"))]
+    seqs = [smollm._prompt_ids(r.messages) for r in reqs]
+    groups = prefix_groups(seqs, smollm.min_shared_prefix, smollm.batch_size)
+    assert any(len(members) > 1 and shared > 40 for shared, members in groups)  # sharing really happens
+    _assert_sharing_changes_nothing(smollm, reqs)
+
+
+def test_prefix_groups_split_sorted_runs_for_the_largest_saving():
+    from aloe.backends.transformers_backend import prefix_groups
+
+    common = list(range(100, 105))  # 5 tokens everyone shares (a system prompt)
+    a = common + list(range(20)) + [1]
+    a2 = common + list(range(20)) + [2, 3]
+    b = common + list(range(50, 70)) + [1]
+    b2 = common + list(range(50, 70)) + [4]
+    lone = [9, 9, 9]
+    groups = prefix_groups([a, b, lone, a2, b2], min_shared=4, max_group=8)
+    by_members = {tuple(sorted(m)): n for n, m in groups}
+    # the two pairs share 25 tokens each; one group of four would share only 5
+    assert by_members == {(0, 3): 25, (1, 4): 25, (2,): 0}
+    # at most max_group members; every member keeps a token of its own
+    assert all(len(m) <= 2 for _, m in prefix_groups([a] * 5, 4, 2))
+    assert prefix_groups([a, a], 4, 8) == [(len(a) - 1, [0, 1])]
+    # below min_shared nothing is grouped
+    assert all(len(m) == 1 for _, m in prefix_groups([a, b], 6, 8))
+
+
+def test_inverse_cdf_sampler_draws_from_the_tempered_top_p_distribution():
+    import torch
+
+    from aloe.backends.transformers_backend import InverseCdfSampler
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -3.0])
+    rows = logits.repeat(20000, 1)
+    picks = InverseCdfSampler(0.7, 1.0, seed=1)(None, rows).argmax(-1)
+    freq = torch.bincount(picks, minlength=5).float() / len(picks)
+    assert torch.allclose(freq, torch.softmax(logits / 0.7, -1), atol=0.01)
+    # top_p keeps the smallest set whose mass reaches p: here the first two tokens
+    p = torch.softmax(logits, -1)
+    picks = InverseCdfSampler(1.0, float(p[0] + p[1] / 2), seed=1)(None, rows).argmax(-1)
+    freq = torch.bincount(picks, minlength=5).float() / len(picks)
+    assert set(torch.nonzero(freq).flatten().tolist()) == {0, 1}
+    assert torch.allclose(freq[:2], p[:2] / p[:2].sum(), atol=0.01)
+    # the same seed gives the same draws
+    again = InverseCdfSampler(0.7, 1.0, seed=1)(None, rows).argmax(-1)
+    assert torch.equal(again, InverseCdfSampler(0.7, 1.0, seed=1)(None, rows).argmax(-1))
+
+
+def test_shared_prefix_scoring_of_multi_token_candidates(smollm):
+    """Candidates of several tokens are appended to the prompt, so prompt + candidate
+    sequences share the whole prompt: each must still read its own positions."""
+    msgs = [{"role": "user", "content": "Which of the two replies suits a retired farmer from Kerry who loves "
+                                        "hurling and hates small talk better? Answer first or second."}]
+    reqs = [ProbRequest(msgs, ("first", "second reply", "the third one")), ProbRequest(msgs, ("1", "2"))]
+    _assert_sharing_changes_nothing(smollm, reqs)

@@ -4,6 +4,8 @@ Tensor parallelism comes from the config (``tensor_parallel_size``); for data
 parallelism run several ``vllm serve`` processes and give the ``openai`` backend
 their URLs as a list. Log-probabilities come from the top-k next-token list
 (``SamplingParams(logprobs=k)``), mapped onto candidates like the HTTP backend.
+Prompts that share a prefix (the tree judge asked in both orders) are left to vLLM's
+own automatic prefix caching; the transformers backend groups them itself.
 
 Not run in CI (no GPU there): tests/test_backends_vllm.py drives this adapter
 through a stand-in ``vllm`` module, and a ``gpu``-marked test runs the real engine.
