@@ -13,9 +13,9 @@ reruns exact regardless of batching.
 
 Sampling is done by :class:`InverseCdfSampler` (exact draws from the tempered, top-p
 truncated distribution) rather than by ``generate``'s ``torch.multinomial``, which on
-CPU draws one exponential variate per vocabulary entry and row: 33 ms of every
-decoding step at a batch of 32 with a 49k vocabulary, a sixth of the whole call
-(measured here with torch.profiler), against about 2 ms for a cumulative sum.
+CPU draws one exponential variate per vocabulary entry and row (49k per row here):
+32 responder requests took 13.4 s that way and 10.8 s with a cumulative sum
+(scripts/bench_engine_parts.py).
 """
 
 from __future__ import annotations
@@ -182,8 +182,8 @@ class TransformersBackend(ChatBackend):
         in both orders shares the persona and the message) have that prefix encoded
         once: its key/value cache is computed, copied to each member and the members'
         own suffixes run on top of it. On a CPU, where encoding a prompt costs in
-        proportion to its length, this cut the tree judge's time by about a third
-        (scripts/bench_trees.py). ``share_prefix=False`` turns it off.
+        proportion to its length, this made the tree judge 22% faster (32% fewer
+        tokens; scripts/bench_engine_parts.py). ``share_prefix=False`` turns it off.
         """
         # (request index, sequence, [(candidate, token ids)], sequence is the prompt only)
         items: list[tuple[int, list[int], list[tuple[str, list[int]]], bool]] = []
