@@ -25,7 +25,6 @@ import logging
 from collections import defaultdict
 
 import torch
-
 from transformers import DynamicCache
 
 from aloe.backends.base import CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest
@@ -198,7 +197,7 @@ class TransformersBackend(ChatBackend):
                                 [_keep([it]) for it in items]) if self.share_prefix
                   else [(0, [k]) for k in range(len(items))])
         scores: dict[tuple[int, str], float] = {}
-        singles = sorted((ms[0] for n, ms in groups if len(ms) == 1), key=lambda k: len(items[k][1]))
+        singles = sorted((ms[0] for _, ms in groups if len(ms) == 1), key=lambda k: len(items[k][1]))
         for start in range(0, len(singles), self.batch_size):
             chunk = [items[k] for k in singles[start:start + self.batch_size]]
             ids, mask = self._pad_left([it[1] for it in chunk])
