@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,10 +24,9 @@ import torch
 
 from aloe.backends import open_backend
 from aloe.backends.transformers_backend import prefix_groups
-from aloe.config import BackendConfig, TreesConfig, load_experiment
-from aloe.io import write_json, write_jsonl
-from aloe.personas import _records, load_seeds, make_pairs
-import aloe.trees
+from aloe.config import BackendConfig
+from aloe.io import write_json
+from bench_trees import run_trees, tree_settings  # scripts/ is on sys.path when run as a script
 
 
 class Recorder:
@@ -83,17 +81,10 @@ def main() -> None:
     ap.add_argument("--personas", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    exp = load_experiment(args.params)
-    settings = {k: v for k, v in exp.raw_sections["trees"].items() if k not in ("n_personas", "turns")}
-    backend = open_backend(BackendConfig(kind="transformers", model="smollm2-135m",
-                                         batch_size=exp.stages["trees"].backend.batch_size), None)
+    settings, batch_size = tree_settings(args.params)
+    backend = open_backend(BackendConfig(kind="transformers", model="smollm2-135m", batch_size=batch_size), None)
     rec = Recorder(backend)
-    with tempfile.TemporaryDirectory() as root:
-        profiles = _records(load_seeds("profiles")[:args.personas], "profile", "seed", "train")
-        personalities = _records(load_seeds("personalities"), "personality", "seed", "train")
-        write_jsonl(Path(root) / "b" / "personas" / "pairs.jsonl", make_pairs(profiles, personalities, 1, 0, "train"))
-        aloe.trees.run(TreesConfig(experiment="b", data_root=root, n_personas=args.personas, turns=1, **settings),
-                       rec, progress=False)
+    run_trees(rec, settings, args.personas, turns=1)
     judge_reqs = [r for v, reqs in rec.sent.items() if v.startswith("judge_") for r in reqs]
     seqs = [backend._prompt_ids(r.messages) for r in judge_reqs]
     groups = prefix_groups(seqs, backend.min_shared_prefix, backend.batch_size)

@@ -44,6 +44,23 @@ class OneAtATime:
         return self.inner.describe()
 
 
+def tree_settings(params: str) -> tuple[dict, int]:
+    """The parameter file's trees settings (its size left out) and backend batch size."""
+    exp = load_experiment(params)
+    settings = {k: v for k, v in exp.raw_sections["trees"].items() if k not in ("n_personas", "turns")}
+    return settings, exp.stages["trees"].backend.batch_size
+
+
+def run_trees(engine, settings: dict, personas: int, turns: int) -> dict:
+    """Tree synthesis on the first `personas` seed profiles, in a throwaway folder."""
+    with tempfile.TemporaryDirectory() as root:
+        profiles = _records(load_seeds("profiles")[:personas], "profile", "seed", "train")
+        personalities = _records(load_seeds("personalities"), "personality", "seed", "train")
+        write_jsonl(Path(root) / "b" / "personas" / "pairs.jsonl", make_pairs(profiles, personalities, 1, 0, "train"))
+        cfg = TreesConfig(experiment="b", data_root=root, n_personas=personas, turns=turns, **settings)
+        return aloe.trees.run(cfg, engine, progress=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="parameters/default.yaml", help="tree settings come from its trees stage")
@@ -52,28 +69,21 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: the parameter file's backend batch_size")
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args()
-    exp = load_experiment(args.params)
-    args.batch_size = args.batch_size or exp.stages["trees"].backend.batch_size
-    settings = {k: v for k, v in exp.raw_sections["trees"].items()
-                if k not in ("n_personas", "turns")}
+    settings, default_batch = tree_settings(args.params)
+    args.batch_size = args.batch_size or default_batch
 
     backend = open_backend(BackendConfig(kind="transformers", model=args.model, batch_size=args.batch_size), None)
     aloe.trees._embedder()  # load MiniLM once, outside both timings
     results = {}
     for mode in ("lockstep", "naive"):
-        with tempfile.TemporaryDirectory() as root:
-            profiles = _records(load_seeds("profiles")[:args.personas], "profile", "seed", "train")
-            personalities = _records(load_seeds("personalities"), "personality", "seed", "train")
-            write_jsonl(Path(root) / "b" / "personas" / "pairs.jsonl", make_pairs(profiles, personalities, 1, 0, "train"))
-            cfg = TreesConfig(experiment="b", data_root=root, n_personas=args.personas, turns=args.turns, **settings)
-            engine = backend if mode == "lockstep" else OneAtATime(backend)
-            t = time.perf_counter()
-            counts = aloe.trees.run(cfg, engine, progress=False)
-            wall = time.perf_counter() - t
-            results[mode] = {"wall_s": round(wall, 2), "turns": counts["turns"],
-                             "turns_per_s": round(counts["turns"] / wall, 4)}
-            print(f"{mode:9s} {counts['turns']} conversation-turns in {wall:7.1f} s = "
-                  f"{counts['turns'] / wall:.3f} turns/s", flush=True)
+        engine = backend if mode == "lockstep" else OneAtATime(backend)
+        t = time.perf_counter()
+        counts = run_trees(engine, settings, args.personas, args.turns)
+        wall = time.perf_counter() - t
+        results[mode] = {"wall_s": round(wall, 2), "turns": counts["turns"],
+                         "turns_per_s": round(counts["turns"] / wall, 4)}
+        print(f"{mode:9s} {counts['turns']} conversation-turns in {wall:7.1f} s = "
+              f"{counts['turns'] / wall:.3f} turns/s", flush=True)
     ratio = results["lockstep"]["turns_per_s"] / results["naive"]["turns_per_s"]
     print(f"ratio lockstep / naive: {ratio:.2f}x")
     report = {"args": vars(args), "trees_settings": settings, "backend": backend.describe(), **results, "ratio": round(ratio, 2)}
