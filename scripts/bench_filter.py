@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aloe.growth import DiversityFilter, Embedder
+from aloe.embedding import Embedder
+from aloe.growth import DiversityFilter
 from aloe.personas import load_seeds, read_aloe_pool
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from aloe.backends import open_backend
 from aloe.config import BackendConfig, TreesConfig, load_experiment
 from aloe.io import write_json, write_jsonl
-from aloe.personas import _records, load_seeds, make_pairs
+from aloe.records import load_seeds, make_pairs, pool_records
 import aloe.trees
 
 
@@ -54,8 +54,8 @@ def tree_settings(params: str) -> tuple[dict, int]:
 def run_trees(engine, settings: dict, personas: int, turns: int) -> dict:
     """Tree synthesis on the first `personas` seed profiles, in a throwaway folder."""
     with tempfile.TemporaryDirectory() as root:
-        profiles = _records(load_seeds("profiles")[:personas], "profile", "seed", "train")
-        personalities = _records(load_seeds("personalities"), "personality", "seed", "train")
+        profiles = pool_records(load_seeds("profiles")[:personas], "profile", "seed", "train")
+        personalities = pool_records(load_seeds("personalities"), "personality", "seed", "train")
         write_jsonl(Path(root) / "b" / "personas" / "pairs.jsonl", make_pairs(profiles, personalities, 1, 0, "train"))
         cfg = TreesConfig(experiment="b", data_root=root, n_personas=personas, turns=turns, **settings)
         return aloe.trees.run(cfg, engine, progress=False)

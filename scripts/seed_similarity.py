@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aloe.growth import Embedder
+from aloe.embedding import Embedder
 from aloe.personas import load_seeds, read_aloe_pool
 
 

@@ -19,10 +19,10 @@ OFFICIAL = REPO.parent / "shared" / "aloe-official"
 
 
 def _eval_pairs(root: Path):
-    from aloe.personas import _records, load_seeds, make_pairs
+    from aloe.records import load_seeds, make_pairs, pool_records
 
-    profiles = _records(load_seeds("eval_profiles"), "profile", "seed", "eval")
-    personalities = _records(load_seeds("eval_personalities"), "personality", "seed", "eval")
+    profiles = pool_records(load_seeds("eval_profiles"), "profile", "seed", "eval")
+    personalities = pool_records(load_seeds("eval_personalities"), "personality", "seed", "eval")
     write_jsonl(root / "personas" / "pairs.jsonl", make_pairs(profiles, personalities, 5, 0, "eval"))
 
 

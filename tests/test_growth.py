@@ -62,11 +62,12 @@ def test_filter_grows_past_initial_capacity():
 def test_growth_with_real_model_resumes_exactly(smollm, tmp_path):
     """Two rounds in one go == one round, 'crash', rerun to two rounds (same seed and cache)."""
     from aloe.cache import CallCache
-    from aloe.growth import Embedder, GrowthSettings, grow_pool
-    from aloe.personas import _records, load_seeds
+    from aloe.embedding import Embedder
+    from aloe.growth import GrowthSettings, grow_pool
+    from aloe.records import load_seeds, pool_records
 
-    seeds = _records(load_seeds("profiles")[:6], "profile", "seed", "train")
-    blocked = _records(load_seeds("eval_profiles")[:3], "profile", "seed", "eval")
+    seeds = pool_records(load_seeds("profiles")[:6], "profile", "seed", "train")
+    blocked = pool_records(load_seeds("eval_profiles")[:3], "profile", "seed", "eval")
     emb = Embedder()
     smollm.cache = CallCache(tmp_path / "cache.sqlite")
     try:

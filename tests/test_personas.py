@@ -57,7 +57,7 @@ def test_benchmark_seeds_are_far_from_training_seeds_by_the_filter_measure():
     The benchmark profiles are written in the first person, the training ones in the third:
     with one shared template ("She is a 34-year-old ...") MiniLM rates unrelated people above
     0.6 (up to 0.79 here before the rewrite), so the template, not the person, set the score."""
-    from aloe.growth import Embedder
+    from aloe.embedding import Embedder
 
     emb = Embedder()
     for train, evals in (("profiles", "eval_profiles"), ("personalities", "eval_personalities")):

@@ -60,7 +60,8 @@ FAST = {"max_steps": 2, "max_length": 64, "per_device_train_batch_size": 2, "lea
 
 
 def _cfg(root, model, **kw):
-    return TrainConfig(experiment="t", data_root=str(root), model=model,
+    # the model trained is the policy role
+    return TrainConfig(experiment="t", data_root=str(root), roles={"policy": {"model": model}},
                        **{"sft": FAST, "dpo": {**FAST, "beta": 0.1}, **kw})
 
 
@@ -173,8 +174,8 @@ def test_accelerate_launch_two_cpu_processes(tiny_model, tmp_path):
     _setup(tmp_path, _rows(8))
     params = tmp_path / "p.yaml"
     params.write_text(json.dumps({"experiment": "t", "data_root": str(tmp_path),
-                                  "stages": {"train": {"variants": ["sft_preferred"], "model": tiny_model,
-                                                       "sft": FAST}}}))
+                                  "roles": {"policy": {"model": tiny_model}},
+                                  "stages": {"train": {"variants": ["sft_preferred"], "sft": FAST}}}))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                         "-m", "aloe.training", str(params)], cwd=REPO, env=env, capture_output=True, text=True,

@@ -7,6 +7,7 @@ import math
 import pytest
 
 from aloe.backends.base import CandidateLogprobs, ChatBackend, Completion
+from aloe.backends.scripted import ScriptedBackend
 from aloe.config import TreesConfig
 from aloe.io import read_jsonl, write_jsonl
 from aloe.judging import Judged, judge, parse_choice
@@ -94,22 +95,9 @@ def test_decide_inconsistent_policies():
     assert n["verdict"] == "unusable" and n["preferred"] is None
 
 
-class Scripted(ChatBackend):
+def Scripted(texts):
     """Replays given judge texts and reports no log-probabilities (like a server without them)."""
-
-    kind = "scripted"
-
-    def __init__(self, texts):
-        super().__init__("scripted", "0")
-        self.texts = list(texts)
-        self.calls = 0
-
-    def _generate(self, requests):
-        self.calls += len(requests)
-        return [Completion(text=self.texts.pop(0)) for _ in requests]
-
-    def _score(self, requests):
-        return [CandidateLogprobs({c: None for c in r.candidates}, exact=False) for r in requests]
+    return ScriptedBackend(texts=texts, logprobs=False)
 
 
 @pytest.mark.parametrize("text,want", [("1", "1"), (" 2.", "2"), ("Reply 2", "2"), ("**1**", "1"),
@@ -135,10 +123,10 @@ def test_garbage_judge_retries_then_unusable():
 
 
 def _write_pairs(root, n=2):
-    from aloe.personas import _records, load_seeds, make_pairs
+    from aloe.records import load_seeds, make_pairs, pool_records
 
-    profiles = _records(load_seeds("profiles")[:n], "profile", "seed", "train")
-    personalities = _records(load_seeds("personalities"), "personality", "seed", "train")
+    profiles = pool_records(load_seeds("profiles")[:n], "profile", "seed", "train")
+    personalities = pool_records(load_seeds("personalities"), "personality", "seed", "train")
     write_jsonl(root / "personas" / "pairs.jsonl", make_pairs(profiles, personalities, 1, 0, "train"))
 
 

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from aloe.errors import AloeError, ConfigError
+from aloe.errors import AloeError, ConfigError, StageFailed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,10 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"aloe: configuration error: {e}", file=sys.stderr)
         return 2
-    except AloeError as e:
-        msg = str(e)
-        print(f"aloe: error: {msg}", file=sys.stderr)
-        return 1 if msg.startswith("stage ") else 2
+    except StageFailed as e:
+        print(f"aloe: error: {e}", file=sys.stderr)
+        return 1
+    except AloeError as e:  # anything else the user can fix: bad file, unknown model, unreachable server
+        print(f"aloe: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("aloe: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from aloe.errors import ConfigError
+from aloe.paths import Paths
+from aloe.variants import EVALUATED, VARIANTS
 
 STAGES = ("personas", "trees", "train", "evaluate", "report")
 NOTEBOOKS = {
@@ -27,6 +29,25 @@ NOTEBOOKS = {
     "train": "03_train.ipynb",
     "evaluate": "04_evaluate.ipynb",
     "report": "05_report.ipynb",
+}
+
+# The parts a model plays. Each is a backend of its own (`roles:` in a parameter file,
+# merged over `backend`); roles whose settings come out equal share one engine.
+ROLES = ("generator", "simulator", "inferrer", "responder", "judge", "policy")
+ROLE_DOCS = {
+    "generator": "grows the persona pool",
+    "simulator": "plays the user, in trees and in evaluation",
+    "inferrer": "states what the user has revealed (trees)",
+    "responder": "writes the hinted and plain replies (trees)",
+    "judge": "every judgment: pair and score judges in trees, the score judge in evaluation",
+    "policy": "the student: fine-tuned by train; base, oracle and reminder in evaluation",
+}
+# Settings that belong to one model: a role that names another model does not inherit them.
+_MODEL_BOUND = ("revision", "served_model")
+# Keys that moved: a clear message instead of "unknown key".
+RETIRED = {
+    ("train", "model"): "the model that train fine-tunes is the policy role: set `roles: {policy: {model: ...}}` "
+                        "at the top level (roles.policy)",
 }
 
 
@@ -140,7 +161,8 @@ def _positive(**values: float) -> None:
 class BackendConfig:
     """Which engine answers LLM calls. One shape for all three kinds."""
 
-    kind: Literal["transformers", "openai", "vllm"] = "transformers"
+    # scripted: canned deterministic answers (aloe.backends.scripted), for tests and dry runs
+    kind: Literal["transformers", "openai", "vllm", "scripted"] = "transformers"
     model: str = "smollm2-135m"  # registry name (parameters/models.yaml), HF id or local folder
     revision: Optional[str] = None  # HF revision; part of the cache key
     # transformers
@@ -177,10 +199,45 @@ class Common:
     data_root: str = "data"
     cache_path: str = "data/cache/llm.sqlite"
     backend: BackendConfig = field(default_factory=BackendConfig)
+    roles: dict[str, Any] = field(default_factory=dict)  # role -> backend settings merged over `backend`
+
+    def __post_init__(self):
+        resolved = {}
+        for name in self.roles:
+            if name not in ROLES:
+                near = difflib.get_close_matches(str(name), ROLES, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                raise ConfigError(f"roles: unknown role {name!r}{hint}; allowed roles: {', '.join(ROLES)}")
+        for name in ROLES:
+            resolved[name] = resolve_role(self.backend, self.roles.get(name), f"roles.{name}")
+        object.__setattr__(self, "_resolved_roles", resolved)
+
+    def role(self, name: str) -> "BackendConfig":
+        """The backend settings of one role: ``roles.<name>`` merged over ``backend``."""
+        if name not in ROLES:
+            raise ConfigError(f"unknown role {name!r}; allowed roles: {', '.join(ROLES)}")
+        return self._resolved_roles[name]  # type: ignore[attr-defined]
 
     @property
     def stage_dir_root(self) -> Path:
         return Path(self.data_root) / self.experiment
+
+    @property
+    def paths(self) -> Paths:
+        return Paths(self.stage_dir_root)
+
+
+def resolve_role(backend: BackendConfig, override: Any, where: str) -> BackendConfig:
+    """``override`` (a role's mapping, or None) merged over ``backend``; validated like ``backend``."""
+    if override is None:
+        return backend
+    if not isinstance(override, dict):
+        raise ConfigError(f"{where}: expected a mapping of backend settings, got {override!r}")
+    base = {f.name: getattr(backend, f.name) for f in dataclasses.fields(BackendConfig)}
+    if "model" in override and override["model"] != backend.model:
+        for k in _MODEL_BOUND:  # another model's revision or served name would be wrong for this one
+            base[k] = None
+    return build(BackendConfig, {**base, **override}, where)
 
 
 @dataclass(frozen=True)
@@ -203,6 +260,7 @@ class PersonasConfig(Common):
     seed: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         _positive(target_profiles=self.target_profiles, target_personalities=self.target_personalities,
                   examples_per_round=self.examples_per_round, items_per_round=self.items_per_round,
                   requests_per_round=self.requests_per_round, max_rounds=self.max_rounds,
@@ -231,6 +289,7 @@ class TreesConfig(Common):
     seed: int = 0  # seeds sampling and the branch choice
 
     def __post_init__(self):
+        super().__post_init__()
         _positive(n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens)
         if self.judge_retries < 0:
             raise ConfigError(f"judge_retries: must be >= 0, got {self.judge_retries!r}")
@@ -238,13 +297,10 @@ class TreesConfig(Common):
             raise ConfigError(f"disclosure_threshold: must be in (0, 1], got {self.disclosure_threshold!r}")
 
 
-TRAINED_VARIANTS = ("sft_preferred", "sft_rejected", "dpo", "sft_then_dpo")
-
-
 @dataclass(frozen=True)
 class TrainConfig(Common):
-    variants: tuple[Literal["sft_preferred", "sft_rejected", "dpo", "sft_then_dpo"], ...] = ("sft_preferred",)
-    model: Optional[str] = None  # model to fine-tune (registry name, HF id, folder); default: backend.model
+    # what to train (aloe.variants); the model trained is the policy role
+    variants: tuple[Literal[tuple(VARIANTS)], ...] = ("sft_preferred",)  # type: ignore[valid-type]
     lora: bool = True  # LoRA adapters through PEFT; false: full fine-tuning
     peft: dict[str, Any] = dataclasses.field(default_factory=dict)  # peft.LoraConfig fields, passed through
     sft: dict[str, Any] = dataclasses.field(default_factory=dict)  # trl.SFTConfig fields, passed through
@@ -254,7 +310,7 @@ class TrainConfig(Common):
 
     @property
     def base_model(self) -> str:
-        return self.model or self.backend.model
+        return self.role("policy").model
 
 
 @dataclass(frozen=True)
@@ -264,8 +320,11 @@ class EvaluateConfig(Common):
     max_new_tokens: int = 48  # cap on every generated message
     # models under test: base (plain prompt), oracle (persona in the system prompt: an upper
     # reference), reminder (told to infer and adapt), and trained variants from the train stage
-    models: tuple[Literal["base", "oracle", "reminder", "sft_preferred", "sft_rejected", "dpo",
-                          "sft_then_dpo"], ...] = ("base",)
+    models: tuple[Literal[EVALUATED], ...] = ("base",)  # type: ignore[valid-type]
+    # aloe: every model under test gets a short system prompt and greedy decoding with max_new_tokens;
+    # paper: as the paper's evaluation code, no system prompt (oracle and reminder keep theirs), the
+    # model's own default sampling and a 2048-token cap
+    protocol: Literal["aloe", "paper"] = "aloe"
     judge: Literal["paper", "history"] = "paper"  # paper: current message only; history: also the dialogue
     judge_method: Literal["auto", "logprobs", "text"] = "auto"  # probabilities of 1..5, text where none
     judge_retries: int = 2  # extra tries when parsing a text score fails
@@ -275,6 +334,7 @@ class EvaluateConfig(Common):
     seed: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         _positive(n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens,
                   n_boot=self.n_boot)
         if self.judge_retries < 0:
@@ -312,7 +372,7 @@ class Experiment:
         return params
 
 
-_TOP_KEYS = ("experiment", "description", "data_root", "cache_path", "backend", "stages")
+_TOP_KEYS = ("experiment", "description", "data_root", "cache_path", "backend", "roles", "stages")
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -336,7 +396,7 @@ def load_experiment(path: str | Path) -> Experiment:
     name = data.get("experiment", path.stem)
     if not isinstance(name, str) or not name or "/" in name:
         raise ConfigError(f"{path}: experiment: expected a folder-safe name, got {name!r}")
-    common = {k: data[k] for k in ("data_root", "cache_path", "backend") if k in data}
+    common = {k: data[k] for k in ("data_root", "cache_path", "backend", "roles") if k in data}
     stages_raw = data.get("stages") or {}
     if not isinstance(stages_raw, dict):
         raise ConfigError(f"{path}: stages: expected a mapping of stage name to settings")
@@ -356,6 +416,8 @@ def load_experiment(path: str | Path) -> Experiment:
             raise ConfigError(f"{path}: {where}: expected a mapping, got {section!r}")
         allowed = [f.name for f in dataclasses.fields(STAGE_CONFIGS[stage]) if f.name not in own_keys]
         for k in section:
+            if (stage, k) in RETIRED:
+                raise ConfigError(f"{path}: {where}.{k}: no longer a stage key; {RETIRED[stage, k]}")
             if k in own_keys:
                 raise ConfigError(f"{path}: {where}.{k}: {k!r} is set at the top level, not per stage")
             if k not in allowed:
@@ -368,9 +430,11 @@ def load_experiment(path: str | Path) -> Experiment:
             stages[stage] = build(STAGE_CONFIGS[stage], {**fields, **section}, where)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
-    trained = set(stages["train"].variants) | ({"sft_preferred"} if "sft_then_dpo" in stages["train"].variants else set())
+    from aloe.variants import needed
+
+    trained = set(needed(stages["train"].variants))
     for m in stages["evaluate"].models:
-        if m in TRAINED_VARIANTS and m not in trained:
+        if m in VARIANTS and m not in trained:
             raise ConfigError(f"{path}: stages.evaluate.models: {m!r} is never trained; add it to "
                               f"stages.train.variants (now {list(stages['train'].variants)}) or remove it")
     return Experiment(path=path, name=name, description=str(data.get("description", "")), common=common,
@@ -381,4 +445,18 @@ def stage_config(stage: str, **params: Any) -> Any:
     """Build one stage's typed config from notebook parameters (same checks as the runner)."""
     if stage not in STAGE_CONFIGS:
         raise ConfigError(f"unknown stage {stage!r}; allowed stages: {', '.join(STAGES)}")
+    for k in params:
+        if (stage, k) in RETIRED:
+            raise ConfigError(f"{stage}.{k}: no longer a stage key; {RETIRED[stage, k]}")
     return build(STAGE_CONFIGS[stage], params, stage)
+
+
+def stage_fields(stage: str) -> list[str]:
+    """The parameters a stage's notebook declares: its config's fields, in order."""
+    return [f.name for f in dataclasses.fields(STAGE_CONFIGS[stage]) if f.init]
+
+
+def from_namespace(stage: str, namespace: dict) -> Any:
+    """A notebook's typed config in one call: its parameters, read by name from ``namespace``
+    (the notebook's globals, after Papermill injected the run's values)."""
+    return stage_config(stage, **{k: namespace[k] for k in stage_fields(stage) if k in namespace})

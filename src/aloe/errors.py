@@ -16,3 +16,7 @@ class ConfigError(AloeError):
 
 class BackendError(AloeError):
     """A backend could not be reached or refused a request for good."""
+
+
+class StageFailed(AloeError):
+    """A stage's notebook failed while running (the CLI exits 1, not 2: the parameters were fine)."""

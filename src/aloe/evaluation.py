@@ -9,6 +9,15 @@ over "1".."5" where the backend gives log-probabilities, else a strictly parsed 
 with bounded retries. An unusable judgment is missing (never a 1, never a crash) and
 every mean is reported with its n.
 
+Roles (``aloe.roles``): the ``simulator`` plays the user, the ``judge`` scores, and the
+``policy`` (the student) is the model under test for ``base``, ``oracle`` and
+``reminder``; a trained variant is the policy's merged model from the train stage.
+
+Protocols: ``aloe`` (default) gives every model under test a short system prompt
+and greedy decoding capped at ``max_new_tokens``; ``paper`` follows the paper's
+evaluation code: no system prompt (the oracle and reminder keep theirs, which are
+what they are), the model's own default sampling and a 2048-token cap.
+
 Engine: one model at a time (a GPU holds one model under test beside the judge);
 inside a model, every persona's call for one role goes to the backend as one batch.
 Each model's conversations are checkpointed after every turn
@@ -19,6 +28,7 @@ the call cache makes repeated calls free.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import logging
 import math
@@ -27,33 +37,36 @@ from pathlib import Path
 
 from aloe import prompts
 from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling, open_backend
-from aloe.config import BackendConfig, EvaluateConfig
+from aloe.config import EvaluateConfig
 from aloe.conversation import clean_user_message, simulator_messages
 from aloe.errors import AloeError
 from aloe.io import atomic_path, read_jsonl, write_json, write_jsonl, write_manifest
 from aloe.judging import SCORES, expected_score, judge, parse_score_choice
 from aloe.metrics import summarize
+from aloe.records import make_pairs, pool_records, read_aloe_pool
+from aloe.roles import Roles, as_roles
 from aloe.trees import dialogue_text
+from aloe.variants import BASELINES
 
 log = logging.getLogger(__name__)
 
-BASELINES = {"base": "responder_plain", "oracle": "responder_oracle", "reminder": "responder_reminder"}
-TRAINED = ("sft_preferred", "sft_rejected", "dpo", "sft_then_dpo")
+ROLES = ("simulator", "judge", "policy")
+# The paper's evaluation code generates with the model's defaults and max_new_tokens=2048.
+PAPER_MAX_NEW_TOKENS = 2048
 
 
 def benchmark_pairs(cfg: EvaluateConfig) -> list[dict]:
     """The benchmark personas, ordered so that the first n cover as many profiles and
     personalities as possible (profile j with personality (j + r) mod 5 in round r)."""
     if cfg.official_dir:
-        from aloe.personas import _records, make_pairs, read_aloe_pool
-
         d = Path(cfg.official_dir)
-        profiles = _records(read_aloe_pool(d / "profile_eval.jsonl"), "profile", "imported", "eval")
+        profiles = pool_records(read_aloe_pool(d / "profile_eval.jsonl"), "profile", "imported", "eval")
         # the benchmark pairs every eval profile with the first 5 eval personalities (20 x 5 = 100)
-        personalities = _records(read_aloe_pool(d / "personality_eval.jsonl")[:5], "personality", "imported", "eval")
+        personalities = pool_records(read_aloe_pool(d / "personality_eval.jsonl")[:5], "personality", "imported",
+                                     "eval")
         pairs = make_pairs(profiles, personalities, len(personalities), 0, "eval")
     else:
-        src = cfg.stage_dir_root / "personas" / "pairs.jsonl"
+        src = cfg.paths.pairs
         pairs = [p for p in read_jsonl(src) if p["split"] == "eval"]
         if not pairs:
             raise AloeError(f"{src}: no evaluation personas")
@@ -71,37 +84,48 @@ def benchmark_pairs(cfg: EvaluateConfig) -> list[dict]:
     return ordered[:cfg.n_personas]
 
 
-def _system(model: str, pair: dict) -> str:
-    role = prompts.get(BASELINES.get(model, "responder_plain"))
+def _prompt_name(model: str) -> str:
+    return BASELINES.get(model, BASELINES["base"])  # trained variants are asked like the base model
+
+
+def _system(cfg: EvaluateConfig, model: str, pair: dict) -> str | None:
+    """The model under test's system prompt; None (no system message) for base and trained
+    variants under the paper protocol."""
+    role = prompts.get(_prompt_name(model))
     if model == "oracle":
         return role.render("system", profile=pair["profile"], personality=pair["personality"])
+    if cfg.protocol == "paper" and _prompt_name(model) == BASELINES["base"]:
+        return None
     return role.render("system")
 
 
-def _trained_path(cfg: EvaluateConfig, model: str) -> Path:
-    from aloe.training import variant_model
+def under_test_sampling(cfg: EvaluateConfig) -> Sampling:
+    if cfg.protocol == "paper":
+        return Sampling(temperature=None, top_p=None, max_tokens=PAPER_MAX_NEW_TOKENS, seed=cfg.seed)
+    return Sampling(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
-    path = variant_model(cfg, model)
+
+def trained_path(cfg: EvaluateConfig, model: str) -> Path:
+    """The merged model the train stage wrote for a variant (checked before anything runs)."""
+    path = cfg.paths.merged(model)
     if not (path / "config.json").exists():
         raise AloeError(f"{path}: no trained model for {model!r}; run the train stage with this variant, "
                         f"or remove it from stages.evaluate.models")
     return path
 
 
-def _open_under_test(cfg: EvaluateConfig, model: str, shared: ChatBackend) -> ChatBackend:
-    if model in BASELINES:
-        return shared
-    path = _trained_path(cfg, model)
-    # Trained variants load locally (vLLM when the experiment uses vLLM); an HTTP backend's
-    # server cannot be told to load our folder, so those runs use transformers for them.
-    kind = cfg.backend.kind if cfg.backend.kind in ("transformers", "vllm") else "transformers"
-    bc = BackendConfig(kind=kind, model=str(path), batch_size=cfg.backend.batch_size, dtype=cfg.backend.dtype,
-                       device=cfg.backend.device, tensor_parallel_size=cfg.backend.tensor_parallel_size,
-                       gpu_memory_utilization=cfg.backend.gpu_memory_utilization)
+def _open_trained(cfg: EvaluateConfig, model: str) -> ChatBackend:
+    """A trained variant: the policy's engine settings with the variant's merged folder as the model.
+    Trained folders load locally (vLLM when the policy runs on vLLM); an HTTP server cannot be
+    told to load our folder, so an HTTP policy's variants run on transformers."""
+    policy = cfg.role("policy")
+    kind = policy.kind if policy.kind in ("transformers", "vllm") else "transformers"
+    bc = dataclasses.replace(policy, kind=kind, model=str(trained_path(cfg, model)), revision=None,
+                             served_model=None, base_url=None, api_key_env=None)
     return open_backend(bc, cfg.cache_path)
 
 
-def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], shared: ChatBackend, under_test: ChatBackend,
+def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, under_test: ChatBackend,
               path: Path, progress: bool = True) -> list[dict]:
     """K lockstep turns for one model over all personas; checkpointed per turn."""
     from tqdm.auto import tqdm
@@ -114,7 +138,8 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], shared: ChatBa
     sim = prompts.get("user_simulator")
     rubric = prompts.get("judge_score" if cfg.judge == "paper" else "judge_score_history")
     user_samp = Sampling(temperature=cfg.user_temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    model_samp = Sampling(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    model_samp = under_test_sampling(cfg)
+    simulator, judge_engine = roles["simulator"], roles["judge"]
     bar = tqdm(total=len(convs) * cfg.turns, initial=sum(len(c["turns"]) for c in convs), desc=f"evaluate {model}",
                unit="turn", disable=not progress)
     for turn in range(1, cfg.turns + 1):
@@ -129,13 +154,17 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], shared: ChatBa
                     out += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["reply"]}]
             return out
 
-        users = shared.chat([ChatRequest(simulator_messages(p["profile"], p["personality"], history(c)), user_samp,
+        users = simulator.chat([ChatRequest(simulator_messages(p["profile"], p["personality"], history(c)), user_samp,
                                          sample_index=turn, prompt_version=sim.tag) for c, p in active])
         msgs = [clean_user_message(u.text) if u.ok else "" for u in users]
         asked = [(c, p, m) for (c, p), m in zip(active, msgs) if m]
-        replies = under_test.chat([ChatRequest([{"role": "system", "content": _system(model, p)}, *history(c),
-                                                {"role": "user", "content": m}], model_samp,
-                                               prompt_version=prompts.get(BASELINES.get(model, "responder_plain")).tag)
+        def under_test_messages(c, p, m):
+            system = _system(cfg, model, p)
+            return ([{"role": "system", "content": system}] if system is not None else []) + [
+                *history(c), {"role": "user", "content": m}]
+
+        replies = under_test.chat([ChatRequest(under_test_messages(c, p, m), model_samp,
+                                               prompt_version=prompts.get(_prompt_name(model)).tag)
                                    for c, p, m in asked])
         got = {id(c): (m, r) for (c, p, m), r in zip(asked, replies)}
         scored = [(c, p, m, r.text.strip()) for (c, p, m), r in zip(asked, replies) if r.ok and r.text.strip()]
@@ -146,7 +175,7 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], shared: ChatBa
                                   dialogue=dialogue_text(history(c), m))}], SCORES, prompt_version=rubric.tag)
                  for c, p, m, r in scored]
         verdicts = dict(zip((id(c) for c, *_ in scored),
-                            judge(shared, jreqs, parse_score_choice, method=cfg.judge_method,
+                            judge(judge_engine, jreqs, parse_score_choice, method=cfg.judge_method,
                                   retries=cfg.judge_retries)))
         for c, p in active:
             m, r = got.get(id(c), ("", None))
@@ -163,46 +192,61 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], shared: ChatBa
     return convs
 
 
-def run(cfg: EvaluateConfig, backend: ChatBackend, *, progress: bool = True) -> dict:
+def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = True) -> dict:
+    """The ALOE protocol for every model in ``cfg.models``; ``roles`` gives the simulator, the
+    judge and the policy (one backend plays all three when a single backend is passed)."""
     started = time.time()
-    out = cfg.stage_dir_root / "evaluate"
+    roles = as_roles(roles, ROLES)
+    paths = cfg.paths
     pairs = benchmark_pairs(cfg)
     for m in cfg.models:  # fail before any conversation if a trained model is missing
         if m not in BASELINES:
-            _trained_path(cfg, m)
-    all_convs, metrics, timings = [], {}, {}
-    for model in cfg.models:
+            trained_path(cfg, m)
+    convs_of, metrics, timings, under_test_of = {}, {}, {}, {}
+    # Baselines first, on the policy's engine; it is closed before the trained variants load
+    # (unless the simulator or judge shares it), so a GPU holds one model under test at a time.
+    for model in sorted(cfg.models, key=lambda m: m not in BASELINES):
         t0 = time.time()
-        under_test = _open_under_test(cfg, model, backend)
-        convs = run_model(cfg, model, pairs, backend, under_test, out / "conversations" / f"{model}.jsonl",
-                          progress)
-        if under_test is not backend:
+        if model in BASELINES:
+            under_test = roles["policy"]
+        else:
+            if not any(roles.shared("policy", r) for r in ("simulator", "judge")):
+                roles.release("policy")
+            under_test = _open_trained(cfg, model)
+        under_test_of[model] = under_test.describe()
+        convs_of[model] = run_model(cfg, model, pairs, roles, under_test, paths.conversations(model), progress)
+        if model not in BASELINES:
             under_test.close()
             del under_test
             gc.collect()
         timings[model] = round(time.time() - t0, 2)
+    all_convs = []
+    for model in cfg.models:  # results in the order the parameter file lists the models
+        convs = convs_of[model]
         scores = {c["persona_id"]: {t["turn"]: t["score"] for t in c["turns"]} for c in convs}
         metrics[model] = summarize(scores, cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed)
         all_convs += convs
     rows = [{"model": c["model"], "persona": c["persona_id"], "turn": t["turn"], "score": t["score"],
              "judge_method": t["judge"]["method"], "judge_raw": " | ".join(t["judge"].get("raw") or []),
              "judge_error": t["judge"].get("error")} for c in all_convs for t in c["turns"]]
-    write_jsonl(out / "transcripts.jsonl", all_convs)
-    with atomic_path(out / "scores.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    write_jsonl(paths.transcripts, all_convs)
+    with atomic_path(paths.scores) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
         w.writeheader()
         w.writerows(rows)
     turns_done = sum(len(c["turns"]) for c in all_convs)
-    result = {"turns": cfg.turns, "personas": len(pairs), "judge": cfg.judge, "models": metrics,
-              "judge_model": backend.describe(), "seconds_per_model": timings,
+    described = roles.describe()
+    result = {"turns": cfg.turns, "personas": len(pairs), "judge": cfg.judge, "protocol": cfg.protocol,
+              "models": metrics, "roles": {r: described[r] for r in ROLES}, "under_test": under_test_of,
+              "seconds_per_model": timings,
               "turns_per_second": {m: round(len(pairs) * cfg.turns / s, 4) if s else None
                                    for m, s in timings.items()}}
-    write_json(out / "metrics.json", _jsonable(result))
+    write_json(paths.eval_metrics, _jsonable(result))
     counts = {"personas": len(pairs), "turns": cfg.turns, "models": len(cfg.models), "judgments": len(rows),
               "missing": sum(r["score"] is None for r in rows), "conversation_turns": turns_done,
-              "cache_hits": backend.cache.hits, "cache_misses": backend.cache.misses}
-    write_manifest(out, stage="evaluate", parameters=cfg, started=started, models={"backend": backend.describe()},
-                   counts=counts)
+              **roles.cache_stats()}
+    write_manifest(paths.stage("evaluate"), stage="evaluate", parameters=cfg, started=started,
+                   roles=result["roles"], models={"under_test": under_test_of}, counts=counts)
     return result
 
 

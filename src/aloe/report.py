@@ -4,26 +4,56 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from aloe import roles as roles_mod
 from aloe.config import STAGES, ReportConfig
 from aloe.io import read_json, write_manifest
 
 
+def manifests(cfg: ReportConfig) -> dict[str, dict]:
+    """Every finished stage's manifest (the report's own excluded), by stage."""
+    out = {}
+    for stage in STAGES[:-1]:
+        p = cfg.paths.manifest(stage)
+        if p.exists():
+            out[stage] = read_json(p)
+    return out
+
+
+def role_table(cfg: ReportConfig) -> list[dict]:
+    """Who played which role in this run, read from the stages' manifests."""
+    return [{**r, "stages": ", ".join(r["stages"])} for r in roles_mod.role_rows(manifests(cfg))]
+
+
+def self_judging(cfg: ReportConfig) -> str | None:
+    """A warning when the judge is the policy itself (same model and revision), else None."""
+    ms = manifests(cfg)
+    stages = roles_mod.self_judging(ms)
+    if not stages:
+        return None
+    judge = next(m["roles"]["judge"] for s, m in ms.items() if s in stages)
+    return (f"SELF-JUDGING: the judge is the policy itself ({judge.get('model')}, revision {judge.get('revision')}) "
+            f"in stage(s) {', '.join(stages)}. The student labels its own training data and grades its own replies, "
+            f"so its scores measure agreement with itself, not alignment with the user. Give the judge role a "
+            f"different, stronger model (roles.judge) for a result that means something.")
+
+
 def stage_summary(cfg: ReportConfig) -> list[dict]:
     rows = []
+    ms = manifests(cfg)
     for stage in STAGES[:-1]:
-        p = cfg.stage_dir_root / stage / "manifest.json"
-        if not p.exists():
+        if stage not in ms:
             rows.append({"stage": stage, "finished": False})
             continue
-        m = read_json(p)
+        m = ms[stage]
+        models = sorted({f"{r}: {d.get('model')}" for r, d in (m.get("roles") or {}).items()})
         rows.append({"stage": stage, "finished": True, "wall_seconds": m["wall_seconds"],
-                     "model": (m.get("models") or {}).get("backend", {}).get("model", ""),
+                     "roles": "; ".join(models),
                      "counts": ", ".join(f"{k}={v}" for k, v in m["counts"].items())})
     return rows
 
 
 def evaluation_metrics(cfg: ReportConfig) -> dict | None:
-    p = Path(cfg.stage_dir_root / "evaluate" / "metrics.json")
+    p = Path(cfg.paths.eval_metrics)
     return read_json(p) if p.exists() else None
 
 
@@ -39,10 +69,10 @@ def _read_jsonl_or_empty(path: Path) -> list[dict]:
 
 def dataset_summary(cfg: ReportConfig) -> dict:
     """Personas, trees and labels, from the files the stages wrote."""
-    root = cfg.stage_dir_root
-    pool = _read_jsonl_or_empty(root / "personas" / "personas.jsonl")
-    pairs = _read_jsonl_or_empty(root / "personas" / "pairs.jsonl")
-    trees = _read_jsonl_or_empty(root / "trees" / "trees.jsonl")
+    paths = cfg.paths
+    pool = _read_jsonl_or_empty(paths.pool)
+    pairs = _read_jsonl_or_empty(paths.pairs)
+    trees = _read_jsonl_or_empty(paths.trees)
     nodes = [n for t in trees for n in t["turns"]]
     labelled = [n for n in nodes if n["verdict"] == "preferred"]
     judged = [n for n in nodes if n.get("consistent") is not None]
@@ -62,7 +92,7 @@ def dataset_summary(cfg: ReportConfig) -> dict:
 
 def training_summary(cfg: ReportConfig) -> list[dict]:
     rows = []
-    for p in sorted((cfg.stage_dir_root / "train").glob("*/metrics.json")):
+    for p in sorted(cfg.paths.stage("train").glob("*/metrics.json")):
         m = read_json(p)
         logged = [e for e in m["log_history"] if "loss" in e]
         last = logged[-1] if logged else {}
@@ -78,6 +108,9 @@ def findings(cfg: ReportConfig) -> list[str]:
     from aloe.evaluation import separation
 
     out = []
+    warning = self_judging(cfg)
+    if warning:
+        out.append(f"**{warning}**")
     ds = dataset_summary(cfg)
     if ds["orders_agree"] is not None:
         out.append(f"The pair judge's two orders agreed on {ds['orders_agree']:.0%} of the {ds['nodes']} tree nodes"
@@ -91,6 +124,10 @@ def findings(cfg: ReportConfig) -> list[str]:
         return out + ["No evaluation results yet."]
     ms = metrics["models"]
     n = metrics["personas"]
+    out.append(f"Evaluation protocol: {metrics.get('protocol', 'aloe')} "
+               + ("(the paper's: no system prompt for the model under test, its own default sampling, "
+                  "2048-token cap)." if metrics.get("protocol") == "paper" else
+                  "(ours: a short system prompt and greedy decoding for every model under test)."))
     if "oracle" in ms and "base" in ms:
         sep = separation(metrics, "oracle", "base")
         turns = [s["turn"] for s in sep if s["separated"]]
@@ -114,10 +151,4 @@ def findings(cfg: ReportConfig) -> list[str]:
     missing = sum(s["missing"] for s in ms.values())
     if missing:
         out.append(f"{missing} judgments were unusable and are excluded (each mean's n says where).")
-    model = (metrics.get("judge_model") or {}).get("model", "")
-    if "135m" in model.lower():
-        out.append("Simulator, responders and judge are the embedded SmolLM2-135M: a model this small cannot play "
-                   "a persona, infer one or judge fit reliably. This run shows that the pipeline works end to end "
-                   "and what its outputs look like; it is not evidence about alignment. Point `backend` at a "
-                   "strong model (vLLM or an API; see parameters/paper.yaml) for meaningful numbers.")
     return out

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from aloe.config import NOTEBOOKS, STAGES, Experiment, load_experiment
-from aloe.errors import AloeError, ConfigError
+from aloe.errors import AloeError, ConfigError, StageFailed
 from aloe.io import write_text
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def run_experiment(params_file: str | Path, only: list[str] | None = None, *,
                              "error": f"{e.ename}: {e.evalue}"}
             _render(out_nb)
             _write_index(reports_dir, exp, status)
-            raise AloeError(f"stage {stage} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
+            raise StageFailed(f"stage {stage} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
                             f"  executed notebook: {out_nb}") from None
         _render(out_nb)
         _write_index(reports_dir, exp, status)

@@ -1,7 +1,8 @@
 """Training: SFT on preferred / rejected replies, DPO, and SFT then DPO, with TRL + PEFT.
 
-Reads the tree stage's exports (conversational prompt/completion and
-prompt/chosen/rejected JSONL). The YAML's ``sft``, ``dpo`` and ``peft`` mappings
+Fine-tunes the ``policy`` role's model (``roles.policy``; the student) on the tree
+stage's exports (conversational prompt/completion and prompt/chosen/rejected JSONL).
+What each variant trains on and starts from is the table in ``aloe.variants``. The YAML's ``sft``, ``dpo`` and ``peft`` mappings
 pass through unchanged to ``trl.SFTConfig``, ``trl.DPOConfig`` and
 ``peft.LoraConfig``; an unknown key is an error naming it, before any model loads.
 
@@ -34,10 +35,9 @@ from pathlib import Path
 from aloe.config import TrainConfig
 from aloe.errors import AloeError, ConfigError
 from aloe.io import read_json, write_json, write_manifest
+from aloe.variants import VARIANTS, needed
 
 log = logging.getLogger(__name__)
-
-EXPORT = {"sft_preferred": "sft_preferred", "sft_rejected": "sft_rejected", "dpo": "dpo", "sft_then_dpo": "dpo"}
 
 # Our defaults under the user's keys. Small-data friendly: the default run has a few
 # dozen rows, so log every step and keep two checkpoints.
@@ -107,23 +107,33 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbacks=None) -> dict:
+def policy_identity(cfg: TrainConfig) -> dict:
+    """The policy role's model as provenance: kind, model id and revision (as backends describe it)."""
+    from aloe.models import model_identity, resolve_model
+
+    policy = cfg.role("policy")
+    model_id, revision = model_identity(resolve_model(policy.model, policy.revision))
+    return {"kind": policy.kind, "model": model_id, "revision": revision}
+
+
+def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbacks=None,
+                  policy: dict | None = None) -> dict:
     """Train one variant from ``base_location``; returns its metrics (also on disk)."""
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    kind = "dpo" if variant in ("dpo", "sft_then_dpo") else "sft"
-    data_file = cfg.stage_dir_root / "trees" / f"{EXPORT[variant]}.jsonl"
+    kind = VARIANTS[variant].kind
+    paths = cfg.paths
+    data_file = paths.export(VARIANTS[variant].data)
     if not data_file.exists():
         raise AloeError(f"{data_file}: file not found; run the trees stage first")
-    out = cfg.stage_dir_root / "train" / variant
     fp = _fingerprint(cfg, variant, data_file, base_location)
-    done = out / "done.json"
+    done = paths.train_done(variant)
     if done.exists() and read_json(done).get("fingerprint") == fp:
         log.info("%s: already trained with these settings (%s); skipping", variant, done)
-        return read_json(out / "metrics.json")
+        return read_json(paths.train_metrics(variant))
     dataset = load_dataset("json", data_files=str(data_file), split="train")
     if len(dataset) == 0:
         raise AloeError(f"{data_file}: no rows to train on (every node was a tie, dropped or unusable?)")
@@ -131,12 +141,12 @@ def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbac
     user = cfg.sft if kind == "sft" else cfg.dpo
     args_cls, trainer_cls = (SFTConfig, SFTTrainer) if kind == "sft" else (DPOConfig, DPOTrainer)
     defaults = SFT_DEFAULTS if kind == "sft" else DPO_DEFAULTS
-    args = args_cls(output_dir=str(out / "checkpoints"), **{**defaults, "seed": cfg.seed, **_device_args(), **user})
+    args = args_cls(output_dir=str(paths.checkpoints(variant)), **{**defaults, "seed": cfg.seed, **_device_args(), **user})
     model, tok = _load(base_location)
     peft_config = LoraConfig(**{**LORA_DEFAULTS, **cfg.peft}) if cfg.lora else None
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tok,
                           peft_config=peft_config, callbacks=callbacks)
-    last = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").exists() else None
+    last = get_last_checkpoint(str(paths.checkpoints(variant))) if paths.checkpoints(variant).exists() else None
     if last:
         log.info("%s: resuming from %s", variant, last)
     started = time.time()
@@ -144,7 +154,8 @@ def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbac
     wall = time.time() - started
     acc = trainer.accelerator
     metrics = {
-        "variant": variant, "kind": kind, "base": base_location, "rows": len(dataset), "lora": cfg.lora,
+        "variant": variant, "kind": kind, "base": base_location, "policy": policy or policy_identity(cfg),
+        "started_from": VARIANTS[variant].start_from or "policy", "rows": len(dataset), "lora": cfg.lora,
         "global_step": trainer.state.global_step, "resumed_from": last, "world_size": acc.num_processes,
         "train_runtime_s": round(wall, 2),
         "seconds_per_step": round(wall / max(1, trainer.state.global_step - _step_of(last)), 3),
@@ -153,10 +164,10 @@ def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbac
     }
     if acc.is_main_process:
         if cfg.lora:
-            trainer.save_model(str(out / "adapter"))
+            trainer.save_model(str(paths.adapter(variant)))
         if cfg.merge:
-            _save_merged(trainer, tok, out / "merged", cfg.lora)
-        write_json(out / "metrics.json", metrics)
+            _save_merged(trainer, tok, paths.merged(variant), cfg.lora)
+        write_json(paths.train_metrics(variant), metrics)
         write_json(done, {"fingerprint": fp, "variant": variant, "finished": time.time()})
     acc.wait_for_everyone()
     return metrics
@@ -182,33 +193,31 @@ def _save_merged(trainer, tok, path: Path, lora: bool) -> None:
 
 
 def run(cfg: TrainConfig, variants: list[str] | None = None, *, callbacks=None) -> dict:
-    """Train the configured variants in order; ``sft_then_dpo`` trains DPO on the merged
-    ``sft_preferred`` model (trained first if it is not there yet)."""
+    """Train the configured variants of the policy model in order; a variant that starts from
+    another (``sft_then_dpo`` from ``sft_preferred``'s merged model) has that one trained first."""
     from aloe.models import ensure_local_model, hf_location, resolve_model
 
     validate(cfg)
     started = time.time()
-    spec = resolve_model(cfg.base_model)
+    policy_cfg = cfg.role("policy")
+    spec = resolve_model(policy_cfg.model, policy_cfg.revision)
     if spec.source == "gguf-package":
         ensure_local_model(spec)
     base = hf_location(spec)
+    policy = policy_identity(cfg)
     results = {}
-    for variant in variants or cfg.variants:
-        if variant == "sft_then_dpo":
-            if not cfg.merge:
-                raise ConfigError("stages.train.merge: sft_then_dpo needs merge: true (DPO starts from the "
-                                  "merged SFT model)")
-            if "sft_preferred" not in results:
-                results["sft_preferred"] = train_variant(cfg, "sft_preferred", base, callbacks=callbacks)
-            results[variant] = train_variant(cfg, variant, str(cfg.stage_dir_root / "train" / "sft_preferred" /
-                                                               "merged"), callbacks=callbacks)
-        else:
-            results[variant] = train_variant(cfg, variant, base, callbacks=callbacks)
+    for variant in needed(variants or cfg.variants):
+        start = VARIANTS[variant].start_from
+        if start and not cfg.merge:
+            raise ConfigError(f"stages.train.merge: {variant} needs merge: true (it starts from the merged "
+                              f"{start} model)")
+        location = str(cfg.paths.merged(start)) if start else base
+        results[variant] = train_variant(cfg, variant, location, callbacks=callbacks, policy=policy)
     counts = {f"{v}_steps": m["global_step"] for v, m in results.items()}
     counts.update({f"{v}_seconds_per_step": m["seconds_per_step"] for v, m in results.items()})
     if _is_main():
-        write_manifest(cfg.stage_dir_root / "train", stage="train", parameters=cfg, started=started, counts=counts,
-                       models={"base": cfg.base_model, "location": base},
+        write_manifest(cfg.paths.stage("train"), stage="train", parameters=cfg, started=started, counts=counts,
+                       roles={"policy": policy}, models={"base": cfg.base_model, "location": base},
                        extra={"variants": {v: {k: m[k] for k in ("rows", "global_step", "train_loss", "peak_rss_mb",
                                                                  "world_size")} for v, m in results.items()}})
     return results
@@ -216,11 +225,6 @@ def run(cfg: TrainConfig, variants: list[str] | None = None, *, callbacks=None) 
 
 def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
-
-
-def variant_model(cfg, variant: str) -> Path:
-    """Where evaluation finds a trained variant's merged model."""
-    return cfg.stage_dir_root / "train" / variant / "merged"
 
 
 def history_frame(results: dict):
@@ -245,8 +249,9 @@ def sample_replies(cfg: TrainConfig, messages: list[dict], variants: list[str], 
     from aloe.backends.transformers_backend import TransformersBackend
     from aloe.models import hf_location, resolve_model
 
-    locations = {"base": hf_location(resolve_model(cfg.base_model))}
-    locations.update({v: str(variant_model(cfg, v)) for v in variants if variant_model(cfg, v).exists()})
+    policy = cfg.role("policy")
+    locations = {"base": hf_location(resolve_model(policy.model, policy.revision))}
+    locations.update({v: str(cfg.paths.merged(v)) for v in variants if cfg.paths.merged(v).exists()})
     out = {}
     for name, loc in locations.items():
         be = TransformersBackend(loc, name, "local", None, batch_size=1)
@@ -267,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_experiment(args.params).stages["train"]
         for v in args.variant or []:
-            if v not in EXPORT:
-                raise ConfigError(f"--variant {v!r}: allowed: {', '.join(EXPORT)}")
+            if v not in VARIANTS:
+                raise ConfigError(f"--variant {v!r}: allowed: {', '.join(VARIANTS)}")
         results = run(cfg, args.variant)
     except AloeError as e:
         print(f"error: {e}", file=sys.stderr)

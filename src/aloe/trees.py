@@ -11,7 +11,10 @@ Per training persona, one tree of ``turns`` nodes. At every turn:
    parsed text with bounded retries (:func:`aloe.judging.judge`);
 5. the *branch policy* picks which reply continues the conversation.
 
-Lockstep: at each turn every live tree's calls for one role go to the backend as one
+Each part is a role (``aloe.roles``): ``simulator``, ``inferrer``, ``responder`` and
+``judge`` may be four different models; the tree records who played which.
+
+Lockstep: at each turn every live tree's calls for one role go to its engine as one
 batch (a local model batches them; an HTTP backend sends them concurrently). A tree
 whose call fails is recorded as failed and stops; the others go on.
 
@@ -22,7 +25,6 @@ call free. Exports for TRL are written from the finished trees.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import random
@@ -36,21 +38,29 @@ from aloe import prompts
 from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling
 from aloe.config import TreesConfig
 from aloe.conversation import clean_user_message, simulator_messages
+from aloe.embedding import shared_embedder
 from aloe.errors import AloeError
 from aloe.io import read_jsonl, write_jsonl, write_manifest
 from aloe.judging import SCORES, Judged, expected_score, judge, pair_verdict, parse_choice, parse_score_choice
+from aloe.records import spread
+from aloe.roles import Roles, as_roles
+from aloe.variants import EXPORTS
 
 log = logging.getLogger(__name__)
 
-ROLES = ("user_simulator", "infer_extract", "infer_blind", "responder_hinted", "responder_plain", "judge_pair",
-         "judge_score")
+# The roles this stage uses (aloe.roles) and the prompts they speak with.
+ROLES = ("simulator", "inferrer", "responder", "judge")
+PROMPTS = ("user_simulator", "infer_extract", "infer_blind", "responder_hinted", "responder_plain", "judge_pair",
+           "judge_score")
 # Provenance keys that must match for a rerun to continue an existing trees.jsonl.
-_RESUME_KEYS = ("backend", "prompts", "seed", "inference", "branch", "judge_method", "judge_retries",
+_RESUME_KEYS = ("roles", "prompts", "seed", "inference", "branch", "judge_method", "judge_retries",
                 "inconsistent", "temperature", "max_new_tokens")
 
 
-def provenance(cfg: TreesConfig, backend: ChatBackend) -> dict:
-    return {"backend": backend.describe(), "prompts": {r: prompts.get(r).tag for r in ROLES}, "seed": cfg.seed,
+def provenance(cfg: TreesConfig, roles: Roles | ChatBackend) -> dict:
+    roles = as_roles(roles, ROLES)
+    return {"roles": {r: roles[r].describe() for r in ROLES}, "prompts": {r: prompts.get(r).tag for r in PROMPTS},
+            "seed": cfg.seed,
             "inference": cfg.inference, "branch": cfg.branch, "judge_method": cfg.judge_method,
             "judge_retries": cfg.judge_retries, "inconsistent": cfg.inconsistent, "temperature": cfg.temperature,
             "max_new_tokens": cfg.max_new_tokens}
@@ -152,15 +162,19 @@ def _load_existing(path: Path, prov: dict) -> dict[str, dict]:
     return {t["id"]: t for t in existing}
 
 
-def run(cfg: TreesConfig, backend: ChatBackend, *, progress: bool = True) -> dict:
+def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) -> dict:
+    """Grow one tree per training persona; ``roles`` gives the simulator, inferrer, responder
+    and judge (one backend plays all four when a single backend is passed)."""
     started = time.time()
-    out = cfg.stage_dir_root / "trees"
-    pairs = [p for p in read_jsonl(cfg.stage_dir_root / "personas" / "pairs.jsonl") if p["split"] == "train"]
+    roles = as_roles(roles, ROLES)
+    paths = cfg.paths
+    pairs = [p for p in read_jsonl(paths.pairs) if p["split"] == "train"]
     if not pairs:
-        raise AloeError(f"{cfg.stage_dir_root / 'personas' / 'pairs.jsonl'}: no training personas")
-    pairs = pairs[:cfg.n_personas]
-    prov = provenance(cfg, backend)
-    existing = _load_existing(out / "trees.jsonl", prov)
+        raise AloeError(f"{paths.pairs}: no training personas")
+    # drawn across the whole pool, not the first few profiles' pairs
+    pairs = spread(pairs, cfg.n_personas, cfg.seed)
+    prov = provenance(cfg, roles)
+    existing = _load_existing(paths.trees, prov)
     trees = []
     for p in pairs:
         tid = f"tree-{p['id']}"
@@ -186,7 +200,7 @@ def run(cfg: TreesConfig, backend: ChatBackend, *, progress: bool = True) -> dic
         active = [t for t in trees if t.live and len(t.rec["turns"]) == turn - 1]
         if not active:
             continue
-        users = backend.chat([ChatRequest(simulator_messages(t.rec["profile"], t.rec["personality"], history_of(t.rec)),
+        users = roles["simulator"].chat([ChatRequest(simulator_messages(t.rec["profile"], t.rec["personality"], history_of(t.rec)),
                                           samp, sample_index=turn, prompt_version=sim.tag) for t in active])
         said = []
         for t, u in zip(active, users):
@@ -195,7 +209,7 @@ def run(cfg: TreesConfig, backend: ChatBackend, *, progress: bool = True) -> dic
                 said.append((t, msg))
             else:
                 t.fail(turn, "user_simulator", u.error)
-        inferred = backend.chat([ChatRequest(
+        inferred = roles["inferrer"].chat([ChatRequest(
             [{"role": "system", "content": infer.render("system")},
              {"role": "user", "content": infer.render("user", profile=t.rec["profile"], personality=t.rec["personality"],
                                                       dialogue=dialogue_text(history_of(t.rec), m))}],
@@ -212,7 +226,7 @@ def run(cfg: TreesConfig, backend: ChatBackend, *, progress: bool = True) -> dic
             return ChatRequest([{"role": "system", "content": system}, *history_of(t.rec), {"role": "user", "content": m}],
                                samp, sample_index=turn, prompt_version=hinted.tag if hint is not None else plain.tag)
 
-        replies = backend.chat([reply_request(t, m, h) for t, m, inf in step for h in (inf, None)])
+        replies = roles["responder"].chat([reply_request(t, m, h) for t, m, inf in step for h in (inf, None)])
         judged_in, jreqs = [], []
         for i, (t, m, inf) in enumerate(step):
             ra, rb = replies[2 * i], replies[2 * i + 1]
@@ -227,9 +241,9 @@ def run(cfg: TreesConfig, backend: ChatBackend, *, progress: bool = True) -> dic
                                                                 personality=t.rec["personality"], message=m,
                                                                 first=first.strip(), second=second.strip())}],
                     ("1", "2"), prompt_version=judge_p.tag))
-        verdicts = judge(backend, jreqs, parse_choice, method=cfg.judge_method, retries=cfg.judge_retries,
+        verdicts = judge(roles["judge"], jreqs, parse_choice, method=cfg.judge_method, retries=cfg.judge_retries,
                          require_all=True)
-        pointwise = _pointwise(cfg, backend, judged_in, verdicts)
+        pointwise = _pointwise(cfg, roles["judge"], judged_in, verdicts)
         for i, (t, m, inf, a, b) in enumerate(judged_in):
             j1, j2 = verdicts[2 * i], verdicts[2 * i + 1]
             stats["judge_calls"] += 2
@@ -243,16 +257,16 @@ def run(cfg: TreesConfig, backend: ChatBackend, *, progress: bool = True) -> dic
                 rec["judgments"] = [{"order": ["a", "b"], **j1.to_json()}, {"order": ["b", "a"], **j2.to_json()}]
             t.rec["turns"].append({**rec, **node})
         # Checkpoint: every finished turn is on disk before the next one starts.
-        write_jsonl(out / "trees.jsonl", [t.rec for t in trees])
+        write_jsonl(paths.trees, [t.rec for t in trees])
         bar.update(len(judged_in))
     bar.close()
 
     records = [t.rec for t in trees]
     add_disclosure(records, cfg.disclosure_threshold)
-    write_jsonl(out / "trees.jsonl", records)
+    write_jsonl(paths.trees, records)
     exports = export_rows(records, plain_system)
     for name, rows in exports.items():
-        write_jsonl(out / f"{name}.jsonl", rows)
+        write_jsonl(paths.export(name), rows)
     nodes = [n for t in records for n in t["turns"]]
     counts = {"trees": len(records), "failed_trees": sum(t["failed"] is not None for t in records),
               "turns": len(nodes), "resumed_turns": resumed,
@@ -260,9 +274,8 @@ def run(cfg: TreesConfig, backend: ChatBackend, *, progress: bool = True) -> dic
                                                                                    "unusable")},
               **{f"decided_by_{d}": sum(n.get("decided_by") == d for n in nodes)
                  for d in ("pair", "average", "pointwise")},
-              **{f"{k}_rows": len(v) for k, v in exports.items()}, **stats,
-              "cache_hits": backend.cache.hits, "cache_misses": backend.cache.misses}
-    write_manifest(out, stage="trees", parameters=cfg, started=started, models={"backend": backend.describe()},
+              **{f"{k}_rows": len(v) for k, v in exports.items()}, **stats, **roles.cache_stats()}
+    write_manifest(paths.stage("trees"), stage="trees", parameters=cfg, started=started, roles=prov["roles"],
                    counts=counts, extra={"provenance": prov})
     return counts
 
@@ -300,13 +313,6 @@ def _facts(text: str) -> list[str]:
     return [p.strip() for p in parts if len(p.strip()) > 3]
 
 
-@functools.lru_cache(maxsize=1)
-def _embedder():
-    from aloe.growth import Embedder
-
-    return Embedder()
-
-
 def add_disclosure(trees: list[dict], threshold: float) -> None:
     """Per turn, the share of the persona's facts (its sentences) that the user has
     *revealed* in their messages so far and that the inference step has *recovered*.
@@ -317,7 +323,7 @@ def add_disclosure(trees: list[dict], threshold: float) -> None:
     todo = [t for t in trees if any("disclosure" not in n for n in t["turns"])]
     if not todo:
         return
-    emb = _embedder()
+    emb = shared_embedder()
     for t in todo:
         facts = _facts(t["profile"]) + _facts(t["personality"])
         if not facts:
@@ -354,7 +360,7 @@ def export_rows(trees: list[dict], system: str | None = None) -> dict[str, list[
                 sft_rej.append({"id": rid, "prompt": prompt, "completion": rejected})
                 dpo.append({"id": rid, "prompt": prompt, "chosen": chosen, "rejected": rejected})
             history = prompt + [{"role": "assistant", "content": n["followed_text"]}]
-    return {"sft_preferred": sft_pref, "sft_rejected": sft_rej, "dpo": dpo}
+    return dict(zip(EXPORTS, (sft_pref, sft_rej, dpo)))  # the names training reads (aloe.variants)
 
 
 def node_table(trees: list[dict]) -> list[dict]:

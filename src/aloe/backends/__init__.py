@@ -49,13 +49,21 @@ def _vllm(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
     return VLLMBackend(hf_location(spec), model_id, revision, cache,
                        tensor_parallel_size=cfg.tensor_parallel_size,
                        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                       top_logprobs=cfg.top_logprobs, hf_revision=spec.revision if spec.source == "hf" else None)
+                       top_logprobs=cfg.top_logprobs, hf_revision=spec.revision if spec.source == "hf" else None,
+                       dtype=cfg.dtype)
+
+
+def _scripted(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
+    from aloe.backends.scripted import ScriptedBackend
+
+    return ScriptedBackend(cfg.model, cfg.revision or "0", cache)
 
 
 BACKENDS: dict[str, Callable[[BackendConfig, CallCache], ChatBackend]] = {
     "transformers": _transformers,
     "openai": _openai,
     "vllm": _vllm,
+    "scripted": _scripted,
 }
 
 

@@ -29,10 +29,18 @@ Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 @dataclass(frozen=True)
 class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
+    """Explicit sampling parameters. ``temperature=None`` (and ``top_p=None``) means the
+    model's own default (its generation config; on a server, whatever it does when the
+    request does not say), which the paper's evaluation protocol uses for the model under test."""
+
+    temperature: float | None = 0.0
+    top_p: float | None = 1.0
     max_tokens: int = 128
     seed: int = 0
+
+    @property
+    def model_default(self) -> bool:
+        return self.temperature is None
 
 
 @dataclass(frozen=True)
@@ -136,9 +144,18 @@ class ChatBackend(ABC):
         self.generated_tokens = 0
 
     # -- cache keys
+    def key_identity(self) -> dict:
+        """Engine settings besides model and revision that change answers (dtype, the model a
+        server reports); subclasses add theirs. Part of every cache key."""
+        return {}
+
+    def prob_key_extra(self) -> dict:
+        """Settings that change log-probability answers only (how many top tokens come back)."""
+        return {}
+
     def _key(self, call: str, payload: dict) -> str:
         return cache_key({"backend": self.kind, "model": self.model_id, "revision": self.revision,
-                          "call": call, **payload})
+                          "engine": self.key_identity(), "call": call, **payload})
 
     def chat_key(self, r: ChatRequest) -> str:
         return self._key("chat", {"messages": list(r.messages), "sampling": asdict(r.sampling),
@@ -146,7 +163,7 @@ class ChatBackend(ABC):
 
     def prob_key(self, r: ProbRequest) -> str:
         return self._key("logprobs", {"messages": list(r.messages), "candidates": list(r.candidates),
-                                      "prompt_version": r.prompt_version})
+                                      "prompt_version": r.prompt_version, **self.prob_key_extra()})
 
     # -- public, cached calls
     def chat(self, requests: Sequence[ChatRequest]) -> list[Completion]:
@@ -192,7 +209,7 @@ class ChatBackend(ABC):
         return out
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "model": self.model_id, "revision": self.revision}
+        return {"kind": self.kind, "model": self.model_id, "revision": self.revision, **self.key_identity()}
 
     def close(self) -> None:  # pragma: no cover - overridden where there is something to free
         pass

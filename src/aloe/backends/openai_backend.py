@@ -61,9 +61,19 @@ class OpenAIBackend(ChatBackend):
             headers["Authorization"] = f"Bearer {key}"
         self.client = httpx.Client(timeout=timeout_s, headers=headers,
                                    limits=httpx.Limits(max_connections=max_concurrency * len(self.base_urls)))
+        self.server_model: str | None = None  # what the server says it serves under served_model (check())
+
+    def key_identity(self) -> dict:
+        # The model the server reports is the best identity (vLLM's `root` is the weights it
+        # loaded); a server that does not list it is identified by its URLs instead.
+        return {"served_model": self.served_model,
+                "server": self.server_model or sorted(self.base_urls)}
+
+    def prob_key_extra(self) -> dict:
+        return {"top_logprobs": self.top_logprobs}
 
     def describe(self) -> dict:
-        return {**super().describe(), "base_urls": list(self.base_urls), "served_model": self.served_model}
+        return {**super().describe(), "base_urls": list(self.base_urls)}
 
     def close(self) -> None:
         self.client.close()
@@ -77,6 +87,11 @@ class OpenAIBackend(ChatBackend):
                 raise BackendError(f"cannot reach the OpenAI-compatible server at {url}: {e}") from None
             if r.status_code in (401, 403):
                 raise BackendError(f"{url} refused the API key (HTTP {r.status_code}): {_excerpt(r)}")
+            reported = _reported_model(r, self.served_model)
+            if reported and self.server_model and reported != self.server_model:
+                raise BackendError(f"the servers of one pool serve different models under {self.served_model!r}: "
+                                   f"{self.server_model!r} and {reported!r} ({url})")
+            self.server_model = self.server_model or reported
 
     # -- one request with retries
     def _post(self, payload: dict) -> dict:
@@ -107,10 +122,11 @@ class OpenAIBackend(ChatBackend):
     def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
         def one(r: ChatRequest) -> Completion:
             s = r.sampling
-            payload = {"model": self.served_model, "messages": list(r.messages), "temperature": s.temperature,
-                       "top_p": s.top_p, "max_tokens": s.max_tokens,
+            payload = {"model": self.served_model, "messages": list(r.messages), "max_tokens": s.max_tokens,
                        # distinct samples of one prompt need distinct seeds on the server
                        "seed": s.seed * 1000 + r.sample_index}
+            if not s.model_default:  # otherwise the server's (the model's) own defaults apply
+                payload.update(temperature=s.temperature, top_p=s.top_p)
             try:
                 data = self._post(payload)
                 choice = data["choices"][0]
@@ -153,6 +169,19 @@ class OpenAIBackend(ChatBackend):
         out = self._map(one, requests)
         _raise_if_all_unreachable(out, self.base_urls)
         return out
+
+
+def _reported_model(r: httpx.Response, served: str) -> str | None:
+    """The identity a ``/models`` listing gives the served model: vLLM's ``root`` (the weights'
+    path or hub id) when present, else its ``id``; None when the listing does not name it."""
+    try:
+        entries = r.json().get("data") or []
+    except (ValueError, AttributeError):
+        return None
+    for e in entries:
+        if isinstance(e, dict) and e.get("id") == served:
+            return str(e.get("root") or e["id"])
+    return None
 
 
 def _excerpt(r: httpx.Response, n: int = 300) -> str:

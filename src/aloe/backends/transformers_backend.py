@@ -21,13 +21,14 @@ CPU draws one exponential variate per vocabulary entry and row (49k per row here
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections import defaultdict
 
 import torch
 from transformers import DynamicCache
 
-from aloe.backends.base import CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest
+from aloe.backends.base import CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest, Sampling
 from aloe.cache import CallCache
 
 log = logging.getLogger(__name__)
@@ -97,10 +98,26 @@ class TransformersBackend(ChatBackend):
         self.model = model or AutoModelForCausalLM.from_pretrained(
             location, dtype=load_dtype, revision=hf_revision)
         self.model.to(self.device).eval()
-        self.dtype_used = str(self.autocast_dtype or load_dtype).replace("torch.", "")
+        # from the weights themselves: a model handed in may not be in load_dtype
+        weights = next(self.model.parameters()).dtype
+        self.dtype_used = str(self.autocast_dtype or weights).replace("torch.", "")
+        if revision.endswith("(unresolved)") and getattr(self.model.config, "_commit_hash", None):
+            self.revision = self.model.config._commit_hash  # the hub commit transformers actually loaded
+
+    def key_identity(self) -> dict:
+        return {"compute_dtype": self.dtype_used}
 
     def describe(self) -> dict:
-        return {**super().describe(), "device": self.device, "compute_dtype": self.dtype_used}
+        return {**super().describe(), "device": self.device}
+
+    def _resolve_sampling(self, s: Sampling) -> Sampling:
+        """``temperature=None``: the model's own generation config (greedy when it does not sample)."""
+        if not s.model_default:
+            return s
+        gc = self.model.generation_config
+        if not getattr(gc, "do_sample", False):
+            return dataclasses.replace(s, temperature=0.0, top_p=1.0)
+        return dataclasses.replace(s, temperature=float(gc.temperature or 1.0), top_p=float(gc.top_p or 1.0))
 
     def _autocast(self):
         if self.autocast_dtype is not None:
@@ -124,7 +141,7 @@ class TransformersBackend(ChatBackend):
         out: list[Completion | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
-            s = r.sampling
+            s = self._resolve_sampling(r.sampling)
             groups[(s.temperature, s.top_p, s.max_tokens)].append(i)
         prompts = [self._prompt_ids(r.messages) for r in requests]
         for (temperature, top_p, max_tokens), idx in groups.items():

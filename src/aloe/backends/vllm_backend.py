@@ -26,7 +26,8 @@ class VLLMBackend(ChatBackend):
 
     def __init__(self, location: str, model_id: str, revision: str, cache: CallCache | None = None,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
-                 max_model_len: int | None = None, top_logprobs: int = 20, hf_revision: str | None = None):
+                 max_model_len: int | None = None, top_logprobs: int = 20, hf_revision: str | None = None,
+                 dtype: str = "auto"):
         super().__init__(model_id, revision, cache)
         try:
             self._vllm = importlib.import_module("vllm")
@@ -34,20 +35,35 @@ class VLLMBackend(ChatBackend):
             raise AloeError("backend kind 'vllm' needs vLLM on a CUDA machine: "
                             "pip install -c constraints/gpu.txt -e '.[vllm]' (see README, GPU install)") from None
         kwargs = {"model": location, "tensor_parallel_size": tensor_parallel_size,
-                  "gpu_memory_utilization": gpu_memory_utilization, "revision": hf_revision}
+                  "gpu_memory_utilization": gpu_memory_utilization, "revision": hf_revision,
+                  "dtype": "auto" if dtype == "autocast-bf16" else dtype}
+        self.dtype = kwargs["dtype"]
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         self.llm = self._vllm.LLM(**kwargs)
         self.top_logprobs = top_logprobs
         self.tensor_parallel_size = tensor_parallel_size
 
+    def key_identity(self) -> dict:
+        return {"dtype": self.dtype}
+
+    def prob_key_extra(self) -> dict:
+        return {"top_logprobs": self.top_logprobs}
+
     def describe(self) -> dict:
         return {**super().describe(), "tensor_parallel_size": self.tensor_parallel_size}
 
+    def _params(self, r: ChatRequest):
+        s, seed = r.sampling, r.sampling.seed * 1000 + r.sample_index
+        if s.model_default:
+            # the model's own generation config (vLLM reads generation_config.json)
+            p = self.llm.get_default_sampling_params()
+            p.max_tokens, p.seed = s.max_tokens, seed
+            return p
+        return self._vllm.SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed)
+
     def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
-        params = [self._vllm.SamplingParams(temperature=r.sampling.temperature, top_p=r.sampling.top_p,
-                                            max_tokens=r.sampling.max_tokens,
-                                            seed=r.sampling.seed * 1000 + r.sample_index) for r in requests]
+        params = [self._params(r) for r in requests]
         outs = self.llm.chat([list(r.messages) for r in requests], sampling_params=params, use_tqdm=False)
         results = []
         for o in outs:

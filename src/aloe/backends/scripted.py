@@ -1,0 +1,71 @@
+"""A scripted backend: canned, deterministic answers with no model behind them.
+
+It is a registered engine (``kind: scripted``) so that tests, dry runs and the role
+wiring can be exercised through the same ``open_backend`` / roles path as a real
+model. Every call is logged in ``calls`` as (call type, prompt version), which is
+how a test proves that each role's requests reached the engine it configured.
+
+Answers:
+
+* ``chat``: the next entry of ``texts`` when one is given (a judge that writes
+  garbage, then a digit), else ``"<model>: reply <n> (<prompt version>)."``;
+* ``logprobs``: none (like a server without log-probabilities) when ``logprobs`` is
+  False; else a fixed pseudo-random distribution over the candidates, derived from a
+  hash of the model id and the messages, so it is stable across runs and differs
+  between prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Callable
+
+from aloe.backends.base import CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest
+from aloe.cache import CallCache
+
+
+class ScriptedBackend(ChatBackend):
+    kind = "scripted"
+
+    def __init__(self, model_id: str = "scripted", revision: str = "0", cache: CallCache | None = None, *,
+                 texts: list[str | None] | Callable[[ChatRequest], str | None] | None = None,
+                 logprobs: bool = True):
+        super().__init__(model_id, revision, cache)
+        self.texts = list(texts) if isinstance(texts, (list, tuple)) else texts
+        self.with_logprobs = logprobs
+        self.calls: list[tuple[str, str]] = []
+        self._n = 0
+
+    def _text(self, r: ChatRequest) -> str | None:
+        if callable(self.texts):
+            return self.texts(r)
+        if self.texts is not None:
+            return self.texts.pop(0)
+        self._n += 1
+        return f"{self.model_id}: reply {self._n} ({r.prompt_version or 'no prompt version'})."
+
+    def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        out = []
+        for r in requests:
+            self.calls.append(("chat", r.prompt_version))
+            text = self._text(r)
+            out.append(Completion(text) if text is not None else Completion(None, error="scripted failure"))
+        return out
+
+    def _score(self, requests: list[ProbRequest]) -> list[CandidateLogprobs]:
+        out = []
+        for r in requests:
+            self.calls.append(("logprobs", r.prompt_version))
+            if not self.with_logprobs:
+                out.append(CandidateLogprobs({c: None for c in r.candidates}, exact=False))
+                continue
+            seed = hashlib.sha256(repr((self.model_id, r.messages)).encode()).digest()
+            weights = [1 + seed[i % len(seed)] for i in range(len(r.candidates))]
+            total = sum(weights)
+            out.append(CandidateLogprobs({c: math.log(w / total) for c, w in zip(r.candidates, weights)}))
+        return out
+
+    def prompt_versions(self, call: str | None = None) -> set[str]:
+        """The prompt versions (names without @version) this engine was asked for."""
+        return {pv.split("@")[0] for c, pv in self.calls if call is None or c == call}

@@ -1,0 +1,86 @@
+"""Every file a stage reads or writes under ``data/<experiment>/``, named in one place.
+
+Stages meet through these files; none of them spells a file name of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path  # data/<experiment>
+
+    def stage(self, stage: str) -> Path:
+        return self.root / stage
+
+    def manifest(self, stage: str) -> Path:
+        return self.root / stage / "manifest.json"
+
+    # personas
+    @property
+    def pool(self) -> Path:
+        return self.root / "personas" / "personas.jsonl"
+
+    @property
+    def pairs(self) -> Path:
+        return self.root / "personas" / "pairs.jsonl"
+
+    @property
+    def growth(self) -> Path:
+        return self.root / "personas" / "growth.json"
+
+    @property
+    def growth_rounds(self) -> Path:
+        return self.root / "personas" / "rounds.jsonl"
+
+    # trees
+    @property
+    def trees(self) -> Path:
+        return self.root / "trees" / "trees.jsonl"
+
+    def export(self, name: str) -> Path:
+        """A TRL export: sft_preferred, sft_rejected or dpo (aloe.variants.EXPORTS)."""
+        return self.root / "trees" / f"{name}.jsonl"
+
+    @property
+    def sample_tree(self) -> Path:
+        return self.root / "trees" / "sample_tree.html"
+
+    # train
+    def variant(self, variant: str) -> Path:
+        return self.root / "train" / variant
+
+    def checkpoints(self, variant: str) -> Path:
+        return self.variant(variant) / "checkpoints"
+
+    def adapter(self, variant: str) -> Path:
+        return self.variant(variant) / "adapter"
+
+    def merged(self, variant: str) -> Path:
+        """The plain model folder (adapters folded in) that evaluation loads."""
+        return self.variant(variant) / "merged"
+
+    def train_metrics(self, variant: str) -> Path:
+        return self.variant(variant) / "metrics.json"
+
+    def train_done(self, variant: str) -> Path:
+        return self.variant(variant) / "done.json"
+
+    # evaluate
+    def conversations(self, model: str) -> Path:
+        return self.root / "evaluate" / "conversations" / f"{model}.jsonl"
+
+    @property
+    def transcripts(self) -> Path:
+        return self.root / "evaluate" / "transcripts.jsonl"
+
+    @property
+    def scores(self) -> Path:
+        return self.root / "evaluate" / "scores.csv"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.root / "evaluate" / "metrics.json"
