@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from aloe.config import EvaluateConfig
+from aloe.config import EvaluateConfig, JudgeCardConfig
 from aloe.errors import AloeError
 from aloe.io import read_json, read_jsonl, write_jsonl
 from aloe.judging import judge, parse_score_choice
@@ -122,7 +122,7 @@ def test_evaluation_resumes_after_a_crash(tmp_path, smollm):
 
     _eval_pairs(tmp_path / "t")
     cfg = EvaluateConfig(experiment="t", data_root=str(tmp_path), n_personas=2, turns=2, max_new_tokens=12,
-                         models=("base",), n_boot=50)
+                         models=("base",), n_boot=50, judge_card=JudgeCardConfig(enabled=False))
     smollm.cache = CallCache(str(tmp_path / "cache.sqlite"))
     real, calls = smollm.logprobs, {"n": 0}
 

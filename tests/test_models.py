@@ -51,3 +51,67 @@ def test_no_disk_space_leaves_nothing(tmp_path, monkeypatch):
 def test_gguf_is_found():
     p = gguf_path(resolve_model("smollm2-135m"))
     assert p.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and p.stat().st_size > 50_000_000
+
+
+def test_hub_revision_resolves_to_a_commit(tmp_path, monkeypatch):
+    """Cache keys name a hub model's commit, not its moving branch: read from the local hub cache's
+    refs (what an offline load uses); unresolvable offline, it is marked, never passed off as a commit."""
+    from aloe.models import resolve_hf_commit
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    refs = tmp_path / "models--org--name" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text(commit + "\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_hf_commit("org/name", None, tmp_path) == commit
+    assert resolve_hf_commit("org/name", "main", tmp_path) == commit
+    assert resolve_hf_commit("org/name", commit, tmp_path) == commit  # already a commit
+    assert resolve_hf_commit("org/name", "v2", tmp_path) is None  # offline and not cached
+    assert resolve_hf_commit("org/other", None, tmp_path) is None
+
+
+def _fake_parts(tmp_path, monkeypatch, chunks):
+    """Packages fakepart_1..n on sys.path, each holding data/partNN.bin, like the PyPI parts."""
+    import hashlib
+
+    from aloe.models import ModelSpec
+
+    for n, data in enumerate(chunks, 1):
+        d = tmp_path / "site" / f"fakepart_{n}" / "data"
+        d.mkdir(parents=True)
+        (d.parent / "__init__.py").write_text("")
+        (d / f"part{n:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    blob = b"".join(chunks)
+    parts = {"package": "fake-part{n}", "module": "fakepart_{n}", "version": "1.0", "parts": len(chunks),
+             "part_file": "data/part{n:02d}.bin", "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    return ModelSpec("fake", "gguf-parts", parts=parts), blob
+
+
+def test_split_gguf_is_assembled_in_order_and_checked(tmp_path, monkeypatch):
+    import dataclasses
+
+    from aloe.errors import AloeError
+    from aloe.models import assemble_gguf, part_requirements
+
+    spec, blob = _fake_parts(tmp_path, monkeypatch, [b"GGUF" + b"a" * 100, b"b" * 50, b"c" * 7])
+    out = assemble_gguf(spec, tmp_path / "m" / "fake.gguf")
+    assert out.read_bytes() == blob and not list((tmp_path / "m").glob("*.tmp"))
+    assert part_requirements(spec) == ["fake-part1==1.0", "fake-part2==1.0", "fake-part3==1.0"]
+    # a wrong pin: refused, nothing left behind
+    bad = dataclasses.replace(spec, parts={**spec.parts, "sha256": "0" * 64})
+    with pytest.raises(AloeError, match=r"does not match its pins .*a part is corrupt or from another version"):
+        assemble_gguf(bad, tmp_path / "m2" / "fake.gguf")
+    assert not (tmp_path / "m2" / "fake.gguf").exists() and not list((tmp_path / "m2").glob("*"))
+    # a missing part: named, with the command that installs every part
+    missing = dataclasses.replace(spec, parts={**spec.parts, "parts": 4})
+    with pytest.raises(AloeError, match=r"part 4 of 4 is missing: the pip package fake-part4==1.0 is not installed"):
+        assemble_gguf(missing, tmp_path / "m3" / "fake.gguf")
+
+
+def test_registry_pins_the_embedded_teachers():
+    from aloe.models import resolve_model
+
+    for name, parts in (("qwen2.5-coder-0.5b", 6), ("qwen2.5-coder-1.5b", 22)):
+        spec = resolve_model(name)
+        assert spec.source == "gguf-parts" and spec.parts["parts"] == parts and len(spec.parts["sha256"]) == 64

@@ -28,7 +28,8 @@ def test_ci_pipeline_end_to_end(tmp_path):
     personas = json.loads((data / "personas" / "manifest.json").read_text())["counts"]
     assert personas["train_pairs"] == personas["profiles"] == 20 and personas["eval_pairs"] == 100
     trees = json.loads((data / "trees" / "manifest.json").read_text())
-    assert trees["models"]["backend"]["model"] == "smollm2-135m"
+    assert {r: d["model"] for r, d in trees["roles"].items()} == {r: "smollm2-135m" for r in
+                                                                  ("simulator", "inferrer", "responder", "judge")}
     assert trees["counts"]["dpo_rows"] == trees["counts"]["turns"] > 0
     train = json.loads((data / "train" / "manifest.json").read_text())
     assert train["counts"]["sft_preferred_steps"] == 2
@@ -41,6 +42,17 @@ def test_ci_pipeline_end_to_end(tmp_path):
             assert row["n"] == 2 and 1.0 <= row["al"] <= 5.0 and row["ci_low"] <= row["al"] <= row["ci_high"]
         assert model["ir"] is not None and model["n_r2"] is not None
     assert (data / "trees" / "sft_rejected.jsonl").exists()
+    # the judge card and the paired differences against base
+    card = json.loads((data / "evaluate" / "judge_card.json").read_text())
+    assert isinstance(card["fit"], bool) and 0 <= card["persona_discrimination"] <= 1
+    assert set(card["thresholds"]) >= {"min_discrimination", "min_tailored", "max_length_corr"}
+    for m in ("oracle", "sft_preferred"):
+        vs = metrics["models"][m]["vs_base"]
+        assert vs["avg_diff_ci_low"] <= vs["avg_diff"] <= vs["avg_diff_ci_high"]
+    assert "vs_base" not in metrics["models"]["base"] and metrics["judge_fit"] == card["fit"]
+    # one model plays every role: the report says it is self-judging
+    assert {r: d["model"] for r, d in metrics["roles"].items()} == {r: "smollm2-135m" for r in
+                                                                    ("simulator", "judge", "policy")}
     reports = REPO / "reports" / "ci-e2e"
     index = (reports / "index.html").read_text()
     for nb in ("01_personas", "02_trees", "03_train", "04_evaluate", "05_report"):
@@ -48,10 +60,13 @@ def test_ci_pipeline_end_to_end(tmp_path):
     # the executed notebooks record the injected parameters (so secrets never go there)
     nb = json.loads((reports / "02_trees.ipynb").read_text())
     assert nb["metadata"]["papermill"]["parameters"]["turns"] == 1
+    report = (reports / "05_report.html").read_text()
+    assert "Who played which role" in report and "SELF-JUDGING" in report
 
-    # a rerun of one stage finds its finished conversations and calls nothing; without them
-    # (deleted), it replays every call from the cache instead of generating again
+    # a rerun of one stage finds its finished conversations and generates nothing (only the judge
+    # card's calls are looked up again); without them (deleted), it replays every call from the cache
     before = (data / "evaluate" / "metrics.json").read_text()
+    hits = {}
     for wipe in (False, True):
         if wipe:
             import shutil
@@ -61,9 +76,11 @@ def test_ci_pipeline_end_to_end(tmp_path):
                            capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         counts = json.loads((data / "evaluate" / "manifest.json").read_text())["counts"]
-        assert counts["cache_misses"] == 0 and (counts["cache_hits"] > 0) == wipe
+        assert counts["cache_misses"] == 0
+        hits[wipe] = counts["cache_hits"]
         after = json.loads((data / "evaluate" / "metrics.json").read_text())
         assert after["models"] == json.loads(before)["models"]
+    assert hits[True] > hits[False]
 
 
 def test_failed_stage_names_notebook(tmp_path):

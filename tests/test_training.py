@@ -27,26 +27,6 @@ def _rows(n=6):
     return rows
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A random 2-layer Llama (hidden size 32) with the embedded model's tokenizer and chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from aloe.models import hf_location, resolve_model
-
-    tok = AutoTokenizer.from_pretrained(hf_location(resolve_model("smollm2-135m")))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
-    import torch
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 def _setup(root, rows):
     trees = root / "t" / "trees"
     write_jsonl(trees / "dpo.jsonl", rows)
@@ -199,3 +179,39 @@ def test_full_fine_tuning_without_adapters(tiny_model, tmp_path):
     assert any((base[k].float() - merged[k].float()).abs().max() > 1e-6 for k in base if k in merged)
     with pytest.raises(ConfigError, match="lora is false"):
         training.validate(TrainConfig(experiment="t", lora=False, peft={"r": 8}))
+
+
+def test_train_fine_tunes_the_policy_and_evaluation_loads_its_result(tiny_model, tmp_path):
+    """The train stage trains roles.policy; evaluating a variant runs the merged model that the
+    train stage wrote for it, while base runs the policy itself; simulator and judge stay theirs."""
+    from pathlib import Path
+
+    import aloe.evaluation
+    from aloe import training
+    from aloe.config import EvaluateConfig
+    from aloe.records import load_seeds, make_pairs, pool_records
+    from aloe.roles import open_roles
+
+    _setup(tmp_path, _rows())
+    m = training.run(_cfg(tmp_path, tiny_model, variants=("sft_preferred",)))["sft_preferred"]
+    assert m["policy"]["model"] == str(Path(tiny_model).resolve()) and m["started_from"] == "policy"
+    assert read_json(tmp_path / "t" / "train" / "manifest.json")["roles"]["policy"] == m["policy"]
+
+    evals = make_pairs(pool_records(load_seeds("eval_profiles")[:1], "profile", "seed", "eval"),
+                       pool_records(load_seeds("eval_personalities")[:1], "personality", "seed", "eval"), 1, 0, "eval")
+    write_jsonl(tmp_path / "t" / "personas" / "pairs.jsonl", evals)
+    cfg = EvaluateConfig(experiment="t", data_root=str(tmp_path), cache_path=str(tmp_path / "cache.sqlite"),
+                         n_personas=1, turns=1, max_new_tokens=4, n_boot=10,
+                         models=("sft_preferred", "base"), protocol="paper",
+                         roles={"simulator": {"kind": "scripted", "model": "sim"},
+                                "judge": {"kind": "scripted", "model": "judge"},
+                                "policy": {"model": tiny_model, "batch_size": 2}})
+    engines = open_roles(cfg, aloe.evaluation.ROLES)
+    metrics = aloe.evaluation.run(cfg, engines, progress=False)
+    assert metrics["under_test"]["base"]["model"] == str(Path(tiny_model).resolve())
+    merged = tmp_path / "t" / "train" / "sft_preferred" / "merged"
+    assert metrics["under_test"]["sft_preferred"]["model"] == str(merged.resolve())
+    assert list(metrics["models"]) == ["sft_preferred", "base"]  # reported in the order asked
+    assert metrics["protocol"] == "paper" and metrics["roles"]["judge"]["model"] == "judge"
+    assert engines["simulator"].prompt_versions() == {"user_simulator"}
+    assert engines["judge"].prompt_versions() <= {"judge_score"}

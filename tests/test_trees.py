@@ -119,7 +119,7 @@ def test_garbage_judge_retries_then_unusable():
     be = Scripted(["¯\\_(ツ)_/¯", "I think 1 or maybe 2", "<html>"])
     (j,) = judge(be, [req], parse_choice, retries=2, require_all=True)
     assert j.method == "none" and j.probs is None and len(j.raw) == 3 and "3 tries" in j.error
-    assert be.calls == 3
+    assert [c for c, _ in be.calls].count("chat") == 3
 
 
 def _write_pairs(root, n=2):
@@ -232,7 +232,9 @@ def test_a_failing_tree_is_recorded_and_the_others_go_on(tmp_path):
     counts = aloe.trees.run(cfg, OneFails(pairs[1]["profile"]), progress=False)
     trees = read_jsonl(tmp_path / "t" / "trees" / "trees.jsonl")
     assert counts["failed_trees"] == 1 and counts["turns"] == 4
-    assert trees[1]["failed"] == {"turn": 1, "role": "user_simulator", "error": "HTTP 500: boom"}
-    assert [len(t["turns"]) for t in trees] == [2, 0, 2]
-    assert counts["dpo_rows"] == 4 and not any(r["id"].startswith(trees[1]["id"])
+    (bad,) = [t for t in trees if t["failed"]]
+    assert bad["profile"] == pairs[1]["profile"]
+    assert bad["failed"] == {"turn": 1, "role": "user_simulator", "error": "HTTP 500: boom"}
+    assert sorted(len(t["turns"]) for t in trees) == [0, 2, 2]
+    assert counts["dpo_rows"] == 4 and not any(r["id"].startswith(bad["id"])
                                                for r in read_jsonl(tmp_path / "t" / "trees" / "dpo.jsonl"))

@@ -35,12 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 
             run_experiment(args.params, args.only, log_output=args.verbose)
         elif args.command == "check":
-            from aloe.config import NOTEBOOKS, load_experiment
-            from aloe.runner import REPO_ROOT, check_notebook_parameters, check_pass_through
+            from aloe.config import STAGES, load_experiment
+            from aloe.runner import check_experiment
 
             exp = load_experiment(args.params)
-            check_notebook_parameters(exp, list(NOTEBOOKS), REPO_ROOT / "notebooks")
-            check_pass_through(exp, list(NOTEBOOKS))
+            check_experiment(exp, list(STAGES))
             print(f"{args.params}: ok (experiment {exp.name!r})")
         elif args.command == "prepare-model":
             from aloe.models import hf_location, resolve_model

@@ -227,6 +227,16 @@ class Common:
         return Paths(self.stage_dir_root)
 
 
+# Engines whose log-probabilities are a reply's exact likelihood (HTTP servers return next-token top-k).
+EXACT_LIKELIHOOD = ("transformers", "vllm", "scripted")
+
+
+def exact_judge(judge: BackendConfig, key: str) -> None:
+    if judge.kind not in EXACT_LIKELIHOOD:
+        raise ConfigError(f"{key}: 'likelihood' needs a reply's exact log-likelihood, which a {judge.kind!r} "
+                          f"backend does not give (roles.judge.kind); use one of {', '.join(EXACT_LIKELIHOOD)}")
+
+
 def resolve_role(backend: BackendConfig, override: Any, where: str) -> BackendConfig:
     """``override`` (a role's mapping, or None) merged over ``backend``; validated like ``backend``."""
     if override is None:
@@ -280,6 +290,9 @@ class TreesConfig(Common):
     temperature: float = 0.7  # sampling temperature of the user simulator and responders
     inference: Literal["extract", "blind"] = "extract"  # extract: sees the persona (paper); blind: dialogue only
     branch: Literal["random", "preferred", "rejected"] = "random"  # which reply continues (paper: random)
+    # pair: the judge compares the two replies in both orders (the paper); likelihood: the reply the
+    # persona makes more probable under the judge model wins (exact log-likelihoods: transformers or vllm)
+    judge: Literal["pair", "likelihood"] = "pair"
     judge_method: Literal["auto", "logprobs", "text"] = "auto"  # auto: probabilities, text where there are none
     judge_retries: int = 2  # extra tries when parsing a text verdict fails
     # pairs whose two orders disagree: average the two orders' probabilities; decide by each reply's
@@ -293,6 +306,8 @@ class TreesConfig(Common):
         _positive(n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens)
         if self.judge_retries < 0:
             raise ConfigError(f"judge_retries: must be >= 0, got {self.judge_retries!r}")
+        if self.judge == "likelihood":
+            exact_judge(self.role("judge"), "judge")
         if not 0 < self.disclosure_threshold <= 1:
             raise ConfigError(f"disclosure_threshold: must be in (0, 1], got {self.disclosure_threshold!r}")
 
@@ -314,6 +329,26 @@ class TrainConfig(Common):
 
 
 @dataclass(frozen=True)
+class JudgeCardConfig:
+    """Judge validation on every evaluation run (aloe.judge_card) and the thresholds that decide
+    whether the judge is fit to rank models."""
+
+    enabled: bool = True
+    max_replies: int = 300  # replies re-scored against a mismatched persona (spread over models and personas)
+    min_discrimination: float = 0.65  # own persona must beat a mismatched one this often (and its CI low > 0.5)
+    min_tailored: float = 0.55  # oracle replies must beat plain ones this often (and CI low > 0.5), where measured
+    max_length_corr: float = 0.5  # |Spearman correlation| of score with reply length at most this
+    compare: tuple[Literal["paper", "history", "likelihood"], ...] = ()  # other judges to measure agreement with
+    n_boot: int = 1000  # bootstrap resamples for the card's intervals
+
+    def __post_init__(self):
+        _positive(max_replies=self.max_replies, n_boot=self.n_boot)
+        for k in ("min_discrimination", "min_tailored", "max_length_corr"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise ConfigError(f"{k}: must be in [0, 1], got {getattr(self, k)!r}")
+
+
+@dataclass(frozen=True)
 class EvaluateConfig(Common):
     n_personas: int = 2  # benchmark personas (the first n of 20 profiles x 5 personalities)
     turns: int = 1  # turns per conversation (the paper: 10)
@@ -321,22 +356,30 @@ class EvaluateConfig(Common):
     # models under test: base (plain prompt), oracle (persona in the system prompt: an upper
     # reference), reminder (told to infer and adapt), and trained variants from the train stage
     models: tuple[Literal[EVALUATED], ...] = ("base",)  # type: ignore[valid-type]
+    # paper: the rubric on the current message (the paper's judge); history: the rubric with the dialogue;
+    # likelihood: how much more probable the persona makes the reply under the judge model (exact
+    # log-likelihoods: transformers or vllm judges), mapped to 1-5 by likelihood_scale
+    judge: Literal["paper", "history", "likelihood"] = "paper"
     # aloe: every model under test gets a short system prompt and greedy decoding with max_new_tokens;
     # paper: as the paper's evaluation code, no system prompt (oracle and reminder keep theirs), the
     # model's own default sampling and a 2048-token cap
     protocol: Literal["aloe", "paper"] = "aloe"
-    judge: Literal["paper", "history"] = "paper"  # paper: current message only; history: also the dialogue
     judge_method: Literal["auto", "logprobs", "text"] = "auto"  # probabilities of 1..5, text where none
     judge_retries: int = 2  # extra tries when parsing a text score fails
     user_temperature: float = 0.7  # the simulated user samples; the model under test is greedy
     official_dir: Optional[str] = None  # folder with the official profile_eval / personality_eval files
+    likelihood_scale: float = 0.1  # likelihood judge: score = 1 + 4 * sigmoid(log-ratio per token / scale)
+    judge_card: JudgeCardConfig = field(default_factory=JudgeCardConfig)  # judge validation and its thresholds
+    disclosure_threshold: float = 0.5  # MiniLM cosine at which a persona fact counts as revealed
     n_boot: int = 2000  # bootstrap resamples for the confidence intervals
     seed: int = 0
 
     def __post_init__(self):
         super().__post_init__()
         _positive(n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens,
-                  n_boot=self.n_boot)
+                  n_boot=self.n_boot, likelihood_scale=self.likelihood_scale)
+        if "likelihood" in (self.judge, *self.judge_card.compare):
+            exact_judge(self.role("judge"), "judge" if self.judge == "likelihood" else "judge_card.compare")
         if self.judge_retries < 0:
             raise ConfigError(f"judge_retries: must be >= 0, got {self.judge_retries!r}")
         if len(set(self.models)) != len(self.models) or not self.models:

@@ -27,3 +27,13 @@ def simulator_messages(profile: str, personality: str, history: list[dict]) -> l
     for m in history:
         msgs.append({"role": "assistant" if m["role"] == "user" else "user", "content": m["content"]})
     return msgs
+
+
+def likelihood_prompts(profile: str, personality: str, history: list[dict],
+                       message: str) -> tuple[list[dict], list[dict], str]:
+    """The two prompts of the likelihood-ratio judge for a reply to ``message``: persona-aware
+    and plain (they differ only by the persona), and the prompt version for the cache key."""
+    p = prompts.get("judge_likelihood")
+    tail = [*history, {"role": "user", "content": message}]
+    return ([{"role": "system", "content": p.render("aware", profile=profile, personality=personality)}, *tail],
+            [{"role": "system", "content": p.render("plain")}, *tail], p.tag)

@@ -33,16 +33,18 @@ import gc
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from aloe import prompts
+from aloe import judge_card, prompts
 from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling, open_backend
 from aloe.config import EvaluateConfig
-from aloe.conversation import clean_user_message, simulator_messages
+from aloe.conversation import clean_user_message, likelihood_prompts, simulator_messages
+from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
 from aloe.io import atomic_path, read_jsonl, write_json, write_jsonl, write_manifest
-from aloe.judging import SCORES, expected_score, judge, parse_score_choice
-from aloe.metrics import summarize
+from aloe.judging import SCORES, expected_score, judge, likelihood_ratios, likelihood_score, parse_score_choice
+from aloe.metrics import paired_difference, summarize
 from aloe.records import make_pairs, pool_records, read_aloe_pool
 from aloe.roles import Roles, as_roles
 from aloe.trees import dialogue_text
@@ -125,6 +127,44 @@ def _open_trained(cfg: EvaluateConfig, model: str) -> ChatBackend:
     return open_backend(bc, cfg.cache_path)
 
 
+@dataclass(frozen=True)
+class Reply:
+    """One reply to judge: the persona it is judged against, the conversation before the
+    user's message, the message and the reply."""
+
+    persona: dict
+    history: list
+    message: str
+    text: str
+
+
+def score_replies(cfg: EvaluateConfig, engine: ChatBackend, replies: list[Reply],
+                  judge_kind: str | None = None) -> list[tuple[float | None, dict]]:
+    """(score on 1-5 or None, the judgment as recorded) per reply, by ``judge_kind`` (default
+    ``cfg.judge``): ``paper`` (the rubric on the current message), ``history`` (the rubric
+    with the conversation) or ``likelihood`` (the persona's likelihood ratio, mapped to 1-5)."""
+    kind = judge_kind or cfg.judge
+    if not replies:
+        return []
+    if kind == "likelihood":
+        items, tag = [], ""
+        for r in replies:
+            aware, plain, tag = likelihood_prompts(r.persona["profile"], r.persona["personality"], r.history,
+                                                   r.message)
+            items.append((aware, plain, r.text))
+        return [(likelihood_score(j.llr, cfg.likelihood_scale), j.to_json())
+                for j in likelihood_ratios(engine, items, tag)]
+    rubric = prompts.get("judge_score" if kind == "paper" else "judge_score_history")
+    # the "paper" rubric ignores {dialogue}; the "history" rubric shows it
+    reqs = [ProbRequest([{"role": "system", "content": rubric.render("system")},
+                         {"role": "user", "content": rubric.render(
+                             "user", profile=r.persona["profile"], personality=r.persona["personality"],
+                             message=r.message, reply=r.text, dialogue=dialogue_text(r.history, r.message))}],
+                        SCORES, prompt_version=rubric.tag) for r in replies]
+    return [(expected_score(j), j.to_json())
+            for j in judge(engine, reqs, parse_score_choice, method=cfg.judge_method, retries=cfg.judge_retries)]
+
+
 def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, under_test: ChatBackend,
               path: Path, progress: bool = True) -> list[dict]:
     """K lockstep turns for one model over all personas; checkpointed per turn."""
@@ -136,7 +176,6 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
     for c in convs:
         c["turns"] = [t for t in c["turns"] if t["turn"] <= cfg.turns]
     sim = prompts.get("user_simulator")
-    rubric = prompts.get("judge_score" if cfg.judge == "paper" else "judge_score_history")
     user_samp = Sampling(temperature=cfg.user_temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     model_samp = under_test_sampling(cfg)
     simulator, judge_engine = roles["simulator"], roles["judge"]
@@ -168,24 +207,16 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
                                    for c, p, m in asked])
         got = {id(c): (m, r) for (c, p, m), r in zip(asked, replies)}
         scored = [(c, p, m, r.text.strip()) for (c, p, m), r in zip(asked, replies) if r.ok and r.text.strip()]
-        # the "paper" rubric ignores {dialogue}; the "history" rubric shows it
-        jreqs = [ProbRequest([{"role": "system", "content": rubric.render("system")},
-                              {"role": "user", "content": rubric.render(
-                                  "user", profile=p["profile"], personality=p["personality"], message=m, reply=r,
-                                  dialogue=dialogue_text(history(c), m))}], SCORES, prompt_version=rubric.tag)
-                 for c, p, m, r in scored]
         verdicts = dict(zip((id(c) for c, *_ in scored),
-                            judge(judge_engine, jreqs, parse_score_choice, method=cfg.judge_method,
-                                  retries=cfg.judge_retries)))
+                            score_replies(cfg, judge_engine, [Reply(p, history(c), m, r) for c, p, m, r in scored])))
         for c, p in active:
             m, r = got.get(id(c), ("", None))
-            j = verdicts.get(id(c))
+            score, j = verdicts.get(id(c), (None, None))
             reason = None if j else ("user simulator failed" if not m else
                                      f"model failed: {r.error if r is not None else 'no reply'}"
                                      if r is None or not r.ok else "empty reply")
             c["turns"].append({"turn": turn, "user": m, "reply": (r.text.strip() if r is not None and r.ok else None),
-                               "score": expected_score(j) if j else None,
-                               "judge": j.to_json() if j else {"method": "none", "error": reason}})
+                               "score": score, "judge": j or {"method": "none", "error": reason}})
         write_jsonl(path, convs)
         bar.update(len(active))
     bar.close()
@@ -203,29 +234,46 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
         if m not in BASELINES:
             trained_path(cfg, m)
     convs_of, metrics, timings, under_test_of = {}, {}, {}, {}
-    # Baselines first, on the policy's engine; it is closed before the trained variants load
-    # (unless the simulator or judge shares it), so a GPU holds one model under test at a time.
-    for model in sorted(cfg.models, key=lambda m: m not in BASELINES):
+
+    def evaluate(model: str, under_test: ChatBackend) -> None:
         t0 = time.time()
-        if model in BASELINES:
-            under_test = roles["policy"]
-        else:
-            if not any(roles.shared("policy", r) for r in ("simulator", "judge")):
-                roles.release("policy")
-            under_test = _open_trained(cfg, model)
         under_test_of[model] = under_test.describe()
         convs_of[model] = run_model(cfg, model, pairs, roles, under_test, paths.conversations(model), progress)
-        if model not in BASELINES:
-            under_test.close()
-            del under_test
-            gc.collect()
         timings[model] = round(time.time() - t0, 2)
+
+    # Baselines first, on the policy's engine, then the judge card's tailored probe (it needs the
+    # policy too); the policy is closed before the trained variants load (unless the simulator or
+    # judge shares it), so a GPU holds one model under test at a time.
+    for model in [m for m in cfg.models if m in BASELINES]:
+        evaluate(model, roles["policy"])
+    probe = None
+    if cfg.judge_card.enabled and "base" in convs_of:
+        probe = judge_card.tailored_probe(cfg, roles["policy"], roles["judge"], pairs, convs_of["base"])
+    for model in [m for m in cfg.models if m not in BASELINES]:
+        if not any(roles.shared("policy", r) for r in ("simulator", "judge")):
+            roles.release("policy")
+        under_test = _open_trained(cfg, model)
+        evaluate(model, under_test)
+        under_test.close()
+        del under_test
+        gc.collect()
+
     all_convs = []
+    scores_of = {}
     for model in cfg.models:  # results in the order the parameter file lists the models
         convs = convs_of[model]
-        scores = {c["persona_id"]: {t["turn"]: t["score"] for t in c["turns"]} for c in convs}
-        metrics[model] = summarize(scores, cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed)
+        scores_of[model] = {c["persona_id"]: {t["turn"]: t["score"] for t in c["turns"]} for c in convs}
+        metrics[model] = summarize(scores_of[model], cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed)
         all_convs += convs
+    if "base" in scores_of:  # paired against base, on the same personas
+        for model in cfg.models:
+            if model != "base":
+                metrics[model]["vs_base"] = paired_difference(scores_of[model], scores_of["base"], cfg.turns,
+                                                              n_boot=cfg.n_boot, seed=cfg.seed)
+    card = None
+    if cfg.judge_card.enabled:
+        card = judge_card.build(cfg, roles["judge"], pairs, convs_of, probe)
+        write_json(paths.judge_card, _jsonable(card))
     rows = [{"model": c["model"], "persona": c["persona_id"], "turn": t["turn"], "score": t["score"],
              "judge_method": t["judge"]["method"], "judge_raw": " | ".join(t["judge"].get("raw") or []),
              "judge_error": t["judge"].get("error")} for c in all_convs for t in c["turns"]]
@@ -237,7 +285,9 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
     turns_done = sum(len(c["turns"]) for c in all_convs)
     described = roles.describe()
     result = {"turns": cfg.turns, "personas": len(pairs), "judge": cfg.judge, "protocol": cfg.protocol,
-              "models": metrics, "roles": {r: described[r] for r in ROLES}, "under_test": under_test_of,
+              "judge_fit": card["fit"] if card else None, "models": metrics,
+              "disclosure": disclosure(cfg, convs_of), "roles": {r: described[r] for r in ROLES},
+              "under_test": under_test_of,
               "seconds_per_model": timings,
               "turns_per_second": {m: round(len(pairs) * cfg.turns / s, 4) if s else None
                                    for m, s in timings.items()}}
@@ -248,6 +298,22 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
     write_manifest(paths.stage("evaluate"), stage="evaluate", parameters=cfg, started=started,
                    roles=result["roles"], models={"under_test": under_test_of}, counts=counts)
     return result
+
+
+def disclosure(cfg: EvaluateConfig, convs_of: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Per model and turn, the mean share of the persona the simulated user has revealed so far
+    (``aloe.disclosure``): a rising AL(k) means little if the user simply says more."""
+    out = {}
+    for model, convs in convs_of.items():
+        per_turn: dict[int, list[float]] = {}
+        for c in convs:
+            curve = revealed_curve(c["profile"], c["personality"], [t["user"] for t in c["turns"]],
+                                   cfg.disclosure_threshold)
+            for t, row in zip(c["turns"], curve):
+                if row["revealed"] is not None:
+                    per_turn.setdefault(t["turn"], []).append(row["revealed"])
+        out[model] = [{"turn": k, "revealed": sum(v) / len(v), "n": len(v)} for k, v in sorted(per_turn.items())]
+    return out
 
 
 def _jsonable(x):
@@ -269,30 +335,45 @@ def al_frame(metrics: dict):
 
 
 def metrics_frame(metrics: dict):
+    """One row per model: AVG, IR, N-IR and N-R², each with its bootstrap interval over personas."""
     import pandas as pd
 
     rows = []
     for m, s in metrics["models"].items():
-        rows.append({"model": m, "AVG": s["avg"], "IR": s["ir"], "IR 95% CI": _ci(s["ir_ci_low"], s["ir_ci_high"]),
-                     "N-IR": s["n_ir"], "N-R2": s["n_r2"], "missing": s["missing"], "personas": s["n_personas"]})
+        rows.append({"model": m, "AVG": s["avg"], "AVG 95% CI": _ci(s.get("avg_ci_low"), s.get("avg_ci_high")),
+                     "IR": s["ir"], "IR 95% CI": _ci(s["ir_ci_low"], s["ir_ci_high"]),
+                     "N-IR": s["n_ir"], "N-IR 95% CI": _ci(s.get("n_ir_ci_low"), s.get("n_ir_ci_high")),
+                     "N-R2": s["n_r2"], "N-R2 95% CI": _ci(s.get("n_r2_ci_low"), s.get("n_r2_ci_high")),
+                     "missing": s["missing"], "personas": s["n_personas"]})
     return pd.DataFrame(rows).set_index("model")
+
+
+def vs_base_frame(metrics: dict):
+    """Paired differences against base (same personas): AVG and IR, and AL(k) per turn."""
+    import pandas as pd
+
+    rows = []
+    for m, s in metrics["models"].items():
+        vs = s.get("vs_base")
+        if not vs:
+            continue
+        row = {"model": m, "AVG diff": vs["avg_diff"], "AVG diff 95% CI": _ci(vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]),
+               "IR diff": vs["ir_diff"], "IR diff 95% CI": _ci(vs["ir_diff_ci_low"], vs["ir_diff_ci_high"]),
+               "personas": vs["n_personas"]}
+        for t in vs["per_turn"]:
+            row[f"AL({t['turn']}) diff"] = (f"{t['diff']:+.3f} {_ci(t['ci_low'], t['ci_high'])}"
+                                            if t["diff"] is not None else "")
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model") if rows else pd.DataFrame()
+
+
+def disclosure_frame(metrics: dict):
+    """Long table: model, turn, revealed (share of the persona the simulated user has revealed)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"model": m, **r} for m, rows in (metrics.get("disclosure") or {}).items() for r in rows],
+                        columns=["model", "turn", "revealed", "n"])
 
 
 def _ci(lo, hi) -> str:
     return "" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]"
-
-
-def separation(metrics: dict, a: str, b: str) -> list[dict]:
-    """Per turn, whether model a's and model b's 95% intervals are disjoint (and which is higher)."""
-    ms = metrics["models"]
-    if a not in ms or b not in ms:
-        return []
-    out = []
-    for ra, rb in zip(ms[a]["al"], ms[b]["al"]):
-        if None in (ra["ci_low"], rb["ci_low"]):
-            out.append({"turn": ra["turn"], "separated": None})
-            continue
-        sep = ra["ci_low"] > rb["ci_high"] or rb["ci_low"] > ra["ci_high"]
-        out.append({"turn": ra["turn"], "separated": sep, "higher": a if ra["al"] > rb["al"] else b,
-                    "diff": ra["al"] - rb["al"]})
-    return out

@@ -8,6 +8,7 @@ unusable judgment is returned as None (missing), never as a made-up verdict.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -154,3 +155,63 @@ def judge(backend, requests: Sequence[ProbRequest], parse: Callable[[str | None]
         out[i] = Judged("none", None, raws[i], lps[i].logprobs if lps[i] is not None else None,
                         f"no parsable answer in {retries + 1} tries")
     return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- likelihood-ratio judge
+
+@dataclass
+class LikelihoodJudged:
+    """How much more probable a persona makes a reply, under the judge model.
+
+    ``llr`` is the per-token mean of log P(reply | persona-aware prompt) - log P(reply | plain
+    prompt): positive when knowing the user makes this reply more likely. It has no position
+    and parses no text. None (missing, never a made-up value) when either side failed or
+    the backend's log-probabilities are not exact continuation likelihoods.
+    """
+
+    llr: float | None
+    aware: float | None = None
+    plain: float | None = None
+    tokens: int | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.llr is not None
+
+    def to_json(self) -> dict:
+        return {"method": "likelihood", "llr": self.llr, "aware": self.aware, "plain": self.plain,
+                "tokens": self.tokens, "error": self.error}
+
+
+def likelihood_ratios(backend, items: Sequence[tuple[Sequence[dict], Sequence[dict], str]],
+                      prompt_version: str) -> list[LikelihoodJudged]:
+    """Score replies by the likelihood ratio: ``items`` are (persona-aware messages, plain
+    messages, reply); both prompt sides end with the user's message the reply answers."""
+    reqs = []
+    for aware, plain, reply in items:
+        reqs += [ProbRequest(aware, (reply,), prompt_version=prompt_version),
+                 ProbRequest(plain, (reply,), prompt_version=prompt_version)]
+    got = backend.logprobs(reqs) if reqs else []
+    out = []
+    for k, (_, _, reply) in enumerate(items):
+        a, p = got[2 * k], got[2 * k + 1]
+        if not (a.ok and p.ok):
+            out.append(LikelihoodJudged(None, error=a.error or p.error or "no log-probability"))
+        elif not (a.exact and p.exact and a.tokens):
+            out.append(LikelihoodJudged(None, error=f"{getattr(backend, 'kind', 'this')} backend gives next-token "
+                                                    f"top-k log-probabilities, not a reply's likelihood"))
+        else:
+            n = a.tokens[reply]
+            la, lp = a.logprobs[reply], p.logprobs[reply]
+            out.append(LikelihoodJudged((la - lp) / n, la, lp, n))
+    return out
+
+
+def likelihood_score(llr: float | None, scale: float) -> float | None:
+    """The likelihood ratio on the rubric's 1-5 scale, for AL(k): 1 + 4 * sigmoid(llr / scale).
+    A reply the persona neither helps nor hurts scores 3; ``scale`` (nats per token) is the
+    ratio that moves it to 1 + 4 * sigmoid(1) = 3.92."""
+    if llr is None:
+        return None
+    return 1.0 + 4.0 / (1.0 + math.exp(-llr / scale))

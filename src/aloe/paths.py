@@ -84,3 +84,7 @@ class Paths:
     @property
     def eval_metrics(self) -> Path:
         return self.root / "evaluate" / "metrics.json"
+
+    @property
+    def judge_card(self) -> Path:
+        return self.root / "evaluate" / "judge_card.json"

@@ -7,6 +7,7 @@ from pathlib import Path
 from aloe import roles as roles_mod
 from aloe.config import STAGES, ReportConfig
 from aloe.io import read_json, write_manifest
+from aloe.metrics import excludes_zero
 
 
 def manifests(cfg: ReportConfig) -> dict[str, dict]:
@@ -105,8 +106,6 @@ def training_summary(cfg: ReportConfig) -> list[dict]:
 
 def findings(cfg: ReportConfig) -> list[str]:
     """'What this run shows and what it cannot show', written from the numbers."""
-    from aloe.evaluation import separation
-
     out = []
     warning = self_judging(cfg)
     if warning:
@@ -128,23 +127,35 @@ def findings(cfg: ReportConfig) -> list[str]:
                + ("(the paper's: no system prompt for the model under test, its own default sampling, "
                   "2048-token cap)." if metrics.get("protocol") == "paper" else
                   "(ours: a short system prompt and greedy decoding for every model under test)."))
-    if "oracle" in ms and "base" in ms:
-        sep = separation(metrics, "oracle", "base")
-        turns = [s["turn"] for s in sep if s["separated"]]
-        if turns:
-            higher = {s["higher"] for s in sep if s["separated"]}
-            out.append(f"The oracle's 95% band separates from the base model's at turn(s) {turns} of "
-                       f"{len(sep)} ({', '.join(sorted(higher))} higher), with {n} personas.")
+    card = judge_card(cfg)
+    fit = bool(card and card["fit"])
+    out.append(judge_verdict(card))
+    for m, s in ms.items():
+        vs = s.get("vs_base")
+        if not vs or vs["avg_diff"] is None:
+            continue
+        head = (f"{m} vs base, paired over {vs['n_personas']} personas: AVG {vs['avg_diff']:+.3f} "
+                f"[{vs['avg_diff_ci_low']:+.3f}, {vs['avg_diff_ci_high']:+.3f}]")
+        if vs.get("ir_diff") is not None:
+            head += f", IR {vs['ir_diff']:+.4f} [{vs['ir_diff_ci_low']:+.4f}, {vs['ir_diff_ci_high']:+.4f}]"
+        if not fit:
+            out.append(head + ": not evidence, since the judge did not pass its validation.")
+        elif excludes_zero(vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]):
+            out.append(head + f": {m} scores {'higher' if vs['avg_diff'] > 0 else 'lower'} than base "
+                              "(the interval excludes 0).")
         else:
-            out.append(f"The oracle (persona in its prompt) does not separate from the base model at any of the "
-                       f"{len(sep)} turns with {n} personas: at this size and with this judge the benchmark cannot "
-                       f"tell a model that knows the user from one that does not, so differences between the other "
-                       f"models are not evidence either.")
+            out.append(head + ": the interval includes 0, so this run shows no difference.")
+    if "oracle" in ms and "vs_base" in ms["oracle"] and fit:
+        vs = ms["oracle"]["vs_base"]
+        if not (excludes_zero(vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]) and vs["avg_diff"] > 0):
+            out.append(f"The oracle (told the persona) does not score above base with {n} personas: the benchmark "
+                       f"cannot tell a model that knows the user from one that does not at this size, so the other "
+                       f"models' differences are not evidence either.")
     for m, s in ms.items():
         if s.get("ir") is None:
             out.append(f"{m}: IR undefined (fewer than 2 turns, or a turn without a usable judgment).")
             continue
-        excl = s["ir_ci_low"] is not None and (s["ir_ci_low"] > 0 or s["ir_ci_high"] < 0)
+        excl = excludes_zero(s["ir_ci_low"], s["ir_ci_high"])
         out.append(f"{m}: AVG {s['avg']:.3f}, IR {s['ir']:+.4f} per turn, 95% CI [{s['ir_ci_low']:+.4f}, "
                    f"{s['ir_ci_high']:+.4f}]: " + ("the interval excludes 0." if excl else
                                                    "the interval includes 0 (no detectable trend)."))
@@ -152,3 +163,33 @@ def findings(cfg: ReportConfig) -> list[str]:
     if missing:
         out.append(f"{missing} judgments were unusable and are excluded (each mean's n says where).")
     return out
+
+
+def judge_card(cfg: ReportConfig) -> dict | None:
+    p = cfg.paths.judge_card
+    return read_json(p) if p.exists() else None
+
+
+def judge_verdict(card: dict | None) -> str:
+    """One plain sentence: is this judge fit to rank models, from its card's numbers."""
+    if card is None:
+        return ("**No judge validation ran (judge_card.enabled is false), so this run shows nothing about which "
+                "model aligns better**: a comparison counts only with a judge whose validation passes.")
+    d, lo, hi = (card["persona_discrimination"], card["persona_discrimination_ci_low"],
+                 card["persona_discrimination_ci_high"])
+    disc = (f"it scores a reply higher against its own persona than against a mismatched one in {d:.0%} of "
+            f"{card['n_discrimination']} cases [{lo:.0%}, {hi:.0%}]" if d is not None else
+            "its persona discrimination could not be measured")
+    if card["fit"]:
+        return f"The judge passed its validation: {disc}. Paired differences below are evidence where their interval excludes 0."
+    return (f"**The judge failed its validation ({'; '.join(card['reasons'])}). This run shows nothing about which "
+            f"model aligns better**: {disc}.")
+
+
+def judge_warning(cfg: ReportConfig) -> str | None:
+    """The warning every table after the judge card carries when the judge is not fit (or unvalidated)."""
+    card = judge_card(cfg)
+    if card is not None and card["fit"]:
+        return None
+    why = "failed its validation" if card is not None else "was not validated"
+    return f"Warning: the judge {why}; the numbers in this table show nothing about which model aligns better."

@@ -57,6 +57,33 @@ def check_pass_through(exp: Experiment, stages: list[str]) -> None:
             raise ConfigError(f"{exp.path}: {e}") from None
 
 
+OFFICIAL_FILES = {"personas": ("profile.jsonl", "personality.jsonl", "profile_eval.jsonl", "personality_eval.jsonl"),
+                  "evaluate": ("profile_eval.jsonl", "personality_eval.jsonl")}
+
+
+def check_inputs(exp: Experiment, stages: list[str]) -> None:
+    """Input folders a parameter file names exist and hold what the stage reads."""
+    for stage in stages:
+        cfg = exp.stages[stage]
+        folder = getattr(cfg, "official_dir", None)
+        if stage not in OFFICIAL_FILES or folder is None:
+            continue
+        if stage == "personas" and cfg.source != "official":
+            continue
+        missing = [f for f in OFFICIAL_FILES[stage] if not (Path(folder) / f).is_file()]
+        if missing:
+            where = "folder not found" if not Path(folder).is_dir() else f"missing {', '.join(missing)}"
+            raise ConfigError(f"{exp.path}: stages.{stage}.official_dir: {folder}: {where}; copy the official "
+                              f"ALOE datasets/ folder there (README, 'Official ALOE files')")
+
+
+def check_experiment(exp: Experiment, stages: list[str], notebooks_dir: Path | None = None) -> None:
+    """Everything knowable before a run: notebook parameters, TRL/PEFT pass-through keys, input folders."""
+    check_notebook_parameters(exp, stages, notebooks_dir or REPO_ROOT / "notebooks")
+    check_pass_through(exp, stages)
+    check_inputs(exp, stages)
+
+
 def run_experiment(params_file: str | Path, only: list[str] | None = None, *,
                    notebooks_dir: Path | None = None, reports_root: Path | None = None,
                    cwd: Path | None = None, log_output: bool = True) -> dict:
@@ -74,8 +101,7 @@ def run_experiment(params_file: str | Path, only: list[str] | None = None, *,
     notebooks_dir = notebooks_dir or REPO_ROOT / "notebooks"
     reports_dir = (reports_root or REPO_ROOT / "reports") / exp.name
     cwd = cwd or REPO_ROOT
-    check_notebook_parameters(exp, stages, notebooks_dir)
-    check_pass_through(exp, stages)
+    check_experiment(exp, stages, notebooks_dir)
 
     status: dict[str, dict] = _read_status(reports_dir)
     for stage in stages:

@@ -195,15 +195,13 @@ def _save_merged(trainer, tok, path: Path, lora: bool) -> None:
 def run(cfg: TrainConfig, variants: list[str] | None = None, *, callbacks=None) -> dict:
     """Train the configured variants of the policy model in order; a variant that starts from
     another (``sft_then_dpo`` from ``sft_preferred``'s merged model) has that one trained first."""
-    from aloe.models import ensure_local_model, hf_location, resolve_model
+    from aloe.models import hf_location, resolve_model
 
     validate(cfg)
     started = time.time()
     policy_cfg = cfg.role("policy")
     spec = resolve_model(policy_cfg.model, policy_cfg.revision)
-    if spec.source == "gguf-package":
-        ensure_local_model(spec)
-    base = hf_location(spec)
+    base = hf_location(spec)  # converts an embedded GGUF once
     policy = policy_identity(cfg)
     results = {}
     for variant in needed(variants or cfg.variants):

@@ -28,20 +28,19 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import time
 from pathlib import Path
 
-import numpy as np
 
 from aloe import prompts
 from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling
 from aloe.config import TreesConfig
-from aloe.conversation import clean_user_message, simulator_messages
-from aloe.embedding import shared_embedder
+from aloe.conversation import clean_user_message, likelihood_prompts, simulator_messages
+from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
 from aloe.io import read_jsonl, write_jsonl, write_manifest
-from aloe.judging import SCORES, Judged, expected_score, judge, pair_verdict, parse_choice, parse_score_choice
+from aloe.judging import (SCORES, Judged, LikelihoodJudged, expected_score, judge, likelihood_ratios, pair_verdict,
+                          parse_choice, parse_score_choice)
 from aloe.records import spread
 from aloe.roles import Roles, as_roles
 from aloe.variants import EXPORTS
@@ -51,9 +50,9 @@ log = logging.getLogger(__name__)
 # The roles this stage uses (aloe.roles) and the prompts they speak with.
 ROLES = ("simulator", "inferrer", "responder", "judge")
 PROMPTS = ("user_simulator", "infer_extract", "infer_blind", "responder_hinted", "responder_plain", "judge_pair",
-           "judge_score")
+           "judge_score", "judge_likelihood")
 # Provenance keys that must match for a rerun to continue an existing trees.jsonl.
-_RESUME_KEYS = ("roles", "prompts", "seed", "inference", "branch", "judge_method", "judge_retries",
+_RESUME_KEYS = ("roles", "prompts", "seed", "inference", "branch", "judge", "judge_method", "judge_retries",
                 "inconsistent", "temperature", "max_new_tokens")
 
 
@@ -61,7 +60,7 @@ def provenance(cfg: TreesConfig, roles: Roles | ChatBackend) -> dict:
     roles = as_roles(roles, ROLES)
     return {"roles": {r: roles[r].describe() for r in ROLES}, "prompts": {r: prompts.get(r).tag for r in PROMPTS},
             "seed": cfg.seed,
-            "inference": cfg.inference, "branch": cfg.branch, "judge_method": cfg.judge_method,
+            "inference": cfg.inference, "branch": cfg.branch, "judge": cfg.judge, "judge_method": cfg.judge_method,
             "judge_retries": cfg.judge_retries, "inconsistent": cfg.inconsistent, "temperature": cfg.temperature,
             "max_new_tokens": cfg.max_new_tokens}
 
@@ -93,8 +92,6 @@ def decide(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], first: 
     ``inconsistent`` is "pointwise".
     """
     v = pair_verdict(first, second)
-    rng = _branch_rng(cfg, tree_id, turn)
-    hinted, plain = cands
     node = {"p_hinted": v.p_a, "p_hinted_first": v.p_a_first, "p_hinted_second": v.p_a_second,
             "consistent": v.consistent, "preferred": None, "rejected": None, "preferred_is_hinted": None,
             "decided_by": None}
@@ -114,6 +111,30 @@ def decide(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], first: 
             node["verdict"] = "tie"
     else:
         node["verdict"] = cfg.inconsistent  # "tie" (kept, unlabelled) or "drop" (candidates removed)
+    return _label_and_branch(cfg, tree_id, turn, cands, node, hinted_wins)
+
+
+def decide_likelihood(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict],
+                      hinted_llr: float | None, plain_llr: float | None) -> dict:
+    """The likelihood judge's node: the reply the persona explains better (the larger
+    per-token log-ratio) is preferred; equal or missing ratios give no label."""
+    node = {"p_hinted": None, "p_hinted_first": None, "p_hinted_second": None, "consistent": None,
+            "preferred": None, "rejected": None, "preferred_is_hinted": None, "decided_by": None,
+            "likelihood": {"hinted": hinted_llr, "plain": plain_llr}}
+    hinted_wins = None
+    if hinted_llr is None or plain_llr is None:
+        node["verdict"] = "unusable"
+    elif hinted_llr == plain_llr:
+        node["verdict"] = "tie"
+    else:
+        hinted_wins, node["decided_by"] = hinted_llr > plain_llr, "likelihood"
+    return _label_and_branch(cfg, tree_id, turn, cands, node, hinted_wins)
+
+
+def _label_and_branch(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], node: dict,
+                      hinted_wins: bool | None) -> dict:
+    rng = _branch_rng(cfg, tree_id, turn)
+    hinted, plain = cands
     if hinted_wins is not None:
         win, lose = (hinted, plain) if hinted_wins else (plain, hinted)
         node.update(verdict="preferred", preferred=win["text"], rejected=lose["text"],
@@ -234,6 +255,8 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
                 t.fail(turn, "responder", ra.error or rb.error or "empty reply")
                 continue
             judged_in.append((t, m, inf, ra.text.strip(), rb.text.strip()))
+            if cfg.judge == "likelihood":
+                continue
             for first, second in ((ra.text, rb.text), (rb.text, ra.text)):
                 jreqs.append(ProbRequest(
                     [{"role": "system", "content": judge_p.render("system")},
@@ -241,17 +264,29 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
                                                                 personality=t.rec["personality"], message=m,
                                                                 first=first.strip(), second=second.strip())}],
                     ("1", "2"), prompt_version=judge_p.tag))
-        verdicts = judge(roles["judge"], jreqs, parse_choice, method=cfg.judge_method, retries=cfg.judge_retries,
-                         require_all=True)
-        pointwise = _pointwise(cfg, roles["judge"], judged_in, verdicts)
+        if cfg.judge == "likelihood":
+            ratios = _likelihood(roles["judge"], judged_in)
+            verdicts = []
+        else:
+            verdicts = judge(roles["judge"], jreqs, parse_choice, method=cfg.judge_method,
+                             retries=cfg.judge_retries, require_all=True)
+            pointwise = _pointwise(cfg, roles["judge"], judged_in, verdicts)
         for i, (t, m, inf, a, b) in enumerate(judged_in):
+            cands = [{"id": "a", "text": a, "hinted": True}, {"id": "b", "text": b, "hinted": False}]
+            rec = {"turn": turn, "user": m, "inferred": {"mode": cfg.inference, "text": inf}}
+            if cfg.judge == "likelihood":
+                ja, jb = ratios[2 * i], ratios[2 * i + 1]
+                stats["judge_calls"] += 2
+                stats["judge_unusable"] += (not ja.ok) + (not jb.ok)
+                node = decide_likelihood(cfg, t.rec["id"], turn, cands, ja.llr, jb.llr)
+                rec.update(candidates=cands, judgments=[{"reply": "a", **ja.to_json()}, {"reply": "b", **jb.to_json()}])
+                t.rec["turns"].append({**rec, **node})
+                continue
             j1, j2 = verdicts[2 * i], verdicts[2 * i + 1]
             stats["judge_calls"] += 2
             stats["judge_unusable"] += (j1.method == "none") + (j2.method == "none")
             stats["judge_text"] += (j1.method == "text") + (j2.method == "text")
-            cands = [{"id": "a", "text": a, "hinted": True}, {"id": "b", "text": b, "hinted": False}]
             node = decide(cfg, t.rec["id"], turn, cands, j1, j2, pointwise.get(i))
-            rec = {"turn": turn, "user": m, "inferred": {"mode": cfg.inference, "text": inf}}
             if node["verdict"] != "drop":
                 rec["candidates"] = cands
                 rec["judgments"] = [{"order": ["a", "b"], **j1.to_json()}, {"order": ["b", "a"], **j2.to_json()}]
@@ -273,11 +308,20 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
               **{f"verdict_{v}": sum(n["verdict"] == v for n in nodes) for v in ("preferred", "tie", "drop",
                                                                                    "unusable")},
               **{f"decided_by_{d}": sum(n.get("decided_by") == d for n in nodes)
-                 for d in ("pair", "average", "pointwise")},
+                 for d in ("pair", "average", "pointwise", "likelihood")},
               **{f"{k}_rows": len(v) for k, v in exports.items()}, **stats, **roles.cache_stats()}
     write_manifest(paths.stage("trees"), stage="trees", parameters=cfg, started=started, roles=prov["roles"],
                    counts=counts, extra={"provenance": prov})
     return counts
+
+
+def _likelihood(backend: ChatBackend, judged_in: list) -> list[LikelihoodJudged]:
+    """Likelihood ratios of both replies of every node (hinted, plain, hinted, plain, ...)."""
+    items, tag = [], ""
+    for t, m, _, a, b in judged_in:
+        aware, plain, tag = likelihood_prompts(t.rec["profile"], t.rec["personality"], history_of(t.rec), m)
+        items += [(aware, plain, a), (aware, plain, b)]
+    return likelihood_ratios(backend, items, tag)
 
 
 def _pointwise(cfg: TreesConfig, backend: ChatBackend, judged_in: list, verdicts: list[Judged]) -> dict:
@@ -308,35 +352,16 @@ def _progress(total: int, done: int, enabled: bool):
     return tqdm(total=total, initial=done, desc="tree turns", unit="turn", disable=not enabled)
 
 
-def _facts(text: str) -> list[str]:
-    parts = re.split(r"(?<=[.!?;])\s+|,\s+and\s+", text)
-    return [p.strip() for p in parts if len(p.strip()) > 3]
-
-
 def add_disclosure(trees: list[dict], threshold: float) -> None:
-    """Per turn, the share of the persona's facts (its sentences) that the user has
-    *revealed* in their messages so far and that the inference step has *recovered*.
-
-    A fact counts when some sentence of the text has MiniLM cosine >= ``threshold``
-    with it: a rough semantic-overlap proxy, not a fact checker.
-    """
-    todo = [t for t in trees if any("disclosure" not in n for n in t["turns"])]
-    if not todo:
-        return
-    emb = shared_embedder()
-    for t in todo:
-        facts = _facts(t["profile"]) + _facts(t["personality"])
-        if not facts:
+    """Per turn, the share of the persona's facts that the user has *revealed* in their messages
+    so far and that the inference step has *recovered* (``aloe.disclosure``)."""
+    for t in trees:
+        if all("disclosure" in n for n in t["turns"]):
             continue
-        fe = emb.encode(facts)
-        best_said = None  # per fact, the best match in any user message so far (each embedded once)
-        for n in t["turns"]:
-            said = (fe @ emb.encode(_facts(n["user"]) or [n["user"]]).T).max(axis=1)
-            best_said = said if best_said is None else np.maximum(best_said, said)
-            inf = _facts(n["inferred"]["text"]) or [n["inferred"]["text"]]
-            rev = best_said >= threshold
-            rec = (fe @ emb.encode(inf).T).max(axis=1) >= threshold
-            n["disclosure"] = {"facts": len(facts), "revealed": float(rev.mean()), "recovered": float(rec.mean())}
+        curve = revealed_curve(t["profile"], t["personality"], [n["user"] for n in t["turns"]], threshold,
+                               recovered_texts=[n["inferred"]["text"] for n in t["turns"]])
+        for n, row in zip(t["turns"], curve):
+            n["disclosure"] = row
 
 
 def export_rows(trees: list[dict], system: str | None = None) -> dict[str, list[dict]]:

@@ -87,13 +87,15 @@ class CandidateLogprobs:
     ``logprobs[c]`` is None when the backend did not report that candidate (an HTTP
     server returns only its top-k tokens). ``exact`` is True when the values are full
     continuation log-likelihoods (local model), False when they come from next-token
-    top-k lists (first token of each candidate).
+    top-k lists (first token of each candidate): those say nothing about a candidate's
+    later tokens, so a likelihood judge refuses them.
     """
 
     logprobs: dict[str, float | None]
     exact: bool = True
     error: str | None = None
     cached: bool = False
+    tokens: dict[str, int] | None = None  # tokens per candidate, where the values are exact (per-token means)
 
     @property
     def ok(self) -> bool:

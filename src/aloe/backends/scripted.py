@@ -10,9 +10,10 @@ Answers:
 * ``chat``: the next entry of ``texts`` when one is given (a judge that writes
   garbage, then a digit), else ``"<model>: reply <n> (<prompt version>)."``;
 * ``logprobs``: none (like a server without log-probabilities) when ``logprobs`` is
-  False; else a fixed pseudo-random distribution over the candidates, derived from a
-  hash of the model id and the messages, so it is stable across runs and differs
-  between prompts.
+  False; ``logprobs(request)`` when it is a function (a judge with a known answer);
+  else a fixed pseudo-random distribution over the candidates, derived from a hash of
+  the model id and the messages, so it is stable across runs and differs between
+  prompts. Values count as exact, one token per word.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class ScriptedBackend(ChatBackend):
 
     def __init__(self, model_id: str = "scripted", revision: str = "0", cache: CallCache | None = None, *,
                  texts: list[str | None] | Callable[[ChatRequest], str | None] | None = None,
-                 logprobs: bool = True):
+                 logprobs: bool | Callable[[ProbRequest], dict[str, float]] = True):
         super().__init__(model_id, revision, cache)
         self.texts = list(texts) if isinstance(texts, (list, tuple)) else texts
         self.with_logprobs = logprobs
@@ -60,10 +61,14 @@ class ScriptedBackend(ChatBackend):
             if not self.with_logprobs:
                 out.append(CandidateLogprobs({c: None for c in r.candidates}, exact=False))
                 continue
+            tokens = {c: max(1, len(c.split())) for c in r.candidates}
+            if callable(self.with_logprobs):
+                out.append(CandidateLogprobs(self.with_logprobs(r), tokens=tokens))
+                continue
             seed = hashlib.sha256(repr((self.model_id, r.messages)).encode()).digest()
             weights = [1 + seed[i % len(seed)] for i in range(len(r.candidates))]
             total = sum(weights)
-            out.append(CandidateLogprobs({c: math.log(w / total) for c, w in zip(r.candidates, weights)}))
+            out.append(CandidateLogprobs({c: math.log(w / total) for c, w in zip(r.candidates, weights)}, tokens=tokens))
         return out
 
     def prompt_versions(self, call: str | None = None) -> set[str]:

@@ -203,9 +203,11 @@ class TransformersBackend(ChatBackend):
         """
         # (request index, sequence, [(candidate, token ids)], sequence is the prompt only)
         items: list[tuple[int, list[int], list[tuple[str, list[int]]], bool]] = []
+        ntok: list[dict[str, int]] = []
         for ri, r in enumerate(requests):
             p = self._prompt_ids(r.messages)
             cids = [(c, self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in r.candidates]
+            ntok.append({c: len(t) for c, t in cids})
             if all(len(t) == 1 for _, t in cids):
                 items.append((ri, p, cids, True))
             else:
@@ -230,7 +232,7 @@ class TransformersBackend(ChatBackend):
             if gi == len(shared) - 1 or sum(len(m) for _, m in chunk_groups) + len(shared[gi + 1][1]) > self.batch_size:
                 self._score_shared(chunk_groups, items, scores)
                 chunk_groups = []
-        return [CandidateLogprobs({c: scores[(ri, c)] for c in r.candidates}, exact=True)
+        return [CandidateLogprobs({c: scores[(ri, c)] for c in r.candidates}, exact=True, tokens=ntok[ri])
                 for ri, r in enumerate(requests)]
 
     def _score_shared(self, groups, items, scores) -> None:

@@ -74,11 +74,33 @@ class VLLMBackend(ChatBackend):
         return results
 
     def _score(self, requests: list[ProbRequest]) -> list[CandidateLogprobs]:
-        params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, logprobs=self.top_logprobs)
-        outs = self.llm.chat([list(r.messages) for r in requests], sampling_params=params, use_tqdm=False)
-        results = []
-        for r, o in zip(requests, outs):
-            step = (o.outputs[0].logprobs or [{}])[0]
-            top = {lp.decoded_token: lp.logprob for lp in step.values() if lp.decoded_token is not None}
-            results.append(CandidateLogprobs(match_candidates(top, r.candidates), exact=False))
-        return results
+        """One-token candidates ("1".."5"): the next token's top-k list. A request with a longer
+        candidate (a whole reply, for the likelihood judge) is scored exactly instead: the
+        candidate is appended as the assistant's message and vLLM's prompt log-probabilities
+        of its tokens are summed."""
+        tok = self.llm.get_tokenizer()
+        ntok = [{c: len(tok(c, add_special_tokens=False)["input_ids"]) for c in r.candidates} for r in requests]
+        exact = [i for i, n in enumerate(ntok) if max(n.values()) > 1]
+        results: list[CandidateLogprobs | None] = [None] * len(requests)
+        topk = [i for i in range(len(requests)) if i not in set(exact)]
+        if topk:
+            params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, logprobs=self.top_logprobs)
+            outs = self.llm.chat([list(requests[i].messages) for i in topk], sampling_params=params, use_tqdm=False)
+            for i, o in zip(topk, outs):
+                step = (o.outputs[0].logprobs or [{}])[0]
+                top = {lp.decoded_token: lp.logprob for lp in step.values() if lp.decoded_token is not None}
+                results[i] = CandidateLogprobs(match_candidates(top, requests[i].candidates), exact=False)
+        if exact:
+            pairs = [(i, c) for i in exact for c in requests[i].candidates]
+            params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+            outs = self.llm.chat([list(requests[i].messages) + [{"role": "assistant", "content": c}] for i, c in pairs],
+                                 sampling_params=params, use_tqdm=False, add_generation_prompt=False,
+                                 continue_final_message=True)
+            got: dict[int, dict[str, float]] = {}
+            for (i, c), o in zip(pairs, outs):
+                n = ntok[i][c]  # the prompt's last n tokens are the candidate's
+                ids, lps = o.prompt_token_ids[-n:], o.prompt_logprobs[-n:]
+                got.setdefault(i, {})[c] = float(sum(lp[t].logprob for t, lp in zip(ids, lps)))
+            for i in exact:
+                results[i] = CandidateLogprobs(got[i], exact=True, tokens=ntok[i])
+        return results  # type: ignore[return-value]
