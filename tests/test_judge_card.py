@@ -65,7 +65,7 @@ def test_discrimination_of_known_judges(tmp_path, judge_fn, own_score, expected)
     if expected == 1.0:
         assert card["fit"] and card["persona_discrimination_ci_low"] == 1.0
     else:
-        assert not card["fit"] and "persona discrimination 0.50" in card["reasons"][0]
+        assert not card["fit"] and "persona discrimination (own persona scores above a mismatched one) is 0.50" in card["reasons"][0]
     assert card["tailored"]["value"] is None and "base is not among" in card["tailored"]["why"]
 
 

@@ -150,11 +150,12 @@ def build(cfg: EvaluateConfig, judge_engine, pairs: list[dict], convs_of: dict[s
     sample = [(m, c, t) for m, c, t in judged_turns(convs_of, card_cfg.max_replies) if c["persona_id"] in other]
     replies = [Reply(other[c["persona_id"]], history_before(c, t["turn"]), t["user"], t["reply"]) for _, c, t in sample]
     against_other = score_replies(cfg, judge_engine, replies)
-    wins, groups = [], []
-    for (_, c, t), (s_other, _) in zip(sample, against_other):
+    wins, groups, by_model = [], [], {}
+    for (m, c, t), (s_other, _) in zip(sample, against_other):
         if s_other is not None:
             wins.append(win(t["score"], s_other))
             groups.append(c["persona_id"])
+            by_model.setdefault(m, []).append(wins[-1])
     disc, disc_lo, disc_hi = cluster_rate(wins, groups, card_cfg.n_boot, cfg.seed)
 
     own = [t["score"] for _, _, t in sample]
@@ -193,12 +194,12 @@ def build(cfg: EvaluateConfig, judge_engine, pairs: list[dict], convs_of: dict[s
     reasons = []
     if disc is None:
         reasons.append("persona discrimination could not be measured (no usable mismatched scores)")
-    elif disc < card_cfg.min_discrimination or disc_lo <= 0.5:
-        reasons.append(f"persona discrimination {disc:.2f} [{disc_lo:.2f}, {disc_hi:.2f}] is below "
-                       f"{card_cfg.min_discrimination:.2f} or its interval reaches 0.5 (chance)")
-    if tailored["value"] is not None and (tailored["value"] < card_cfg.min_tailored or tailored["ci_low"] <= 0.5):
-        reasons.append(f"tailored replies beat plain ones {tailored['value']:.2f} [{tailored['ci_low']:.2f}, "
-                       f"{tailored['ci_high']:.2f}] of the time: below {card_cfg.min_tailored:.2f} or not above chance")
+    else:
+        reasons += _shortfall("persona discrimination (own persona scores above a mismatched one)", disc, disc_lo,
+                              disc_hi, card_cfg.min_discrimination)
+    if tailored["value"] is not None:
+        reasons += _shortfall("tailored replies beating plain ones", tailored["value"], tailored["ci_low"],
+                              tailored["ci_high"], card_cfg.min_tailored)
     if length_corr is not None and abs(length_corr) > card_cfg.max_length_corr:
         reasons.append(f"scores follow reply length (Spearman {length_corr:+.2f}, limit "
                        f"±{card_cfg.max_length_corr:.2f})")
@@ -208,9 +209,20 @@ def build(cfg: EvaluateConfig, judge_engine, pairs: list[dict], convs_of: dict[s
                        "max_length_corr": card_cfg.max_length_corr, "discrimination_ci_above": 0.5},
         "persona_discrimination": disc, "persona_discrimination_ci_low": disc_lo,
         "persona_discrimination_ci_high": disc_hi, "n_discrimination": len(wins),
+        # split by whose replies were judged: a judge that is also the policy may recognise the replies it
+        # wrote with the persona in its prompt (the oracle's) rather than read the persona
+        "persona_discrimination_by_model": {m: {"value": sum(w) / len(w), "n": len(w)} for m, w in by_model.items()},
         "tailored": tailored, "position_consistency": position_consistency(cfg),
         "length_corr": length_corr, "n_length": len(own), "rejudge": rejudge, "agreement": agreement,
     }
+
+
+def _shortfall(what: str, value: float, lo: float, hi: float, minimum: float) -> list[str]:
+    if value < minimum:
+        return [f"{what} is {value:.2f} [{lo:.2f}, {hi:.2f}], below the {minimum:.2f} required"]
+    if lo <= 0.5:
+        return [f"{what} is {value:.2f} but not above chance: its interval [{lo:.2f}, {hi:.2f}] reaches 0.5"]
+    return []
 
 
 def card_rows(card: dict) -> list[dict]:
@@ -226,6 +238,8 @@ def card_rows(card: dict) -> list[dict]:
          "value": fmt(card["persona_discrimination"]),
          "interval": _ci(card["persona_discrimination_ci_low"], card["persona_discrimination_ci_high"]),
          "n": card["n_discrimination"], "needed": f">= {th['min_discrimination']}, CI above 0.5"},
+        *[{"check": f"(a) ... on {m}'s replies", "value": fmt(v["value"]), "interval": "", "n": v["n"],
+           "needed": "(information)"} for m, v in card.get("persona_discrimination_by_model", {}).items()],
         {"check": "(b) tailored (persona in prompt) beats plain, same message", "value": fmt(t["value"]),
          "interval": _ci(t["ci_low"], t["ci_high"]), "n": t["n"],
          "needed": f">= {th['min_tailored']}, CI above 0.5" if t["value"] is not None else t["why"]},

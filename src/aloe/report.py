@@ -59,7 +59,7 @@ def evaluation_metrics(cfg: ReportConfig) -> dict | None:
 
 
 def finish(cfg: ReportConfig, started: float) -> None:
-    write_manifest(cfg.stage_dir_root / "report", stage="report", parameters=cfg, started=started)
+    write_manifest(cfg.paths.stage("report"), stage="report", parameters=cfg, started=started)
 
 
 def _read_jsonl_or_empty(path: Path) -> list[dict]:

@@ -150,7 +150,7 @@ def _write_index(reports_dir: Path, exp: Experiment, status: dict) -> None:
     for stage in STAGES:
         s = status.get(stage)
         nb = NOTEBOOKS[stage]
-        manifest = Path(exp.stages[stage].data_root) / exp.name / stage / "manifest.json"
+        manifest = exp.stages[stage].paths.manifest(stage)
         counts = ""
         if manifest.exists():
             counts = ", ".join(f"{k}: {v}" for k, v in json.loads(manifest.read_text()).get("counts", {}).items())

@@ -1,0 +1,99 @@
+"""Judge cards of candidate judges on the same conversations.
+
+    .venv/bin/python scripts/compare_judges.py [--personas 20] [--turns 3]
+        [--judges smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b] [--kinds paper likelihood]
+        [--simulator qwen2.5-coder-0.5b] [--policy smollm2-135m]
+
+The simulated user and the policy are held fixed (so are the personas, seeds and therefore
+the conversations: after the first judge they come from the call cache); only the judge
+changes. For each judge model and kind (``paper``: the rubric score; ``likelihood``: the
+persona's likelihood ratio) it runs the ALOE evaluation of ``base`` and ``oracle`` with a
+judge card, and prints: persona discrimination (a), tailored-beats-plain (b), the length
+correlation (d), the oracle-minus-base paired AVG difference, each with its 95% interval,
+whether the card passes, and the seconds spent judging. Writes data/bench/compare_judges.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import aloe.evaluation
+from aloe.config import stage_config
+from aloe.io import write_json, write_jsonl
+from aloe.records import load_seeds, make_pairs, pool_records
+from aloe.roles import open_roles
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--personas", type=int, default=20)
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--judges", nargs="+", default=["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
+    ap.add_argument("--kinds", nargs="+", default=["paper", "likelihood"], choices=["paper", "history", "likelihood"])
+    ap.add_argument("--simulator", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--policy", default="smollm2-135m")
+    ap.add_argument("--root", default="data/bench/compare_judges")
+    args = ap.parse_args()
+
+    root = Path(args.root)
+    pairs = make_pairs(pool_records(load_seeds("eval_profiles"), "profile", "seed", "eval"),
+                       pool_records(load_seeds("eval_personalities"), "personality", "seed", "eval"), 5, 0, "eval")
+    results = []
+    for judge in args.judges:
+        for kind in args.kinds:
+            name = f"{judge}-{kind}"
+            write_jsonl(root / name / "personas" / "pairs.jsonl", pairs)
+            cfg = stage_config(
+                "evaluate", experiment=name, data_root=str(root), cache_path=str(root / "cache.sqlite"),
+                backend={"kind": "transformers", "model": args.simulator, "batch_size": 16},
+                roles={"judge": {"model": judge}, "policy": {"model": args.policy, "batch_size": 32}},
+                n_personas=args.personas, turns=args.turns, max_new_tokens=args.max_new_tokens,
+                models=["base", "oracle"], judge=kind, n_boot=1000, judge_card={"n_boot": 1000})
+            engines = open_roles(cfg, aloe.evaluation.ROLES)
+            judging = {"s": 0.0}
+            real = engines["judge"].logprobs
+
+            def timed(reqs, real=real):
+                t0 = time.time()
+                try:
+                    return real(reqs)
+                finally:
+                    judging["s"] += time.time() - t0
+
+            engines["judge"].logprobs = timed
+            t0 = time.time()
+            metrics = aloe.evaluation.run(cfg, engines, progress=False)
+            card = json.loads(cfg.paths.judge_card.read_text())
+            vs = metrics["models"]["oracle"]["vs_base"]
+            row = {"judge": judge, "kind": kind, "fit": card["fit"],
+                   "discrimination": card["persona_discrimination"],
+                   "discrimination_ci": [card["persona_discrimination_ci_low"], card["persona_discrimination_ci_high"]],
+                   "tailored": card["tailored"]["value"],
+                   "tailored_ci": [card["tailored"]["ci_low"], card["tailored"]["ci_high"]],
+                   "length_corr": card["length_corr"], "oracle_minus_base": vs["avg_diff"],
+                   "oracle_minus_base_ci": [vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]],
+                   "judge_seconds": round(judging["s"], 1), "wall_seconds": round(time.time() - t0, 1),
+                   "reasons": card["reasons"]}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            engines.close()
+    write_json(Path("data/bench/compare_judges.json"), {"args": vars(args), "results": results})
+
+    def ci(v):
+        return f"[{v[0]:.2f}, {v[1]:.2f}]" if v[0] is not None else ""
+
+    print("\n| judge | kind | (a) own > other | (b) tailored > plain | (d) length r | oracle - base AVG | card | judging s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        t = f"{r['tailored']:.2f} {ci(r['tailored_ci'])}" if r["tailored"] is not None else "-"
+        print(f"| {r['judge']} | {r['kind']} | {r['discrimination']:.2f} {ci(r['discrimination_ci'])} | {t} | "
+              f"{r['length_corr']:+.2f} | {r['oracle_minus_base']:+.3f} {ci(r['oracle_minus_base_ci'])} | "
+              f"{'pass' if r['fit'] else 'fail'} | {r['judge_seconds']} |")
+
+
+if __name__ == "__main__":
+    main()
