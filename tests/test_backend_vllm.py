@@ -27,15 +27,42 @@ def make_stand_in():
         def __init__(self, **kw):
             self.kw = kw
 
+    class Tokenizer:
+        """One token per word: ids are positions in a growing vocabulary."""
+
+        vocab: dict = {}
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [self.vocab.setdefault(w, len(self.vocab) + 10) for w in text.split()]}
+
     class LLM:
         def __init__(self, **kw):
             calls["init"] = kw
+            self.tok = Tokenizer()
 
-        def chat(self, messages, sampling_params=None, use_tqdm=True):
+        def get_tokenizer(self):
+            return self.tok
+
+        def get_default_sampling_params(self):
+            return SamplingParams(temperature=0.6, top_p=0.9)  # as a generation_config.json would say
+
+        def chat(self, messages, sampling_params=None, use_tqdm=True, add_generation_prompt=True,
+                 continue_final_message=False):
             calls["chat"].append((messages, sampling_params))
+            calls.setdefault("continue", []).append(continue_final_message)
             outs = []
             for i, m in enumerate(messages):
                 sp = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
+                if sp.kw.get("prompt_logprobs") is not None:
+                    # the prompt is "<system words> <user words> <assistant words>"; each token's
+                    # log-probability is -0.1 x its position in the assistant's message, -9 elsewhere
+                    ids = [t for turn in m for t in self.tok(turn["content"])["input_ids"]]
+                    n = len(self.tok(m[-1]["content"])["input_ids"])
+                    lps = [None] + [{t: FakeLogprob(-9.0, 1, "x")} for t in ids[1:len(ids) - n]]
+                    lps += [{t: FakeLogprob(-0.1 * (j + 1), 1, "x")} for j, t in enumerate(ids[len(ids) - n:])]
+                    outs.append(types.SimpleNamespace(prompt_token_ids=ids, prompt_logprobs=lps, outputs=[
+                        types.SimpleNamespace(text="", token_ids=[], finish_reason="length", logprobs=None)]))
+                    continue
                 if sp.kw.get("logprobs"):
                     lp = {1: FakeLogprob(-0.1, 1, "4"), 2: FakeLogprob(-2.5, 2, " 5"), 3: FakeLogprob(-4.0, 3, "The")}
                     comp = types.SimpleNamespace(text="4", token_ids=[1], finish_reason="length", logprobs=[lp])
@@ -58,6 +85,7 @@ def test_vllm_adapter_with_stand_in(monkeypatch, tmp_path):
                      str(tmp_path / "c.sqlite"))
     assert calls["init"]["model"] == "Qwen/Qwen2-7B-Instruct"
     assert calls["init"]["tensor_parallel_size"] == 4 and calls["init"]["max_model_len"] == 4096
+    assert calls["init"]["dtype"] == "auto"
     reqs = [ChatRequest([{"role": "user", "content": q}], Sampling(temperature=0.7, max_tokens=5, seed=2),
                         sample_index=i) for i, q in enumerate(["a", "b", "c"])]
     out = b.chat(reqs)
@@ -70,6 +98,18 @@ def test_vllm_adapter_with_stand_in(monkeypatch, tmp_path):
     assert lp.logprobs["4"] == pytest.approx(-0.1) and lp.logprobs["5"] == pytest.approx(-2.5)
     assert lp.logprobs["1"] is None and not lp.exact
     assert b.chat(reqs)[0].cached  # through the same cache as every backend
+    # a whole reply as the candidate (the likelihood judge): appended as the assistant's message,
+    # its tokens' prompt log-probabilities summed, exact
+    lp = b.logprobs([ProbRequest([{"role": "user", "content": "hi there"}], ("nice to meet you",))])[0]
+    assert lp.exact and lp.tokens == {"nice to meet you": 4}
+    assert lp.logprobs["nice to meet you"] == pytest.approx(-0.1 - 0.2 - 0.3 - 0.4)
+    msgs, params = calls["chat"][-1]
+    assert msgs[0][-1] == {"role": "assistant", "content": "nice to meet you"} and calls["continue"][-1] is True
+    assert params.kw == {"temperature": 0.0, "max_tokens": 1, "prompt_logprobs": 0}
+    # the paper protocol's "model default" sampling: vLLM's defaults from the model, with our cap and seed
+    b.chat([ChatRequest([{"role": "user", "content": "d"}], Sampling(temperature=None, top_p=None, max_tokens=7, seed=3))])
+    _, params = calls["chat"][-1]
+    assert params[0].kw == {"temperature": 0.6, "top_p": 0.9} and (params[0].max_tokens, params[0].seed) == (7, 3000)
 
 
 def test_vllm_missing_gives_install_hint(monkeypatch):
@@ -95,3 +135,6 @@ def test_vllm_real_engine_on_gpu(tmp_path):
     assert out[0].ok and out[0].text
     lp = b.logprobs([ProbRequest([{"role": "user", "content": "Say a digit from 1 to 5."}], ("1", "2", "3", "4", "5"))])[0]
     assert lp.ok
+    # the likelihood judge's exact path: a whole reply's log-probability from prompt log-probabilities
+    lp = b.logprobs([ProbRequest([{"role": "user", "content": "Hi!"}], ("Hello! How are you today?",))])[0]
+    assert lp.exact and lp.tokens["Hello! How are you today?"] > 1 and lp.logprobs["Hello! How are you today?"] < 0

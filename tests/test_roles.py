@@ -8,7 +8,6 @@ an API key.
 """
 
 import ast
-import dataclasses
 import json
 import os
 import subprocess
