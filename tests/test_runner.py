@@ -62,6 +62,7 @@ def test_ci_pipeline_end_to_end(tmp_path):
     assert nb["metadata"]["papermill"]["parameters"]["turns"] == 1
     report = (reports / "05_report.html").read_text()
     assert "Who played which role" in report and "SELF-JUDGING" in report
+    check_shared_pages(reports, data)
 
     # a rerun of one stage finds its finished conversations and generates nothing (only the judge
     # card's calls are looked up again); without them (deleted), it replays every call from the cache
@@ -93,3 +94,73 @@ def test_failed_stage_names_notebook(tmp_path):
     assert r.returncode == 1
     assert "stage trees failed" in r.stderr and "pairs.jsonl: file not found" in r.stderr
     assert "02_trees.ipynb" in r.stderr
+
+
+class _Page(__import__("html.parser").parser.HTMLParser):
+    """What a reader sees: the text, the tables' header cells and the inline images."""
+
+    def __init__(self):
+        super().__init__()
+        self.text, self.headers, self.images, self._in = [], [], [], None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a.get("src", ""))
+        self._in = tag if tag in ("th", "style", "script") else None
+
+    def handle_endtag(self, tag):
+        self._in = None
+
+    def handle_data(self, data):
+        if self._in == "th":
+            self.headers.append(data.strip())
+        if self._in not in ("style", "script"):
+            self.text.append(data)
+
+
+def parse(path):
+    page = _Page()
+    page.feed(path.read_text())
+    return page
+
+
+def check_shared_pages(reports, data):
+    """The results page answers "what did this run find, and can I trust it?"; the shared stage
+    pages hold results, not code or library chatter; figures are files; cards travel with data."""
+    index = parse(reports / "index.html")
+    text = " ".join(index.text)
+    assert {"model", "AVG", "IR", "N-IR", "N-R²", "minus base (AVG, paired)"} <= set(index.headers)
+    assert any(src.startswith("data:image/png;base64,") for src in index.images)
+    assert "Who played which role" in text and "Can this judge rank models?" in text
+    assert "What this run shows and cannot show" in text
+    for page in [reports / "index.html", *sorted(reports.glob("0*.html"))]:
+        shown = " ".join(parse(page).text)
+        for bad in ("Traceback", "Warning", "INFO", "experiment = "):
+            assert bad not in shown, f"{page.name} shows {bad!r}"
+    assert (reports / "logs" / "trees.log").stat().st_size > 0
+    for name in ("al_curves", "eval_disclosure", "trees_disclosure"):
+        for ext in ("png", "svg"):
+            assert (reports / "figures" / f"{name}.{ext}").stat().st_size > 1000
+    top = parse(reports.parent / "index.html")
+    assert reports.name in " ".join(top.text)
+    # the dataset card's counts are the exports' line counts; the model card has this run's evaluation
+    card = (data / "trees" / "README.md").read_text()
+    for name in ("sft_preferred", "sft_rejected", "dpo"):
+        rows = len((data / "trees" / f"{name}.jsonl").read_text().splitlines())
+        assert f"| `{name}.jsonl` | {rows} |" in card
+    assert "ci-e2e.yaml" in card
+    model_card = (data / "train" / "sft_preferred" / "merged" / "README.md").read_text()
+    assert "smollm2-135m" in model_card and "## Evaluation (ALOE, this run)" in model_card
+    from datasets import load_dataset
+
+    assert len(load_dataset("json", data_files=str(data / "trees" / "dpo.jsonl"), split="train")) == rows
+    # `aloe report` rebuilds the page and the figures from the files alone
+    import shutil
+
+    (reports / "index.html").unlink()
+    shutil.rmtree(reports / "figures")
+    r = subprocess.run([sys.executable, "-m", "aloe", "report", str(data.parent.parent / "ci-e2e.yaml")], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert parse(reports / "index.html").images and (reports / "figures" / "al_curves.svg").exists()

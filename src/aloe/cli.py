@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="run only this stage (repeatable): personas, trees, train, evaluate, report")
     p_check = sub.add_parser("check", help="validate a parameter file without running anything")
     p_check.add_argument("params")
+    p_report = sub.add_parser("report", help="rebuild the results page and figures from existing outputs")
+    p_report.add_argument("params")
     p_model = sub.add_parser("prepare-model", help="resolve a model; convert the embedded GGUF once")
     p_model.add_argument("model", nargs="?", default="smollm2-135m")
     args = parser.parse_args(argv)
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
             exp = load_experiment(args.params)
             check_experiment(exp, list(STAGES))
             print(f"{args.params}: ok (experiment {exp.name!r})")
+        elif args.command == "report":
+            from aloe.runner import rebuild_report
+
+            print(rebuild_report(args.params))
         elif args.command == "prepare-model":
             from aloe.models import hf_location, resolve_model
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from aloe import judge_card, prompts
 from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling, open_backend
+from aloe.cards import write_model_card
 from aloe.config import EvaluateConfig
 from aloe.conversation import clean_user_message, likelihood_prompts, simulator_messages
 from aloe.disclosure import revealed_curve
@@ -274,6 +275,9 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
     if cfg.judge_card.enabled:
         card = judge_card.build(cfg, roles["judge"], pairs, convs_of, probe)
         write_json(paths.judge_card, _jsonable(card))
+    for model in cfg.models:  # trained variants' model cards gain this run's numbers
+        if model not in BASELINES:
+            write_model_card(paths, cfg.experiment, model, {**metrics[model], "judge_fit": bool(card and card["fit"])})
     rows = [{"model": c["model"], "persona": c["persona_id"], "turn": t["turn"], "score": t["score"],
              "judge_method": t["judge"]["method"], "judge_raw": " | ".join(t["judge"].get("raw") or []),
              "judge_error": t["judge"].get("error")} for c in all_convs for t in c["turns"]]

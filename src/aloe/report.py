@@ -192,4 +192,4 @@ def judge_warning(cfg: ReportConfig) -> str | None:
     if card is not None and card["fit"]:
         return None
     why = "failed its validation" if card is not None else "was not validated"
-    return f"Warning: the judge {why}; the numbers in this table show nothing about which model aligns better."
+    return f"Not evidence: the judge {why}; the numbers below show nothing about which model aligns better."

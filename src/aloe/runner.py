@@ -9,9 +9,9 @@ with an ``index.html`` linking them and each stage's manifest.
 
 from __future__ import annotations
 
-import html
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -103,6 +103,7 @@ def run_experiment(params_file: str | Path, only: list[str] | None = None, *,
     cwd = cwd or REPO_ROOT
     check_experiment(exp, stages, notebooks_dir)
 
+    os.environ["ALOE_PARAMS_FILE"] = str(exp.path)  # the kernels inherit it; cards name the file
     status: dict[str, dict] = _read_status(reports_dir)
     for stage in stages:
         nb = NOTEBOOKS[stage]
@@ -130,12 +131,25 @@ def run_experiment(params_file: str | Path, only: list[str] | None = None, *,
 
 
 def _render(nb_path: Path) -> None:
+    """The shared HTML of an executed notebook: outputs only. nbconvert's own switches hide the
+    code (``--no-input``) and a preprocessor drops stderr streams (library chatter; logs go to
+    the stage's log file); the executed .ipynb beside it keeps everything."""
     import nbformat
     from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import Preprocessor
+
+    class DropStderr(Preprocessor):
+        def preprocess_cell(self, cell, resources, index):
+            if cell.get("outputs"):
+                cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream"
+                                                                and o.get("name") == "stderr")]
+            return cell, resources
 
     if not nb_path.exists():
         return
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(nb_path), as_version=4))
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    exporter.register_preprocessor(DropStderr(), enabled=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(str(nb_path), as_version=4))
     write_text(nb_path.with_suffix(".html"), body)
 
 
@@ -145,27 +159,17 @@ def _read_status(reports_dir: Path) -> dict:
 
 
 def _write_index(reports_dir: Path, exp: Experiment, status: dict) -> None:
+    from aloe.results import write_results
+
     write_text(reports_dir / "status.json", json.dumps(status, indent=2))
-    rows = []
-    for stage in STAGES:
-        s = status.get(stage)
-        nb = NOTEBOOKS[stage]
-        manifest = exp.stages[stage].paths.manifest(stage)
-        counts = ""
-        if manifest.exists():
-            counts = ", ".join(f"{k}: {v}" for k, v in json.loads(manifest.read_text()).get("counts", {}).items())
-        if s is None:
-            rows.append(f"<tr><td>{stage}</td><td>not run</td><td></td><td></td></tr>")
-        else:
-            link = f'<a href="{nb[:-6]}.html">{nb[:-6]}</a>'
-            err = f"<br><code>{html.escape(s.get('error', ''))}</code>" if s.get("error") else ""
-            rows.append(f"<tr><td>{link}</td><td>{s['status']}{err}</td><td>{s['seconds']} s</td>"
-                        f"<td>{html.escape(counts)}</td></tr>")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>aloe: {html.escape(exp.name)}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}}</style>
-</head><body><h1>aloe report: {html.escape(exp.name)}</h1>
-<p>{html.escape(exp.description)}</p><p>Parameter file: <code>{html.escape(str(exp.path))}</code></p>
-<table><tr><th>stage</th><th>status</th><th>wall time</th><th>counts (from manifest.json)</th></tr>
-{''.join(rows)}</table></body></html>
-"""
-    write_text(reports_dir / "index.html", page)
+    write_results(exp, reports_dir, status)
+
+
+def rebuild_report(params_file: str | Path, reports_root: Path | None = None) -> Path:
+    """``aloe report``: the results page and its figures from existing outputs, nothing rerun."""
+    exp = load_experiment(params_file)
+    reports_dir = (reports_root or REPO_ROOT / "reports") / exp.name
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    from aloe.results import write_results
+
+    return write_results(exp, reports_dir, _read_status(reports_dir))

@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from aloe.cards import write_model_card
 from aloe.config import TrainConfig
 from aloe.errors import AloeError, ConfigError
 from aloe.io import read_json, write_json, write_manifest
@@ -160,6 +161,8 @@ def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbac
         "train_runtime_s": round(wall, 2),
         "seconds_per_step": round(wall / max(1, trainer.state.global_step - _step_of(last)), 3),
         "peak_rss_mb": round(_peak_rss_mb(), 1), "train_loss": result.training_loss,
+        "recipe": {"lora": cfg.lora, "peft": {**LORA_DEFAULTS, **cfg.peft} if cfg.lora else None,
+                   kind: {**defaults, **user}},
         "log_history": trainer.state.log_history,
     }
     if acc.is_main_process:
@@ -168,6 +171,7 @@ def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbac
         if cfg.merge:
             _save_merged(trainer, tok, paths.merged(variant), cfg.lora)
         write_json(paths.train_metrics(variant), metrics)
+        write_model_card(paths, cfg.experiment, variant)
         write_json(done, {"fingerprint": fp, "variant": variant, "finished": time.time()})
     acc.wait_for_everyone()
     return metrics

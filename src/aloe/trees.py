@@ -34,6 +34,7 @@ from pathlib import Path
 
 from aloe import prompts
 from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling
+from aloe.cards import dataset_card
 from aloe.config import TreesConfig
 from aloe.conversation import clean_user_message, likelihood_prompts, simulator_messages
 from aloe.disclosure import revealed_curve
@@ -302,6 +303,7 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
     exports = export_rows(records, plain_system)
     for name, rows in exports.items():
         write_jsonl(paths.export(name), rows)
+    dataset_card(paths, cfg.experiment, {k: len(v) for k, v in exports.items()}, prov)
     nodes = [n for t in records for n in t["turns"]]
     counts = {"trees": len(records), "failed_trees": sum(t["failed"] is not None for t in records),
               "turns": len(nodes), "resumed_turns": resumed,

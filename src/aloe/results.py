@@ -1,0 +1,176 @@
+"""The results page a colleague reads without opening a notebook.
+
+``reports/<experiment>/index.html``: what was run (parameter file, roles and their models,
+commit, date), the judge card's verdict, the headline table (AVG, IR, N-IR, N-R² with CIs
+and the paired differences against base), the figures inline, each stage's status, time
+and key counts in words with links to its page and log, and the "what this run shows and
+cannot show" paragraph. ``reports/index.html`` lists every experiment with its headline
+numbers. Written by the runner after each stage and by ``aloe report`` from the files alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from pathlib import Path
+
+from aloe import plots
+from aloe import report as rep
+from aloe.config import NOTEBOOKS, STAGES, Experiment
+from aloe.io import git_commit, read_json, write_text
+
+_CSS = """body{font-family:sans-serif;max-width:64em;margin:2em auto;padding:0 1em;color:#222}
+td,th{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:.6em 0} .box{border:3px solid #c00;padding:.6em;color:#900;font-weight:bold}
+.ok{border:2px solid #2a2;padding:.6em} img{max-width:100%} code{background:#f4f4f4;padding:0 .2em}"""
+
+
+def _e(x) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def _table(rows: list[dict], columns: list[str] | None = None) -> str:
+    if not rows:
+        return "<p>(none)</p>"
+    columns = columns or list(rows[0])
+    head = "".join(f"<th>{_e(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{_e(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v, digits=3, sign=False) -> str:
+    if v is None:
+        return ""
+    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+
+
+def _ci(lo, hi, digits=3, sign=False) -> str:
+    return "" if lo is None or hi is None else f"[{_fmt(lo, digits, sign)}, {_fmt(hi, digits, sign)}]"
+
+
+def headline_rows(metrics: dict) -> list[dict]:
+    """One row per model: the ALOE summaries with their intervals and the paired difference to base."""
+    rows = []
+    for m, s in metrics["models"].items():
+        vs = s.get("vs_base") or {}
+        rows.append({
+            "model": m,
+            "AL(k)": " ".join(_fmt(r["al"], 2) for r in s["al"]),
+            "AVG": f"{_fmt(s['avg'])} {_ci(s.get('avg_ci_low'), s.get('avg_ci_high'))}",
+            "IR": f"{_fmt(s['ir'], 4, True)} {_ci(s.get('ir_ci_low'), s.get('ir_ci_high'), 4, True)}",
+            "N-IR": f"{_fmt(s['n_ir'])} {_ci(s.get('n_ir_ci_low'), s.get('n_ir_ci_high'))}",
+            "N-R²": f"{_fmt(s['n_r2'])} {_ci(s.get('n_r2_ci_low'), s.get('n_r2_ci_high'))}",
+            "minus base (AVG, paired)": (f"{_fmt(vs.get('avg_diff'), 3, True)} "
+                                         f"{_ci(vs.get('avg_diff_ci_low'), vs.get('avg_diff_ci_high'), 3, True)}"
+                                         if vs else ""),
+        })
+    return rows
+
+
+def stage_words(stage: str, m: dict) -> str:
+    """A manifest's key counts as a sentence."""
+    c = m.get("counts", {})
+    if stage == "personas":
+        return (f"{c.get('profiles')} profiles and {c.get('personalities')} personalities ({c.get('generated')} "
+                f"generated); {c.get('train_pairs')} training and {c.get('eval_pairs')} benchmark personas")
+    if stage == "trees":
+        return (f"{c.get('trees')} trees ({c.get('failed_trees')} failed), {c.get('turns')} nodes, "
+                f"{c.get('dpo_rows')} preference pairs exported")
+    if stage == "train":
+        steps = {k[:-6]: v for k, v in c.items() if k.endswith("_steps")}
+        return ", ".join(f"{v}: {n} steps" for v, n in steps.items())
+    if stage == "evaluate":
+        return (f"{c.get('models')} models x {c.get('personas')} personas x {c.get('turns')} turns; "
+                f"{c.get('missing')} of {c.get('judgments')} judgments missing")
+    return ""
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{_e(path.stem)}" src="data:image/png;base64,{data}"><figcaption>{_e(path.stem)} ' \
+           f'(<a href="figures/{_e(path.name)}">PNG</a>, <a href="figures/{_e(path.stem)}.svg">SVG</a>)' \
+           f'</figcaption></figure>'
+
+
+def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None) -> Path:
+    """Write reports/<experiment>/index.html (and summary.json, read by reports/index.html)."""
+    cfg = exp.stages["report"]
+    status = status if status is not None else _read_status(reports_dir)
+    metrics = rep.evaluation_metrics(cfg)
+    card = rep.judge_card(cfg)
+    if metrics:  # the AL figure is redrawn from metrics.json, so `aloe report` needs no notebook
+        plots.save(plots.al_curves(metrics), exp.name, "al_curves", reports_dir.parent)
+        plots.save(plots.eval_disclosure(metrics), exp.name, "eval_disclosure", reports_dir.parent)
+    manifests = rep.manifests(cfg)
+    parts = [f"<h1>{_e(cfg.title)}</h1><p>{_e(exp.description)}</p>",
+             f"<p>Parameter file <code>{_e(exp.path)}</code>; commit <code>{_e(git_commit())}</code>; "
+             f"page written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>"]
+    sj = rep.self_judging(cfg)
+    if sj:
+        parts.append(f'<p class="box">{_e(sj)}</p>')
+    parts.append("<h2>Who played which role</h2>" + _table(rep.role_table(cfg), ["role", "does", "model",
+                                                                                 "revision", "kind", "stages"]))
+    parts.append("<h2>Can this judge rank models?</h2>")
+    verdict = rep.judge_verdict(card).replace("**", "")
+    parts.append(f'<p class="{"ok" if card and card["fit"] else "box"}">{_e(verdict)}</p>')
+    if card:
+        from aloe.judge_card import card_rows
+
+        parts.append(_table(card_rows(card)))
+    if metrics:
+        warning = rep.judge_warning(cfg)
+        parts.append(f"<h2>Results: {metrics['personas']} personas x {metrics['turns']} turns, judge "
+                     f"<code>{_e(metrics['judge'])}</code>, protocol <code>{_e(metrics.get('protocol'))}</code></h2>")
+        if warning:
+            parts.append(f'<p class="box">{_e(warning)}</p>')
+        parts.append(_table(headline_rows(metrics)))
+    parts.append("<h2>What this run shows and cannot show</h2><ul>"
+                 + "".join(f"<li>{_e(s.replace('**', ''))}</li>" for s in rep.findings(cfg)) + "</ul>")
+    figures = sorted(plots.figures_dir(exp.name, reports_dir.parent).glob("*.png"))
+    if figures:
+        parts.append("<h2>Figures</h2>" + "".join(_img(f) for f in figures))
+    rows = []
+    for stage in STAGES:
+        s, nb = status.get(stage), NOTEBOOKS[stage][:-6]
+        log = f' (<a href="logs/{stage}.log">log</a>)' if (reports_dir / "logs" / f"{stage}.log").exists() else ""
+        state = "not run" if s is None else s["status"] + (f": {s['error']}" if s.get("error") else "")
+        rows.append(f'<tr><td><a href="{nb}.html">{_e(stage)}</a>{log}</td><td>{_e(state)}</td>'
+                    f'<td>{_e(s["seconds"]) + " s" if s else ""}</td>'
+                    f'<td>{_e(stage_words(stage, manifests[stage])) if stage in manifests else ""}</td></tr>')
+    parts.append("<h2>Stages</h2><table><tr><th>stage (full page)</th><th>status</th><th>time</th>"
+                 "<th>what it made</th></tr>" + "".join(rows) + "</table>")
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>aloe: {_e(exp.name)}</title>'
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    write_text(reports_dir / "index.html", page)
+    summary = {"experiment": exp.name, "title": cfg.title, "params": str(exp.path), "written": time.time(),
+               "judge_fit": card["fit"] if card else None,
+               "models": {m: {"avg": s["avg"], "vs_base": (s.get("vs_base") or {}).get("avg_diff")}
+                          for m, s in (metrics or {}).get("models", {}).items()}}
+    write_text(reports_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    write_reports_index(reports_dir.parent)
+    return reports_dir / "index.html"
+
+
+def write_reports_index(reports_root: Path) -> Path:
+    """reports/index.html: every experiment with a results page, and its headline numbers."""
+    rows = []
+    for p in sorted(reports_root.glob("*/summary.json")):
+        s = read_json(p)
+        models = ", ".join(f"{m} {_fmt(v['avg'], 2)}" + (f" ({_fmt(v['vs_base'], 2, True)})" if v["vs_base"]
+                                                         is not None else "") for m, v in s["models"].items())
+        fit = {True: "passed", False: "failed", None: "not run"}[s["judge_fit"]]
+        rows.append(f'<tr><td><a href="{_e(p.parent.name)}/index.html">{_e(s["experiment"])}</a></td>'
+                    f"<td>{_e(s['title'])}</td><td>{fit}</td><td>{_e(models)}</td></tr>")
+    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>aloe reports</title><style>{_CSS}</style>'
+            f"</head><body><h1>aloe experiments</h1><p>AVG per model (paired difference to base); a difference "
+            f"counts only where the judge card passed.</p><table><tr><th>experiment</th><th>title</th>"
+            f"<th>judge card</th><th>AVG per model</th></tr>{''.join(rows)}</table></body></html>\n")
+    write_text(reports_root / "index.html", page)
+    return reports_root / "index.html"
+
+
+def _read_status(reports_dir: Path) -> dict:
+    p = reports_dir / "status.json"
+    return json.loads(p.read_text()) if p.exists() else {}
