@@ -63,9 +63,9 @@ def history_before(conv: dict, turn: int) -> list[dict]:
 def judged_turns(convs_of: dict[str, list[dict]], limit: int) -> list[tuple[str, dict, dict]]:
     """(model, conversation, turn) of scored replies, spread round-robin over models,
     personas and turns, at most ``limit``."""
-    per_model = {m: [(m, c, t) for k in range(1, 1 + max((len(c["turns"]) for c in convs), default=0))
-                     for c in convs for t in c["turns"] if t["turn"] == k and t["score"] is not None]
-                 for m, convs in convs_of.items()}
+    # turn by turn, personas in order within a turn (sorted is stable)
+    per_model = {m: sorted(((m, c, t) for c in convs for t in c["turns"] if t["score"] is not None),
+                           key=lambda x: x[2]["turn"]) for m, convs in convs_of.items()}
     out, i = [], 0
     while len(out) < limit and any(i < len(v) for v in per_model.values()):
         for v in per_model.values():
