@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from html.parser import HTMLParser
 
 import pytest
 
@@ -96,7 +97,7 @@ def test_failed_stage_names_notebook(tmp_path):
     assert "02_trees.ipynb" in r.stderr
 
 
-class _Page(__import__("html.parser").parser.HTMLParser):
+class _Page(HTMLParser):
     """What a reader sees: the text, the tables' header cells and the inline images."""
 
     def __init__(self):

@@ -37,3 +37,15 @@ def likelihood_prompts(profile: str, personality: str, history: list[dict],
     tail = [*history, {"role": "user", "content": message}]
     return ([{"role": "system", "content": p.render("aware", profile=profile, personality=personality)}, *tail],
             [{"role": "system", "content": p.render("plain")}, *tail], p.tag)
+
+
+def history_before(conv: dict, turn: int) -> list[dict]:
+    """An evaluation conversation's messages before ``turn`` (a turn without a usable exchange
+    is not part of it): what the model under test and the judges see at that turn."""
+    out = []
+    for t in conv["turns"]:
+        if t["turn"] >= turn:
+            break
+        if t["user"] and t["reply"]:
+            out += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["reply"]}]
+    return out

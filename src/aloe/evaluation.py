@@ -40,7 +40,7 @@ from aloe import judge_card, prompts
 from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling, open_backend
 from aloe.cards import write_model_card
 from aloe.config import EvaluateConfig
-from aloe.conversation import clean_user_message, likelihood_prompts, simulator_messages
+from aloe.conversation import clean_user_message, history_before, likelihood_prompts, simulator_messages
 from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
 from aloe.io import atomic_path, read_jsonl, write_json, write_jsonl, write_manifest
@@ -187,12 +187,8 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
         if not active:
             continue
 
-        def history(c):  # the conversation so far; a turn without a usable exchange is not part of it
-            out = []
-            for t in c["turns"]:
-                if t["user"] and t["reply"]:
-                    out += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["reply"]}]
-            return out
+        def history(c):  # the conversation so far
+            return history_before(c, turn)
 
         users = simulator.chat([ChatRequest(simulator_messages(p["profile"], p["personality"], history(c)), user_samp,
                                          sample_index=turn, prompt_version=sim.tag) for c, p in active])

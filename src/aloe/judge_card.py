@@ -32,6 +32,7 @@ import pandas as pd
 from aloe import prompts
 from aloe.backends import ChatRequest
 from aloe.config import EvaluateConfig
+from aloe.conversation import history_before
 from aloe.io import read_jsonl
 
 
@@ -46,17 +47,6 @@ def mismatched(pairs: list[dict]) -> dict[str, dict]:
             if q["profile_id"] != p["profile_id"] and q["personality_id"] != p["personality_id"]:
                 out[p["id"]] = q
                 break
-    return out
-
-
-def history_before(conv: dict, turn: int) -> list[dict]:
-    """The conversation before ``turn`` (turns without a usable exchange are not part of it)."""
-    out = []
-    for t in conv["turns"]:
-        if t["turn"] >= turn:
-            break
-        if t["user"] and t["reply"]:
-            out += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["reply"]}]
     return out
 
 
