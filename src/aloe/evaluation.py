@@ -187,17 +187,15 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
         if not active:
             continue
 
-        def history(c):  # the conversation so far
-            return history_before(c, turn)
-
-        users = simulator.chat([ChatRequest(simulator_messages(p["profile"], p["personality"], history(c)), user_samp,
-                                         sample_index=turn, prompt_version=sim.tag) for c, p in active])
+        users = simulator.chat([ChatRequest(simulator_messages(p["profile"], p["personality"], history_before(c, turn)),
+                                            user_samp, sample_index=turn, prompt_version=sim.tag) for c, p in active])
         msgs = [clean_user_message(u.text) if u.ok else "" for u in users]
         asked = [(c, p, m) for (c, p), m in zip(active, msgs) if m]
+
         def under_test_messages(c, p, m):
             system = _system(cfg, model, p)
             return ([{"role": "system", "content": system}] if system is not None else []) + [
-                *history(c), {"role": "user", "content": m}]
+                *history_before(c, turn), {"role": "user", "content": m}]
 
         replies = under_test.chat([ChatRequest(under_test_messages(c, p, m), model_samp,
                                                prompt_version=prompts.get(_prompt_name(model)).tag)
@@ -205,7 +203,8 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
         got = {id(c): (m, r) for (c, p, m), r in zip(asked, replies)}
         scored = [(c, p, m, r.text.strip()) for (c, p, m), r in zip(asked, replies) if r.ok and r.text.strip()]
         verdicts = dict(zip((id(c) for c, *_ in scored),
-                            score_replies(cfg, judge_engine, [Reply(p, history(c), m, r) for c, p, m, r in scored])))
+                            score_replies(cfg, judge_engine,
+                                          [Reply(p, history_before(c, turn), m, r) for c, p, m, r in scored])))
         for c, p in active:
             m, r = got.get(id(c), ("", None))
             score, j = verdicts.get(id(c), (None, None))
