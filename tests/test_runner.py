@@ -135,6 +135,9 @@ def check_shared_pages(reports, data):
     assert any(src.startswith("data:image/png;base64,") for src in index.images)
     assert "Who played which role" in text and "Can this judge rank models?" in text
     assert "What this run shows and cannot show" in text
+    # the first thing on the page: what it found and whether to trust it (ci is self-judging)
+    assert text.index("At a glance") < text.index("Who played which role")
+    assert "Can I trust it? No" in text and "shows nothing about which model aligns better" in text
     for page in [reports / "index.html", *sorted(reports.glob("0*.html"))]:
         shown = " ".join(parse(page).text)
         for bad in ("Traceback", "Warning", "INFO", "experiment = "):
@@ -165,3 +168,23 @@ def check_shared_pages(reports, data):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert parse(reports / "index.html").images and (reports / "figures" / "al_curves.svg").exists()
+
+
+def test_glance_says_what_was_found_and_whether_to_trust_it():
+    from aloe.results import glance
+
+    metrics = {"models": {"base": {"avg": 2.0},
+                          "oracle": {"avg": 2.6, "vs_base": {"avg_diff": 0.6, "avg_diff_ci_low": 0.2,
+                                                             "avg_diff_ci_high": 0.9}},
+                          "dpo": {"avg": 1.9, "vs_base": {"avg_diff": -0.1, "avg_diff_ci_low": -0.3,
+                                                          "avg_diff_ci_high": 0.1}}}}
+    good = {"fit": True, "persona_discrimination": 0.8}
+    lines = glance(metrics, good, self_judged=False)
+    assert lines[0].startswith("oracle minus base") and lines[0].endswith("above base")
+    assert lines[1].endswith("not separated from base")
+    assert lines[-1].startswith("Can I trust it? Yes") and "shows nothing" not in lines[-1]
+    for card, sj in ((good, True), ({"fit": False, "persona_discrimination": 0.55}, False), (None, False)):
+        assert glance(metrics, card, self_judged=sj)[-1].startswith("Can I trust it? No")
+        assert glance(metrics, card, self_judged=sj)[-1].endswith("This run shows nothing about which model aligns better.")
+    assert "FAILED" in glance(metrics, {"fit": False, "persona_discrimination": 0.55}, False)[-1]
+    assert glance(None, good, False) == ["No evaluation results yet: nothing to compare."]

@@ -410,9 +410,33 @@ class Experiment:
     raw_sections: dict[str, dict]  # stage name -> the YAML section as written
 
     def parameters_for(self, stage: str) -> dict:
-        """The flat Papermill parameters for one stage's notebook."""
-        params = {"experiment": self.name, **self.common, **self.raw_sections.get(stage, {})}
+        """The flat Papermill parameters for one stage's notebook: every field of its config,
+        the file's value or else the config class default. All of them, because the notebooks'
+        own defaults are the default study's (for a person in JupyterLab), and a key this file
+        leaves unset must not silently take the default study's value."""
+        given = {"experiment": self.name, **self.common, **self.raw_sections.get(stage, {})}
+        params = {}
+        for f in dataclasses.fields(STAGE_CONFIGS[stage]):
+            if not f.init:
+                continue
+            if f.name in given:
+                params[f.name] = given[f.name]
+            elif f.default is not dataclasses.MISSING:
+                params[f.name] = _literal(f.default)
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                params[f.name] = _literal(f.default_factory())  # type: ignore[misc]
         return params
+
+
+def _literal(value: Any) -> Any:
+    """A config default as a plain literal Papermill can inject (dataclasses as dicts, tuples as lists)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _literal(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, (list, tuple)):
+        return [_literal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _literal(v) for k, v in value.items()}
+    return value
 
 
 _TOP_KEYS = ("experiment", "description", "data_root", "cache_path", "backend", "roles", "stages")

@@ -8,6 +8,7 @@ Progress bars still show in a terminal and, as widgets, in JupyterLab.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ def setup(experiment: str | None = None, stage: str | None = None) -> float:
     INFO logging and every library warning go to that stage's log file; without them (a
     notebook opened by hand), to the cell output as before."""
     handlers: list[logging.Handler]
+    _to_repo_root()
     if experiment and stage:
         path = log_path(experiment, stage)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +38,14 @@ def setup(experiment: str | None = None, stage: str | None = None) -> float:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return time.time()
+
+
+def _to_repo_root() -> None:
+    """Paths in parameter files are relative to the repository root, where ``aloe run`` executes
+    every notebook. A notebook opened by hand in JupyterLab starts in ``notebooks/``: move up."""
+    here = Path.cwd()
+    if here.name == "notebooks" and (here.parent / "parameters").is_dir() and (here.parent / "src" / "aloe").is_dir():
+        os.chdir(here.parent)
 
 
 def _quiet_libraries() -> None:

@@ -24,7 +24,7 @@ from aloe.io import git_commit, read_json, write_text
 _CSS = """body{font-family:sans-serif;max-width:64em;margin:2em auto;padding:0 1em;color:#222}
 td,th{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}
 table{border-collapse:collapse;margin:.6em 0} .box{border:3px solid #c00;padding:.6em;color:#900;font-weight:bold}
-.ok{border:2px solid #2a2;padding:.6em} img{max-width:100%} code{background:#f4f4f4;padding:0 .2em}"""
+.ok{border:2px solid #2a2;padding:.6em} .glance li{margin:.2em 0} img{max-width:100%} code{background:#f4f4f4;padding:0 .2em}"""
 
 
 def _e(x) -> str:
@@ -87,6 +87,31 @@ def stage_words(stage: str, m: dict) -> str:
     return ""
 
 
+def glance(metrics: dict | None, card: dict | None, self_judged: bool) -> list[str]:
+    """The page's first lines: what the run found and whether it can be trusted, from the numbers."""
+    if not metrics:
+        return ["No evaluation results yet: nothing to compare."]
+    lines = []
+    for m, s in metrics["models"].items():
+        vs = s.get("vs_base")
+        if not vs or vs.get("avg_diff") is None:
+            continue
+        lo, hi = vs.get("avg_diff_ci_low"), vs.get("avg_diff_ci_high")
+        side = ("above" if lo > 0 else "below" if hi < 0 else "not separated from") if lo is not None else "vs"
+        lines.append(f"{m} minus base, AVG (paired): {_fmt(vs['avg_diff'], 3, True)} {_ci(lo, hi, 3, True)}: {side} base")
+    fit = card["fit"] if card else None
+    trust = {True: "the judge passed its validation card",
+             False: f"the judge FAILED its validation card (persona discrimination "
+                    f"{_fmt((card or {}).get('persona_discrimination'), 2)})",
+             None: "the judge was not validated (no judge card)"}[fit]
+    if self_judged:
+        trust += "; it is also the policy (self-judging)"
+    can = fit is True and not self_judged
+    lines.append(f"Can I trust it? {'Yes' if can else 'No'}: {trust}."
+                 + ("" if can else " This run shows nothing about which model aligns better."))
+    return lines
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<figure><img alt="{_e(path.stem)}" src="data:image/png;base64,{data}"><figcaption>{_e(path.stem)} ' \
@@ -108,6 +133,8 @@ def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None
              f"<p>Parameter file <code>{_e(exp.path)}</code>; commit <code>{_e(git_commit())}</code>; "
              f"page written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>"]
     sj = rep.self_judging(cfg)
+    found = glance(metrics, card, bool(sj))
+    parts.append('<h2>At a glance</h2><ul class="glance">' + "".join(f"<li>{_e(x)}</li>" for x in found) + "</ul>")
     if sj:
         parts.append(f'<p class="box">{_e(sj)}</p>')
     parts.append("<h2>Who played which role</h2>" + _table(rep.role_table(cfg), ["role", "does", "model",
