@@ -26,7 +26,7 @@ def test_committed_parameter_files_are_valid(name):
     ("stages:\n  trees:\n    turns: [1\n", r"exp.yaml: line \d+, column \d+: invalid YAML"),
     ("stages:\n  trees:\n    turnz: 3\n", r"exp.yaml: stages.trees: unknown key 'turnz' \(did you mean 'turns'\?\); allowed keys:"),
     ("stages:\n  trees:\n    turns: three\n", r"exp.yaml: stages.trees.turns: expected an integer, got 'three'"),
-    ("stages:\n  trees:\n    turns: 0\n", r"stages.trees.*turns: must be > 0"),
+    ("stages:\n  trees:\n    turns: 0\n", r"stages.trees.turns: 0 is out of range; allowed 1 to 100"),
     ("stages:\n  evaluation: {}\n", r"unknown stage 'evaluation'; allowed stages: personas, trees, train, evaluate, report"),
     ("backend:\n  kind: tgi\n", r"exp.yaml: backend.kind: 'tgi' is not allowed; allowed: one of 'transformers', 'openai', 'vllm'"),
     ("backend:\n  kind: openai\n", r"backend.base_url: required when kind is 'openai'"),
@@ -47,13 +47,19 @@ def test_notebook_side_uses_same_checks():
     assert cfg.variants == ("dpo",)
 
 
-def test_unknown_model_lists_known_names():
+def test_unknown_model_lists_known_names(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown model 'smollm9'.*known names: smollm2-135m, llama3-8b, mistral-7b, qwen2-7b, olmo-7b"):
         resolve_model("smollm9")
     assert resolve_model("llama3-8b").hf_id == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert resolve_model("olmo-7b").hf_id == "allenai/OLMo-7B-0724-Instruct-hf"
     assert resolve_model("someorg/some-model").source == "hf"
-    assert resolve_model(str(REPO / "notebooks")).source == "local"
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path)).source == "local"
+    with pytest.raises(ConfigError, match="a folder without config.json"):  # a folder, but not a model
+        resolve_model(str(REPO / "notebooks"))
+    for bad in ("../../..", "a/b/c", "../x", "org/..", "/abs"):
+        with pytest.raises(ConfigError):
+            resolve_model(bad)
 
 
 def run_cli(*args, cwd=REPO):

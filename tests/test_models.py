@@ -45,7 +45,7 @@ def test_no_disk_space_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 10**7, 10**7))
     with pytest.raises(AloeError, match="not enough disk space.*ALOE_MODELS_DIR"):
         ensure_local_model(resolve_model("smollm2-135m"))
-    assert list((tmp_path / "models").iterdir()) == []
+    assert [p.name for p in (tmp_path / "models").iterdir()] in ([], [".convert.lock"])
 
 
 def test_gguf_is_found():
@@ -102,7 +102,13 @@ def test_split_gguf_is_assembled_in_order_and_checked(tmp_path, monkeypatch):
     bad = dataclasses.replace(spec, parts={**spec.parts, "sha256": "0" * 64})
     with pytest.raises(AloeError, match=r"does not match its pins .*a part is corrupt or from another version"):
         assemble_gguf(bad, tmp_path / "m2" / "fake.gguf")
-    assert not (tmp_path / "m2" / "fake.gguf").exists() and not list((tmp_path / "m2").glob("*"))
+    assert not (tmp_path / "m2" / "fake.gguf").exists() and not list((tmp_path / "m2").glob("*.tmp"))
+    assert [p.name for p in (tmp_path / "m2").iterdir()] == [".convert.lock"]
+    # a killed earlier assembly's temp file is deleted before the next one starts
+    (tmp_path / "m4").mkdir()
+    (tmp_path / "m4" / ".fake.gguf.12345.tmp").write_bytes(b"half")
+    assemble_gguf(spec, tmp_path / "m4" / "fake.gguf")
+    assert sorted(p.name for p in (tmp_path / "m4").iterdir()) == [".convert.lock", "fake.gguf", "fake.gguf.sha256"]
     # a missing part: named, with the command that installs every part
     missing = dataclasses.replace(spec, parts={**spec.parts, "parts": 4})
     with pytest.raises(AloeError, match=r"part 4 of 4 is missing: the pip package fake-part4==1.0 is not installed"):

@@ -78,7 +78,7 @@ def test_roles_merge_over_backend(tmp_path):
     ("roles:\n  judge: {kind: tgi}\n", r"roles.judge.kind: 'tgi' is not allowed"),
     ("roles:\n  judge: gpt-4o\n", r"roles.judge: expected a mapping of backend settings"),
     ("roles:\n  judge: {kind: openai}\n", r"roles.judge.base_url: required when kind is 'openai'"),
-    ("roles:\n  policy: {batch_size: 0}\n", r"roles.policy.batch_size: must be > 0"),
+    ("roles:\n  policy: {batch_size: 0}\n", r"roles.policy.batch_size: 0 is out of range"),
     ("stages:\n  train:\n    model: llama3-8b\n", r"stages.train.model: no longer a stage key; .*roles.policy"),
 ])
 def test_bad_roles_are_refused(tmp_path, text, match):

@@ -10,17 +10,43 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
+import math
+import re
 import types
+import urllib.parse
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 
 from aloe.errors import ConfigError
 from aloe.paths import Paths
 from aloe.variants import EVALUATED, VARIANTS
+from aloe.yamlfile import load_yaml, number_hint, short
+
+# experiment names become folder names under data/ and reports/
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+# Sane bounds for every number a parameter file sets, by field name (or "Class.field"):
+# a typo such as `turns: 1000000000` or `gpu_memory_utilization: 5` is refused before a run
+# starts instead of running for days or failing deep inside an engine.
+RANGES: dict[str, tuple[float, float]] = {
+    "batch_size": (1, 4096), "max_concurrency": (1, 1024), "timeout_s": (0.1, 86_400),
+    "max_retries": (0, 100), "deadline_s": (1, 604_800), "tensor_parallel_size": (1, 1024), "gpu_memory_utilization": (0.05, 1.0),
+    "max_model_len": (16, 10_000_000), "top_logprobs": (1, 100),
+    "target_profiles": (1, 1_000_000), "target_personalities": (1, 1_000_000), "examples_per_round": (0, 100),
+    "items_per_round": (1, 1000), "requests_per_round": (1, 100_000), "threshold": (0.0, 1.0),
+    "max_rounds": (0, 100_000), "saturation_window": (1, 1000), "saturation_floor": (0.0, 1.0),
+    "temperature": (0.0, 5.0), "user_temperature": (0.0, 5.0), "max_new_tokens": (1, 131_072),
+    "pairs_per_profile": (1, 1000), "n_eval_personalities": (1, 100), "seed": (0, 2**32 - 1),
+    "n_personas": (1, 10_000_000), "EvaluateConfig.n_personas": (1, 100), "turns": (1, 100),
+    "judge_retries": (0, 20), "disclosure_threshold": (0.0, 1.0), "likelihood_scale": (0.001, 100.0),
+    "n_boot": (10, 1_000_000), "max_replies": (1, 1_000_000), "min_discrimination": (0.0, 1.0),
+    "min_tailored": (0.0, 1.0), "max_length_corr": (0.0, 1.0), "max_failed_share": (0.0, 1.0),
+}
 
 STAGES = ("personas", "trees", "train", "evaluate", "report")
 NOTEBOOKS = {
@@ -42,6 +68,9 @@ ROLE_DOCS = {
     "judge": "every judgment: pair and score judges in trees, the score judge in evaluation",
     "policy": "the student: fine-tuned by train; base, oracle and reminder in evaluation",
 }
+# which roles each stage plays (what `aloe check` resolves and `aloe run` preflights)
+STAGE_ROLES = {"personas": ("generator",), "trees": ("simulator", "inferrer", "responder", "judge"),
+               "train": ("policy",), "evaluate": ("simulator", "judge", "policy"), "report": ()}
 # Settings that belong to one model: a role that names another model does not inherit them.
 _MODEL_BOUND = ("revision", "served_model")
 # Keys that moved: a clear message instead of "unknown key".
@@ -78,7 +107,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{where}: {value!r} is not allowed; allowed: {_type_name(tp)}")
+        raise ConfigError(f"{where}: {short(value)} is not allowed; allowed: {_type_name(tp)}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -91,21 +120,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {short(value)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):  # already built and validated
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {short(value)}")
         return build(tp, value, where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {short(value)}")
         (inner,) = typing.get_args(tp)[:1] or (Any,)
         return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {short(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
@@ -115,19 +144,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where}: expected a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
             return value
     else:  # pragma: no cover - a programming error in a config class
         raise TypeError(f"unsupported config type {tp!r} at {where}")
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {short(value)} ({type(value).__name__})"
+                      f"{number_hint(value) if tp in (int, float) else ''}")
 
 
 def build(cls: type, data: dict, where: str) -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types are errors."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {short(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
@@ -135,17 +167,28 @@ def build(cls: type, data: dict, where: str) -> Any:
         k = unknown[0]
         near = difflib.get_close_matches(str(k), fields, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(f"{where + ': ' if where else ''}unknown key {k!r}{hint}; allowed keys: {', '.join(fields)}")
+        raise ConfigError(f"{where + ': ' if where else ''}unknown key {short(k)}{hint}; allowed keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], f"{where}.{name}" if where else name)
+            key = f"{where}.{name}" if where else name
+            kwargs[name] = _coerce(data[name], hints[name], key)
+            _in_range(cls, name, kwargs[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where + ': ' if where else ''}missing required key {name!r} ({_type_name(hints[name])})")
     try:
         return cls(**kwargs)
     except ConfigError as e:  # __post_init__ checks name the key themselves
         raise ConfigError(f"{where}.{e}" if where else str(e)) from None
+
+
+def _in_range(cls: type, name: str, value: Any, key: str) -> None:
+    bounds = RANGES.get(f"{cls.__name__}.{name}") or RANGES.get(name)
+    if bounds is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    lo, hi = bounds
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed {lo:g} to {hi:g}")
 
 
 def _positive(**values: float) -> None:
@@ -172,10 +215,14 @@ class BackendConfig:
     # openai-compatible HTTP
     base_url: Optional[str | tuple[str, ...]] = None  # one URL, or a list for a pool of servers
     api_key_env: Optional[str] = None  # name of the environment variable holding the key
+    # the key goes only to https URLs or to http on this machine (loopback); true also sends it
+    # over plain http to another host, where anyone on the path can read it
+    allow_insecure_key: bool = False
     served_model: Optional[str] = None  # model name the server expects; defaults to `model`
     max_concurrency: int = 8
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # one attempt
     max_retries: int = 6
+    deadline_s: Optional[float] = None  # one request, retries and waits included (None: timeout_s x tries + 60)
     # vllm
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
@@ -189,6 +236,56 @@ class BackendConfig:
                   top_logprobs=self.top_logprobs)
         if self.kind == "openai" and not self.base_url:
             raise ConfigError("base_url: required when kind is 'openai' (e.g. http://127.0.0.1:8000/v1)")
+        urls = (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url or ())
+        for i, url in enumerate(urls):
+            check_url(url, "base_url" if isinstance(self.base_url, str) else f"base_url[{i}]")
+        if self.api_key_env is not None:
+            if not ENV_NAME.fullmatch(self.api_key_env):
+                raise ConfigError(f"api_key_env: {short(self.api_key_env)} is not an environment variable name "
+                                  f"(letters, digits and '_', e.g. OPENAI_API_KEY)")
+            plain = [u for u in urls if urllib.parse.urlsplit(u).scheme == "http" and not is_loopback(u)]
+            if plain and not self.allow_insecure_key:
+                raise ConfigError(f"api_key_env: the key would be sent over plain http to {redact_url(plain[0])}, "
+                                  f"readable on the way; use https, or set allow_insecure_key: true if you mean it")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without credentials (user:password@), for anything recorded or printed."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+def is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_url(url: str, key: str) -> None:
+    """An OpenAI-compatible server's URL: http(s), a host, no credentials, no spaces."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as e:
+        raise ConfigError(f"{key}: {short(redact_url(url))} is not a valid URL ({e})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise ConfigError(f"{key}: {short(redact_url(url))} is not an http(s) URL with a host, "
+                          f"e.g. http://127.0.0.1:8000/v1")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{key}: {redact_url(url)} carries credentials (user:password@); they would be "
+                          f"recorded in manifests; put the key in an environment variable named by api_key_env")
 
 
 @dataclass(frozen=True)
@@ -207,7 +304,7 @@ class Common:
             if name not in ROLES:
                 near = difflib.get_close_matches(str(name), ROLES, n=1)
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise ConfigError(f"roles: unknown role {name!r}{hint}; allowed roles: {', '.join(ROLES)}")
+                raise ConfigError(f"roles: unknown role {short(name)}{hint}; allowed roles: {', '.join(ROLES)}")
         for name in ROLES:
             resolved[name] = resolve_role(self.backend, self.roles.get(name), f"roles.{name}")
         object.__setattr__(self, "_resolved_roles", resolved)
@@ -242,7 +339,7 @@ def resolve_role(backend: BackendConfig, override: Any, where: str) -> BackendCo
     if override is None:
         return backend
     if not isinstance(override, dict):
-        raise ConfigError(f"{where}: expected a mapping of backend settings, got {override!r}")
+        raise ConfigError(f"{where}: expected a mapping of backend settings, got {short(override)}")
     base = {f.name: getattr(backend, f.name) for f in dataclasses.fields(BackendConfig)}
     if "model" in override and override["model"] != backend.model:
         for k in _MODEL_BOUND:  # another model's revision or served name would be wrong for this one
@@ -299,6 +396,8 @@ class TreesConfig(Common):
     # own 1-5 rubric score (no position to prefer); keep as an unlabelled tie; or drop the pair
     inconsistent: Literal["average", "pointwise", "tie", "drop"] = "pointwise"
     disclosure_threshold: float = 0.5  # MiniLM cosine at which a persona fact counts as revealed/recovered
+    # the stage fails (no manifest; a rerun retries) when more trees than this share failed
+    max_failed_share: float = 0.1
     seed: int = 0  # seeds sampling and the branch choice
 
     def __post_init__(self):
@@ -322,6 +421,12 @@ class TrainConfig(Common):
     dpo: dict[str, Any] = dataclasses.field(default_factory=dict)  # trl.DPOConfig fields, passed through
     merge: bool = True  # also save a merged model folder (what evaluation loads)
     seed: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ConfigError(f"variants: expected one or more distinct variants ({', '.join(VARIANTS)}), got "
+                              f"{short(list(self.variants))}; to skip training, run the other stages with --only")
 
     @property
     def base_model(self) -> str:
@@ -371,6 +476,8 @@ class EvaluateConfig(Common):
     likelihood_scale: float = 0.1  # likelihood judge: score = 1 + 4 * sigmoid(log-ratio per token / scale)
     judge_card: JudgeCardConfig = field(default_factory=JudgeCardConfig)  # judge validation and its thresholds
     disclosure_threshold: float = 0.5  # MiniLM cosine at which a persona fact counts as revealed
+    # the stage fails (no manifest; a rerun retries) when more conversations than this share are incomplete
+    max_failed_share: float = 0.1
     n_boot: int = 2000  # bootstrap resamples for the confidence intervals
     seed: int = 0
 
@@ -445,31 +552,32 @@ _TOP_KEYS = ("experiment", "description", "data_root", "cache_path", "backend", 
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate a parameter file; every error names the file and key."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: parameter file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        loc = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(f"{path}: {loc}invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    data = load_yaml(path)
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty; a parameter file needs at least `experiment:` and `backend:`")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     for k in data:
         if k not in _TOP_KEYS:
             near = difflib.get_close_matches(str(k), _TOP_KEYS, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ConfigError(f"{path}: unknown top-level key {k!r}{hint}; allowed keys: {', '.join(_TOP_KEYS)}")
+            raise ConfigError(f"{path}: unknown top-level key {short(k)}{hint}; allowed keys: {', '.join(_TOP_KEYS)}")
     name = data.get("experiment", path.stem)
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ConfigError(f"{path}: experiment: expected a folder-safe name, got {name!r}")
+    if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{path}: experiment: {short(name)} is not a folder-safe name: 1-64 characters "
+                          f"of letters, digits, '.', '_' and '-', starting with a letter or digit")
+    for k in ("description", "data_root", "cache_path"):
+        if k in data and not isinstance(data[k], str):
+            raise ConfigError(f"{path}: {k}: expected a string, got {short(data[k])}")
+    for k in ("backend", "roles", "stages"):
+        if k in data and not isinstance(data[k], dict):
+            raise ConfigError(f"{path}: {k}: expected a mapping, got {short(data[k])}; leave the key out "
+                              f"to use the defaults")
     common = {k: data[k] for k in ("data_root", "cache_path", "backend", "roles") if k in data}
-    stages_raw = data.get("stages") or {}
-    if not isinstance(stages_raw, dict):
-        raise ConfigError(f"{path}: stages: expected a mapping of stage name to settings")
+    stages_raw = data.get("stages", {})
     for k in stages_raw:
         if k not in STAGES:
-            raise ConfigError(f"{path}: stages: unknown stage {k!r}; allowed stages: {', '.join(STAGES)}")
+            raise ConfigError(f"{path}: stages: unknown stage {short(k)}; allowed stages: {', '.join(STAGES)}")
     try:
         common_built = build(Common, {"experiment": name, **common}, "")
     except ConfigError as e:
@@ -477,10 +585,11 @@ def load_experiment(path: str | Path) -> Experiment:
     own_keys = {f.name for f in dataclasses.fields(Common)}
     stages, raw_sections = {}, {}
     for stage in STAGES:
-        section = stages_raw.get(stage) or {}
+        section = stages_raw.get(stage, {})
         where = f"stages.{stage}"
         if not isinstance(section, dict):
-            raise ConfigError(f"{path}: {where}: expected a mapping, got {section!r}")
+            raise ConfigError(f"{path}: {where}: expected a mapping of settings, got {short(section)}; leave "
+                              f"the stage out to use its defaults")
         allowed = [f.name for f in dataclasses.fields(STAGE_CONFIGS[stage]) if f.name not in own_keys]
         for k in section:
             if (stage, k) in RETIRED:
@@ -490,7 +599,7 @@ def load_experiment(path: str | Path) -> Experiment:
             if k not in allowed:
                 near = difflib.get_close_matches(str(k), allowed, n=1)
                 hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise ConfigError(f"{path}: {where}: unknown key {k!r}{hint}; allowed keys: {', '.join(allowed)}")
+                raise ConfigError(f"{path}: {where}: unknown key {short(k)}{hint}; allowed keys: {', '.join(allowed)}")
         raw_sections[stage] = dict(section)
         fields = {f.name: getattr(common_built, f.name) for f in dataclasses.fields(Common)}
         try:

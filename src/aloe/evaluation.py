@@ -27,6 +27,7 @@ the call cache makes repeated calls free.
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import gc
@@ -45,6 +46,7 @@ from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
 from aloe.io import atomic_path, read_jsonl, write_json, write_jsonl, write_manifest
 from aloe.judging import SCORES, expected_score, judge, likelihood_ratios, likelihood_score, parse_score_choice
+from aloe.lock import stage as stage_guard
 from aloe.metrics import paired_difference, summarize
 from aloe.records import make_pairs, pool_records, read_aloe_pool
 from aloe.roles import Roles, as_roles
@@ -166,16 +168,53 @@ def score_replies(cfg: EvaluateConfig, engine: ChatBackend, replies: list[Reply]
             for j in judge(engine, reqs, parse_score_choice, method=cfg.judge_method, retries=cfg.judge_retries)]
 
 
+def engine_identity(backend: ChatBackend) -> dict:
+    """What the cache keys know of an engine: kind, model, revision and the settings that change answers."""
+    return {"kind": backend.kind, "model": backend.model_id, "revision": backend.revision, **backend.key_identity()}
+
+
+def conversation_settings(cfg: EvaluateConfig, model: str, roles: Roles, under_test: ChatBackend) -> dict:
+    """Everything that made a conversation what it is. A conversation on disk made with other
+    settings (another judge, sampling, simulator, or a retrained model) is not resumed."""
+    return {"model": model, "under_test": engine_identity(under_test),
+            "simulator": engine_identity(roles["simulator"]), "judge": engine_identity(roles["judge"]),
+            "judge_kind": cfg.judge, "judge_method": cfg.judge_method, "likelihood_scale": cfg.likelihood_scale,
+            "protocol": cfg.protocol, "max_new_tokens": cfg.max_new_tokens, "user_temperature": cfg.user_temperature,
+            "seed": cfg.seed, "prompts": [prompts.get(n).tag for n in ("user_simulator", _prompt_name(model))]}
+
+
+def _resumable(path: Path, settings: dict) -> dict[str, dict]:
+    """The conversations on disk made with these settings; others start afresh (the call cache
+    makes replaying what is still valid cheap), with a warning naming what changed."""
+    if not path.exists():
+        return {}
+    out = {}
+    for c in read_jsonl(path, allow_torn_tail=True):
+        old = c.get("settings")
+        if old == settings:
+            out[c["persona_id"]] = c
+        else:
+            changed = sorted(k for k in settings if (old or {}).get(k) != settings[k]) if old else ["(no record)"]
+            log.warning("%s: conversation %s was made with other settings (%s); starting it afresh",
+                        path, c.get("persona_id"), ", ".join(changed))
+    return out
+
+
 def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, under_test: ChatBackend,
               path: Path, progress: bool = True) -> list[dict]:
-    """K lockstep turns for one model over all personas; checkpointed per turn."""
+    """K lockstep turns for one model over all personas; checkpointed per turn. A turn whose
+    user message or reply failed is not recorded: the conversation stops there and a rerun
+    tries that turn again. A reply whose judgment failed is kept and re-judged on a rerun."""
     from tqdm.auto import tqdm
 
-    done = {c["persona_id"]: c for c in read_jsonl(path, allow_torn_tail=True)} if path.exists() else {}
+    settings = conversation_settings(cfg, model, roles, under_test)
+    done = _resumable(path, settings)
     convs = [done.get(p["id"]) or {"model": model, "persona_id": p["id"], "profile": p["profile"],
-                                   "personality": p["personality"], "turns": []} for p in pairs]
+                                   "personality": p["personality"], "settings": settings, "turns": []}
+             for p in pairs]
     for c in convs:
         c["turns"] = [t for t in c["turns"] if t["turn"] <= cfg.turns]
+    _rejudge(cfg, roles["judge"], convs, pairs)
     sim = prompts.get("user_simulator")
     user_samp = Sampling(temperature=cfg.user_temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     model_samp = under_test_sampling(cfg)
@@ -207,18 +246,31 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
                                           [Reply(p, history_before(c, turn), m, r) for c, p, m, r in scored])))
         for c, p in active:
             m, r = got.get(id(c), ("", None))
+            if not m or r is None or not r.ok or not r.text.strip():
+                continue  # not data: this conversation stops here, and a rerun tries the turn again
             score, j = verdicts.get(id(c), (None, None))
-            reason = None if j else ("user simulator failed" if not m else
-                                     f"model failed: {r.error if r is not None else 'no reply'}"
-                                     if r is None or not r.ok else "empty reply")
-            c["turns"].append({"turn": turn, "user": m, "reply": (r.text.strip() if r is not None and r.ok else None),
-                               "score": score, "judge": j or {"method": "none", "error": reason}})
+            c["turns"].append({"turn": turn, "user": m, "reply": r.text.strip(), "score": score,
+                               "judge": j or {"method": "none", "error": "judge failed"}})
         write_jsonl(path, convs)
         bar.update(len(active))
     bar.close()
     return convs
 
 
+def _rejudge(cfg: EvaluateConfig, judge_engine: ChatBackend, convs: list[dict], pairs: list[dict]) -> None:
+    """Judge again the replies whose judgment failed on an earlier run."""
+    todo = [(c, p, t) for c, p in zip(convs, pairs) for t in c["turns"] if t["score"] is None]
+    if not todo:
+        return
+    got = score_replies(cfg, judge_engine, [Reply(p, history_before(c, t["turn"]), t["user"], t["reply"])
+                                            for c, p, t in todo])
+    for (c, p, t), (score, j) in zip(todo, got):
+        t["score"], t["judge"] = score, j
+    log.info("re-judged %d replies whose judgment had failed; %d now scored", len(todo),
+             sum(score is not None for score, _ in got))
+
+
+@stage_guard("evaluate")
 def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = True) -> dict:
     """The ALOE protocol for every model in ``cfg.models``; ``roles`` gives the simulator, the
     judge and the policy (one backend plays all three when a single backend is passed)."""
@@ -254,6 +306,7 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
         del under_test
         gc.collect()
 
+    _check_failures(cfg, convs_of)
     all_convs = []
     scores_of = {}
     for model in cfg.models:  # results in the order the parameter file lists the models
@@ -297,6 +350,29 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
     write_manifest(paths.stage("evaluate"), stage="evaluate", parameters=cfg, started=started,
                    roles=result["roles"], models={"under_test": under_test_of}, counts=counts)
     return result
+
+
+def _check_failures(cfg: EvaluateConfig, convs_of: dict[str, list[dict]]) -> None:
+    """Fail the stage, before any result is written, when too many conversations stopped short
+    or too many replies went unjudged: a rerun retries exactly those."""
+    convs = [c for cs in convs_of.values() for c in cs]
+    short = [c for c in convs if len(c["turns"]) < cfg.turns]
+    turns = [t for c in convs for t in c["turns"]]
+    unjudged = [t for t in turns if t["score"] is None]
+    limit = cfg.max_failed_share
+    problems = []
+    if short and len(short) > limit * len(convs):
+        per_model = collections.Counter(c["model"] for c in short)
+        problems.append(f"{len(short)} of {len(convs)} conversations stopped before turn {cfg.turns} "
+                        f"({', '.join(f'{m}: {n}' for m, n in per_model.items())}; the user simulator or the "
+                        f"model under test failed)")
+    if unjudged and len(unjudged) > limit * max(len(turns), 1):
+        why = collections.Counter(str(t["judge"].get("error") or t["judge"].get("method"))[:80] for t in unjudged)
+        problems.append(f"{len(unjudged)} of {len(turns)} replies have no score "
+                        f"({'; '.join(f'{n} x {r}' for r, n in why.most_common(2))})")
+    if problems:
+        raise AloeError(f"evaluate: {'; '.join(problems)}: more than max_failed_share {limit:g} allows; what "
+                        f"finished is kept in {cfg.paths.stage('evaluate') / 'conversations'}: rerun to retry the rest")
 
 
 def disclosure(cfg: EvaluateConfig, convs_of: dict[str, list[dict]]) -> dict[str, list[dict]]:

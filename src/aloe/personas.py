@@ -15,6 +15,7 @@ from pathlib import Path
 from aloe.config import PersonasConfig
 from aloe.errors import AloeError
 from aloe.io import write_json, write_jsonl, write_manifest
+from aloe.lock import stage as stage_guard
 from aloe.records import item_id, load_seeds, make_pairs, pool_records, read_aloe_pool
 
 ROLES = ("generator",)
@@ -29,6 +30,7 @@ def _official(cfg: PersonasConfig) -> tuple[list[str], list[str], list[str], lis
     return tuple(read_aloe_pool(d / f"{f}.jsonl") for f in files)  # type: ignore[return-value]
 
 
+@stage_guard("personas")
 def run(cfg: PersonasConfig, roles=None) -> dict:
     """Build the pool (seeds + growth, or the official files), pair it, write files + manifest.
 

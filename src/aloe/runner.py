@@ -15,9 +15,10 @@ import os
 import time
 from pathlib import Path
 
-from aloe.config import NOTEBOOKS, STAGES, Experiment, load_experiment
-from aloe.errors import AloeError, ConfigError, StageFailed
+from aloe.config import NOTEBOOKS, STAGE_ROLES, STAGES, BackendConfig, Experiment, load_experiment
+from aloe.errors import AloeError, BackendError, ConfigError, StageFailed
 from aloe.io import write_text
+from aloe.lock import experiment_lock
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +78,69 @@ def check_inputs(exp: Experiment, stages: list[str]) -> None:
                               f"ALOE datasets/ folder there (README, 'Official ALOE files')")
 
 
+def used_roles(exp: Experiment, stages: list[str]) -> list[tuple[str, BackendConfig]]:
+    """(role, settings) for every role the stages play, each distinct setting once."""
+    out, seen = [], set()
+    for stage in stages:
+        for role in STAGE_ROLES[stage]:
+            cfg = exp.stages[stage].role(role)
+            if cfg not in seen:
+                seen.add(cfg)
+                out.append((role, cfg))
+    return out
+
+
+def check_models(exp: Experiment, stages: list[str]) -> None:
+    """Models that run here (transformers, vLLM) resolve: a registry name, a model folder, a hub id."""
+    from aloe.models import resolve_model
+
+    for role, cfg in used_roles(exp, stages):
+        if cfg.kind in ("transformers", "vllm"):
+            try:
+                resolve_model(cfg.model, cfg.revision)
+            except ConfigError as e:
+                raise ConfigError(f"{exp.path}: roles.{role}.model (or backend.model): {e}") from None
+
+
 def check_experiment(exp: Experiment, stages: list[str], notebooks_dir: Path | None = None) -> None:
-    """Everything knowable before a run: notebook parameters, TRL/PEFT pass-through keys, input folders."""
+    """Everything knowable before a run: notebook parameters, TRL/PEFT pass-through keys, input
+    folders, models."""
     check_notebook_parameters(exp, stages, notebooks_dir or REPO_ROOT / "notebooks")
     check_pass_through(exp, stages)
     check_inputs(exp, stages)
+    check_models(exp, stages)
+
+
+def preflight(exp: Experiment, stages: list[str]) -> None:
+    """What `check` cannot know but `run` must before the first notebook: key variables are
+    set, servers answer and accept the key, a GPU exists where one is asked for."""
+    for role, cfg in used_roles(exp, stages):
+        where = f"{exp.path}: roles.{role}"
+        if cfg.kind == "openai":
+            if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
+                raise ConfigError(f"{where}.api_key_env: environment variable {cfg.api_key_env!r} is not set")
+            from aloe.backends.openai_backend import OpenAIBackend
+
+            probe = OpenAIBackend(cfg.base_url, cfg.served_model or cfg.model, cfg.model, "preflight", None,
+                                  api_key_env=cfg.api_key_env, timeout_s=min(cfg.timeout_s, 10.0), max_retries=0)
+            try:
+                probe.check()
+            except AloeError as e:
+                raise BackendError(f"{where}: {e}") from None
+            finally:
+                probe.close()
+        if cfg.kind == "vllm" or cfg.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"{where}: kind {cfg.kind!r}, device {cfg.device!r} needs a CUDA GPU and this "
+                                  f"machine has none; use kind: transformers on the CPU")
 
 
 def run_experiment(params_file: str | Path, only: list[str] | None = None, *,
                    notebooks_dir: Path | None = None, reports_root: Path | None = None,
                    cwd: Path | None = None, log_output: bool = True) -> dict:
     """Execute the experiment's notebooks in order; returns {stage: status}."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     exp = load_experiment(params_file)
     stages = list(STAGES)
     if only:
@@ -102,6 +152,15 @@ def run_experiment(params_file: str | Path, only: list[str] | None = None, *,
     reports_dir = (reports_root or REPO_ROOT / "reports") / exp.name
     cwd = cwd or REPO_ROOT
     check_experiment(exp, stages, notebooks_dir)
+    with experiment_lock(exp.stages["personas"].paths.root):  # one run per experiment; kernels inherit it
+        preflight(exp, stages)
+        return _run_stages(exp, stages, notebooks_dir, reports_dir, cwd, log_output)
+
+
+def _run_stages(exp: Experiment, stages: list[str], notebooks_dir: Path, reports_dir: Path, cwd: Path,
+                log_output: bool) -> dict:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
 
     os.environ["ALOE_PARAMS_FILE"] = str(exp.path)  # the kernels inherit it; cards name the file
     status: dict[str, dict] = _read_status(reports_dir)

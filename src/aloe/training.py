@@ -26,8 +26,12 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import resource
+import types
+import typing
 import sys
 import time
 from pathlib import Path
@@ -36,7 +40,9 @@ from aloe.cards import write_model_card
 from aloe.config import TrainConfig
 from aloe.errors import AloeError, ConfigError
 from aloe.io import read_json, write_json, write_manifest
+from aloe.lock import stage as stage_guard
 from aloe.variants import VARIANTS, needed
+from aloe.yamlfile import number_hint, short
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +56,68 @@ LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_module
                  "task_type": "CAUSAL_LM"}
 
 
+# Pass-through keys that hold secrets: a parameter file is recorded in manifests, model cards
+# and executed notebooks, so a token written there is published with the results.
+_SECRET_KEY = re.compile(r"(^|_)(hub_token|token_id_secret|api_key|password|secret|auth)($|_)|^hub_token$")
+# Bounds for the pass-through numbers people set most; TRL/PEFT accept some nonsense silently.
+_PASS_RANGES = {"learning_rate": (0.0, 1.0, False), "num_train_epochs": (0.0, 1e4, False),
+                "per_device_train_batch_size": (1, 1e5, True), "gradient_accumulation_steps": (1, 1e5, True),
+                "max_length": (1, 1e7, True), "beta": (0.0, 1e3, False), "r": (1, 1e5, True),
+                "lora_alpha": (0.0, 1e6, False), "lora_dropout": (0.0, 1.0, True), "warmup_ratio": (0.0, 1.0, True),
+                "logging_steps": (0.0, 1e9, False), "save_steps": (0.0, 1e9, False)}
+
+
+def _expected_types(hint) -> tuple[type, ...] | None:
+    """The plain types a pass-through field accepts, or None when its type is too rich to check."""
+    if hint in (bool, int, float, str):
+        return {float: (int, float), int: (int,), bool: (bool,), str: (str,)}[hint]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and args:
+        out: list[type] = []
+        for a in args:
+            if a is type(None):
+                out.append(type(None))
+                continue
+            inner = _expected_types(a)
+            if inner is None:
+                return None
+            out.extend(inner)
+        return tuple(out)
+    return None
+
+
 def _check_keys(section: str, given: dict, cls) -> None:
-    allowed = {f.name for f in dataclasses.fields(cls) if f.init}
-    for k in given:
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - some library classes have unresolvable annotations
+        hints = {}
+    for k, v in given.items():
+        key = f"stages.train.{section}.{k}"
+        if not isinstance(k, str):
+            raise ConfigError(f"stages.train.{section}: key {short(k)} is not a string")
+        if _SECRET_KEY.search(k):
+            raise ConfigError(f"{key}: a secret does not belong in a parameter file (it is recorded in manifests "
+                              f"and notebooks); set it in the environment (e.g. HF_TOKEN) instead")
         if k == "output_dir":
-            raise ConfigError(f"stages.train.{section}.output_dir: set by aloe (data/<experiment>/train/<variant>)")
-        if k not in allowed:
-            near = difflib.get_close_matches(k, allowed, n=1)
+            raise ConfigError(f"{key}: set by aloe (data/<experiment>/train/<variant>)")
+        if k not in fields:
+            near = difflib.get_close_matches(k, fields, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ConfigError(f"stages.train.{section}: unknown key {k!r}{hint}: not a field of "
+            raise ConfigError(f"stages.train.{section}: unknown key {short(k)}{hint}: not a field of "
                               f"{cls.__module__.split('.')[0]}.{cls.__name__}")
+        allowed = _expected_types(hints.get(k))
+        if allowed is not None:
+            ok = isinstance(v, allowed) and not (isinstance(v, bool) and bool not in allowed)
+            if not ok:
+                names = " or ".join(sorted({t.__name__.replace("NoneType", "null") for t in allowed}))
+                raise ConfigError(f"{key}: expected {names}, got {short(v)}{number_hint(v)}")
+        if k in _PASS_RANGES and isinstance(v, (int, float)) and not isinstance(v, bool):
+            lo, hi, closed = _PASS_RANGES[k]
+            if not math.isfinite(v) or not (lo <= v <= hi if closed else lo < v <= hi):
+                raise ConfigError(f"{key}: {v!r} is out of range ({lo:g} {'<=' if closed else '<'} value <= {hi:g})")
+        if k == "max_steps" and isinstance(v, int) and not (v == -1 or v > 0):
+            raise ConfigError(f"{key}: {v!r}: use a positive number of steps, or -1 for num_train_epochs")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -196,6 +254,7 @@ def _save_merged(trainer, tok, path: Path, lora: bool) -> None:
     os.replace(tmp, path)
 
 
+@stage_guard("train")
 def run(cfg: TrainConfig, variants: list[str] | None = None, *, callbacks=None) -> dict:
     """Train the configured variants of the policy model in order; a variant that starts from
     another (``sft_then_dpo`` from ``sft_preferred``'s merged model) has that one trained first."""

@@ -25,6 +25,7 @@ call free. Exports for TRL are written from the finished trees.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import random
@@ -42,6 +43,7 @@ from aloe.errors import AloeError
 from aloe.io import read_jsonl, write_jsonl, write_manifest
 from aloe.judging import (SCORES, Judged, LikelihoodJudged, expected_score, judge, likelihood_ratios, pair_verdict,
                           parse_choice, parse_score_choice)
+from aloe.lock import stage as stage_guard
 from aloe.records import spread
 from aloe.roles import Roles, as_roles
 from aloe.variants import EXPORTS
@@ -184,6 +186,7 @@ def _load_existing(path: Path, prov: dict) -> dict[str, dict]:
     return {t["id"]: t for t in existing}
 
 
+@stage_guard("trees")
 def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) -> dict:
     """Grow one tree per training persona; ``roles`` gives the simulator, inferrer, responder
     and judge (one backend plays all four when a single backend is passed)."""
@@ -205,6 +208,9 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
             "personality_id": p.get("personality_id"), "profile": p["profile"], "personality": p["personality"],
             "provenance": prov, "turns": [], "failed": None}
         rec["turns"] = [t for t in rec["turns"] if t["turn"] <= cfg.turns]
+        if rec.get("failed"):  # a failure is not data: the failed turn is tried again, the done ones kept
+            rec["retried"] = rec.get("retried", 0) + 1
+            rec["failed"] = None
         trees.append(_Tree(rec))
     resumed = sum(len(t.rec["turns"]) for t in trees)
     if resumed:
@@ -298,6 +304,12 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
     bar.close()
 
     records = [t.rec for t in trees]
+    failed = [t for t in records if t["failed"] is not None]
+    if failed and len(failed) > cfg.max_failed_share * len(records):
+        reasons = collections.Counter(f"{t['failed']['role']}: {str(t['failed']['error'])[:100]}" for t in failed)
+        raise AloeError(f"trees: {len(failed)} of {len(records)} trees failed, more than max_failed_share "
+                        f"{cfg.max_failed_share:g} allows ({'; '.join(f'{n} x {r}' for r, n in reasons.most_common(3))}); "
+                        f"finished turns are kept in {paths.trees}: rerun to retry the failed ones")
     add_disclosure(records, cfg.disclosure_threshold)
     write_jsonl(paths.trees, records)
     exports = export_rows(records, plain_system)

@@ -36,7 +36,8 @@ def _openai(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
     # and the manifest, `served_model` is what the API expects (defaults to `model`).
     backend = OpenAIBackend(cfg.base_url, cfg.served_model or cfg.model, cfg.model, cfg.revision or "served", cache,
                             api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
-                            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, top_logprobs=cfg.top_logprobs)
+                            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, top_logprobs=cfg.top_logprobs,
+                            deadline_s=cfg.deadline_s)
     backend.check()
     return backend
 

@@ -6,14 +6,25 @@ and refused connections are retried with exponential backoff and jitter; any oth
 4xx fails at once with the server's message, since retrying cannot fix it. The
 API key comes from the environment variable named in the config, never from a
 parameter file.
+
+Every answer is checked before it is used: one parser per call type (``_chat_reply``,
+``_top_logprobs``) checks the response's shape, and anything unexpected (a list body, a
+string message, an empty reply, a non-finite or positive logprob, a top-k list that holds
+no candidate) becomes a failed result for that request, never a crashed batch and never a
+cached answer. ``Retry-After`` is honoured; each request has an overall deadline across its
+retries. A batch whose every request failed to reach a server (refused connections, timeouts,
+5xx to the end) raises BackendError: an outage stops the stage instead of filling it with holes.
 """
 
 from __future__ import annotations
 
+import email.utils
 import itertools
 import logging
+import math
 import os
 import random
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +34,7 @@ import httpx
 from aloe.backends.base import (CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest,
                                 match_candidates)
 from aloe.cache import CallCache
+from aloe.config import redact_url
 from aloe.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,8 +42,20 @@ log = logging.getLogger(__name__)
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
+SETUP_STATUS = {401, 403, 404}  # wrong key, wrong URL or model: every request would fail the same way
+UNREACHABLE = "unreachable: "  # prefix of a request that never got an answer (connection, timeout, 5xx)
+
+
 class _Fatal(Exception):
-    """A response that retrying cannot fix (4xx other than 408/409/425/429)."""
+    """A response that dooms every request (a refused key, a wrong URL): the batch stops."""
+
+
+class _Shape(Exception):
+    """A 200 response whose body is not what the API promises."""
+
+
+class _GaveUp(Exception):
+    """No usable answer within the retries or the deadline."""
 
 
 class OpenAIBackend(ChatBackend):
@@ -40,7 +64,7 @@ class OpenAIBackend(ChatBackend):
     def __init__(self, base_url: str | tuple[str, ...], served_model: str, model_id: str, revision: str,
                  cache: CallCache | None = None, api_key_env: str | None = None, max_concurrency: int = 8,
                  timeout_s: float = 120.0, max_retries: int = 6, top_logprobs: int = 20,
-                 backoff_base_s: float = 0.5, backoff_max_s: float = 8.0):
+                 backoff_base_s: float = 0.5, backoff_max_s: float = 8.0, deadline_s: float | None = None):
         super().__init__(model_id, revision, cache)
         urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)
         self.base_urls = tuple(u.rstrip("/") for u in urls)
@@ -52,13 +76,18 @@ class OpenAIBackend(ChatBackend):
         self.top_logprobs = top_logprobs
         self.backoff_base_s = backoff_base_s
         self.backoff_max_s = backoff_max_s
+        self.timeout_s = timeout_s
+        # one request's whole life, retries and waits included
+        self.deadline_s = deadline_s if deadline_s is not None else timeout_s * (max_retries + 1) + 60
         self.retries = 0
         headers = {}
+        self._secrets: list[str] = []
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
                 raise ConfigError(f"backend.api_key_env: environment variable {api_key_env!r} is not set")
             headers["Authorization"] = f"Bearer {key}"
+            self._secrets.append(key)
         self.client = httpx.Client(timeout=timeout_s, headers=headers,
                                    limits=httpx.Limits(max_connections=max_concurrency * len(self.base_urls)))
         self.server_model: str | None = None  # what the server says it serves under served_model (check())
@@ -67,13 +96,13 @@ class OpenAIBackend(ChatBackend):
         # The model the server reports is the best identity (vLLM's `root` is the weights it
         # loaded); a server that does not list it is identified by its URLs instead.
         return {"served_model": self.served_model,
-                "server": self.server_model or sorted(self.base_urls)}
+                "server": self.server_model or sorted(redact_url(u) for u in self.base_urls)}
 
     def prob_key_extra(self) -> dict:
         return {"top_logprobs": self.top_logprobs}
 
     def describe(self) -> dict:
-        return {**super().describe(), "base_urls": list(self.base_urls)}
+        return {**super().describe(), "base_urls": [redact_url(u) for u in self.base_urls]}
 
     def close(self) -> None:
         self.client.close()
@@ -84,36 +113,69 @@ class OpenAIBackend(ChatBackend):
             try:
                 r = self.client.get(f"{url}/models", timeout=10)
             except httpx.HTTPError as e:
-                raise BackendError(f"cannot reach the OpenAI-compatible server at {url}: {e}") from None
+                raise BackendError(f"cannot reach the OpenAI-compatible server at {redact_url(url)}: "
+                                   f"{self._redact(str(e))}") from None
             if r.status_code in (401, 403):
-                raise BackendError(f"{url} refused the API key (HTTP {r.status_code}): {_excerpt(r)}")
+                raise BackendError(f"{redact_url(url)} refused the API key (HTTP {r.status_code}): "
+                                   f"{self._excerpt(r)}")
             reported = _reported_model(r, self.served_model)
             if reported and self.server_model and reported != self.server_model:
                 raise BackendError(f"the servers of one pool serve different models under {self.served_model!r}: "
                                    f"{self.server_model!r} and {reported!r} ({url})")
             self.server_model = self.server_model or reported
 
+    def _redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+    def _excerpt(self, r: httpx.Response, n: int = 160) -> str:
+        """A server's error body, shortened and with anything key-like removed: it is recorded."""
+        try:
+            text = r.text
+        except (httpx.HTTPError, UnicodeDecodeError):
+            return "(unreadable body)"
+        return self._redact(text[:n].replace("\n", " "))
+
     # -- one request with retries
-    def _post(self, payload: dict) -> dict:
+    def _post(self, payload: dict):
+        """The parsed JSON body of a 200 answer; retries 408/409/425/429/5xx, timeouts, broken
+        connections and unreadable bodies, within ``deadline_s``; honours Retry-After."""
+        start = time.monotonic()
         last = ""
         for attempt in range(self.max_retries + 1):
+            remaining = self.deadline_s - (time.monotonic() - start)
+            if remaining <= 0:
+                last = f"deadline of {self.deadline_s:g} s passed; last: {last}"
+                break
             with self._url_lock:
                 url = next(self._next_url)
+            wait = None
             try:
-                r = self.client.post(f"{url}/chat/completions", json=payload)
+                r = self.client.post(f"{url}/chat/completions", json=payload,
+                                     timeout=min(self.timeout_s, remaining))
                 if r.status_code == 200:
-                    return r.json()
-                if r.status_code not in RETRY_STATUS:
-                    raise _Fatal(f"{url} answered HTTP {r.status_code}: {_excerpt(r)}")
-                last = f"HTTP {r.status_code}: {_excerpt(r)}"
-            except (httpx.TimeoutException, httpx.TransportError) as e:
-                last = f"{type(e).__name__}: {e}"
+                    try:
+                        return r.json()
+                    except ValueError as e:
+                        last = f"HTTP 200 with an unreadable body ({type(e).__name__})"
+                elif r.status_code in SETUP_STATUS:
+                    raise _Fatal(f"{redact_url(url)} answered HTTP {r.status_code}: {self._excerpt(r)}")
+                elif r.status_code not in RETRY_STATUS:
+                    raise _GaveUp(f"HTTP {r.status_code}: {self._excerpt(r)}")  # this request only
+                else:
+                    last = f"HTTP {r.status_code}: {self._excerpt(r)}"
+                    wait = retry_after(r.headers.get("Retry-After"))
+            except httpx.HTTPError as e:  # timeouts, refused or broken connections, broken gzip
+                last = f"{type(e).__name__}: {self._redact(str(e))[:160]}"
             if attempt < self.max_retries:
                 self.retries += 1
-                delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt) * (0.5 + random.random())
+                backoff = min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt) * (0.5 + random.random())
+                delay = max(backoff, wait or 0.0)
+                if time.monotonic() - start + delay > self.deadline_s:
+                    last = f"deadline of {self.deadline_s:g} s would pass waiting {delay:.1f} s; last: {last}"
+                    break
                 log.warning("retry %d/%d in %.1fs after %s", attempt + 1, self.max_retries, delay, last)
                 time.sleep(delay)
-        raise RuntimeError(f"gave up after {self.max_retries + 1} attempts: {last}")
+        raise _GaveUp(f"{UNREACHABLE}gave up after {attempt + 1} attempt(s): {last}")
 
     def _map(self, fn, items):
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
@@ -128,20 +190,12 @@ class OpenAIBackend(ChatBackend):
             if not s.model_default:  # otherwise the server's (the model's) own defaults apply
                 payload.update(temperature=s.temperature, top_p=s.top_p)
             try:
-                data = self._post(payload)
-                choice = data["choices"][0]
-                text = choice["message"].get("content")
-                usage = data.get("usage") or {}
-                n = usage.get("completion_tokens")
-                if n:
-                    self.generated_tokens += n
-                if text is None:
-                    return Completion(None, error="server returned no content")
-                return Completion(text.strip(), finish_reason=choice.get("finish_reason"), completion_tokens=n)
-            except _Fatal as e:
-                raise BackendError(str(e)) from None
-            except (RuntimeError, KeyError, IndexError, ValueError) as e:
+                text, finish, n = _chat_reply(self._post(payload))
+            except (_GaveUp, _Shape) as e:
                 return Completion(None, error=str(e))
+            if n:
+                self.generated_tokens += n
+            return Completion(text, finish_reason=finish, completion_tokens=n)
 
         out = self._map(one, requests)
         _raise_if_all_unreachable(out, self.base_urls)
@@ -151,24 +205,106 @@ class OpenAIBackend(ChatBackend):
         def one(r: ProbRequest) -> CandidateLogprobs:
             payload = {"model": self.served_model, "messages": list(r.messages), "temperature": 0.0,
                        "max_tokens": 1, "logprobs": True, "top_logprobs": self.top_logprobs, "seed": 0}
+            failed = CandidateLogprobs({c: None for c in r.candidates}, exact=False)
             try:
-                data = self._post(payload)
-                content = ((data["choices"][0].get("logprobs") or {}).get("content")) or []
-                if not content:
-                    return CandidateLogprobs({c: None for c in r.candidates}, exact=False,
-                                             error="server returned no logprobs")
-                top = {t["token"]: t["logprob"] for t in content[0].get("top_logprobs") or []}
-                first = content[0]
-                top.setdefault(first["token"], first["logprob"])
-                return CandidateLogprobs(match_candidates(top, r.candidates), exact=False)
-            except _Fatal as e:
-                raise BackendError(str(e)) from None
-            except (RuntimeError, KeyError, IndexError, ValueError, TypeError) as e:
-                return CandidateLogprobs({c: None for c in r.candidates}, exact=False, error=str(e))
+                matched = match_candidates(_top_logprobs(self._post(payload)), r.candidates)
+            except (_GaveUp, _Shape) as e:
+                failed.error = str(e)
+                return failed
+            if all(v is None for v in matched.values()):  # an answer that says nothing: not cached
+                failed.error = f"no candidate ({', '.join(r.candidates)}) among the top {self.top_logprobs} tokens"
+                return failed
+            return CandidateLogprobs(matched, exact=False)
 
         out = self._map(one, requests)
         _raise_if_all_unreachable(out, self.base_urls)
         return out
+
+    def _map(self, fn, items):
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            futures = [pool.submit(fn, item) for item in items]
+            try:
+                return [f.result() for f in futures]
+            except _Fatal as e:
+                for f in futures:
+                    f.cancel()
+                raise BackendError(str(e)) from None
+
+
+def _chat_reply(data) -> tuple[str, str | None, int | None]:
+    """(text, finish_reason, completion tokens) of a chat completion body, or _Shape."""
+    choice = _first_choice(data)
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise _Shape(f"malformed answer: choices[0].message is {type(message).__name__}, not an object")
+    content = message.get("content")
+    if isinstance(content, list):  # content parts: keep the text ones
+        if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
+            raise _Shape("malformed answer: content parts are not objects with text")
+        content = "".join(p.get("text", "") for p in content if p.get("type", "text") == "text")
+    if not isinstance(content, str):
+        raise _Shape(f"malformed answer: message content is {type(content).__name__}, not text")
+    if not content.strip():
+        raise _Shape("empty reply")
+    usage = data.get("usage")
+    n = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    finish = choice.get("finish_reason")
+    return (content.strip(), finish if isinstance(finish, str) else None,
+            n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None)
+
+
+def _top_logprobs(data) -> dict[str, float]:
+    """{token: logprob} of the first generated token and its top-k list, each checked."""
+    logprobs = _first_choice(data).get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list) or not content or not isinstance(content[0], dict):
+        raise _Shape("the server returned no logprobs")
+    first = content[0]
+    entries = [first, *(first.get("top_logprobs") or [])]
+    top: dict[str, float] = {}
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("token"), str):
+            raise _Shape("malformed logprobs: an entry without a token")
+        lp = e.get("logprob")
+        if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp) or lp > 1e-6:
+            raise _Shape(f"malformed logprobs: {lp!r} for token {e['token'][:20]!r} is not a log-probability")
+        top.setdefault(e["token"], min(float(lp), 0.0))  # rounding can give +1e-9
+    return top
+
+
+def _first_choice(data) -> dict:
+    if not isinstance(data, dict):
+        raise _Shape(f"malformed answer: the body is {type(data).__name__}, not an object")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise _Shape("malformed answer: no choices")
+    return choices[0]
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delta seconds or an HTTP date), capped at 120."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return min(max(seconds, 0.0), 120.0) if math.isfinite(seconds) else None
+
+
+_KEYLIKE = re.compile(r"(Bearer\s+)\S+|\b(sk|hf|key|api)[-_][A-Za-z0-9_-]{8,}", re.IGNORECASE)
+
+
+def redact(text: str, secrets=()) -> str:
+    """``text`` with the given secrets and anything that looks like a key replaced by ***."""
+    for s in secrets:
+        if s:
+            text = text.replace(s, "***")
+    return _KEYLIKE.sub(lambda m: (m.group(1) or "") + "***", text)
 
 
 def _reported_model(r: httpx.Response, served: str) -> str | None:
@@ -184,12 +320,10 @@ def _reported_model(r: httpx.Response, served: str) -> str | None:
     return None
 
 
-def _excerpt(r: httpx.Response, n: int = 300) -> str:
-    return r.text[:n].replace("\n", " ")
-
-
 def _raise_if_all_unreachable(results, urls) -> None:
-    """Individual failures are data; every request failing to connect is a setup error."""
+    """Individual failures are results; every request of a batch failing to get any answer
+    (refused connections, timeouts, 5xx to the end) is an outage, and stops the stage."""
     errors = [r.error for r in results]
-    if errors and all(e and ("ConnectError" in e or "Connection refused" in e) for e in errors):
-        raise BackendError(f"cannot reach the OpenAI-compatible server at {', '.join(urls)}: {errors[0]}")
+    if errors and all(e and e.startswith(UNREACHABLE) for e in errors):
+        raise BackendError(f"cannot reach the OpenAI-compatible server at {', '.join(redact_url(u) for u in urls)}: "
+                           f"all {len(errors)} requests failed; first: {errors[0][len(UNREACHABLE):]}")

@@ -1,0 +1,32 @@
+"""Every bad input in the catalogue (scripts/bad_inputs.py) gets one clear refusal: exit 2,
+no traceback, at most three lines, naming the key, file or variable that is wrong."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from conftest import REPO
+
+_spec = importlib.util.spec_from_file_location("bad_inputs", REPO / "scripts" / "bad_inputs.py")
+bad_inputs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bad_inputs)
+
+
+def test_the_catalogue_is_large():
+    assert len(bad_inputs.CASES) >= 40
+    assert len({c[0] for c in bad_inputs.CASES}) == len(bad_inputs.CASES)
+
+
+@pytest.mark.parametrize("case", bad_inputs.CASES, ids=[c[0] for c in bad_inputs.CASES])
+def test_bad_input_is_refused_clearly(case, tmp_path):
+    res = bad_inputs.run_case(case, tmp_path)
+    assert res["verdict"] == "clear", res
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").rglob("*.jsonl")), "nothing ran"
+
+
+def test_a_good_file_passes_the_same_path(tmp_path):
+    # the harness itself can tell a good file from a bad one
+    case = ("good", bad_inputs.BASE, ["check", "{file}"], "", {})
+    assert bad_inputs.run_case(case, tmp_path)["verdict"] == "accepted"

@@ -1,0 +1,209 @@
+"""The HTTP backend against a real loopback server that misbehaves on purpose: 5xx bursts,
+Retry-After, slow answers past the deadline, malformed bodies, NaN/Inf/positive logprobs,
+top-k lists without a candidate, a server that echoes the key. Nothing bad is cached, a batch
+never crashes on one bad answer, an outage stops the stage, and a rerun against a healthy
+server completes with nothing lost or duplicated."""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import json
+import threading
+import time
+
+import pytest
+
+from aloe.backends import ChatRequest, ProbRequest, Sampling, open_backend
+from aloe.cache import CallCache
+from aloe.errors import BackendError
+
+from conftest import free_port
+
+CANARY = "sk-canary-7f3a9c1e5b2d4a6f8e0c"
+
+
+def _chat_body(text="a fine reply", logprobs=None) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": [logprobs]}
+    return {"choices": [choice], "usage": {"completion_tokens": 3}}
+
+
+GOOD_TOP = {"token": "3", "logprob": -0.2, "top_logprobs": [{"token": "3", "logprob": -0.2},
+                                                            {"token": "4", "logprob": -1.9}]}
+
+
+class FaultServer:
+    """Answers POSTs from ``faults`` first (each: a status code, or a dict with status, body
+    (bytes or JSON), headers, delay), then healthily; ``always`` maps a request's last message
+    to a fault given on every try. Records every request's Authorization header."""
+
+    def __init__(self, faults=()):
+        self.faults, self.lock, self.posts, self.seen_auth = list(faults), threading.Lock(), 0, []
+        self.always: dict[str, object] = {}
+        srv = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code, body, headers=()):
+                self.send_response(code)
+                for k, v in dict(headers).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._send(200, json.dumps({"data": [{"id": "m"}]}).encode(), {"Content-Type": "application/json"})
+
+            def do_POST(self):
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with srv.lock:
+                    srv.posts += 1
+                    srv.seen_auth.append(self.headers.get("Authorization"))
+                    fault = srv.faults.pop(0) if srv.faults else None
+                    fault = srv.always.get(req["messages"][-1]["content"], fault)
+                if isinstance(fault, int):
+                    fault = {"status": fault}
+                if fault:
+                    time.sleep(fault.get("delay", 0))
+                    body = fault.get("body", {"error": {"message": "injected fault"}})
+                    if not isinstance(body, bytes):
+                        body = json.dumps(body).encode()
+                    return self._send(fault.get("status", 200), body,
+                                      {"Content-Type": "application/json", **fault.get("headers", {})})
+                good = _chat_body(logprobs=GOOD_TOP) if req.get("logprobs") else \
+                    _chat_body(f"reply to {req['messages'][-1]['content']}")
+                self._send(200, json.dumps(good).encode(), {"Content-Type": "application/json"})
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def server():
+    s = FaultServer()
+    yield s
+    s.close()
+
+
+def backend(url, cache=None, **kw):
+    cfg = {"kind": "openai", "model": "m", "base_url": url, "max_concurrency": 1, "max_retries": 2, **kw}
+    b = open_backend(cfg, cache)
+    b.backoff_base_s, b.backoff_max_s = 0.01, 0.05  # fast tests; Retry-After still counts
+    return b
+
+
+def chats(n):
+    return [ChatRequest([{"role": "user", "content": f"q{i}"}], Sampling(max_tokens=8)) for i in range(n)]
+
+
+SCORE = [ProbRequest([{"role": "user", "content": f"score {i}"}], ("1", "2", "3", "4", "5")) for i in range(3)]
+
+
+MALFORMED = {
+    "a list body": {"body": [1, 2]},
+    "no choices": {"body": {"choices": []}},
+    "a string message": {"body": {"choices": [{"message": "hello"}]}},
+    "content of numbers": {"body": {"choices": [{"message": {"content": 5}}]}},
+    "an empty reply": {"body": _chat_body("   ")},
+    "broken gzip": {"body": b"\x1f\x8bnot gzip at all", "headers": {"Content-Encoding": "gzip"}},
+    "not JSON": {"body": b"<html>oops</html>"},
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED))
+def test_a_malformed_answer_fails_that_request_only_and_is_not_cached(server, tmp_path, kind):
+    # the bad answer comes back on every try of the first request; the others are healthy
+    server.always = {"q0": MALFORMED[kind]}
+    cache = str(tmp_path / "c.sqlite")
+    out = backend(server.url, cache).chat(chats(3))
+    assert not out[0].ok and out[0].text is None and out[0].error
+    assert [c.text for c in out[1:]] == ["reply to q1", "reply to q2"]
+    assert len(CallCache(cache)) == 2
+    # rerun, server healthy: the failed request is asked again, the others come from the cache
+    server.always = {}
+    again = backend(server.url, cache).chat(chats(3))
+    assert [c.text for c in again] == ["reply to q0", "reply to q1", "reply to q2"]
+    assert [c.cached for c in again] == [False, True, True] and len(CallCache(cache)) == 3
+
+
+def test_content_parts_are_read_as_text(server):
+    server.faults = [{"body": {"choices": [{"message": {"content": [{"type": "text", "text": "part one"}]}}]}}]
+    assert backend(server.url).chat(chats(1))[0].text == "part one"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.5, "x", None])
+def test_logprobs_that_are_not_log_probabilities_are_failures(server, tmp_path, bad):
+    top = {"token": "3", "logprob": -0.1, "top_logprobs": [{"token": "3", "logprob": bad}]}
+    raw = json.dumps(_chat_body(logprobs=top)).replace("NaN", "NaN").encode()  # Python writes NaN/Infinity
+    server.always = {"score 0": {"body": raw}}
+    cache = str(tmp_path / "c.sqlite")
+    out = backend(server.url, cache).logprobs(SCORE)
+    assert not out[0].ok and "log-probability" in out[0].error
+    assert out[1].ok and out[2].ok and len(CallCache(cache)) == 2
+
+
+def test_a_top_k_list_without_any_candidate_is_not_an_answer(server, tmp_path):
+    top = {"token": "Hello", "logprob": -0.1, "top_logprobs": [{"token": "Hello", "logprob": -0.1},
+                                                               {"token": "The", "logprob": -2.5}]}
+    server.always = {"score 0": {"body": _chat_body(logprobs=top)}}
+    cache = str(tmp_path / "c.sqlite")
+    out = backend(server.url, cache).logprobs(SCORE[:2])
+    assert not out[0].ok and "no candidate" in out[0].error and out[1].ok
+    assert len(CallCache(cache)) == 1
+
+
+def test_retry_after_is_honoured(server):
+    server.faults = [{"status": 503, "headers": {"Retry-After": "1"}}]
+    t0 = time.monotonic()
+    out = backend(server.url).chat(chats(1))
+    assert out[0].ok and time.monotonic() - t0 >= 1.0 and server.posts == 2
+
+
+def test_a_request_has_an_overall_deadline(server):
+    # every answer takes 1 s, each try may take 0.3 s: without a deadline 8 tries would run
+    server.faults = [{"delay": 1.0, "body": _chat_body()}] * 20
+    b = backend(server.url, timeout_s=0.3, max_retries=8, deadline_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match="cannot reach .* all 1 requests failed"):
+        b.chat(chats(1))
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_an_outage_of_5xx_stops_the_batch_instead_of_leaving_holes(server, tmp_path):
+    server.faults = [500] * 9  # 3 requests x 3 tries
+    cache = str(tmp_path / "c.sqlite")
+    with pytest.raises(BackendError, match="all 3 requests failed; first: gave up after 3 attempt"):
+        backend(server.url, cache).chat(chats(3))
+    assert len(CallCache(cache)) == 0
+    assert [c.text for c in backend(server.url, cache).chat(chats(3))] == ["reply to q0", "reply to q1", "reply to q2"]
+
+
+def test_a_4xx_for_one_request_fails_that_request_and_a_refused_key_stops_the_batch(server):
+    server.always = {"q0": {"status": 400, "body": {"error": {"message": "prompt too long"}}}}
+    out = backend(server.url).chat(chats(2))
+    assert not out[0].ok and "HTTP 400" in out[0].error and out[1].ok
+    server.always = {"q0": 401, "q1": 401}
+    with pytest.raises(BackendError, match="HTTP 401"):
+        backend(server.url).chat(chats(2))
+
+
+def test_the_key_never_reaches_errors_or_records(server, tmp_path, monkeypatch):
+    # a hostile server echoes the Authorization header in its error body
+    monkeypatch.setenv("ALOE_CANARY", CANARY)
+    server.always = {"q0": {"status": 400, "body": {"error": f"bad request from Bearer {CANARY} key {CANARY}"}}}
+    b = backend(server.url, str(tmp_path / "c.sqlite"), api_key_env="ALOE_CANARY")
+    out = b.chat(chats(2))
+    assert server.seen_auth[-1] == f"Bearer {CANARY}"  # it was sent (loopback http is allowed) ...
+    assert CANARY not in out[0].error and "***" in out[0].error  # ... and never recorded
+    assert CANARY not in json.dumps(b.describe()) and CANARY not in (tmp_path / "c.sqlite").read_bytes().decode(
+        "latin-1")
