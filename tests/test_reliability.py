@@ -232,3 +232,46 @@ def test_conversations_made_with_other_settings_are_not_resumed(tmp_path, caplog
     assert "made with other settings (likelihood_scale); starting it afresh" in caplog.text
     assert any(c == "chat" for c, _ in changed.calls)
     assert all(c["settings"]["likelihood_scale"] == 0.5 for c in aloe.io.read_jsonl(cfg.paths.conversations("base")))
+
+
+def _profiles_text(r):
+    """A scripted generator that writes distinct, long-enough profile lines per request."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(r.messages).encode() + str(r.sample_index).encode()).hexdigest()
+    jobs = ["baker", "pilot", "nurse", "welder", "botanist", "actuary", "drummer", "glassblower"]
+    return "\n".join(f"- I am a {40 + i} year old {jobs[(int(h[i], 16) + i) % len(jobs)]} from town {h[i:i + 6]} "
+                     f"who collects {h[i + 6:i + 12]} stamps and has {i} children." for i in range(5))
+
+
+def test_growth_never_stores_a_round_with_failed_requests_and_replays_only_matching_rounds(tmp_path, caplog):
+    from aloe.backends.scripted import ScriptedBackend
+    from aloe.embedding import Embedder
+    from aloe.growth import GrowthSettings, grow_pool
+    from aloe.records import load_seeds, pool_records
+
+    seeds = pool_records(load_seeds("profiles")[:6], "profile", "seed", "train")
+    emb, state = Embedder(), tmp_path / "rounds.jsonl"
+    s = GrowthSettings(target=100, items_per_round=5, requests_per_round=2, max_rounds=2, min_chars=40,
+                       threshold=0.95)
+    # every generation request fails: no round is written, the stage fails naming why
+    down = ScriptedBackend(texts=lambda r: None)
+    with pytest.raises(AloeError, match=r"round 1: 2 of 2 generation requests failed after 3 tries"):
+        grow_pool("profile", seeds, [], down, emb, s, state)
+    assert not state.exists() or aloe.io.read_jsonl(state) == []
+    # healthy: two rounds, then a rerun with the same settings replays them and asks nothing
+    pool, rounds, _ = grow_pool("profile", seeds, [], ScriptedBackend(texts=_profiles_text), emb, s, state)
+    assert [r["round"] for r in rounds] == [1, 2] and len(pool) > len(seeds)
+    again = ScriptedBackend(texts=_profiles_text)
+    pool2, _, _ = grow_pool("profile", seeds, [], again, emb, s, state)
+    assert [p["id"] for p in pool2] == [p["id"] for p in pool] and not again.calls
+    # another threshold: the old rounds are not this pool's; they are dropped, not replayed
+    other = GrowthSettings(**{**s.__dict__, "threshold": 0.9})
+    with caplog.at_level("WARNING", logger="aloe.growth"):
+        _, rounds3, _ = grow_pool("profile", seeds, [], ScriptedBackend(texts=_profiles_text), emb, other, state)
+    assert "2 profile round(s) made with other settings (threshold) are dropped" in caplog.text
+    assert all(r["settings"]["threshold"] == 0.9 for r in aloe.io.read_jsonl(state))
+    # growth off (max_rounds 0, as when the seeds reach the target or the source is official): nothing replayed
+    off = GrowthSettings(**{**s.__dict__, "max_rounds": 0})
+    seeds_only, rounds4, _ = grow_pool("profile", seeds, [], None, emb, off, state)
+    assert rounds4 == [] and [p["id"] for p in seeds_only] == [p["id"] for p in seeds]

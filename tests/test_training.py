@@ -144,9 +144,50 @@ def test_resume_from_checkpoint_after_a_crash(tiny_model, tmp_path):
         training.run(cfg, callbacks=[Crash()])
     out = tmp_path / "t" / "train" / "sft_preferred"
     assert (out / "checkpoints" / "checkpoint-2").exists() and not (out / "done.json").exists()
+    # a later checkpoint cut short by a kill mid-save (no completion mark) is never resumed from
+    partial = out / "checkpoints" / "checkpoint-9"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
     m = training.run(cfg)["sft_preferred"]
     assert m["resumed_from"].endswith("checkpoint-2") and m["global_step"] == 3
     assert [e["step"] for e in m["log_history"] if "loss" in e][-1] == 3
+    assert not partial.exists()
+
+
+def test_checkpoints_of_other_settings_are_not_resumed_and_evaluation_needs_finished_training(tiny_model,
+                                                                                                tmp_path):
+    from transformers import TrainerCallback
+
+    from aloe import training
+    from aloe.config import EvaluateConfig
+    from aloe.errors import AloeError
+    from aloe.evaluation import trained_path
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    _setup(tmp_path, _rows())
+    cfg = _cfg(tmp_path, tiny_model, variants=("sft_preferred",), sft={**FAST, "max_steps": 3})
+    training.run(cfg)
+    ecfg = EvaluateConfig(experiment="t", data_root=str(tmp_path), models=("base", "sft_preferred"))
+    assert trained_path(ecfg, "sft_preferred").exists()
+    # retraining with another learning rate is killed mid-way: its done.json is gone, so evaluation
+    # refuses the merged folder on disk (the old model's), and the killed run's checkpoints
+    # (other settings) are not what a run with the first settings resumes from
+    other = _cfg(tmp_path, tiny_model, variants=("sft_preferred",), sft={**FAST, "max_steps": 3,
+                                                                          "learning_rate": 5e-3})
+    import shutil
+
+    shutil.rmtree(tmp_path / "t" / "train" / "sft_preferred" / "checkpoints")
+    with pytest.raises(KeyboardInterrupt):
+        training.run(other, callbacks=[Crash()])
+    with pytest.raises(AloeError, match="training of 'sft_preferred' did not finish"):
+        trained_path(ecfg, "sft_preferred")
+    m = training.run(cfg)["sft_preferred"]
+    assert m["resumed_from"] is None and m["global_step"] == 3
+    assert trained_path(ecfg, "sft_preferred").exists()
 
 
 @pytest.mark.slow

@@ -116,6 +116,9 @@ def trained_path(cfg: EvaluateConfig, model: str) -> Path:
     if not (path / "config.json").exists():
         raise AloeError(f"{path}: no trained model for {model!r}; run the train stage with this variant, "
                         f"or remove it from stages.evaluate.models")
+    if not cfg.paths.train_done(model).exists():  # written last: without it, training did not finish
+        raise AloeError(f"{path}: training of {model!r} did not finish ({cfg.paths.train_done(model).name} is "
+                        f"missing); rerun the train stage")
     return path
 
 
@@ -168,16 +171,11 @@ def score_replies(cfg: EvaluateConfig, engine: ChatBackend, replies: list[Reply]
             for j in judge(engine, reqs, parse_score_choice, method=cfg.judge_method, retries=cfg.judge_retries)]
 
 
-def engine_identity(backend: ChatBackend) -> dict:
-    """What the cache keys know of an engine: kind, model, revision and the settings that change answers."""
-    return {"kind": backend.kind, "model": backend.model_id, "revision": backend.revision, **backend.key_identity()}
-
-
 def conversation_settings(cfg: EvaluateConfig, model: str, roles: Roles, under_test: ChatBackend) -> dict:
     """Everything that made a conversation what it is. A conversation on disk made with other
     settings (another judge, sampling, simulator, or a retrained model) is not resumed."""
-    return {"model": model, "under_test": engine_identity(under_test),
-            "simulator": engine_identity(roles["simulator"]), "judge": engine_identity(roles["judge"]),
+    return {"model": model, "under_test": under_test.identity(),
+            "simulator": roles["simulator"].identity(), "judge": roles["judge"].identity(),
             "judge_kind": cfg.judge, "judge_method": cfg.judge_method, "likelihood_scale": cfg.likelihood_scale,
             "protocol": cfg.protocol, "max_new_tokens": cfg.max_new_tokens, "user_temperature": cfg.user_temperature,
             "seed": cfg.seed, "prompts": [prompts.get(n).tag for n in ("user_simulator", _prompt_name(model))]}

@@ -13,6 +13,10 @@ replays them (re-embedding only the kept texts) and continues with the next roun
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
 import random
 import re
 from dataclasses import dataclass, field
@@ -23,8 +27,11 @@ import numpy as np
 from aloe import prompts
 from aloe.backends import ChatBackend, ChatRequest, Sampling
 from aloe.embedding import Embedder
-from aloe.io import JsonlAppender, read_jsonl
+from aloe.errors import AloeError
+from aloe.io import JsonlAppender, read_jsonl, write_jsonl
 from aloe.records import item_id
+
+_log = logging.getLogger(__name__)
 
 _ITEM_PREFIX = re.compile(r"^\s*(?:[-*\u2022\u2013]|\(?\d{1,3}[.):]|#+|(?:profile|personality|persona)\s*\d*\s*[:.-])\s*",
                           re.IGNORECASE)
@@ -153,6 +160,16 @@ class GrowthSettings:
     seed: int = 0
 
 
+def round_settings(kind: str, s: GrowthSettings, backend: ChatBackend | None, seeds: list[dict],
+                   blocked: list[dict]) -> dict:
+    """What made a growth round: the settings, the generator, the seeds and the blocked
+    (benchmark) items. A round on disk with other settings is not replayed."""
+    digest = hashlib.sha256(json.dumps([sorted(r["id"] for r in seeds), sorted(b["id"] for b in blocked)])
+                            .encode()).hexdigest()[:16]
+    return {"kind": kind, **{k: v for k, v in dataclasses.asdict(s).items() if k not in ("target", "max_rounds")},
+            "generator": backend.identity() if backend is not None else None, "inputs": digest}
+
+
 def _saturated(rounds: list[dict], s: GrowthSettings) -> bool:
     last = rounds[-s.saturation_window:]
     if len(last) < s.saturation_window:
@@ -180,9 +197,18 @@ def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBa
         filt.add(rec["id"], e)
         texts[rec["id"]] = rec["text"]
         pool.append({**rec, "nearest_id": nn, "nearest_sim": None if nn is None else round(sim, 4)})
-    # resume: replay finished rounds of this kind (their LLM calls are cached anyway)
-    rounds = [r for r in (read_jsonl(state_path, allow_torn_tail=True) if state_path.exists() else [])
-              if r["kind"] == kind]
+    # resume: replay finished rounds of this kind made with these settings (personas.run has
+    # already dropped the others; their LLM calls are cached anyway)
+    fp = round_settings(kind, s, backend, seeds, blocked)
+    on_disk = read_jsonl(state_path, allow_torn_tail=True) if state_path.exists() else []
+    mine = [r for r in on_disk if r["kind"] == kind]
+    rounds = [r for r in mine if r.get("settings") == fp] if s.max_rounds > 0 else []
+    if len(rounds) != len(mine):  # growth now off, or other settings: those rounds are not this pool's
+        old = next((r.get("settings") or {} for r in mine if r.get("settings") != fp), {})
+        changed = sorted(k for k in fp if old.get(k) != fp[k]) if s.max_rounds > 0 else ["growth is off"]
+        _log.warning("%s: %d %s round(s) made with other settings (%s) are dropped", state_path,
+                     len(mine) - len(rounds), kind, ", ".join(changed) or "unrecorded")
+        write_jsonl(state_path, [r for r in on_disk if r["kind"] != kind] + rounds)
     replay = [a for r in rounds for a in r["accepted"]]
     for rec, e in zip(replay, embedder.encode([a["text"] for a in replay])):
         filt.add(rec["id"], e)
@@ -205,6 +231,15 @@ def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBa
                 reqs.append(ChatRequest(msgs, Sampling(temperature=s.temperature, max_tokens=s.max_new_tokens,
                                                        seed=s.seed), sample_index=rnd * 1000 + j, prompt_version=tag))
             outs = backend.chat(reqs)
+            for _ in range(2):  # failed requests are asked again (the others come from the cache)
+                if all(o.ok for o in outs):
+                    break
+                outs = backend.chat(reqs)
+            failed = [o.error for o in outs if not o.ok]
+            if failed:  # never a round built on holes: the stage fails, a rerun retries this round
+                raise AloeError(f"growing {kind}s, round {rnd}: {len(failed)} of {len(reqs)} generation requests "
+                                f"failed after 3 tries ({str(failed[0])[:160]}); finished rounds are kept in "
+                                f"{state_path}: rerun to go on")
             dropped: dict[str, int] = {}
             cands: list[str] = []
             raw = 0
@@ -232,7 +267,7 @@ def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBa
                        "generator": backend.model_id, "prompt_version": tag}
                 accepted.append(rec)
                 pool.append(rec)
-            entry = {"kind": kind, "round": rnd, "requests": len(reqs), "failed_requests": sum(not o.ok for o in outs),
+            entry = {"kind": kind, "round": rnd, "settings": fp, "requests": len(reqs), "failed_requests": 0,
                      "candidates": raw, "offered": len(cands), "dropped": dropped,
                      "accepted": accepted, "pool_size": len(pool)}
             log.append(entry)

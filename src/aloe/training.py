@@ -193,6 +193,8 @@ def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbac
     if done.exists() and read_json(done).get("fingerprint") == fp:
         log.info("%s: already trained with these settings (%s); skipping", variant, done)
         return read_json(paths.train_metrics(variant))
+    done.unlink(missing_ok=True)  # the model on disk is not this one: evaluation must not load it
+    usable_checkpoints(paths.checkpoints(variant), fp)
     dataset = load_dataset("json", data_files=str(data_file), split="train")
     if len(dataset) == 0:
         raise AloeError(f"{data_file}: no rows to train on (every node was a tie, dropped or unusable?)")
@@ -204,7 +206,7 @@ def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbac
     model, tok = _load(base_location)
     peft_config = LoraConfig(**{**LORA_DEFAULTS, **cfg.peft}) if cfg.lora else None
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                          peft_config=peft_config, callbacks=callbacks)
+                          peft_config=peft_config, callbacks=[_mark_complete(fp), *(callbacks or [])])
     last = get_last_checkpoint(str(paths.checkpoints(variant))) if paths.checkpoints(variant).exists() else None
     if last:
         log.info("%s: resuming from %s", variant, last)
@@ -237,6 +239,40 @@ def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbac
 
 def _step_of(checkpoint: str | None) -> int:
     return int(Path(checkpoint).name.split("-")[-1]) if checkpoint else 0
+
+
+COMPLETE = "aloe_complete.json"  # written into a checkpoint folder once the trainer has saved all of it
+
+
+def _mark_complete(fingerprint: str):
+    """A TrainerCallback whose ``on_save`` runs after a checkpoint is fully written, so a folder
+    without its mark was cut short (a kill mid-save) and is never resumed from. The mark also
+    carries the settings' fingerprint: a checkpoint of other data or settings is not resumed."""
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                write_json(folder / COMPLETE, {"fingerprint": fingerprint, "step": state.global_step})
+
+    return MarkComplete()
+
+
+def usable_checkpoints(folder: Path, fingerprint: str) -> None:
+    """Delete checkpoints that must not be resumed: cut short (no completion mark) or made with
+    other data or settings (another fingerprint). What remains is safe for the trainer to pick."""
+    import shutil
+
+    if not folder.is_dir():
+        return
+    for ckpt in sorted(folder.glob("checkpoint-*")):
+        mark = ckpt / COMPLETE
+        why = ("cut short (no completion mark)" if not mark.exists() else
+               "made with other data or settings" if read_json(mark).get("fingerprint") != fingerprint else None)
+        if why:
+            log.warning("%s: %s; not resuming from it", ckpt, why)
+            shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def _save_merged(trainer, tok, path: Path, lora: bool) -> None:

@@ -210,8 +210,13 @@ class ChatBackend(ABC):
                 out.append(by_key[k])
         return out
 
-    def describe(self) -> dict:
+    def identity(self) -> dict:
+        """What the cache keys know of this engine: kind, model, revision and the settings that
+        change answers. Resumable files record it, so work made by another engine is not reused."""
         return {"kind": self.kind, "model": self.model_id, "revision": self.revision, **self.key_identity()}
+
+    def describe(self) -> dict:
+        return self.identity()
 
     def close(self) -> None:  # pragma: no cover - overridden where there is something to free
         pass
