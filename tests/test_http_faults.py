@@ -207,3 +207,52 @@ def test_the_key_never_reaches_errors_or_records(server, tmp_path, monkeypatch):
     assert CANARY not in out[0].error and "***" in out[0].error  # ... and never recorded
     assert CANARY not in json.dumps(b.describe()) and CANARY not in (tmp_path / "c.sqlite").read_bytes().decode(
         "latin-1")
+
+
+def test_a_planted_key_appears_in_no_file_a_run_writes(server, tmp_path):
+    """A whole run (personas, trees, evaluation) through the HTTP backend with a canary key; the
+    server also echoes the key back in one error body. Then every file the run wrote (data,
+    cache, reports, executed notebooks, logs) and its output are searched for the key."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    server.always = {}
+    server.faults = [{"status": 400, "body": {"error": f"bad key Bearer {CANARY} ({CANARY})"}}]
+    name = "canary-run"
+    params = tmp_path / f"{name}.yaml"
+    params.write_text(f"""experiment: {name}
+data_root: {tmp_path / 'data'}
+cache_path: {tmp_path / 'cache.sqlite'}
+backend: {{kind: openai, model: m, base_url: '{server.url}', api_key_env: ALOE_CANARY_KEY, max_retries: 1}}
+stages:
+  personas: {{target_profiles: 4, target_personalities: 4}}
+  trees: {{n_personas: 4, turns: 1, max_failed_share: 0.5}}
+  evaluate: {{n_personas: 2, turns: 1, models: [base, oracle], n_boot: 50, judge_card: {{enabled: false}},
+             max_failed_share: 0.5}}
+""")
+    reports = REPO / "reports" / name
+    shutil.rmtree(reports, ignore_errors=True)
+    env = {**os.environ, "ALOE_CANARY_KEY": CANARY}
+    r = subprocess.run([sys.executable, "-m", "aloe", "run", str(params), "--only", "personas", "--only", "trees",
+                        "--only", "evaluate"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert server.seen_auth and all(a == f"Bearer {CANARY}" for a in server.seen_auth)  # it was used ...
+    assert CANARY not in r.stdout + r.stderr
+    written = [p for root in (tmp_path, reports) for p in root.rglob("*") if p.is_file()]
+    assert len(written) > 20 and any(p.suffix == ".ipynb" for p in written)
+    leaks = [str(p) for p in written if CANARY.encode() in p.read_bytes()]
+    assert leaks == []  # ... and written nowhere
+    failed = [t["failed"] for t in aloe_io().read_jsonl(tmp_path / "data" / name / "trees" / "trees.jsonl")
+              if t["failed"]]
+    assert failed and "***" in failed[0]["error"]  # the echoed key, redacted where the failure is recorded
+    shutil.rmtree(reports, ignore_errors=True)
+
+
+def aloe_io():
+    import aloe.io
+
+    return aloe.io
