@@ -275,3 +275,25 @@ def test_growth_never_stores_a_round_with_failed_requests_and_replays_only_match
     off = GrowthSettings(**{**s.__dict__, "max_rounds": 0})
     seeds_only, rounds4, _ = grow_pool("profile", seeds, [], None, emb, off, state)
     assert rounds4 == [] and [p["id"] for p in seeds_only] == [p["id"] for p in seeds]
+
+
+def test_system_errors_get_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import aloe.runner
+    from aloe.cli import main
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "data" / "x.jsonl"))
+
+    monkeypatch.setattr(aloe.runner, "run_experiment", disk_full)
+    assert main(["run", "whatever.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"aloe: error: No space left on device: {tmp_path / 'data' / 'x.jsonl'}"
+
+    def deep(*a, **k):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(aloe.runner, "run_experiment", deep)
+    assert main(["run", "whatever.yaml"]) == 2
+    assert "Traceback" not in capsys.readouterr().err

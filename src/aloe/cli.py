@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aloe: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # a disk full, a folder without permission: the system's words and the path
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"aloe: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+    except RecursionError:
+        print("aloe: error: an input is nested too deeply to process", file=sys.stderr)
+        return 2
     return 0
 
 

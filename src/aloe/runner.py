@@ -102,9 +102,23 @@ def check_models(exp: Experiment, stages: list[str]) -> None:
                 raise ConfigError(f"{exp.path}: roles.{role}.model (or backend.model): {e}") from None
 
 
+def check_output_paths(exp: Experiment) -> None:
+    """data_root and the cache's folder are folders (or can be made): not files, not under a file."""
+    common = exp.stages["personas"]
+    for key, folder in (("data_root", Path(common.data_root)), ("cache_path", Path(common.cache_path).parent)):
+        for p in (folder, *folder.parents):
+            if p.exists():
+                if not p.is_dir():
+                    raise ConfigError(f"{exp.path}: {key}: {p} is a file, so {folder} cannot be a folder")
+                break
+    if Path(common.cache_path).is_dir():
+        raise ConfigError(f"{exp.path}: cache_path: {common.cache_path} is a folder; name a file (e.g. llm.sqlite)")
+
+
 def check_experiment(exp: Experiment, stages: list[str], notebooks_dir: Path | None = None) -> None:
     """Everything knowable before a run: notebook parameters, TRL/PEFT pass-through keys, input
-    folders, models."""
+    folders, models, output folders."""
+    check_output_paths(exp)
     check_notebook_parameters(exp, stages, notebooks_dir or REPO_ROOT / "notebooks")
     check_pass_through(exp, stages)
     check_inputs(exp, stages)
@@ -160,6 +174,7 @@ def run_experiment(params_file: str | Path, only: list[str] | None = None, *,
 def _run_stages(exp: Experiment, stages: list[str], notebooks_dir: Path, reports_dir: Path, cwd: Path,
                 log_output: bool) -> dict:
     import papermill
+    from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
     os.environ["ALOE_PARAMS_FILE"] = str(exp.path)  # the kernels inherit it; cards name the file
@@ -177,11 +192,18 @@ def _run_stages(exp: Experiment, stages: list[str], notebooks_dir: Path, reports
             status[stage] = {"status": "ok", "seconds": round(time.time() - t0, 1)}
         except PapermillExecutionError as e:
             status[stage] = {"status": "failed", "seconds": round(time.time() - t0, 1),
-                             "error": f"{e.ename}: {e.evalue}"}
+                             "error": f"{e.ename}: {str(e.evalue)[:300]}"}
             _render(out_nb)
             _write_index(reports_dir, exp, status)
             raise StageFailed(f"stage {stage} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
                             f"  executed notebook: {out_nb}") from None
+        except DeadKernelError:
+            status[stage] = {"status": "failed", "seconds": round(time.time() - t0, 1),
+                             "error": "the kernel died (killed, most often for lack of memory)"}
+            _render(out_nb)
+            _write_index(reports_dir, exp, status)
+            raise StageFailed(f"stage {stage}: the notebook's kernel died (killed, most often for lack of memory: "
+                              f"try smaller batch_size); rerun to resume\n  executed notebook: {out_nb}") from None
         _render(out_nb)
         _write_index(reports_dir, exp, status)
         print(f"[aloe] {exp.name}: stage {stage} done in {status[stage]['seconds']} s -> "
