@@ -147,3 +147,29 @@ def test_evaluation_resumes_after_a_crash(tmp_path, smollm):
     # replies (cached before the crash) are looked up, and only its judgments are new
     assert (smollm.cache.hits - hits, smollm.cache.misses - misses) == (4, 2)
     smollm.cache = CallCache(None)
+
+
+def test_repeats_over_simulator_seeds_are_pooled_per_persona(tmp_path):
+    import aloe.evaluation
+    from aloe.backends.scripted import ScriptedBackend
+    from aloe.config import stage_config
+    from aloe.evaluation import pooled_scores
+
+    # pooling: the mean of the repeats that scored a turn; the persona stays one unit
+    reps = [[{"persona_id": "p", "turns": [{"turn": 1, "score": 2.0}, {"turn": 2, "score": None}]}],
+            [{"persona_id": "p", "turns": [{"turn": 1, "score": 4.0}, {"turn": 2, "score": 3.0}]}]]
+    assert pooled_scores(reps) == {"p": {1: 3.0, 2: 3.0}}
+    _eval_pairs(tmp_path / "r")
+    cfg = stage_config("evaluate", experiment="r", data_root=str(tmp_path), cache_path=str(tmp_path / "c.sqlite"),
+                       backend={"kind": "scripted", "model": "s"}, n_personas=3, turns=2, models=["base"],
+                       judge="likelihood", repeats=2, n_boot=50, judge_card={"enabled": False})
+    out = aloe.evaluation.run(cfg, ScriptedBackend())
+    first = read_jsonl(cfg.paths.conversations("base"))
+    second = read_jsonl(cfg.paths.conversations("base", 1))
+    assert [c["persona_id"] for c in first] == [c["persona_id"] for c in second]
+    assert [c["turns"][0]["user"] for c in first] != [c["turns"][0]["user"] for c in second]  # other seeds
+    assert {c["settings"]["seed"] for c in second} == {1}
+    m = read_json(cfg.paths.eval_metrics)
+    assert m["repeats"] == 2 and [r["n"] for r in m["models"]["base"]["al"]] == [3, 3]
+    counts = read_json(cfg.paths.manifest("evaluate"))["counts"]
+    assert out["repeats"] == 2 and counts["conversation_turns"] == 2 * 3 * 2

@@ -46,6 +46,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "judge_retries": (0, 20), "disclosure_threshold": (0.0, 1.0), "likelihood_scale": (0.001, 100.0),
     "n_boot": (10, 1_000_000), "max_replies": (1, 1_000_000), "min_discrimination": (0.0, 1.0),
     "min_tailored": (0.0, 1.0), "max_length_corr": (0.0, 1.0), "max_failed_share": (0.0, 1.0),
+    "repeats": (1, 100),
 }
 
 STAGES = ("personas", "trees", "train", "evaluate", "report")
@@ -478,6 +479,9 @@ class EvaluateConfig(Common):
     disclosure_threshold: float = 0.5  # MiniLM cosine at which a persona fact counts as revealed
     # the stage fails (no manifest; a rerun retries) when more conversations than this share are incomplete
     max_failed_share: float = 0.1
+    # conversations per persona, the simulated user seeded seed, seed+1, ...; scores are averaged per
+    # persona and turn over repeats before the bootstrap (the persona stays the resampled unit)
+    repeats: int = 1
     n_boot: int = 2000  # bootstrap resamples for the confidence intervals
     seed: int = 0
 

@@ -280,11 +280,18 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
         if m not in BASELINES:
             trained_path(cfg, m)
     convs_of, metrics, timings, under_test_of = {}, {}, {}, {}
+    repeats_of: dict[str, list[list[dict]]] = {}  # every repeat's conversations; convs_of holds repeat 0
 
     def evaluate(model: str, under_test: ChatBackend) -> None:
         t0 = time.time()
         under_test_of[model] = under_test.describe()
-        convs_of[model] = run_model(cfg, model, pairs, roles, under_test, paths.conversations(model), progress)
+        # repeat r: the simulated user samples with seed + r (the model under test is greedy)
+        repeats_of[model] = [run_model(dataclasses.replace(cfg, seed=cfg.seed + r), model, pairs, roles, under_test,
+                                       paths.conversations(model, r), progress) for r in range(cfg.repeats)]
+        for r, convs in enumerate(repeats_of[model]):
+            for c in convs:
+                c["repeat"] = r
+        convs_of[model] = repeats_of[model][0]
         timings[model] = round(time.time() - t0, 2)
 
     # Baselines first, on the policy's engine, then the judge card's tailored probe (it needs the
@@ -304,14 +311,13 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
         del under_test
         gc.collect()
 
-    _check_failures(cfg, convs_of)
+    _check_failures(cfg, {f"{m} (repeat {r})": cs for m, reps in repeats_of.items() for r, cs in enumerate(reps)})
     all_convs = []
     scores_of = {}
     for model in cfg.models:  # results in the order the parameter file lists the models
-        convs = convs_of[model]
-        scores_of[model] = {c["persona_id"]: {t["turn"]: t["score"] for t in c["turns"]} for c in convs}
+        scores_of[model] = pooled_scores(repeats_of[model])
         metrics[model] = summarize(scores_of[model], cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed)
-        all_convs += convs
+        all_convs += [c for convs in repeats_of[model] for c in convs]
     if "base" in scores_of:  # paired against base, on the same personas
         for model in cfg.models:
             if model != "base":
@@ -336,7 +342,9 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
     described = roles.describe()
     result = {"turns": cfg.turns, "personas": len(pairs), "judge": cfg.judge, "protocol": cfg.protocol,
               "judge_fit": card["fit"] if card else None, "models": metrics,
-              "disclosure": disclosure(cfg, convs_of), "roles": {r: described[r] for r in ROLES},
+              "repeats": cfg.repeats,
+              "disclosure": disclosure(cfg, {m: [c for cs in reps for c in cs] for m, reps in repeats_of.items()}),
+              "roles": {r: described[r] for r in ROLES},
               "under_test": under_test_of,
               "seconds_per_model": timings,
               "turns_per_second": {m: round(len(pairs) * cfg.turns / s, 4) if s else None
@@ -348,6 +356,22 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
     write_manifest(paths.stage("evaluate"), stage="evaluate", parameters=cfg, started=started,
                    roles=result["roles"], models={"under_test": under_test_of}, counts=counts)
     return result
+
+
+def pooled_scores(repeats: list[list[dict]]) -> dict[str, dict[int, float | None]]:
+    """{persona: {turn: score}}, each the mean over the repeats that scored that turn: the persona
+    stays the unit the bootstrap resamples, so repeats narrow each persona's noise without being
+    counted as more personas."""
+    got: dict[str, dict[int, list[float]]] = {}
+    for convs in repeats:
+        for c in convs:
+            turns = got.setdefault(c["persona_id"], {})
+            for t in c["turns"]:
+                if t["score"] is not None:
+                    turns.setdefault(t["turn"], []).append(t["score"])
+                else:
+                    turns.setdefault(t["turn"], [])
+    return {p: {k: (sum(v) / len(v) if v else None) for k, v in turns.items()} for p, turns in got.items()}
 
 
 def _check_failures(cfg: EvaluateConfig, convs_of: dict[str, list[dict]]) -> None:

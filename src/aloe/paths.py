@@ -70,8 +70,10 @@ class Paths:
         return self.variant(variant) / "done.json"
 
     # evaluate
-    def conversations(self, model: str) -> Path:
-        return self.root / "evaluate" / "conversations" / f"{model}.jsonl"
+    def conversations(self, model: str, repeat: int = 0) -> Path:
+        """One model's conversations; repeats after the first (other simulator seeds) beside them."""
+        name = f"{model}.jsonl" if repeat == 0 else f"{model}.r{repeat}.jsonl"
+        return self.root / "evaluate" / "conversations" / name
 
     @property
     def transcripts(self) -> Path:

@@ -148,7 +148,8 @@ def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None
         parts.append(_table(card_rows(card)))
     if metrics:
         warning = rep.judge_warning(cfg)
-        parts.append(f"<h2>Results: {metrics['personas']} personas x {metrics['turns']} turns, judge "
+        reps = f" x {metrics['repeats']} simulator seeds" if metrics.get("repeats", 1) > 1 else ""
+        parts.append(f"<h2>Results: {metrics['personas']} personas x {metrics['turns']} turns{reps}, judge "
                      f"<code>{_e(metrics['judge'])}</code>, protocol <code>{_e(metrics.get('protocol'))}</code></h2>")
         if warning:
             parts.append(f'<p class="box">{_e(warning)}</p>')

@@ -65,7 +65,7 @@ class ScriptedBackend(ChatBackend):
             return self.texts(r)
         if self.texts is not None:
             return self.texts.pop(0)
-        digest = hashlib.sha256(repr((self.model_id, r.messages, r.sample_index)).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(repr((self.model_id, r.messages, r.sample_index, r.sampling.seed)).encode()).hexdigest()[:8]
         return f"{self.model_id}: reply {digest} ({r.prompt_version or 'no prompt version'})."
 
     def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
