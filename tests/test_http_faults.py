@@ -68,7 +68,9 @@ class FaultServer:
                     fault = srv.always.get(req["messages"][-1]["content"], fault)
                 if isinstance(fault, int):
                     fault = {"status": fault}
-                if fault:
+                if fault is None:
+                    fault = {}
+                if fault:  # {} (or None) is a healthy answer
                     time.sleep(fault.get("delay", 0))
                     body = fault.get("body", {"error": {"message": "injected fault"}})
                     if not isinstance(body, bytes):
@@ -256,3 +258,43 @@ def aloe_io():
     import aloe.io
 
     return aloe.io
+
+
+def test_an_outage_mid_stage_fails_it_and_a_healthy_rerun_equals_an_uninterrupted_run(tmp_path):
+    """Trees over HTTP: the server goes down (503 to every try) during turn 2; the stage fails
+    with nothing written as done; rerun against the healthy server, it ends as a run that never
+    saw the outage."""
+    import aloe.personas
+    import aloe.trees
+    from aloe.backends.scripted import ScriptedBackend
+    from aloe.config import stage_config
+    from aloe.io import read_jsonl
+
+    got = {}
+    for name in ("straight", "outage"):
+        srv = FaultServer()
+        try:
+            root = tmp_path / name
+            common = dict(experiment="o", data_root=str(root), cache_path=str(root / "c.sqlite"))
+            aloe.personas.run(stage_config("personas", **common, backend={"kind": "scripted", "model": "s"},
+                                           target_profiles=4, target_personalities=4), ScriptedBackend())
+            http = {"kind": "openai", "model": "m", "base_url": srv.url, "max_retries": 1, "max_concurrency": 2}
+            cfg = stage_config("trees", **common, backend=http, n_personas=3, turns=2, judge="likelihood",
+                               roles={"judge": {"kind": "scripted", "model": "j"}})
+            from aloe.roles import open_roles
+
+            if name == "outage":
+                calls_in_turn_1 = 3 * 4  # simulator, inferrer, two replies per tree
+                srv.faults = [None] * calls_in_turn_1 + [503] * 200
+                with pytest.raises(BackendError, match=r"all \d+ requests failed"):
+                    aloe.trees.run(cfg, open_roles(cfg, aloe.trees.ROLES))
+                assert not cfg.paths.manifest("trees").exists()
+                assert all(len(t["turns"]) == 1 and t["failed"] is None for t in read_jsonl(cfg.paths.trees))
+                srv.faults = []
+            counts = aloe.trees.run(cfg, open_roles(cfg, aloe.trees.ROLES))
+            assert counts["trees"] == 3 and counts["failed_trees"] == 0 and counts["turns"] == 6
+            got[name] = [(t["id"], [(n["turn"], n["user"], n.get("preferred")) for n in t["turns"]])
+                         for t in read_jsonl(cfg.paths.trees)]
+        finally:
+            srv.close()
+    assert got["outage"] == got["straight"]
