@@ -9,6 +9,7 @@ import pytest
 from aloe.backends.base import CandidateLogprobs, ChatBackend, Completion
 from aloe.backends.scripted import ScriptedBackend
 from aloe.config import TreesConfig
+from aloe.errors import AloeError
 from aloe.io import read_jsonl, write_jsonl
 from aloe.judging import Judged, judge, parse_choice
 from aloe.trees import decide, export_rows
@@ -229,6 +230,12 @@ def test_a_failing_tree_is_recorded_and_the_others_go_on(tmp_path):
     pairs = read_jsonl(tmp_path / "t" / "personas" / "pairs.jsonl")
     cfg = TreesConfig(experiment="t", data_root=str(tmp_path), n_personas=3, turns=2, max_new_tokens=8,
                       inconsistent="average")
+    # one tree of three is more than the default max_failed_share (0.1): the stage fails, naming why
+    with pytest.raises(AloeError, match=r"1 of 3 trees failed.*1 x user_simulator: HTTP 500: boom"):
+        aloe.trees.run(cfg, OneFails(pairs[1]["profile"]), progress=False)
+    assert not cfg.paths.manifest("trees").exists()
+    # a file that tolerates it: the failure is recorded, the others go on
+    cfg = dataclasses.replace(cfg, max_failed_share=0.5)
     counts = aloe.trees.run(cfg, OneFails(pairs[1]["profile"]), progress=False)
     trees = read_jsonl(tmp_path / "t" / "trees" / "trees.jsonl")
     assert counts["failed_trees"] == 1 and counts["turns"] == 4
