@@ -6,7 +6,6 @@ server completes with nothing lost or duplicated."""
 
 from __future__ import annotations
 
-import gzip
 import http.server
 import json
 import threading

@@ -10,7 +10,6 @@ equal the uninterrupted run's: the same ids and counts, the same content.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil

@@ -58,7 +58,7 @@ LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_module
 
 # Pass-through keys that hold secrets: a parameter file is recorded in manifests, model cards
 # and executed notebooks, so a token written there is published with the results.
-_SECRET_KEY = re.compile(r"(^|_)(hub_token|token_id_secret|api_key|password|secret|auth)($|_)|^hub_token$")
+_SECRET_KEY = re.compile(r"(^|_)(hub_token|api_key|password|secret|auth)($|_)")
 # Bounds for the pass-through numbers people set most; TRL/PEFT accept some nonsense silently.
 _PASS_RANGES = {"learning_rate": (0.0, 1.0, False), "num_train_epochs": (0.0, 1e4, False),
                 "per_device_train_batch_size": (1, 1e5, True), "gradient_accumulation_steps": (1, 1e5, True),

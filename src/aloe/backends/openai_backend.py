@@ -177,10 +177,6 @@ class OpenAIBackend(ChatBackend):
                 time.sleep(delay)
         raise _GaveUp(f"{UNREACHABLE}gave up after {attempt + 1} attempt(s): {last}")
 
-    def _map(self, fn, items):
-        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            return list(pool.map(fn, items))
-
     def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
         def one(r: ChatRequest) -> Completion:
             s = r.sampling
