@@ -76,21 +76,30 @@ def main() -> None:
                    "tailored_ci": [card["tailored"]["ci_low"], card["tailored"]["ci_high"]],
                    "length_corr": card["length_corr"], "oracle_minus_base": vs["avg_diff"],
                    "oracle_minus_base_ci": [vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]],
+                   "persona_gap": card.get("persona_gap"),
+                   "discrimination_by_model": {m: round(v["value"], 3) for m, v in
+                                               card.get("persona_discrimination_by_model", {}).items()},
                    "judge_seconds": round(judging["s"], 1), "wall_seconds": round(time.time() - t0, 1),
                    "reasons": card["reasons"]}
             results.append(row)
             print(json.dumps(row), flush=True)
             engines.close()
-    write_json(Path("data/bench/compare_judges.json"), {"args": vars(args), "results": results})
+    # one row per (judge, kind): a run with fewer judges updates its rows and keeps the others
+    out = Path("data/bench/compare_judges.json")
+    kept = json.loads(out.read_text())["results"] if out.exists() else []
+    mine = {(r["judge"], r["kind"]) for r in results}
+    write_json(out, {"args": vars(args), "results": [r for r in kept if (r["judge"], r["kind"]) not in mine] + results})
 
     def ci(v):
         return f"[{v[0]:.2f}, {v[1]:.2f}]" if v[0] is not None else ""
 
-    print("\n| judge | kind | (a) own > other | (b) tailored > plain | (d) length r | oracle - base AVG | card | judging s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| judge | kind | (a) own > other | (a) on base / oracle replies | (b) tailored > plain | (d) length r | "
+          "oracle - base AVG | card | judging s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         t = f"{r['tailored']:.2f} {ci(r['tailored_ci'])}" if r["tailored"] is not None else "-"
-        print(f"| {r['judge']} | {r['kind']} | {r['discrimination']:.2f} {ci(r['discrimination_ci'])} | {t} | "
+        split = " / ".join(f"{r['discrimination_by_model'].get(m, float('nan')):.2f}" for m in ("base", "oracle"))
+        print(f"| {r['judge']} | {r['kind']} | {r['discrimination']:.2f} {ci(r['discrimination_ci'])} | {split} | {t} | "
               f"{r['length_corr']:+.2f} | {r['oracle_minus_base']:+.3f} {ci(r['oracle_minus_base_ci'])} | "
               f"{'pass' if r['fit'] else 'fail'} | {r['judge_seconds']} |")
 

@@ -55,18 +55,40 @@ def _cfg(tmp_path, **card):
                           judge_card=JudgeCardConfig(**{"max_replies": 100, "n_boot": 200, **card}))
 
 
-@pytest.mark.parametrize("judge_fn,own_score,expected", [(reads_persona, 5.0, 1.0), (ignores_persona, 3.0, 0.5)])
-def test_discrimination_of_known_judges(tmp_path, judge_fn, own_score, expected):
+@pytest.mark.parametrize("judge_fn,own_score,expected,gap", [(reads_persona, 5.0, 1.0, 4.0),
+                                                            (ignores_persona, 3.0, 0.5, 0.0)])
+def test_discrimination_of_known_judges(tmp_path, judge_fn, own_score, expected, gap):
     pairs = _pairs()
     judge = ScriptedBackend("judge", logprobs=judge_fn)
     card = jc.build(_cfg(tmp_path), judge, pairs, {"base": _convs(pairs, lambda p, r: own_score)}, None)
     assert card["persona_discrimination"] == pytest.approx(expected)
     assert card["n_discrimination"] == 36
+    # own minus mismatched score: 5 - 1 for the judge that reads the persona, 3 - 3 for the one that does not
+    g = card["persona_gap"]
+    assert g["mean"] == pytest.approx(gap, abs=1e-6) and g["median"] == pytest.approx(gap, abs=1e-6)
+    assert g["ci_low"] == pytest.approx(gap, abs=1e-6) and g["ci_high"] == pytest.approx(gap, abs=1e-6)
+    assert any(r["check"].startswith("(a') own minus mismatched") for r in jc.card_rows(card))
     if expected == 1.0:
         assert card["fit"] and card["persona_discrimination_ci_low"] == 1.0
     else:
         assert not card["fit"] and "persona discrimination (own persona scores above a mismatched one) is 0.50" in card["reasons"][0]
     assert card["tailored"]["value"] is None and "base is not among" in card["tailored"]["why"]
+
+
+def test_a_win_rate_on_gaps_that_do_not_hold_up_is_not_fit(tmp_path):
+    """14 of 18 personas' replies score a hundredth of a point above the mismatched persona, 4 score
+    two points below: the win rate (0.78) clears the bar, the mean gap (-0.44) does not."""
+    pairs = _pairs()
+    losers = {p["id"] for p in pairs[:4]}
+    judge = ScriptedBackend("judge", logprobs=ignores_persona)  # every mismatched score is 3
+    card = jc.build(_cfg(tmp_path), judge, pairs,
+                    {"base": _convs(pairs, lambda p, r: 1.0 if p["id"] in losers else 3.01)}, None)
+    assert card["persona_discrimination"] == pytest.approx(14 / 18)
+    assert card["persona_discrimination_ci_low"] > 0.5
+    assert card["persona_gap"]["mean"] == pytest.approx((14 * 0.01 - 4 * 2.0) / 18, abs=1e-4)
+    assert card["persona_gap"]["median"] == pytest.approx(0.01, abs=1e-4)
+    assert not card["fit"] and len(card["reasons"]) == 1
+    assert card["reasons"][0].startswith("the persona moves the score by -0.437 points on average")
 
 
 def test_mismatched_personas_differ_in_profile_and_personality():

@@ -45,7 +45,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "n_personas": (1, 10_000_000), "EvaluateConfig.n_personas": (1, 100), "turns": (1, 100),
     "judge_retries": (0, 20), "disclosure_threshold": (0.0, 1.0), "likelihood_scale": (0.001, 100.0),
     "n_boot": (10, 1_000_000), "max_replies": (1, 1_000_000), "min_discrimination": (0.0, 1.0),
-    "min_tailored": (0.0, 1.0), "max_length_corr": (0.0, 1.0), "max_failed_share": (0.0, 1.0),
+    "min_tailored": (0.0, 1.0), "max_length_corr": (0.0, 1.0), "min_gap": (0.0, 4.0), "max_failed_share": (0.0, 1.0),
     "repeats": (1, 100),
 }
 
@@ -444,6 +444,9 @@ class JudgeCardConfig:
     min_discrimination: float = 0.65  # own persona must beat a mismatched one this often (and its CI low > 0.5)
     min_tailored: float = 0.55  # oracle replies must beat plain ones this often (and CI low > 0.5), where measured
     max_length_corr: float = 0.5  # |Spearman correlation| of score with reply length at most this
+    # the own-minus-mismatched score gap (1-5 points) must have its CI low above this: a win rate can
+    # clear min_discrimination on gaps of a hundredth of a point that lean one way by accident
+    min_gap: float = 0.0
     compare: tuple[Literal["paper", "history", "likelihood"], ...] = ()  # other judges to measure agreement with
     n_boot: int = 1000  # bootstrap resamples for the card's intervals
 

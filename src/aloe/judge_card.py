@@ -140,13 +140,17 @@ def build(cfg: EvaluateConfig, judge_engine, pairs: list[dict], convs_of: dict[s
     sample = [(m, c, t) for m, c, t in judged_turns(convs_of, card_cfg.max_replies) if c["persona_id"] in other]
     replies = [Reply(other[c["persona_id"]], history_before(c, t["turn"]), t["user"], t["reply"]) for _, c, t in sample]
     against_other = score_replies(cfg, judge_engine, replies)
-    wins, groups, by_model = [], [], {}
+    wins, gaps, groups, by_model = [], [], [], {}
     for (m, c, t), (s_other, _) in zip(sample, against_other):
         if s_other is not None:
             wins.append(win(t["score"], s_other))
+            gaps.append(t["score"] - s_other)
             groups.append(c["persona_id"])
             by_model.setdefault(m, []).append(wins[-1])
     disc, disc_lo, disc_hi = cluster_rate(wins, groups, card_cfg.n_boot, cfg.seed)
+    # the win rate counts directions only; the gap says how far the persona moves the score. A judge
+    # whose gaps are mostly near 0 is decided by small systematic effects, whichever way they lean
+    gap, gap_lo, gap_hi = cluster_rate(gaps, groups, card_cfg.n_boot, cfg.seed)
 
     own = [t["score"] for _, _, t in sample]
     lengths = [words(t["reply"]) for _, _, t in sample]
@@ -187,6 +191,9 @@ def build(cfg: EvaluateConfig, judge_engine, pairs: list[dict], convs_of: dict[s
     else:
         reasons += _shortfall("persona discrimination (own persona scores above a mismatched one)", disc, disc_lo,
                               disc_hi, card_cfg.min_discrimination)
+    if gap is not None and gap_lo <= card_cfg.min_gap:
+        reasons.append(f"the persona moves the score by {gap:+.3f} points on average (own minus mismatched), "
+                       f"interval [{gap_lo:+.3f}, {gap_hi:+.3f}] not above {card_cfg.min_gap:g}")
     if tailored["value"] is not None:
         reasons += _shortfall("tailored replies beating plain ones", tailored["value"], tailored["ci_low"],
                               tailored["ci_high"], card_cfg.min_tailored)
@@ -196,9 +203,13 @@ def build(cfg: EvaluateConfig, judge_engine, pairs: list[dict], convs_of: dict[s
     return {
         "judge": cfg.judge, "judge_model": judge_engine.describe(), "fit": not reasons, "reasons": reasons,
         "thresholds": {"min_discrimination": card_cfg.min_discrimination, "min_tailored": card_cfg.min_tailored,
-                       "max_length_corr": card_cfg.max_length_corr, "discrimination_ci_above": 0.5},
+                       "max_length_corr": card_cfg.max_length_corr, "discrimination_ci_above": 0.5,
+                       "min_gap": card_cfg.min_gap},
         "persona_discrimination": disc, "persona_discrimination_ci_low": disc_lo,
         "persona_discrimination_ci_high": disc_hi, "n_discrimination": len(wins),
+        "persona_gap": {"mean": gap, "ci_low": gap_lo, "ci_high": gap_hi,
+                        "median": float(np.median(gaps)) if gaps else None,
+                        "why": "own persona's score minus the mismatched one's, same reply (1-5 scale)"},
         # split by whose replies were judged: a judge that is also the policy may recognise the replies it
         # wrote with the persona in its prompt (the oracle's) rather than read the persona
         "persona_discrimination_by_model": {m: {"value": sum(w) / len(w), "n": len(w)} for m, w in by_model.items()},
@@ -228,6 +239,12 @@ def card_rows(card: dict) -> list[dict]:
          "value": fmt(card["persona_discrimination"]),
          "interval": _ci(card["persona_discrimination_ci_low"], card["persona_discrimination_ci_high"]),
          "n": card["n_discrimination"], "needed": f">= {th['min_discrimination']}, CI above 0.5"},
+        *([{"check": "(a') own minus mismatched score (1-5 points), mean (median)",
+            "value": fmt(card["persona_gap"]["mean"]),
+            "interval": _ci(card["persona_gap"]["ci_low"], card["persona_gap"]["ci_high"])
+            + f" (median {card['persona_gap']['median']:+.3f})",
+            "n": card["n_discrimination"], "needed": f"CI low > {th.get('min_gap', 0.0):g}"}]
+          if card.get("persona_gap", {}).get("mean") is not None else []),
         *[{"check": f"(a) ... on {m}'s replies", "value": fmt(v["value"]), "interval": "", "n": v["n"],
            "needed": "(information)"} for m, v in card.get("persona_discrimination_by_model", {}).items()],
         {"check": "(b) tailored (persona in prompt) beats plain, same message", "value": fmt(t["value"]),
