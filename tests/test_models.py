@@ -115,6 +115,34 @@ def test_split_gguf_is_assembled_in_order_and_checked(tmp_path, monkeypatch):
         assemble_gguf(missing, tmp_path / "m3" / "fake.gguf")
 
 
+def test_converting_a_split_gguf_assembles_it_under_the_same_lock(tmp_path, monkeypatch):
+    """Converting a split GGUF assembles it first, inside the conversion lock: the lock must be
+    reentrant, or the process waits for itself forever (a fresh `make run` hung there). The
+    fake parts are no real GGUF, so the conversion itself then fails, with the file assembled."""
+    import threading
+
+    from aloe.models import ensure_local_model
+
+    spec, blob = _fake_parts(tmp_path, monkeypatch, [b"GGUF" + b"a" * 100, b"b" * 50])
+    monkeypatch.setenv("ALOE_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setattr("aloe.models._CONVERT_BYTES_NEEDED", 0)
+    outcome = {}
+
+    def convert():
+        try:
+            ensure_local_model(spec)
+        except Exception as e:  # noqa: BLE001 - any end is fine here; hanging is the failure
+            outcome["error"] = e
+
+    t = threading.Thread(target=convert, daemon=True)
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive(), "ensure_local_model deadlocked on its own conversion lock"
+    assert (tmp_path / "models" / "fake.gguf").read_bytes() == blob
+    assert "error" in outcome and not (tmp_path / "models" / "fake-hf").exists()
+    assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".fake-hf.")]
+
+
 def test_registry_pins_the_embedded_teachers():
     from aloe.models import resolve_model
 

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,16 +232,36 @@ def ensure_local_model(spec: ModelSpec) -> Path:
         return _convert(spec, target)
 
 
+_held = threading.local()  # folders whose conversion lock this thread holds, with a depth count
+
+
 @contextmanager
 def _converting(folder: Path):
     """One conversion or assembly at a time in the models folder (others wait), so the temp
-    files found on entry are a killed process's leftovers, safe to delete."""
+    files found on entry are a killed process's leftovers, safe to delete.
+
+    Reentrant within a thread: converting a split GGUF assembles it first, under the same
+    lock. flock on a second open of the file would wait for the first one, i.e. for itself,
+    forever (a fresh `make run` hung there)."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".convert.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    key = str(folder.resolve())
+    depth = getattr(_held, "depth", None)
+    if depth is None:
+        depth = _held.depth = {}
+    if depth.get(key):
+        depth[key] += 1
         try:
             yield
         finally:
+            depth[key] -= 1
+        return
+    with open(folder / ".convert.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        depth[key] = 1
+        try:
+            yield
+        finally:
+            depth.pop(key, None)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
