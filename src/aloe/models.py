@@ -232,7 +232,7 @@ def ensure_local_model(spec: ModelSpec) -> Path:
         return _convert(spec, target)
 
 
-_held = threading.local()  # folders whose conversion lock this thread holds, with a depth count
+_held = threading.local()  # .folders: the models folders whose conversion lock this thread holds
 
 
 @contextmanager
@@ -245,23 +245,17 @@ def _converting(folder: Path):
     forever (a fresh `make run` hung there)."""
     folder.mkdir(parents=True, exist_ok=True)
     key = str(folder.resolve())
-    depth = getattr(_held, "depth", None)
-    if depth is None:
-        depth = _held.depth = {}
-    if depth.get(key):
-        depth[key] += 1
-        try:
-            yield
-        finally:
-            depth[key] -= 1
+    held = _held.__dict__.setdefault("folders", set())
+    if key in held:  # the outer entry holds the lock until it exits
+        yield
         return
     with open(folder / ".convert.lock", "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        depth[key] = 1
+        held.add(key)
         try:
             yield
         finally:
-            depth.pop(key, None)
+            held.discard(key)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
