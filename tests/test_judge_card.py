@@ -57,38 +57,21 @@ def _cfg(tmp_path, **card):
 
 @pytest.mark.parametrize("judge_fn,own_score,expected,gap", [(reads_persona, 5.0, 1.0, 4.0),
                                                             (ignores_persona, 3.0, 0.5, 0.0)])
-def test_discrimination_of_known_judges(tmp_path, judge_fn, own_score, expected, gap):
+def test_discrimination_on_the_runs_replies_is_information(tmp_path, judge_fn, own_score, expected, gap):
+    """(a) on the run's own replies is measured and shown, but no longer decides fit: a card with no
+    known answer that counts (the judge is every role here, and no persona has checkable
+    preferences) fails whatever (a) says."""
     pairs = _pairs()
     judge = ScriptedBackend("judge", logprobs=judge_fn)
-    card = jc.build(_cfg(tmp_path), judge, pairs, {"base": _convs(pairs, lambda p, r: own_score)}, None)
+    card = jc.build(_cfg(tmp_path), judge, pairs, {"base": _convs(pairs, lambda p, r: own_score)})
     assert card["persona_discrimination"] == pytest.approx(expected)
     assert card["n_discrimination"] == 36
     # own minus mismatched score: 5 - 1 for the judge that reads the persona, 3 - 3 for the one that does not
     g = card["persona_gap"]
     assert g["mean"] == pytest.approx(gap, abs=1e-6) and g["median"] == pytest.approx(gap, abs=1e-6)
-    assert g["ci_low"] == pytest.approx(gap, abs=1e-6) and g["ci_high"] == pytest.approx(gap, abs=1e-6)
-    assert any(r["check"].startswith("(a') own minus mismatched") for r in jc.card_rows(card))
-    if expected == 1.0:
-        assert card["fit"] and card["persona_discrimination_ci_low"] == 1.0
-    else:
-        assert not card["fit"] and "persona discrimination (own persona scores above a mismatched one) is 0.50" in card["reasons"][0]
-    assert card["tailored"]["value"] is None and "base is not among" in card["tailored"]["why"]
-
-
-def test_a_win_rate_on_gaps_that_do_not_hold_up_is_not_fit(tmp_path):
-    """14 of 18 personas' replies score a hundredth of a point above the mismatched persona, 4 score
-    two points below: the win rate (0.78) clears the bar, the mean gap (-0.44) does not."""
-    pairs = _pairs()
-    losers = {p["id"] for p in pairs[:4]}
-    judge = ScriptedBackend("judge", logprobs=ignores_persona)  # every mismatched score is 3
-    card = jc.build(_cfg(tmp_path), judge, pairs,
-                    {"base": _convs(pairs, lambda p, r: 1.0 if p["id"] in losers else 3.01)}, None)
-    assert card["persona_discrimination"] == pytest.approx(14 / 18)
-    assert card["persona_discrimination_ci_low"] > 0.5
-    assert card["persona_gap"]["mean"] == pytest.approx((14 * 0.01 - 4 * 2.0) / 18, abs=1e-4)
-    assert card["persona_gap"]["median"] == pytest.approx(0.01, abs=1e-4)
-    assert not card["fit"] and len(card["reasons"]) == 1
-    assert card["reasons"][0].startswith("the persona moves the score by -0.437 points on average")
+    assert any(r["check"].startswith("(a) run's replies") for r in jc.card_rows(card))
+    assert not card["fit"] and card["independent"] is False
+    assert "no known-answer check counts (K1 not independent, K2 not measurable)" in card["reasons"]
 
 
 def test_mismatched_personas_differ_in_profile_and_personality():
@@ -100,28 +83,16 @@ def test_mismatched_personas_differ_in_profile_and_personality():
         assert q["profile_id"] != p["profile_id"] and q["personality_id"] != p["personality_id"]
 
 
-def test_tailored_probe_and_length_bias(tmp_path):
+def test_length_bias_fails_the_card(tmp_path):
+    """A judge whose score is the reply's length: perfectly length-biased, and refused for it."""
     pairs = _pairs()[:6]
-    # the policy, told the persona, quotes it; the judge reads the persona: tailored wins every time
-    policy = ScriptedBackend("policy", texts=lambda r: " ".join(r.messages[0]["content"].split("is:")[1].split()[:6]))
-    judge = ScriptedBackend("judge", logprobs=reads_persona)
-    base = _convs(pairs, lambda p, r: 1.0)
-    for c in base:
-        for t in c["turns"]:
-            t["reply"] = "Plain words that fit nobody in particular at all."
-    cfg = _cfg(tmp_path)
-    probe = jc.tailored_probe(cfg, policy, judge, pairs, base)
-    assert len(probe) == 12 and all(r["tailored_score"] == pytest.approx(5.0) for r in probe)
-    card = jc.build(cfg, judge, pairs, {"base": base}, probe)
-    assert card["tailored"]["value"] == 1.0 and card["tailored"]["ci_low"] == 1.0
-    # a judge whose score is the reply's length: perfectly length-biased, and refused for it
     by_len = ScriptedBackend("judge", logprobs=lambda r: {c: (0.0 if c == str(min(5, len(
         r.messages[-1]["content"].split('The reply: "')[1].split()) // 3 + 1)) else -30.0) for c in r.candidates})
     convs = _convs(pairs, lambda p, r: float(min(5, len(r.split()) // 3 + 1)))
     for i, c in enumerate(convs):
         c["turns"][0]["reply"] += " extra words" * i
         c["turns"][0]["score"] = float(min(5, len(c["turns"][0]["reply"].split()) // 3 + 1))
-    card = jc.build(_cfg(tmp_path, max_length_corr=0.3), by_len, pairs, {"base": convs}, None)
+    card = jc.build(_cfg(tmp_path, max_length_corr=0.3), by_len, pairs, {"base": convs})
     assert card["length_corr"] > 0.9 and any("reply length" in r for r in card["reasons"])
 
 

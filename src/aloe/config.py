@@ -45,7 +45,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "n_personas": (1, 10_000_000), "EvaluateConfig.n_personas": (1, 100), "turns": (1, 100),
     "judge_retries": (0, 20), "disclosure_threshold": (0.0, 1.0), "likelihood_scale": (0.001, 100.0),
     "n_boot": (10, 1_000_000), "max_replies": (1, 1_000_000), "min_discrimination": (0.0, 1.0),
-    "min_tailored": (0.0, 1.0), "max_length_corr": (0.0, 1.0), "min_gap": (0.0, 4.0), "max_failed_share": (0.0, 1.0),
+    "min_tailored": (0.0, 1.0), "min_preference": (0.0, 1.0), "k1_messages": (1, 100),
+    "max_k2_pairs": (1, 1_000_000), "max_length_corr": (0.0, 1.0), "min_gap": (0.0, 4.0), "max_failed_share": (0.0, 1.0),
     "repeats": (1, 100),
 }
 
@@ -71,7 +72,7 @@ ROLE_DOCS = {
 }
 # which roles each stage plays (what `aloe check` resolves and `aloe run` preflights)
 STAGE_ROLES = {"personas": ("generator",), "trees": ("simulator", "inferrer", "responder", "judge"),
-               "train": ("policy",), "evaluate": ("simulator", "judge", "policy"), "report": ()}
+               "train": ("policy",), "evaluate": ("simulator", "judge", "policy", "responder"), "report": ()}
 # Settings that belong to one model: a role that names another model does not inherit them.
 _MODEL_BOUND = ("revision", "served_model")
 # Keys that moved: a clear message instead of "unknown key".
@@ -348,6 +349,12 @@ def resolve_role(backend: BackendConfig, override: Any, where: str) -> BackendCo
     return build(BackendConfig, {**base, **override}, where)
 
 
+def check_preference_range(value: tuple[int, ...]) -> None:
+    if value and (len(value) != 2 or not 1 <= value[0] <= value[1] <= 6):
+        raise ConfigError(f"preferences: expected [low, high] with 1 <= low <= high <= 6 (e.g. [2, 4]), or [] for "
+                          f"none; got {list(value)!r}")
+
+
 @dataclass(frozen=True)
 class PersonasConfig(Common):
     source: Literal["ours", "official"] = "ours"  # our seeds (+ growth) or the official ALOE pools
@@ -365,10 +372,14 @@ class PersonasConfig(Common):
     max_new_tokens: int = 512
     pairs_per_profile: int = 1  # personalities paired with each training profile
     n_eval_personalities: int = 5  # the ALOE design pairs every eval profile with 5 personalities
+    # checkable preferences per persona (aloe.preferences): [low, high] drawn by a seeded rule and
+    # written to pairs.jsonl; [] for none (the free-text persona only)
+    preferences: tuple[int, ...] = ()
     seed: int = 0
 
     def __post_init__(self):
         super().__post_init__()
+        check_preference_range(self.preferences)
         _positive(target_profiles=self.target_profiles, target_personalities=self.target_personalities,
                   examples_per_round=self.examples_per_round, items_per_round=self.items_per_round,
                   requests_per_round=self.requests_per_round, max_rounds=self.max_rounds,
@@ -389,14 +400,18 @@ class TreesConfig(Common):
     inference: Literal["extract", "blind"] = "extract"  # extract: sees the persona (paper); blind: dialogue only
     branch: Literal["random", "preferred", "rejected"] = "random"  # which reply continues (paper: random)
     # pair: the judge compares the two replies in both orders (the paper); likelihood: the reply the
-    # persona makes more probable under the judge model wins (exact log-likelihoods: transformers or vllm)
-    judge: Literal["pair", "likelihood"] = "pair"
+    # persona makes more probable under the judge model wins (exact log-likelihoods: transformers or vllm);
+    # rules: the reply that satisfies more of the persona's checkable preferences wins (exact, no model)
+    judge: Literal["pair", "likelihood", "rules"] = "pair"
     judge_method: Literal["auto", "logprobs", "text"] = "auto"  # auto: probabilities, text where there are none
     judge_retries: int = 2  # extra tries when parsing a text verdict fails
     # pairs whose two orders disagree: average the two orders' probabilities; decide by each reply's
     # own 1-5 rubric score (no position to prefer); keep as an unlabelled tie; or drop the pair
     inconsistent: Literal["average", "pointwise", "tie", "drop"] = "pointwise"
     disclosure_threshold: float = 0.5  # MiniLM cosine at which a persona fact counts as revealed/recovered
+    # checkable preferences: when the simulated user's message does not convey the preference it was
+    # told to reveal, append the catalogue's phrasing (recorded); false: it stays unrevealed
+    disclosure_fallback: bool = True
     # the stage fails (no manifest; a rerun retries) when more trees than this share failed
     max_failed_share: float = 0.1
     seed: int = 0  # seeds sampling and the branch choice
@@ -437,22 +452,29 @@ class TrainConfig(Common):
 @dataclass(frozen=True)
 class JudgeCardConfig:
     """Judge validation on every evaluation run (aloe.judge_card) and the thresholds that decide
-    whether the judge is fit to rank models."""
+    whether the judge is fit to rank models. ``fit`` is decided on known answers (K1, K2), never on
+    the models' own replies, and never without an independent judge."""
 
     enabled: bool = True
     max_replies: int = 300  # replies re-scored against a mismatched persona (spread over models and personas)
-    min_discrimination: float = 0.65  # own persona must beat a mismatched one this often (and its CI low > 0.5)
-    min_tailored: float = 0.55  # oracle replies must beat plain ones this often (and CI low > 0.5), where measured
+    k1_messages: int = 2  # K1: user messages per benchmark persona that the responder answers tailored and plain
+    max_k2_pairs: int = 200  # K2: preference pairs (a satisfying reply and its violating edit), at most
+    # K1: the tailored reply must score higher under its own persona than under a mismatched one this often
+    # (and its CI low > 0.5)
+    min_discrimination: float = 0.65
+    min_tailored: float = 0.55  # K1: tailored replies must beat plain ones this often under the own persona (CI low > 0.5)
+    min_preference: float = 0.65  # K2: the satisfying reply must beat its violating edit this often (CI low > 0.5)
     max_length_corr: float = 0.5  # |Spearman correlation| of score with reply length at most this
     # the own-minus-mismatched score gap (1-5 points) must have its CI low above this: a win rate can
     # clear min_discrimination on gaps of a hundredth of a point that lean one way by accident
-    min_gap: float = 0.0
-    compare: tuple[Literal["paper", "history", "likelihood"], ...] = ()  # other judges to measure agreement with
+    min_gap: float = 0.0  # K1's own-minus-mismatched gap
+    compare: tuple[Literal["paper", "history", "likelihood", "rules"], ...] = ()  # other judges to measure agreement with
     n_boot: int = 1000  # bootstrap resamples for the card's intervals
 
     def __post_init__(self):
-        _positive(max_replies=self.max_replies, n_boot=self.n_boot)
-        for k in ("min_discrimination", "min_tailored", "max_length_corr"):
+        _positive(max_replies=self.max_replies, n_boot=self.n_boot, k1_messages=self.k1_messages,
+                  max_k2_pairs=self.max_k2_pairs)
+        for k in ("min_discrimination", "min_tailored", "min_preference", "max_length_corr"):
             if not 0 <= getattr(self, k) <= 1:
                 raise ConfigError(f"{k}: must be in [0, 1], got {getattr(self, k)!r}")
 
@@ -467,8 +489,9 @@ class EvaluateConfig(Common):
     models: tuple[Literal[EVALUATED], ...] = ("base",)  # type: ignore[valid-type]
     # paper: the rubric on the current message (the paper's judge); history: the rubric with the dialogue;
     # likelihood: how much more probable the persona makes the reply under the judge model (exact
-    # log-likelihoods: transformers or vllm judges), mapped to 1-5 by likelihood_scale
-    judge: Literal["paper", "history", "likelihood"] = "paper"
+    # log-likelihoods: transformers or vllm judges), mapped to 1-5 by likelihood_scale; rules: the share of
+    # the persona's checkable preferences the reply satisfies, 1 + 4 x share (exact, no model)
+    judge: Literal["paper", "history", "likelihood", "rules"] = "paper"
     # aloe: every model under test gets a short system prompt and greedy decoding with max_new_tokens;
     # paper: as the paper's evaluation code, no system prompt (oracle and reminder keep theirs), the
     # model's own default sampling and a 2048-token cap
@@ -477,6 +500,10 @@ class EvaluateConfig(Common):
     judge_retries: int = 2  # extra tries when parsing a text score fails
     user_temperature: float = 0.7  # the simulated user samples; the model under test is greedy
     official_dir: Optional[str] = None  # folder with the official profile_eval / personality_eval files
+    # with official_dir: checkable preferences per benchmark persona, [low, high] by the seeded draw
+    # (the published text is unchanged); without it, the personas stage's pairs.jsonl carries them
+    preferences: tuple[int, ...] = ()
+    disclosure_fallback: bool = True  # as in trees: append the phrasing when the user's message missed it
     likelihood_scale: float = 0.1  # likelihood judge: score = 1 + 4 * sigmoid(log-ratio per token / scale)
     judge_card: JudgeCardConfig = field(default_factory=JudgeCardConfig)  # judge validation and its thresholds
     disclosure_threshold: float = 0.5  # MiniLM cosine at which a persona fact counts as revealed
@@ -490,6 +517,10 @@ class EvaluateConfig(Common):
 
     def __post_init__(self):
         super().__post_init__()
+        check_preference_range(self.preferences)
+        if self.preferences and not self.official_dir:
+            raise ConfigError("preferences: set it on the personas stage (its pairs.jsonl carries them); here it "
+                              "applies only with official_dir")
         _positive(n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens,
                   n_boot=self.n_boot, likelihood_scale=self.likelihood_scale)
         if "likelihood" in (self.judge, *self.judge_card.compare):

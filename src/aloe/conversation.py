@@ -17,11 +17,15 @@ def clean_user_message(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().strip('"').strip()
 
 
-def simulator_messages(profile: str, personality: str, history: list[dict]) -> list[dict]:
+def simulator_messages(profile: str, personality: str, history: list[dict], directive: str | None = None) -> list[dict]:
     """Messages for the user simulator. It plays the *user*, so roles are flipped:
-    its own earlier lines are 'assistant', the assistant's replies are 'user'."""
+    its own earlier lines are 'assistant', the assistant's replies are 'user'. ``directive``
+    (aloe.preferences.plan_turn): what this message is to get across, added to the system prompt."""
     p = prompts.get("user_simulator")
-    msgs = [{"role": "system", "content": p.render("system", profile=profile, personality=personality)}]
+    system = p.render("system", profile=profile, personality=personality)
+    if directive:
+        system += "\n" + p.render("brief", directive=directive)
+    msgs = [{"role": "system", "content": system}]
     if not history:
         msgs.append({"role": "user", "content": p.render("opening")})
     for m in history:
@@ -37,6 +41,23 @@ def likelihood_prompts(profile: str, personality: str, history: list[dict],
     tail = [*history, {"role": "user", "content": message}]
     return ([{"role": "system", "content": p.render("aware", profile=profile, personality=personality)}, *tail],
             [{"role": "system", "content": p.render("plain")}, *tail], p.tag)
+
+
+def dialogue_text(history: list[dict], user_message: str) -> str:
+    """The conversation as plain text for prompts that show it (inference, the history rubric)."""
+    lines = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in history]
+    return "\n".join(lines + [f"User: {user_message}"])
+
+
+def judge_persona(persona: dict) -> tuple[str, str]:
+    """(profile, personality) as an LLM judge reads them: a persona with checkable preferences has
+    them appended to its profile as the instructions a person would give, since the judge knows the
+    whole persona. The persona's own text is never changed."""
+    from aloe.preferences import described
+
+    items = persona.get("preferences") or []
+    profile = persona["profile"] + (" Wants: " + described(items) if items else "")
+    return profile, persona["personality"]
 
 
 def history_before(conv: dict, turn: int) -> list[dict]:

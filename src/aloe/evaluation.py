@@ -41,7 +41,10 @@ from aloe import judge_card, prompts
 from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling, open_backend
 from aloe.cards import write_model_card
 from aloe.config import EvaluateConfig
-from aloe.conversation import clean_user_message, history_before, likelihood_prompts, simulator_messages
+from aloe import preferences
+from aloe.conversation import (clean_user_message, dialogue_text, history_before, judge_persona, likelihood_prompts,
+                               simulator_messages)
+from aloe.preferences import assign
 from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
 from aloe.io import atomic_path, read_jsonl, write_json, write_jsonl, write_manifest
@@ -50,12 +53,14 @@ from aloe.lock import stage as stage_guard
 from aloe.metrics import paired_difference, summarize
 from aloe.records import make_pairs, pool_records, read_aloe_pool
 from aloe.roles import Roles, as_roles
-from aloe.trees import dialogue_text
 from aloe.variants import BASELINES
 
 log = logging.getLogger(__name__)
 
-ROLES = ("simulator", "judge", "policy")
+# responder: writes the judge card's known-answer replies (K1); used only when an LLM judge is carded
+ROLES = ("simulator", "judge", "policy", "responder")
+REQUIRED = ("simulator", "judge", "policy")
+RULES_JUDGE = {"kind": "rules", "model": "aloe.preferences"}
 # The paper's evaluation code generates with the model's defaults and max_new_tokens=2048.
 PAPER_MAX_NEW_TOKENS = 2048
 
@@ -69,7 +74,8 @@ def benchmark_pairs(cfg: EvaluateConfig) -> list[dict]:
         # the benchmark pairs every eval profile with the first 5 eval personalities (20 x 5 = 100)
         personalities = pool_records(read_aloe_pool(d / "personality_eval.jsonl")[:5], "personality", "imported",
                                      "eval")
-        pairs = make_pairs(profiles, personalities, len(personalities), 0, "eval")
+        pairs = assign(make_pairs(profiles, personalities, len(personalities), 0, "eval"), cfg.preferences, cfg.seed,
+                       "official")
     else:
         src = cfg.paths.pairs
         pairs = [p for p in read_jsonl(src) if p["split"] == "eval"]
@@ -142,6 +148,7 @@ class Reply:
     history: list
     message: str
     text: str
+    revealed: tuple = ()  # checkable preferences revealed by this turn (the rules judge's second number)
 
 
 def score_replies(cfg: EvaluateConfig, engine: ChatBackend, replies: list[Reply],
@@ -152,11 +159,13 @@ def score_replies(cfg: EvaluateConfig, engine: ChatBackend, replies: list[Reply]
     kind = judge_kind or cfg.judge
     if not replies:
         return []
+    if kind == "rules":
+        got = [preferences.rules_score(r.persona.get("preferences") or [], r.text, list(r.revealed)) for r in replies]
+        return [(g["score"], g) for g in got]
     if kind == "likelihood":
         items, tag = [], ""
         for r in replies:
-            aware, plain, tag = likelihood_prompts(r.persona["profile"], r.persona["personality"], r.history,
-                                                   r.message)
+            aware, plain, tag = likelihood_prompts(*judge_persona(r.persona), r.history, r.message)
             items.append((aware, plain, r.text))
         return [(likelihood_score(j.llr, cfg.likelihood_scale), j.to_json())
                 for j in likelihood_ratios(engine, items, tag)]
@@ -164,7 +173,7 @@ def score_replies(cfg: EvaluateConfig, engine: ChatBackend, replies: list[Reply]
     # the "paper" rubric ignores {dialogue}; the "history" rubric shows it
     reqs = [ProbRequest([{"role": "system", "content": rubric.render("system")},
                          {"role": "user", "content": rubric.render(
-                             "user", profile=r.persona["profile"], personality=r.persona["personality"],
+                             "user", profile=judge_persona(r.persona)[0], personality=r.persona["personality"],
                              message=r.message, reply=r.text, dialogue=dialogue_text(r.history, r.message))}],
                         SCORES, prompt_version=rubric.tag) for r in replies]
     return [(expected_score(j), j.to_json())
@@ -174,22 +183,26 @@ def score_replies(cfg: EvaluateConfig, engine: ChatBackend, replies: list[Reply]
 def conversation_settings(cfg: EvaluateConfig, model: str, roles: Roles, under_test: ChatBackend) -> dict:
     """Everything that made a conversation what it is. A conversation on disk made with other
     settings (another judge, sampling, simulator, or a retrained model) is not resumed."""
+    judge_id = (f"rules@{preferences.catalogue().version}" if cfg.judge == "rules" else roles["judge"].identity())
     return {"model": model, "under_test": under_test.identity(),
-            "simulator": roles["simulator"].identity(), "judge": roles["judge"].identity(),
+            "simulator": roles["simulator"].identity(), "judge": judge_id,
+            "preferences": preferences.catalogue().version, "disclosure_fallback": cfg.disclosure_fallback,
             "judge_kind": cfg.judge, "judge_method": cfg.judge_method, "likelihood_scale": cfg.likelihood_scale,
             "protocol": cfg.protocol, "max_new_tokens": cfg.max_new_tokens, "user_temperature": cfg.user_temperature,
             "seed": cfg.seed, "prompts": [prompts.get(n).tag for n in ("user_simulator", _prompt_name(model))]}
 
 
-def _resumable(path: Path, settings: dict) -> dict[str, dict]:
-    """The conversations on disk made with these settings; others start afresh (the call cache
-    makes replaying what is still valid cheap), with a warning naming what changed."""
+def _resumable(path: Path, settings: dict, pairs: list[dict]) -> dict[str, dict]:
+    """The conversations on disk made with these settings (and the persona's same preferences);
+    others start afresh (the call cache makes replaying what is still valid cheap), with a warning
+    naming what changed."""
     if not path.exists():
         return {}
     out = {}
+    prefs = {p["id"]: p.get("preferences") or [] for p in pairs}
     for c in read_jsonl(path, allow_torn_tail=True):
         old = c.get("settings")
-        if old == settings:
+        if old == settings and (c.get("preferences") or []) == prefs.get(c.get("persona_id"), []):
             out[c["persona_id"]] = c
         else:
             changed = sorted(k for k in settings if (old or {}).get(k) != settings[k]) if old else ["(no record)"]
@@ -206,17 +219,19 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
     from tqdm.auto import tqdm
 
     settings = conversation_settings(cfg, model, roles, under_test)
-    done = _resumable(path, settings)
+    done = _resumable(path, settings, pairs)
     convs = [done.get(p["id"]) or {"model": model, "persona_id": p["id"], "profile": p["profile"],
-                                   "personality": p["personality"], "settings": settings, "turns": []}
+                                   "personality": p["personality"], "preferences": p.get("preferences") or [],
+                                   "settings": settings, "turns": []}
              for p in pairs]
     for c in convs:
         c["turns"] = [t for t in c["turns"] if t["turn"] <= cfg.turns]
-    _rejudge(cfg, roles["judge"], convs, pairs)
+    judge_engine = roles["judge"] if cfg.judge != "rules" else None  # the rules judge needs no model
+    _rejudge(cfg, judge_engine, convs, pairs)
     sim = prompts.get("user_simulator")
     user_samp = Sampling(temperature=cfg.user_temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     model_samp = under_test_sampling(cfg)
-    simulator, judge_engine = roles["simulator"], roles["judge"]
+    simulator = roles["simulator"]
     bar = tqdm(total=len(convs) * cfg.turns, initial=sum(len(c["turns"]) for c in convs), desc=f"evaluate {model}",
                unit="turn", disable=not progress)
     for turn in range(1, cfg.turns + 1):
@@ -224,9 +239,17 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
         if not active:
             continue
 
-        users = simulator.chat([ChatRequest(simulator_messages(p["profile"], p["personality"], history_before(c, turn)),
-                                            user_samp, sample_index=turn, prompt_version=sim.tag) for c, p in active])
+        plans = [_plan(cfg, c, p, turn) for c, p in active]
+        users = simulator.chat([ChatRequest(simulator_messages(p["profile"], p["personality"], history_before(c, turn),
+                                                               plan.directive),
+                                            user_samp, sample_index=turn, prompt_version=sim.tag)
+                                for (c, p), plan in zip(active, plans)])
         msgs = [clean_user_message(u.text) if u.ok else "" for u in users]
+        disclosed = {}
+        for (c, p), plan, i in zip(active, plans, range(len(msgs))):
+            if msgs[i] and p.get("preferences"):
+                msgs[i], disclosed[id(c)] = preferences.settle_message(p, plan, msgs[i], _revealed(c, turn),
+                                                                       cfg.disclosure_fallback)
         asked = [(c, p, m) for (c, p), m in zip(active, msgs) if m]
 
         def under_test_messages(c, p, m):
@@ -239,20 +262,38 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
                                    for c, p, m in asked])
         got = {id(c): (m, r) for (c, p, m), r in zip(asked, replies)}
         scored = [(c, p, m, r.text.strip()) for (c, p, m), r in zip(asked, replies) if r.ok and r.text.strip()]
-        verdicts = dict(zip((id(c) for c, *_ in scored),
-                            score_replies(cfg, judge_engine,
-                                          [Reply(p, history_before(c, turn), m, r) for c, p, m, r in scored])))
+        to_judge = [Reply(p, history_before(c, turn), m, r, tuple((disclosed.get(id(c)) or {}).get("revealed", ())))
+                    for c, p, m, r in scored]
+        verdicts = dict(zip((id(c) for c, *_ in scored), score_replies(cfg, judge_engine, to_judge)))
         for c, p in active:
             m, r = got.get(id(c), ("", None))
             if not m or r is None or not r.ok or not r.text.strip():
                 continue  # not data: this conversation stops here, and a rerun tries the turn again
             score, j = verdicts.get(id(c), (None, None))
-            c["turns"].append({"turn": turn, "user": m, "reply": r.text.strip(), "score": score,
-                               "judge": j or {"method": "none", "error": "judge failed"}})
+            rec = {"turn": turn, "user": m, "reply": r.text.strip(), "score": score,
+                   "judge": j or {"method": "none", "error": "judge failed"}}
+            if id(c) in disclosed:
+                rec["preferences"] = disclosed[id(c)]
+                # the exact scores sit beside any LLM judge's (the rules judge's own are in "judge")
+                rec["rules"] = (j if cfg.judge == "rules" else
+                                preferences.rules_score(p["preferences"], rec["reply"], disclosed[id(c)]["revealed"]))
+            c["turns"].append(rec)
         write_jsonl(path, convs)
         bar.update(len(active))
     bar.close()
     return convs
+
+
+def _plan(cfg: EvaluateConfig, conv: dict, pair: dict, turn: int) -> "preferences.UserPlan":
+    """What the simulated user is to get across this turn (checkable preferences only)."""
+    before = [t for t in conv["turns"] if t["turn"] < turn]
+    return preferences.plan_turn(pair, cfg.turns, turn, cfg.seed, _revealed(conv, turn),
+                                 before[-1]["reply"] if before else None)
+
+
+def _revealed(conv: dict, turn: int) -> list[str]:
+    before = [t for t in conv["turns"] if t["turn"] < turn and t.get("preferences")]
+    return list(before[-1]["preferences"]["revealed"]) if before else []
 
 
 def _rejudge(cfg: EvaluateConfig, judge_engine: ChatBackend, convs: list[dict], pairs: list[dict]) -> None:
@@ -260,7 +301,8 @@ def _rejudge(cfg: EvaluateConfig, judge_engine: ChatBackend, convs: list[dict], 
     todo = [(c, p, t) for c, p in zip(convs, pairs) for t in c["turns"] if t["score"] is None]
     if not todo:
         return
-    got = score_replies(cfg, judge_engine, [Reply(p, history_before(c, t["turn"]), t["user"], t["reply"])
+    got = score_replies(cfg, judge_engine, [Reply(p, history_before(c, t["turn"]), t["user"], t["reply"],
+                                                  tuple((t.get("preferences") or {}).get("revealed", ())))
                                             for c, p, t in todo])
     for (c, p, t), (score, j) in zip(todo, got):
         t["score"], t["judge"] = score, j
@@ -273,9 +315,12 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
     """The ALOE protocol for every model in ``cfg.models``; ``roles`` gives the simulator, the
     judge and the policy (one backend plays all three when a single backend is passed)."""
     started = time.time()
-    roles = as_roles(roles, ROLES)
+    roles = as_roles(roles, REQUIRED)
     paths = cfg.paths
     pairs = benchmark_pairs(cfg)
+    if cfg.judge == "rules" and not all(p.get("preferences") for p in pairs):
+        raise AloeError("evaluate: judge 'rules' needs benchmark personas with checkable preferences; set "
+                        "stages.personas.preferences (e.g. [2, 4]), or stages.evaluate.preferences with official_dir")
     for m in cfg.models:  # fail before any conversation if a trained model is missing
         if m not in BASELINES:
             trained_path(cfg, m)
@@ -294,14 +339,10 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
         convs_of[model] = repeats_of[model][0]
         timings[model] = round(time.time() - t0, 2)
 
-    # Baselines first, on the policy's engine, then the judge card's tailored probe (it needs the
-    # policy too); the policy is closed before the trained variants load (unless the simulator or
-    # judge shares it), so a GPU holds one model under test at a time.
+    # Baselines first, on the policy's engine; the policy is closed before the trained variants load
+    # (unless the simulator or judge shares it), so a GPU holds one model under test at a time.
     for model in [m for m in cfg.models if m in BASELINES]:
         evaluate(model, roles["policy"])
-    probe = None
-    if cfg.judge_card.enabled and "base" in convs_of:
-        probe = judge_card.tailored_probe(cfg, roles["policy"], roles["judge"], pairs, convs_of["base"])
     for model in [m for m in cfg.models if m not in BASELINES]:
         if not any(roles.shared("policy", r) for r in ("simulator", "judge")):
             roles.release("policy")
@@ -323,16 +364,25 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
             if model != "base":
                 metrics[model]["vs_base"] = paired_difference(scores_of[model], scores_of["base"], cfg.turns,
                                                               n_boot=cfg.n_boot, seed=cfg.seed)
+    if "sft_preferred" in scores_of and "sft_rejected" in scores_of:
+        # the built-in control: the same teacher wrote both replies; only the preference label differs
+        metrics["sft_preferred"]["vs_sft_rejected"] = paired_difference(
+            scores_of["sft_preferred"], scores_of["sft_rejected"], cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed)
     card = None
     if cfg.judge_card.enabled:
-        card = judge_card.build(cfg, roles["judge"], pairs, convs_of, probe)
+        card = judge_card.build(cfg, roles, pairs, convs_of)
         write_json(paths.judge_card, _jsonable(card))
     for model in cfg.models:  # trained variants' model cards gain this run's numbers
         if model not in BASELINES:
             write_model_card(paths, cfg.experiment, model, {**metrics[model], "judge_fit": bool(card and card["fit"])})
-    rows = [{"model": c["model"], "persona": c["persona_id"], "turn": t["turn"], "score": t["score"],
-             "judge_method": t["judge"]["method"], "judge_raw": " | ".join(t["judge"].get("raw") or []),
-             "judge_error": t["judge"].get("error")} for c in all_convs for t in c["turns"]]
+    rows = [{"model": c["model"], "repeat": c.get("repeat", 0), "persona": c["persona_id"], "turn": t["turn"],
+             "score": t["score"], "judge_method": t["judge"]["method"],
+             "judge_raw": " | ".join(t["judge"].get("raw") or []), "judge_error": t["judge"].get("error"),
+             # the exact judge beside any LLM judge (empty where the persona has no checkable preferences)
+             "rules_score": (t.get("rules") or {}).get("score"), "rules_share": (t.get("rules") or {}).get("share"),
+             "rules_revealed_share": (t.get("rules") or {}).get("revealed_share"),
+             "preferences_revealed": len((t.get("preferences") or {}).get("revealed") or [])}
+            for c in all_convs for t in c["turns"]]
     write_jsonl(paths.transcripts, all_convs)
     with atomic_path(paths.scores) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
@@ -340,11 +390,17 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
         w.writerows(rows)
     turns_done = sum(len(c["turns"]) for c in all_convs)
     described = roles.describe()
+    if cfg.judge == "rules":
+        described["judge"] = {**RULES_JUDGE, "revision": preferences.catalogue().version}
+    every = {m: [c for cs in reps for c in cs] for m, reps in repeats_of.items()}
     result = {"turns": cfg.turns, "personas": len(pairs), "judge": cfg.judge, "protocol": cfg.protocol,
               "judge_fit": card["fit"] if card else None, "models": metrics,
               "repeats": cfg.repeats,
-              "disclosure": disclosure(cfg, {m: [c for cs in reps for c in cs] for m, reps in repeats_of.items()}),
-              "roles": {r: described[r] for r in ROLES},
+              "disclosure": disclosure(cfg, every),
+              "preference_disclosure": preference_disclosure(every),
+              "rules": rules_beside(cfg, repeats_of) if cfg.judge != "rules" else None,
+              "roles": {r: described[r] for r in ROLES if r in described
+                        and (r != "responder" or (card and not card.get("exact")))},
               "under_test": under_test_of,
               "seconds_per_model": timings,
               "turns_per_second": {m: round(len(pairs) * cfg.turns / s, 4) if s else None
@@ -372,6 +428,54 @@ def pooled_scores(repeats: list[list[dict]]) -> dict[str, dict[int, float | None
                 else:
                     turns.setdefault(t["turn"], [])
     return {p: {k: (sum(v) / len(v) if v else None) for k, v in turns.items()} for p, turns in got.items()}
+
+
+def preference_disclosure(convs_of: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per model: how many checkable preferences the simulated user was told to reveal, how many its
+    own words conveyed (the disclosure rate), how many needed the catalogue's phrasing appended, the
+    complaints, and per turn the mean number revealed so far and the share of them the reply kept."""
+    out = {}
+    for model, convs in convs_of.items():
+        recs = [(t["turn"], t["preferences"], t.get("rules") or {}) for c in convs for t in c["turns"]
+                if t.get("preferences")]
+        if not recs:
+            continue
+        meant = [r for _, r, _ in recs if r["meant"] is not None]
+        per_turn: dict[int, list] = {}
+        for k, r, rules in recs:
+            per_turn.setdefault(k, []).append((len(r["revealed"]), rules.get("revealed_share")))
+        out[model] = {
+            "scheduled": len(meant), "conveyed": sum(bool(r["conveyed"]) for r in meant),
+            "rate": sum(bool(r["conveyed"]) for r in meant) / len(meant) if meant else None,
+            "appended": sum(bool(r["appended"]) for r in meant),
+            "complaints": sum(r["complaint"] is not None for _, r, _ in recs),
+            "per_turn": [{"turn": k, "revealed": sum(n for n, _ in v) / len(v),
+                          "kept": _mean([s for _, s in v if s is not None]), "n": len(v)}
+                         for k, v in sorted(per_turn.items())]}
+    return out
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def rules_beside(cfg: EvaluateConfig, repeats_of: dict[str, list[list[dict]]]) -> dict | None:
+    """The rules judge's metrics beside an LLM judge's (personas with checkable preferences), with
+    paired differences against base."""
+    scores = {}
+    for model, reps in repeats_of.items():
+        swapped = [[{**c, "turns": [{**t, "score": (t.get("rules") or {}).get("score")} for t in c["turns"]
+                                   if t.get("rules")]} for c in convs] for convs in reps]
+        scores[model] = {p: s for p, s in pooled_scores(swapped).items() if s}
+    if not any(scores.values()):
+        return None
+    out = {m: summarize(s, cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed) for m, s in scores.items() if s}
+    if "base" in out:
+        for m in out:
+            if m != "base":
+                out[m]["vs_base"] = paired_difference(scores[m], scores["base"], cfg.turns, n_boot=cfg.n_boot,
+                                                      seed=cfg.seed)
+    return out
 
 
 def _check_failures(cfg: EvaluateConfig, convs_of: dict[str, list[dict]]) -> None:

@@ -1,27 +1,33 @@
 """Judge validation on every evaluation run: the *judge card*.
 
-Every number the benchmark prints rests on one LLM judge, so each run checks, on its own
-benchmark personas and replies, that the judge can tell a reply that fits this user from
-one that does not, and says plainly whether it is fit to rank models:
+Every number the benchmark prints rests on one judge, so each run checks that judge on
+**known answers**, pairs whose right order is known by construction and that do not depend on
+the models under test, and says plainly whether it is fit to rank models:
 
-(a) **persona discrimination**: the same reply scored against its own persona and against a
-    mismatched one (another profile *and* another personality); the share of replies whose
-    own score is higher (ties count half) with a bootstrap CI over personas. The reply is
-    held fixed, so length and quality cannot explain it;
-(b) **tailored vs untailored**: for each of ``base``'s turns, the policy also answers the
-    same message with the persona in its system prompt (the oracle's prompt); the share of
-    those tailored replies that score above the plain one, with a CI, and the same after
-    removing what reply length explains;
-(c) **position consistency** of the pair judge, from the tree stage's nodes (both orders
-    agree), where pairs were judged;
-(d) **length bias**: Spearman correlation of the score with the reply's length in words;
-(e) **re-judge stability**: not applicable to this project's judges, which read
-    probabilities or decode greedily, so the same input always gets the same score (said so);
-(f) **agreement** with the other judges named in ``judge_card.compare`` (Spearman, same replies).
+(K1) **tailored pairs**: for each benchmark persona and ``k1_messages`` of the run's user
+     messages, a writer model answers once with the persona in its prompt (the oracle's prompt)
+     and once without. The judge must score the tailored reply higher under its own persona than
+     under a mismatched one (``min_discrimination``, with the mean gap's CI above ``min_gap``), and
+     above the plain reply under the own persona (``min_tailored``). The writer is the
+     ``responder`` role; where that is the judge's own model (a likelihood judge scores its own
+     samples higher by construction) another role's model writes, and where every role is the
+     judge's model K1 is marked not independent and does not count;
+(K2) **preference pairs**: a reply of this run that satisfies a checkable preference the user had
+     revealed, against a minimal edit of it that violates that preference (emoji added, bullets
+     joined, a question appended, ...), both scored under the persona; the satisfying one must win
+     (``min_preference``). Its agreement with the rules judge on the run's replies is reported;
+**independence**: a judge that is the policy (same model) is not independent and cannot pass.
 
-``fit`` is true when (a) reaches ``min_discrimination`` with its CI above 0.5, (b) (where
-measured) reaches ``min_tailored`` with its CI above 0.5, and |(d)| is at most
-``max_length_corr``. The thresholds come from the parameter file and are written into the card.
+Each rate comes with a cluster-bootstrap CI over personas and the mean score gap. What the card
+also reports, as information that does not decide ``fit``:
+
+(a) persona discrimination on the run's own replies, per model: how much persona they carry;
+(c) position consistency of the trees' pair judge; (d) length bias (Spearman of score with
+words; |r| above ``max_length_corr`` fails the card); (e) re-judge stability (deterministic
+judges); (f) agreement with the judges in ``judge_card.compare``.
+
+The ``rules`` judge (aloe.preferences) is exact: its card runs K2 as a check of the edits and
+says so; K1 does not apply to it (it reads only the checkable preferences).
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from aloe import prompts
-from aloe.backends import ChatRequest
+from aloe import preferences, prompts
+from aloe.backends import ChatRequest, Sampling
 from aloe.config import EvaluateConfig
 from aloe.conversation import history_before
 from aloe.io import read_jsonl
@@ -95,29 +101,6 @@ def words(text: str) -> int:
     return len(text.split())
 
 
-def tailored_probe(cfg: EvaluateConfig, policy, judge_engine, pairs: list[dict], base_convs: list[dict]) -> list[dict]:
-    """(b): the policy answers each of base's scored turns again, told the persona (the oracle's
-    prompt), and the judge scores that tailored reply against the persona."""
-    from aloe.evaluation import Reply, score_replies, under_test_sampling
-
-    by_id = {p["id"]: p for p in pairs}
-    oracle = prompts.get("responder_oracle")
-    todo = [(c, t) for c in base_convs for t in c["turns"] if t["score"] is not None][:cfg.judge_card.max_replies]
-    reqs = []
-    for c, t in todo:
-        p = by_id[c["persona_id"]]
-        system = oracle.render("system", profile=p["profile"], personality=p["personality"])
-        reqs.append(ChatRequest([{"role": "system", "content": system}, *history_before(c, t["turn"]),
-                                 {"role": "user", "content": t["user"]}], under_test_sampling(cfg),
-                                prompt_version=oracle.tag))
-    replies = policy.chat(reqs)
-    ok = [(c, t, r.text.strip()) for (c, t), r in zip(todo, replies) if r.ok and r.text.strip()]
-    scores = score_replies(cfg, judge_engine, [Reply(by_id[c["persona_id"]], history_before(c, t["turn"]), t["user"],
-                                                     text) for c, t, text in ok])
-    return [{"persona_id": c["persona_id"], "turn": t["turn"], "plain": t["reply"], "plain_score": t["score"],
-             "tailored": text, "tailored_score": s} for (c, t, text), (s, _) in zip(ok, scores) if s is not None]
-
-
 def position_consistency(cfg: EvaluateConfig) -> dict:
     """(c) from the tree stage's pair-judged nodes, where there are any."""
     if not cfg.paths.trees.exists():
@@ -129,9 +112,224 @@ def position_consistency(cfg: EvaluateConfig) -> dict:
             "why": "share of tree nodes whose two orders picked the same reply (the trees' pair judge)"}
 
 
-def build(cfg: EvaluateConfig, judge_engine, pairs: list[dict], convs_of: dict[str, list[dict]],
-          probe: list[dict] | None) -> dict:
-    """The judge card of one evaluation run (see the module docstring)."""
+def _engine(roles, name: str):
+    """A role's engine from a Roles mapping, or the one backend given for every role (tests, scripts)."""
+    if hasattr(roles, "chat"):
+        return roles
+    return roles[name] if name in roles else None
+
+
+def _same_model(a, b) -> bool:
+    return a is not None and b is not None and (a is b or a.identity() == b.identity())
+
+
+def independence(cfg: EvaluateConfig, roles) -> dict:
+    """Is the judge a different model from the policy? A judge that is the policy grades itself."""
+    judge, policy = _engine(roles, "judge"), _engine(roles, "policy")
+    jc, pc = cfg.role("judge"), cfg.role("policy")
+    same = (jc.model, jc.revision) == (pc.model, pc.revision) or _same_model(judge, policy)
+    return {"value": not same,
+            "why": "the judge is the policy (same model): it grades its own replies" if same else
+                   "the judge is a different model from the policy"}
+
+
+def k1_writer(cfg: EvaluateConfig, roles) -> tuple[object, str, bool]:
+    """(engine, role, independent) of the model that writes K1's replies: the responder, or another
+    role's model when the responder is the judge's model."""
+    judge = _engine(roles, "judge")
+    for role in ("responder", "simulator", "policy"):
+        e = _engine(roles, role)
+        if e is not None and not _same_model(e, judge):
+            return e, role, True
+    return _engine(roles, "responder") or judge, "responder", False
+
+
+def _messages_for_k1(convs_of: dict[str, list[dict]], pairs: list[dict], per_persona: int) -> list[tuple]:
+    """(pair, history, message) for each persona: its first ``per_persona`` turns in the first
+    model's conversations (the user's messages; the replies do not matter)."""
+    first = next(iter(convs_of.values()), [])
+    by_persona = {c["persona_id"]: c for c in first}
+    out = []
+    for p in pairs:
+        c = by_persona.get(p["id"])
+        if c is None:
+            continue
+        for t in c["turns"][:per_persona]:
+            out.append((p, history_before(c, t["turn"]), t["user"]))
+    return out
+
+
+def known_tailored(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, list[dict]]) -> dict:
+    """K1: tailored vs plain replies written by a model that is not the judge's."""
+    from aloe.evaluation import Reply, score_replies
+    from aloe.conversation import judge_persona
+
+    card_cfg = cfg.judge_card
+    writer, role, independent = k1_writer(cfg, roles)
+    judge = _engine(roles, "judge")
+    other = mismatched(pairs)
+    items = [(p, h, m) for p, h, m in _messages_for_k1(convs_of, pairs, card_cfg.k1_messages) if p["id"] in other]
+    oracle, plain = prompts.get("responder_oracle"), prompts.get("responder_plain")
+    samp = Sampling(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    reqs = []
+    for p, h, m in items:
+        profile, personality = judge_persona(p)
+        reqs.append(ChatRequest([{"role": "system", "content": oracle.render("system", profile=profile,
+                                                                             personality=personality)},
+                                 *h, {"role": "user", "content": m}], samp, prompt_version=oracle.tag))
+        reqs.append(ChatRequest([{"role": "system", "content": plain.render("system")}, *h,
+                                 {"role": "user", "content": m}], samp, prompt_version=plain.tag))
+    got = writer.chat(reqs) if reqs else []
+    ok = [(p, h, m, got[2 * i].text.strip(), got[2 * i + 1].text.strip()) for i, (p, h, m) in enumerate(items)
+          if got[2 * i].ok and got[2 * i + 1].ok and got[2 * i].text.strip() and got[2 * i + 1].text.strip()]
+    replies = []
+    for p, h, m, tail, pl in ok:
+        replies += [Reply(p, h, m, tail), Reply(other[p["id"]], h, m, tail), Reply(p, h, m, pl)]
+    scores = [s for s, _ in score_replies(cfg, judge, replies)]
+    disc, tail_w, disc_gap, tail_gap, groups_d, groups_t = [], [], [], [], [], []
+    for i, (p, *_rest) in enumerate(ok):
+        own, mis, pla = scores[3 * i: 3 * i + 3]
+        if own is not None and mis is not None:
+            disc.append(win(own, mis))
+            disc_gap.append(own - mis)
+            groups_d.append(p["id"])
+        if own is not None and pla is not None:
+            tail_w.append(win(own, pla))
+            tail_gap.append(own - pla)
+            groups_t.append(p["id"])
+    d = _rate(disc, disc_gap, groups_d, card_cfg.n_boot, cfg.seed)
+    t = _rate(tail_w, tail_gap, groups_t, card_cfg.n_boot, cfg.seed + 1)
+    return {"discrimination": d, "tailored": t, "writer": {"role": role, **writer.describe()},
+            "independent": independent, "calls": {"writer": len(reqs), "judge": len(replies)},
+            "why": ("the writer (" + role + ") is a different model from the judge" if independent else
+                    "every role that could write is the judge's own model: a likelihood judge scores its own "
+                    "samples higher by construction, so K1 does not count")}
+
+
+def known_preferences(cfg: EvaluateConfig, judge, pairs: list[dict], convs_of: dict[str, list[dict]],
+                      judge_kind: str | None = None) -> dict:
+    """K2: a run reply that satisfies a revealed checkable preference against its minimal violating
+    edit, both scored under the persona by ``judge_kind`` (default: the run's judge)."""
+    from aloe.evaluation import Reply, score_replies
+
+    by_id = {p["id"]: p for p in pairs}
+    cases = []
+    for _, c, t in judged_turns(convs_of, 10 ** 9):
+        p = by_id.get(c["persona_id"])
+        if p is None or not t.get("preferences"):
+            continue
+        items = {i["id"]: i for i in p.get("preferences") or []}
+        for pid in t["preferences"]["revealed"]:
+            if preferences.check(items[pid], t["reply"]) != preferences.SATISFIED:
+                continue
+            edited = preferences.violate(items[pid], t["reply"])
+            if edited is not None:
+                cases.append((p, c, t, pid, edited))
+                break  # one pair per reply
+        if len(cases) >= cfg.judge_card.max_k2_pairs:
+            break
+    replies = []
+    for p, c, t, pid, edited in cases:
+        h, rev = history_before(c, t["turn"]), tuple(t["preferences"]["revealed"])
+        replies += [Reply(p, h, t["user"], t["reply"], rev), Reply(p, h, t["user"], edited, rev)]
+    scores = [s for s, _ in score_replies(cfg, judge, replies, judge_kind)]
+    wins, gaps, groups, by_pref = [], [], [], {}
+    for i, (p, c, t, pid, _) in enumerate(cases):
+        a, b = scores[2 * i], scores[2 * i + 1]
+        if a is None or b is None:
+            continue
+        wins.append(win(a, b))
+        gaps.append(a - b)
+        groups.append(p["id"])
+        by_pref.setdefault(pid, []).append(wins[-1])
+    out = _rate(wins, gaps, groups, cfg.judge_card.n_boot, cfg.seed + 2)
+    out["by_preference"] = {k: {"value": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_pref.items())}
+    out["calls"] = {"judge": len(replies)}
+    out["why"] = ("the run's replies that satisfy a preference the user had revealed, against a minimal edit "
+                  "that violates it" if cases else
+                  "no reply of this run satisfies a revealed checkable preference (or the personas carry none)")
+    return out
+
+
+def _rate(wins: list[float], gaps: list[float], groups: list[str], n_boot: int, seed: int) -> dict:
+    v, lo, hi = cluster_rate(wins, groups, n_boot, seed)
+    g, glo, ghi = cluster_rate(gaps, groups, n_boot, seed)
+    return {"value": v, "ci_low": lo, "ci_high": hi, "n": len(wins), "personas": len(set(groups)),
+            "gap": g, "gap_ci_low": glo, "gap_ci_high": ghi}
+
+
+def rules_agreement(cfg: EvaluateConfig, convs_of: dict[str, list[dict]], score_key=("score",)) -> dict:
+    """Spearman of the run's judge with the rules judge, on the run's replies that have both."""
+    both = [(t["score"], t["rules"]["score"]) for convs in convs_of.values() for c in convs for t in c["turns"]
+            if t.get("rules") and t["score"] is not None and t["rules"].get("score") is not None]
+    return {"spearman": spearman([a for a, _ in both], [b for _, b in both]), "n": len(both)}
+
+
+def build(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, list[dict]]) -> dict:
+    """The judge card of one evaluation run (see the module docstring). ``roles``: the stage's Roles
+    (judge, policy, and for K1 the responder), or one backend that plays every role."""
+    card_cfg = cfg.judge_card
+    thresholds = {"min_discrimination": card_cfg.min_discrimination, "min_tailored": card_cfg.min_tailored,
+                  "min_preference": card_cfg.min_preference, "max_length_corr": card_cfg.max_length_corr,
+                  "ci_above": 0.5, "min_gap": card_cfg.min_gap}
+    if cfg.judge == "rules":
+        k2 = known_preferences(cfg, None, pairs, convs_of, "rules")
+        reasons = [] if k2["value"] in (None, 1.0) else [
+            f"the rules judge preferred a violating edit in {1 - k2['value']:.0%} of K2 pairs: an edit or a checker "
+            f"is wrong (a bug, not a property of the judge)"]
+        return {"judge": "rules", "judge_model": {"kind": "rules", "model": "aloe.preferences",
+                                                    "version": preferences.catalogue().version},
+                "exact": True, "independent": True, "fit": not reasons, "reasons": reasons,
+                "thresholds": thresholds,
+                "known_answers": {"K1": {"value": None, "n": 0, "counts": False,
+                                         "why": "the rules judge reads only the checkable preferences"},
+                                  "K2": {**k2, "counts": True}},
+                "persona_discrimination": None, "persona_discrimination_ci_low": None,
+                "persona_discrimination_ci_high": None, "n_discrimination": 0,
+                "why": "exact: each checkable preference is checked by a program, so the score is known, not "
+                       "estimated; it measures only what the checkable preferences cover"}
+    judge = _engine(roles, "judge")
+    indep = independence(cfg, roles)
+    k1 = known_tailored(cfg, roles, pairs, convs_of)
+    k2 = known_preferences(cfg, judge, pairs, convs_of)
+    info = run_reply_checks(cfg, judge, pairs, convs_of)
+
+    reasons = []
+    if not indep["value"]:
+        reasons.append(indep["why"] + "; its card cannot pass")
+    if k1["independent"]:
+        d, t = k1["discrimination"], k1["tailored"]
+        if d["value"] is None:
+            reasons.append("K1 could not be measured (no usable tailored replies or scores)")
+        else:
+            reasons += _shortfall("K1: the tailored reply scores higher under its own persona than a mismatched one",
+                                  d["value"], d["ci_low"], d["ci_high"], card_cfg.min_discrimination)
+            if d["gap_ci_low"] is not None and d["gap_ci_low"] <= card_cfg.min_gap:
+                reasons.append(f"K1: the persona moves the score by {d['gap']:+.3f} points on average (own minus "
+                               f"mismatched), interval [{d['gap_ci_low']:+.3f}, {d['gap_ci_high']:+.3f}] not above "
+                               f"{card_cfg.min_gap:g}")
+        if t["value"] is not None:
+            reasons += _shortfall("K1: tailored beats plain under the own persona", t["value"], t["ci_low"],
+                                  t["ci_high"], card_cfg.min_tailored)
+    if k2["value"] is not None:
+        reasons += _shortfall("K2: a reply that keeps a revealed preference beats its violating edit",
+                              k2["value"], k2["ci_low"], k2["ci_high"], card_cfg.min_preference)
+    if not k1["independent"] and k2["value"] is None:
+        reasons.append("no known-answer check counts (K1 not independent, K2 not measurable)")
+    lc = info["length_corr"]
+    if lc is not None and abs(lc) > card_cfg.max_length_corr:
+        reasons.append(f"scores follow reply length (Spearman {lc:+.2f}, limit ±{card_cfg.max_length_corr:.2f})")
+    calls = k1["calls"]["writer"] + k1["calls"]["judge"] + k2["calls"]["judge"] + info["calls"]
+    return {"judge": cfg.judge, "judge_model": judge.describe(), "exact": False, "independent": indep["value"],
+            "independence": indep, "fit": not reasons, "reasons": reasons, "thresholds": thresholds,
+            "known_answers": {"K1": {**k1, "counts": k1["independent"]}, "K2": {**k2, "counts": k2["value"] is not None}},
+            "rules_agreement": rules_agreement(cfg, convs_of),
+            "calls": calls, **info}
+
+
+def run_reply_checks(cfg: EvaluateConfig, judge, pairs: list[dict], convs_of: dict[str, list[dict]]) -> dict:
+    """Information about the run's own replies (does not decide fit): (a) persona discrimination per
+    model, its gap, (c) position consistency, (d) length bias, (e) re-judging, (f) agreement."""
     from aloe.evaluation import Reply, score_replies
 
     card_cfg = cfg.judge_card
@@ -139,7 +337,7 @@ def build(cfg: EvaluateConfig, judge_engine, pairs: list[dict], convs_of: dict[s
     by_id = {p["id"]: p for p in pairs}
     sample = [(m, c, t) for m, c, t in judged_turns(convs_of, card_cfg.max_replies) if c["persona_id"] in other]
     replies = [Reply(other[c["persona_id"]], history_before(c, t["turn"]), t["user"], t["reply"]) for _, c, t in sample]
-    against_other = score_replies(cfg, judge_engine, replies)
+    against_other = score_replies(cfg, judge, replies)
     wins, gaps, groups, by_model = [], [], [], {}
     for (m, c, t), (s_other, _) in zip(sample, against_other):
         if s_other is not None:
@@ -148,74 +346,31 @@ def build(cfg: EvaluateConfig, judge_engine, pairs: list[dict], convs_of: dict[s
             groups.append(c["persona_id"])
             by_model.setdefault(m, []).append(wins[-1])
     disc, disc_lo, disc_hi = cluster_rate(wins, groups, card_cfg.n_boot, cfg.seed)
-    # the win rate counts directions only; the gap says how far the persona moves the score. A judge
-    # whose gaps are mostly near 0 is decided by small systematic effects, whichever way they lean
     gap, gap_lo, gap_hi = cluster_rate(gaps, groups, card_cfg.n_boot, cfg.seed)
-
     own = [t["score"] for _, _, t in sample]
-    lengths = [words(t["reply"]) for _, _, t in sample]
-    length_corr = spearman(own, lengths)
-
-    tailored = {"value": None, "ci_low": None, "ci_high": None, "n": 0, "length_adjusted": None,
-                "why": "base is not among the evaluated models" if probe is None else "no usable probe replies"}
-    if probe:
-        tw = [win(r["tailored_score"], r["plain_score"]) for r in probe]
-        v, lo, hi = cluster_rate(tw, [r["persona_id"] for r in probe], card_cfg.n_boot, cfg.seed + 1)
-        # what length explains, removed: residuals of one least-squares line of score on words
-        x = np.array([words(r["tailored"]) for r in probe] + [words(r["plain"]) for r in probe], dtype=float)
-        y = np.array([r["tailored_score"] for r in probe] + [r["plain_score"] for r in probe], dtype=float)
-        slope = float(np.polyfit(x, y, 1)[0]) if x.std() > 0 else 0.0
-        res = y - slope * x
-        adj = float(np.mean([win(a, b) for a, b in zip(res[:len(probe)], res[len(probe):])]))
-        tailored = {"value": v, "ci_low": lo, "ci_high": hi, "n": len(probe), "length_adjusted": adj,
-                    "mean_gap": float(np.mean([r["tailored_score"] - r["plain_score"] for r in probe])),
-                    "why": "the policy told the persona vs the plain base reply, same message"}
-
-    agreement = {}
+    length_corr = spearman(own, [words(t["reply"]) for _, _, t in sample])
+    agreement, calls = {}, len(replies)
     for kind in card_cfg.compare:
         if kind == cfg.judge:
             continue
-        theirs = score_replies(cfg, judge_engine, [Reply(by_id[c["persona_id"]], history_before(c, t["turn"]),
-                                                         t["user"], t["reply"]) for _, c, t in sample], kind)
+        theirs = score_replies(cfg, judge, [Reply(by_id[c["persona_id"]], history_before(c, t["turn"]),
+                                                  t["user"], t["reply"]) for _, c, t in sample], kind)
+        calls += len(sample) if kind != "rules" else 0
         both = [(a, b) for a, (b, _) in zip(own, theirs) if b is not None]
         agreement[kind] = {"spearman": spearman([a for a, _ in both], [b for _, b in both]), "n": len(both)}
-
     methods = {t["judge"].get("method") for _, _, t in sample}
-    rejudge = {"applicable": False,
-               "why": f"judgments by {', '.join(sorted(methods)) or 'none'}: probabilities, likelihoods and greedy "
-                      f"text are deterministic, so re-judging the same input gives the same score"}
-
-    reasons = []
-    if disc is None:
-        reasons.append("persona discrimination could not be measured (no usable mismatched scores)")
-    else:
-        reasons += _shortfall("persona discrimination (own persona scores above a mismatched one)", disc, disc_lo,
-                              disc_hi, card_cfg.min_discrimination)
-    if gap is not None and gap_lo <= card_cfg.min_gap:
-        reasons.append(f"the persona moves the score by {gap:+.3f} points on average (own minus mismatched), "
-                       f"interval [{gap_lo:+.3f}, {gap_hi:+.3f}] not above {card_cfg.min_gap:g}")
-    if tailored["value"] is not None:
-        reasons += _shortfall("tailored replies beating plain ones", tailored["value"], tailored["ci_low"],
-                              tailored["ci_high"], card_cfg.min_tailored)
-    if length_corr is not None and abs(length_corr) > card_cfg.max_length_corr:
-        reasons.append(f"scores follow reply length (Spearman {length_corr:+.2f}, limit "
-                       f"±{card_cfg.max_length_corr:.2f})")
     return {
-        "judge": cfg.judge, "judge_model": judge_engine.describe(), "fit": not reasons, "reasons": reasons,
-        "thresholds": {"min_discrimination": card_cfg.min_discrimination, "min_tailored": card_cfg.min_tailored,
-                       "max_length_corr": card_cfg.max_length_corr, "discrimination_ci_above": 0.5,
-                       "min_gap": card_cfg.min_gap},
         "persona_discrimination": disc, "persona_discrimination_ci_low": disc_lo,
         "persona_discrimination_ci_high": disc_hi, "n_discrimination": len(wins),
         "persona_gap": {"mean": gap, "ci_low": gap_lo, "ci_high": gap_hi,
                         "median": float(np.median(gaps)) if gaps else None,
                         "why": "own persona's score minus the mismatched one's, same reply (1-5 scale)"},
-        # split by whose replies were judged: a judge that is also the policy may recognise the replies it
-        # wrote with the persona in its prompt (the oracle's) rather than read the persona
         "persona_discrimination_by_model": {m: {"value": sum(w) / len(w), "n": len(w)} for m, w in by_model.items()},
-        "tailored": tailored, "position_consistency": position_consistency(cfg),
-        "length_corr": length_corr, "n_length": len(own), "rejudge": rejudge, "agreement": agreement,
-    }
+        "position_consistency": position_consistency(cfg), "length_corr": length_corr, "n_length": len(own),
+        "rejudge": {"applicable": False,
+                    "why": f"judgments by {', '.join(sorted(map(str, methods))) or 'none'}: probabilities, likelihoods "
+                           f"and greedy text are deterministic, so re-judging the same input gives the same score"},
+        "agreement": agreement, "calls": calls}
 
 
 def _shortfall(what: str, value: float, lo: float, hi: float, minimum: float) -> list[str]:
@@ -227,40 +382,59 @@ def _shortfall(what: str, value: float, lo: float, hi: float, minimum: float) ->
 
 
 def card_rows(card: dict) -> list[dict]:
-    """The card as a readable table: check, value, interval, n, pass."""
-    t, pc = card["tailored"], card["position_consistency"]
+    """The card as a readable table: check, value, interval, n, what is needed."""
     th = card["thresholds"]
 
     def fmt(v):
         return None if v is None else round(v, 3)
 
-    rows = [
-        {"check": "(a) persona discrimination: own persona scores higher than a mismatched one",
-         "value": fmt(card["persona_discrimination"]),
-         "interval": _ci(card["persona_discrimination_ci_low"], card["persona_discrimination_ci_high"]),
-         "n": card["n_discrimination"], "needed": f">= {th['min_discrimination']}, CI above 0.5"},
-        *([{"check": "(a') own minus mismatched score (1-5 points), mean (median)",
-            "value": fmt(card["persona_gap"]["mean"]),
-            "interval": _ci(card["persona_gap"]["ci_low"], card["persona_gap"]["ci_high"])
-            + f" (median {card['persona_gap']['median']:+.3f})",
-            "n": card["n_discrimination"], "needed": f"CI low > {th.get('min_gap', 0.0):g}"}]
-          if card.get("persona_gap", {}).get("mean") is not None else []),
-        *[{"check": f"(a) ... on {m}'s replies", "value": fmt(v["value"]), "interval": "", "n": v["n"],
-           "needed": "(information)"} for m, v in card.get("persona_discrimination_by_model", {}).items()],
-        {"check": "(b) tailored (persona in prompt) beats plain, same message", "value": fmt(t["value"]),
-         "interval": _ci(t["ci_low"], t["ci_high"]), "n": t["n"],
-         "needed": f">= {th['min_tailored']}, CI above 0.5" if t["value"] is not None else t["why"]},
-        {"check": "(b') the same, length removed", "value": fmt(t["length_adjusted"]), "interval": "", "n": t["n"],
-         "needed": "(information)"},
-        {"check": "(c) pair judge: both orders agree", "value": fmt(pc["value"]), "interval": "", "n": pc["n"],
-         "needed": "(information) " + pc["why"]},
-        {"check": "(d) score vs reply length (Spearman)", "value": fmt(card["length_corr"]), "interval": "",
-         "n": card["n_length"], "needed": f"|r| <= {th['max_length_corr']}"},
-        {"check": "(e) re-judge stability", "value": None, "interval": "", "n": 0, "needed": card["rejudge"]["why"]},
-    ]
+    def rate_row(check, r, needed):
+        gap = (f" gap {r['gap']:+.2f} {_ci(r.get('gap_ci_low'), r.get('gap_ci_high'))}"
+               if r.get("gap") is not None else "")
+        return {"check": check, "value": fmt(r.get("value")), "interval": _ci(r.get("ci_low"), r.get("ci_high")) + gap,
+                "n": r.get("n", 0), "needed": needed}
+
+    ka = card["known_answers"]
+    k1, k2 = ka["K1"], ka["K2"]
+    rows = [{"check": "independent: the judge is not the policy", "value": card["independent"], "interval": "",
+             "n": None, "needed": "true"}]
+    if card.get("exact"):
+        rows.append({"check": "exact: scored by a program (aloe.preferences)", "value": True, "interval": "", "n": None,
+                     "needed": "(the rules judge)"})
+    if "discrimination" in k1:
+        counts = "" if k1["counts"] else " (does not count: " + k1["why"] + ")"
+        rows.append(rate_row("K1 own persona above a mismatched one, tailored reply", k1["discrimination"],
+                             f">= {th['min_discrimination']}, CI above 0.5, gap CI above {th['min_gap']:g}{counts}"))
+        rows.append(rate_row("K1 tailored above plain, own persona", k1["tailored"],
+                             f">= {th['min_tailored']}, CI above 0.5{counts}"))
+    else:
+        rows.append({"check": "K1 tailored pairs", "value": None, "interval": "", "n": 0, "needed": k1["why"]})
+    rows.append(rate_row("K2 keeps a revealed preference above its violating edit", k2,
+                         f">= {th['min_preference']}, CI above 0.5" if k2.get("value") is not None else k2["why"]))
+    for pid, v in (k2.get("by_preference") or {}).items():
+        rows.append({"check": f"K2 ... {pid}", "value": fmt(v["value"]), "interval": "", "n": v["n"],
+                     "needed": "(information)"})
+    if card.get("exact"):
+        return rows
+    ra = card.get("rules_agreement") or {}
+    rows.append({"check": "agreement with the rules judge on the run's replies (Spearman)",
+                 "value": fmt(ra.get("spearman")), "interval": "", "n": ra.get("n", 0), "needed": "(information)"})
+    rows.append({"check": "(a) run's replies: own persona above a mismatched one", "value": fmt(card["persona_discrimination"]),
+                 "interval": _ci(card["persona_discrimination_ci_low"], card["persona_discrimination_ci_high"]),
+                 "n": card["n_discrimination"], "needed": "(information: how much persona the replies carry)"})
+    rows += [{"check": f"(a) ... on {m}'s replies", "value": fmt(v["value"]), "interval": "", "n": v["n"],
+              "needed": "(information)"} for m, v in card.get("persona_discrimination_by_model", {}).items()]
+    pc = card["position_consistency"]
+    rows += [{"check": "(c) pair judge: both orders agree", "value": fmt(pc["value"]), "interval": "", "n": pc["n"],
+              "needed": "(information) " + pc["why"]},
+             {"check": "(d) score vs reply length (Spearman)", "value": fmt(card["length_corr"]), "interval": "",
+              "n": card["n_length"], "needed": f"|r| <= {th['max_length_corr']}"},
+             {"check": "(e) re-judge stability", "value": None, "interval": "", "n": 0, "needed": card["rejudge"]["why"]}]
     for kind, a in card["agreement"].items():
         rows.append({"check": f"(f) agreement with the {kind} judge (Spearman)", "value": fmt(a["spearman"]),
                      "interval": "", "n": a["n"], "needed": "(information)"})
+    rows.append({"check": "cost of this card", "value": card.get("calls"), "interval": "", "n": None,
+                 "needed": "(calls: K1 writer and judge, K2, (a), (f))"})
     return rows
 
 

@@ -16,6 +16,7 @@ from aloe.config import PersonasConfig
 from aloe.errors import AloeError
 from aloe.io import write_json, write_jsonl, write_manifest
 from aloe.lock import stage as stage_guard
+from aloe.preferences import assign
 from aloe.records import item_id, load_seeds, make_pairs, pool_records, read_aloe_pool
 
 ROLES = ("generator",)
@@ -76,13 +77,16 @@ def run(cfg: PersonasConfig, roles=None) -> dict:
     profiles, personalities = pools["profile"], pools["personality"]
     pairs = (make_pairs(profiles, personalities, cfg.pairs_per_profile, cfg.seed, "train")
              + make_pairs(eval_prof, eval_pers, len(eval_pers), cfg.seed, "eval"))
+    # checkable preferences (aloe.preferences): drawn per persona id by a seeded rule, persona text unchanged
+    pairs = assign(pairs, cfg.preferences, cfg.seed, cfg.source)
     write_jsonl(paths.pool, profiles + personalities + eval_prof + eval_pers)
     write_jsonl(paths.pairs, pairs)
     write_json(paths.growth, {"stopped": stops, "rounds": rounds_log})
     counts = {"profiles": len(profiles), "personalities": len(personalities), "eval_profiles": len(eval_prof),
               "eval_personalities": len(eval_pers), "train_pairs": sum(p["split"] == "train" for p in pairs),
               "eval_pairs": sum(p["split"] == "eval" for p in pairs),
-              "generated": sum(r["source"] == "generated" for r in profiles + personalities)}
+              "generated": sum(r["source"] == "generated" for r in profiles + personalities),
+              "with_preferences": sum(bool(p.get("preferences")) for p in pairs)}
     write_manifest(out, stage="personas", parameters=cfg, started=started, counts=counts,
                    roles={"generator": backend.describe()} if backend is not None else {}, extra={"stopped": stops})
     return counts

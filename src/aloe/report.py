@@ -175,15 +175,28 @@ def judge_verdict(card: dict | None) -> str:
     if card is None:
         return ("**No judge validation ran (judge_card.enabled is false), so this run shows nothing about which "
                 "model aligns better**: a comparison counts only with a judge whose validation passes.")
-    d, lo, hi = (card["persona_discrimination"], card["persona_discrimination_ci_low"],
-                 card["persona_discrimination_ci_high"])
-    disc = (f"it scores a reply higher against its own persona than against a mismatched one in {d:.0%} of "
-            f"{card['n_discrimination']} cases [{lo:.0%}, {hi:.0%}]" if d is not None else
-            "its persona discrimination could not be measured")
+    if card.get("exact"):
+        return ("The judge is the rules judge: exact, since a program checks each of the persona's checkable "
+                "preferences on every reply. Paired differences below are evidence where their interval excludes 0; "
+                "they measure the checkable preferences only, not the free-text profile and personality.")
+    ka = card.get("known_answers") or {}
+    parts = []
+    k1 = ka.get("K1") or {}
+    if (k1.get("discrimination") or {}).get("value") is not None:
+        d = k1["discrimination"]
+        parts.append(f"K1: it scores a tailored reply higher under its own persona than a mismatched one in "
+                     f"{d['value']:.0%} of {d['n']} cases [{d['ci_low']:.0%}, {d['ci_high']:.0%}]"
+                     + ("" if k1.get("counts") else " (not independent: does not count)"))
+    k2 = ka.get("K2") or {}
+    if k2.get("value") is not None:
+        parts.append(f"K2: it prefers a reply that keeps a revealed preference over its violating edit in "
+                     f"{k2['value']:.0%} of {k2['n']} cases [{k2['ci_low']:.0%}, {k2['ci_high']:.0%}]")
+    known = "; ".join(parts) or "no known-answer check could be measured"
     if card["fit"]:
-        return f"The judge passed its validation: {disc}. Paired differences below are evidence where their interval excludes 0."
-    return (f"**The judge failed its validation ({'; '.join(card['reasons'])}). This run shows nothing about which "
-            f"model aligns better**: {disc}.")
+        return (f"The judge passed its known-answer card: {known}. Paired differences below are evidence where "
+                f"their interval excludes 0.")
+    return (f"**The judge failed its known-answer card ({'; '.join(card['reasons'])}). This run shows nothing about "
+            f"which model aligns better**: {known}.")
 
 
 def judge_warning(cfg: ReportConfig) -> str | None:

@@ -92,18 +92,34 @@ def glance(metrics: dict | None, card: dict | None, self_judged: bool) -> list[s
     if not metrics:
         return ["No evaluation results yet: nothing to compare."]
     lines = []
+    for m, s in (metrics.get("rules") or {}).items():  # the exact judge beside an LLM judge
+        vs = s.get("vs_base")
+        if vs and vs.get("avg_diff") is not None:
+            lines.append(f"Exact (rules judge): {m} minus base, AVG (paired): {_fmt(vs['avg_diff'], 3, True)} "
+                         f"{_ci(vs.get('avg_diff_ci_low'), vs.get('avg_diff_ci_high'), 3, True)}")
     for m, s in metrics["models"].items():
         vs = s.get("vs_base")
         if not vs or vs.get("avg_diff") is None:
             continue
         lo, hi = vs.get("avg_diff_ci_low"), vs.get("avg_diff_ci_high")
         side = ("above" if lo > 0 else "below" if hi < 0 else "not separated from") if lo is not None else "vs"
-        lines.append(f"{m} minus base, AVG (paired): {_fmt(vs['avg_diff'], 3, True)} {_ci(lo, hi, 3, True)}: {side} base")
+        mde = f" (smallest detectable: {_fmt(vs['avg_diff_mde'], 3)})" if vs.get("avg_diff_mde") is not None else ""
+        lines.append(f"{m} minus base, AVG (paired): {_fmt(vs['avg_diff'], 3, True)} {_ci(lo, hi, 3, True)}: "
+                     f"{side} base{mde}")
+        ctl = s.get("vs_sft_rejected")
+        if ctl and ctl.get("avg_diff") is not None:
+            lo, hi = ctl.get("avg_diff_ci_low"), ctl.get("avg_diff_ci_high")
+            side = ("above" if lo > 0 else "below" if hi < 0 else "not separated from") if lo is not None else "vs"
+            mde = f" (smallest detectable: {_fmt(ctl['avg_diff_mde'], 3)})" if ctl.get("avg_diff_mde") is not None else ""
+            lines.append(f"{m} minus sft_rejected (the control: same teacher, only the label differs), AVG (paired): "
+                         f"{_fmt(ctl['avg_diff'], 3, True)} {_ci(lo, hi, 3, True)}: {side} sft_rejected{mde}")
     fit = card["fit"] if card else None
-    trust = {True: "the judge passed its validation card",
-             False: f"the judge FAILED its validation card (persona discrimination "
-                    f"{_fmt((card or {}).get('persona_discrimination'), 2)})",
-             None: "the judge was not validated (no judge card)"}[fit]
+    if fit and card.get("exact"):
+        trust = "the rules judge is exact (a program checks each checkable preference)"
+    else:
+        trust = {True: "the judge passed its known-answer card",
+                 False: f"the judge FAILED its known-answer card ({((card or {}).get('reasons') or ['?'])[0]})",
+                 None: "the judge was not validated (no judge card)"}[fit]
     if self_judged:
         trust += "; it is also the policy (self-judging)"
     can = fit is True and not self_judged

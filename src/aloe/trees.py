@@ -8,8 +8,14 @@ Per training persona, one tree of ``turns`` nodes. At every turn:
 3. two *responders* answer: ``hinted`` (given the inferred persona) and ``plain``;
 4. a *judge* that knows the full persona compares them in both orders, from the
    probabilities of "1" and "2" where the backend gives them, else by strictly
-   parsed text with bounded retries (:func:`aloe.judging.judge`);
+   parsed text with bounded retries (:func:`aloe.judging.judge`); or, with ``judge: rules``,
+   the reply that satisfies more of the persona's checkable preferences wins (exact);
 5. the *branch policy* picks which reply continues the conversation.
+
+Checkable preferences (``aloe.preferences``): a persona that carries them reveals at most one
+per turn on a seeded schedule (the simulator is told what to get across; a detector checks that
+its message did), complains when a revealed one was ignored, and the hinted responder is told
+the preferences revealed so far. Every node records what was meant and what was revealed.
 
 Each part is a role (``aloe.roles``): ``simulator``, ``inferrer``, ``responder`` and
 ``judge`` may be four different models; the tree records who played which.
@@ -37,7 +43,8 @@ from aloe import prompts
 from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling
 from aloe.cards import dataset_card
 from aloe.config import TreesConfig
-from aloe.conversation import clean_user_message, likelihood_prompts, simulator_messages
+from aloe import preferences
+from aloe.conversation import clean_user_message, dialogue_text, judge_persona, likelihood_prompts, simulator_messages
 from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
 from aloe.io import read_jsonl, write_jsonl, write_manifest
@@ -50,27 +57,32 @@ from aloe.variants import EXPORTS
 
 log = logging.getLogger(__name__)
 
-# The roles this stage uses (aloe.roles) and the prompts they speak with.
+# The roles this stage uses (aloe.roles) and the prompts they speak with; ``judge: rules`` needs no judge model.
 ROLES = ("simulator", "inferrer", "responder", "judge")
+
+
+def roles_used(cfg: TreesConfig) -> tuple[str, ...]:
+    return tuple(r for r in ROLES if not (r == "judge" and cfg.judge == "rules"))
+
+
+RULES_JUDGE = {"kind": "rules", "model": "aloe.preferences"}
 PROMPTS = ("user_simulator", "infer_extract", "infer_blind", "responder_hinted", "responder_plain", "judge_pair",
            "judge_score", "judge_likelihood")
 # Provenance keys that must match for a rerun to continue an existing trees.jsonl.
 _RESUME_KEYS = ("roles", "prompts", "seed", "inference", "branch", "judge", "judge_method", "judge_retries",
-                "inconsistent", "temperature", "max_new_tokens")
+                "inconsistent", "temperature", "max_new_tokens", "preferences", "disclosure_fallback")
 
 
 def provenance(cfg: TreesConfig, roles: Roles | ChatBackend) -> dict:
-    roles = as_roles(roles, ROLES)
-    return {"roles": {r: roles[r].describe() for r in ROLES}, "prompts": {r: prompts.get(r).tag for r in PROMPTS},
+    roles = as_roles(roles, roles_used(cfg))
+    described = {r: roles[r].describe() if r in roles_used(cfg) else
+                 {**RULES_JUDGE, "revision": preferences.catalogue().version} for r in ROLES}
+    return {"roles": described, "prompts": {r: prompts.get(r).tag for r in PROMPTS},
+            "preferences": preferences.catalogue().version, "disclosure_fallback": cfg.disclosure_fallback,
             "seed": cfg.seed,
             "inference": cfg.inference, "branch": cfg.branch, "judge": cfg.judge, "judge_method": cfg.judge_method,
             "judge_retries": cfg.judge_retries, "inconsistent": cfg.inconsistent, "temperature": cfg.temperature,
             "max_new_tokens": cfg.max_new_tokens}
-
-
-def dialogue_text(history: list[dict], user_message: str) -> str:
-    lines = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in history]
-    return "\n".join(lines + [f"User: {user_message}"])
 
 
 def history_of(tree: dict) -> list[dict]:
@@ -134,6 +146,20 @@ def decide_likelihood(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dic
     return _label_and_branch(cfg, tree_id, turn, cands, node, hinted_wins)
 
 
+def decide_rules(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], hinted: dict, plain: dict) -> dict:
+    """The rules judge's node: the reply with the larger share of the persona's applicable
+    preferences satisfied is preferred; equal shares are a tie (not exported)."""
+    node = {"p_hinted": None, "p_hinted_first": None, "p_hinted_second": None, "consistent": None,
+            "preferred": None, "rejected": None, "preferred_is_hinted": None, "decided_by": None}
+    a, b = hinted["share"], plain["share"]
+    hinted_wins = None
+    if a is None or b is None or a == b:
+        node["verdict"] = "tie"
+    else:
+        hinted_wins, node["decided_by"] = a > b, "rules"
+    return _label_and_branch(cfg, tree_id, turn, cands, node, hinted_wins)
+
+
 def _label_and_branch(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], node: dict,
                       hinted_wins: bool | None) -> dict:
     rng = _branch_rng(cfg, tree_id, turn)
@@ -191,11 +217,14 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
     """Grow one tree per training persona; ``roles`` gives the simulator, inferrer, responder
     and judge (one backend plays all four when a single backend is passed)."""
     started = time.time()
-    roles = as_roles(roles, ROLES)
+    roles = as_roles(roles, roles_used(cfg))
     paths = cfg.paths
     pairs = [p for p in read_jsonl(paths.pairs) if p["split"] == "train"]
     if not pairs:
         raise AloeError(f"{paths.pairs}: no training personas")
+    if cfg.judge == "rules" and not any(p.get("preferences") for p in pairs):
+        raise AloeError(f"{paths.pairs}: judge 'rules' needs personas with checkable preferences; set "
+                        f"stages.personas.preferences (e.g. [2, 4]) and rerun the personas stage")
     # drawn across the whole pool, not the first few profiles' pairs
     pairs = spread(pairs, cfg.n_personas, cfg.seed)
     prov = provenance(cfg, roles)
@@ -206,7 +235,7 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
         rec = existing.get(tid) or {
             "id": tid, "persona_id": p["id"], "profile_id": p.get("profile_id"),
             "personality_id": p.get("personality_id"), "profile": p["profile"], "personality": p["personality"],
-            "provenance": prov, "turns": [], "failed": None}
+            "preferences": p.get("preferences") or [], "provenance": prov, "turns": [], "failed": None}
         rec["turns"] = [t for t in rec["turns"] if t["turn"] <= cfg.turns]
         if rec.get("failed"):  # a failure is not data: the failed turn is tried again, the done ones kept
             rec["retried"] = rec.get("retried", 0) + 1
@@ -228,12 +257,17 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
         active = [t for t in trees if t.live and len(t.rec["turns"]) == turn - 1]
         if not active:
             continue
-        users = roles["simulator"].chat([ChatRequest(simulator_messages(t.rec["profile"], t.rec["personality"], history_of(t.rec)),
-                                          samp, sample_index=turn, prompt_version=sim.tag) for t in active])
-        said = []
+        plans = {t.rec["id"]: _plan(cfg, t.rec, turn) for t in active}
+        users = roles["simulator"].chat([ChatRequest(
+            simulator_messages(t.rec["profile"], t.rec["personality"], history_of(t.rec), plans[t.rec["id"]].directive),
+            samp, sample_index=turn, prompt_version=sim.tag) for t in active])
+        said, disclosed = [], {}
         for t, u in zip(active, users):
             msg = clean_user_message(u.text) if u.ok else ""
             if msg:
+                if t.rec["preferences"]:
+                    msg, disclosed[t.rec["id"]] = preferences.settle_message(
+                        t.rec, plans[t.rec["id"]], msg, _revealed(t.rec), cfg.disclosure_fallback)
                 said.append((t, msg))
             else:
                 t.fail(turn, "user_simulator", u.error)
@@ -245,7 +279,7 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
         step = []
         for (t, m), inf in zip(said, inferred):
             if inf.ok:
-                step.append((t, m, inf.text.strip() or "Nothing yet."))
+                step.append((t, m, _hint(t.rec, inf.text.strip() or "Nothing yet.", disclosed.get(t.rec["id"]))))
             else:
                 t.fail(turn, infer.name, inf.error)
 
@@ -254,7 +288,7 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
             return ChatRequest([{"role": "system", "content": system}, *history_of(t.rec), {"role": "user", "content": m}],
                                samp, sample_index=turn, prompt_version=hinted.tag if hint is not None else plain.tag)
 
-        replies = roles["responder"].chat([reply_request(t, m, h) for t, m, inf in step for h in (inf, None)])
+        replies = roles["responder"].chat([reply_request(t, m, h) for t, m, inf in step for h in (inf["hint"], None)])
         judged_in, jreqs = [], []
         for i, (t, m, inf) in enumerate(step):
             ra, rb = replies[2 * i], replies[2 * i + 1]
@@ -262,17 +296,19 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
                 t.fail(turn, "responder", ra.error or rb.error or "empty reply")
                 continue
             judged_in.append((t, m, inf, ra.text.strip(), rb.text.strip()))
-            if cfg.judge == "likelihood":
+            if cfg.judge in ("likelihood", "rules"):
                 continue
             for first, second in ((ra.text, rb.text), (rb.text, ra.text)):
                 jreqs.append(ProbRequest(
                     [{"role": "system", "content": judge_p.render("system")},
-                     {"role": "user", "content": judge_p.render("user", profile=t.rec["profile"],
+                     {"role": "user", "content": judge_p.render("user", profile=judge_persona(t.rec)[0],
                                                                 personality=t.rec["personality"], message=m,
                                                                 first=first.strip(), second=second.strip())}],
                     ("1", "2"), prompt_version=judge_p.tag))
         if cfg.judge == "likelihood":
             ratios = _likelihood(roles["judge"], judged_in)
+            verdicts = []
+        elif cfg.judge == "rules":
             verdicts = []
         else:
             verdicts = judge(roles["judge"], jreqs, parse_choice, method=cfg.judge_method,
@@ -280,7 +316,19 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
             pointwise = _pointwise(cfg, roles["judge"], judged_in, verdicts)
         for i, (t, m, inf, a, b) in enumerate(judged_in):
             cands = [{"id": "a", "text": a, "hinted": True}, {"id": "b", "text": b, "hinted": False}]
-            rec = {"turn": turn, "user": m, "inferred": {"mode": cfg.inference, "text": inf}}
+            rec = {"turn": turn, "user": m, "inferred": {"mode": cfg.inference, "text": inf["text"]}}
+            if inf["asked"]:
+                rec["inferred"]["asked"] = inf["asked"]
+            rules = None
+            if t.rec["preferences"]:  # exact scores beside any judge's verdict
+                revealed = disclosed[t.rec["id"]]["revealed"]
+                rules = {"hinted": preferences.rules_score(t.rec["preferences"], a, revealed),
+                         "plain": preferences.rules_score(t.rec["preferences"], b, revealed)}
+                rec.update(preferences=disclosed[t.rec["id"]], rules=rules)
+            if cfg.judge == "rules":
+                node = decide_rules(cfg, t.rec["id"], turn, cands, rules["hinted"], rules["plain"])
+                t.rec["turns"].append({**rec, "candidates": cands, **node})
+                continue
             if cfg.judge == "likelihood":
                 ja, jb = ratios[2 * i], ratios[2 * i + 1]
                 stats["judge_calls"] += 2
@@ -322,18 +370,38 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
               **{f"verdict_{v}": sum(n["verdict"] == v for n in nodes) for v in ("preferred", "tie", "drop",
                                                                                    "unusable")},
               **{f"decided_by_{d}": sum(n.get("decided_by") == d for n in nodes)
-                 for d in ("pair", "average", "pointwise", "likelihood")},
+                 for d in ("pair", "average", "pointwise", "likelihood", "rules")},
+              **preference_counts(nodes),
               **{f"{k}_rows": len(v) for k, v in exports.items()}, **stats, **roles.cache_stats()}
     write_manifest(paths.stage("trees"), stage="trees", parameters=cfg, started=started, roles=prov["roles"],
                    counts=counts, extra={"provenance": prov})
     return counts
 
 
+def _plan(cfg: TreesConfig, rec: dict, turn: int) -> preferences.UserPlan:
+    """What the simulated user is to get across this turn (checkable preferences only)."""
+    last = rec["turns"][-1]["followed_text"] if rec["turns"] else None
+    return preferences.plan_turn(rec, cfg.turns, turn, cfg.seed, _revealed(rec), last)
+
+
+def _revealed(rec: dict) -> list[str]:
+    """The preferences the user's messages have conveyed so far along the followed branch."""
+    return list((rec["turns"][-1].get("preferences") or {}).get("revealed", [])) if rec["turns"] else []
+
+
+def _hint(rec: dict, inferred: str, disclosed: dict | None) -> dict:
+    """The hinted responder's hint: the inference step's text, plus the checkable preferences the
+    user has revealed so far, stated exactly (they were said in the dialogue)."""
+    by_id = {i["id"]: i for i in rec.get("preferences") or []}
+    asked = preferences.described([by_id[r] for r in (disclosed or {}).get("revealed", [])])
+    return {"text": inferred, "asked": asked, "hint": f"{inferred} They asked: {asked}" if asked else inferred}
+
+
 def _likelihood(backend: ChatBackend, judged_in: list) -> list[LikelihoodJudged]:
     """Likelihood ratios of both replies of every node (hinted, plain, hinted, plain, ...)."""
     items, tag = [], ""
     for t, m, _, a, b in judged_in:
-        aware, plain, tag = likelihood_prompts(t.rec["profile"], t.rec["personality"], history_of(t.rec), m)
+        aware, plain, tag = likelihood_prompts(*judge_persona(t.rec), history_of(t.rec), m)
         items += [(aware, plain, a), (aware, plain, b)]
     return likelihood_ratios(backend, items, tag)
 
@@ -351,13 +419,26 @@ def _pointwise(cfg: TreesConfig, backend: ChatBackend, judged_in: list, verdicts
     todo = [i for i in range(len(judged_in))
             if pair_verdict(verdicts[2 * i], verdicts[2 * i + 1]).consistent is False]
     reqs = [ProbRequest([{"role": "system", "content": rubric.render("system")},
-                         {"role": "user", "content": rubric.render("user", profile=judged_in[i][0].rec["profile"],
+                         {"role": "user", "content": rubric.render("user", profile=judge_persona(judged_in[i][0].rec)[0],
                                                                    personality=judged_in[i][0].rec["personality"],
                                                                    message=judged_in[i][1], reply=reply)}],
                         SCORES, prompt_version=rubric.tag)
             for i in todo for reply in judged_in[i][3:5]]
     got = judge(backend, reqs, parse_score_choice, method=cfg.judge_method, retries=cfg.judge_retries)
     return {i: (expected_score(got[2 * k]), expected_score(got[2 * k + 1])) for k, i in enumerate(todo)}
+
+
+def preference_counts(nodes: list[dict]) -> dict[str, int]:
+    """Disclosure of checkable preferences over the nodes: scheduled reveals, how many the
+    simulated user's own words conveyed, how many needed the catalogue's phrasing appended, and
+    complaints about an ignored preference."""
+    recs = [n["preferences"] for n in nodes if n.get("preferences")]
+    if not recs:
+        return {}
+    return {"preferences_scheduled": sum(r["meant"] is not None for r in recs),
+            "preferences_conveyed": sum(bool(r["conveyed"]) for r in recs),
+            "preferences_appended": sum(bool(r["appended"]) for r in recs),
+            "preference_complaints": sum(r["complaint"] is not None for r in recs)}
 
 
 def _progress(total: int, done: int, enabled: bool):
@@ -416,6 +497,9 @@ def node_table(trees: list[dict]) -> list[dict]:
                 "judgments": len(methods), "user_words": len(n["user"].split()),
                 "hinted_words": len(cands.get(True, "").split()), "plain_words": len(cands.get(False, "").split()),
                 "revealed": (n.get("disclosure") or {}).get("revealed"),
+                "rules_hinted": ((n.get("rules") or {}).get("hinted") or {}).get("share"),
+                "rules_plain": ((n.get("rules") or {}).get("plain") or {}).get("share"),
+                "preferences_revealed": len((n.get("preferences") or {}).get("revealed") or []),
                 "recovered": (n.get("disclosure") or {}).get("recovered")})
     return rows
 
