@@ -6,11 +6,15 @@
 
 The simulated user and the policy are held fixed (so are the personas, seeds and therefore
 the conversations: after the first judge they come from the call cache); only the judge
-changes. For each judge model and kind (``paper``: the rubric score; ``likelihood``: the
-persona's likelihood ratio) it runs the ALOE evaluation of ``base`` and ``oracle`` with a
-judge card, and prints: persona discrimination (a), tailored-beats-plain (b), the length
-correlation (d), the oracle-minus-base paired AVG difference, each with its 95% interval,
-whether the card passes, and the seconds spent judging. Writes data/bench/compare_judges.json.
+changes. The benchmark personas carry 2-3 checkable preferences (the default study's draw).
+For each judge model and kind (``paper``: the rubric score; ``likelihood``: the persona's
+likelihood ratio) it runs the ALOE evaluation of ``base`` and ``oracle`` with a judge card and
+prints the known-answer card: K1 (a tailored reply, written by the responder (the simulator's
+model) or by another role's model when that is the judge's, scores higher under its own persona
+than a mismatched one; and above the plain reply), K2 (a reply that keeps a revealed preference
+beats its violating edit), independence (the judge is not the policy), each with its 95%
+interval, the agreement with the rules judge, whether the card passes, and the seconds spent
+judging. Writes data/bench/compare_judges.json.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import aloe.evaluation
 from aloe.config import stage_config
 from aloe.io import write_json, write_jsonl
+from aloe.preferences import assign
 from aloe.records import load_seeds, make_pairs, pool_records
 from aloe.roles import open_roles
 
@@ -42,6 +47,7 @@ def main() -> None:
     root = Path(args.root)
     pairs = make_pairs(pool_records(load_seeds("eval_profiles"), "profile", "seed", "eval"),
                        pool_records(load_seeds("eval_personalities"), "personality", "seed", "eval"), 5, 0, "eval")
+    pairs = assign(pairs, (2, 3), 0, "ours")
     results = []
     for judge in args.judges:
         for kind in args.kinds:
@@ -69,11 +75,13 @@ def main() -> None:
             metrics = aloe.evaluation.run(cfg, engines, progress=False)
             card = json.loads(cfg.paths.judge_card.read_text())
             vs = metrics["models"]["oracle"]["vs_base"]
-            row = {"judge": judge, "kind": kind, "fit": card["fit"],
+            k1, k2 = card["known_answers"]["K1"], card["known_answers"]["K2"]
+            row = {"judge": judge, "kind": kind, "fit": card["fit"], "independent": card["independent"],
+                   "k1_writer": k1["writer"]["model"], "k1_counts": k1["counts"],
+                   "k1_discrimination": k1["discrimination"], "k1_tailored": k1["tailored"],
+                   "k2": {k: k2.get(k) for k in ("value", "ci_low", "ci_high", "n", "gap")},
+                   "rules_agreement": card.get("rules_agreement"), "card_calls": card.get("calls"),
                    "discrimination": card["persona_discrimination"],
-                   "discrimination_ci": [card["persona_discrimination_ci_low"], card["persona_discrimination_ci_high"]],
-                   "tailored": card["tailored"]["value"],
-                   "tailored_ci": [card["tailored"]["ci_low"], card["tailored"]["ci_high"]],
                    "length_corr": card["length_corr"], "oracle_minus_base": vs["avg_diff"],
                    "oracle_minus_base_ci": [vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]],
                    "persona_gap": card.get("persona_gap"),
@@ -90,18 +98,19 @@ def main() -> None:
     mine = {(r["judge"], r["kind"]) for r in results}
     write_json(out, {"args": vars(args), "results": [r for r in kept if (r["judge"], r["kind"]) not in mine] + results})
 
-    def ci(v):
-        return f"[{v[0]:.2f}, {v[1]:.2f}]" if v[0] is not None else ""
+    def rate(r):
+        if not r or r.get("value") is None:
+            return "-"
+        return f"{r['value']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] n={r['n']}"
 
-    print("\n| judge | kind | (a) own > other | (a) on base / oracle replies | (b) tailored > plain | (d) length r | "
-          "oracle - base AVG | card | judging s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| judge | kind | independent | K1 writer | K1 own > mismatched | K1 tailored > plain | K2 keeps > edit | "
+          "rules agreement | card | judging s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        t = f"{r['tailored']:.2f} {ci(r['tailored_ci'])}" if r["tailored"] is not None else "-"
-        split = " / ".join(f"{r['discrimination_by_model'].get(m, float('nan')):.2f}" for m in ("base", "oracle"))
-        print(f"| {r['judge']} | {r['kind']} | {r['discrimination']:.2f} {ci(r['discrimination_ci'])} | {split} | {t} | "
-              f"{r['length_corr']:+.2f} | {r['oracle_minus_base']:+.3f} {ci(r['oracle_minus_base_ci'])} | "
-              f"{'pass' if r['fit'] else 'fail'} | {r['judge_seconds']} |")
+        ra = (r["rules_agreement"] or {}).get("spearman")
+        print(f"| {r['judge']} | {r['kind']} | {r['independent']} | {r['k1_writer']}{'' if r['k1_counts'] else ' (no)'} | "
+              f"{rate(r['k1_discrimination'])} | {rate(r['k1_tailored'])} | {rate(r['k2'])} | "
+              f"{'-' if ra is None else f'{ra:+.2f}'} | {'pass' if r['fit'] else 'fail'} | {r['judge_seconds']} |")
 
 
 if __name__ == "__main__":

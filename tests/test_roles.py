@@ -117,11 +117,13 @@ def test_each_role_reaches_its_engine(tmp_path):
     assert sim.prompt_versions() == {"user_simulator"}
     assert judge.prompt_versions() == {"judge_score"}
     # every reply of every baseline came from the policy (3 personas x 2 turns each); the judge
-    # card's tailored probe asks it too, with the oracle's prompt (turn 1 repeats the oracle's
-    # own requests, so the cache answers those)
+    # card's known-answer replies (K1) come from the responder, a model that is not the judge
     versions = [v.split("@")[0] for c, v in policy.calls if c == "chat"]
     assert versions.count("responder_plain") == versions.count("responder_reminder") == 6
-    assert versions.count("responder_oracle") == 6 + 3
+    assert versions.count("responder_oracle") == 6
+    k1 = [v.split("@")[0] for c, v in engines["responder"].calls if c == "chat"]
+    assert k1.count("responder_oracle") == k1.count("responder_plain") == 3 * 2  # 3 personas x k1_messages 2
+    assert metrics["roles"]["responder"]["model"] == "teacher"
     assert {m["model"] for m in metrics["under_test"].values()} == {"student"}
     assert metrics["roles"]["judge"]["model"] == "judge"
 

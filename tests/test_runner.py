@@ -53,7 +53,10 @@ def test_ci_pipeline_end_to_end(tmp_path):
     assert "vs_base" not in metrics["models"]["base"] and metrics["judge_fit"] == card["fit"]
     # one model plays every role: the report says it is self-judging
     assert {r: d["model"] for r, d in metrics["roles"].items()} == {r: "smollm2-135m" for r in
-                                                                    ("simulator", "judge", "policy")}
+                                                                    ("simulator", "judge", "policy", "responder")}
+    # a judge that is the policy is not independent, and its card cannot pass
+    assert card["independent"] is False and card["fit"] is False
+    assert card["known_answers"]["K1"]["counts"] is False
     reports = REPO / "reports" / "ci-e2e"
     index = (reports / "index.html").read_text()
     for nb in ("01_personas", "02_trees", "03_train", "04_evaluate", "05_report"):
