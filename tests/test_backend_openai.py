@@ -140,6 +140,12 @@ def test_missing_key_variable_and_unreachable_server(monkeypatch):
     monkeypatch.delenv("ALOE_NO_SUCH_KEY", raising=False)
     with pytest.raises(ConfigError, match="'ALOE_NO_SUCH_KEY' is not set"):
         backend("http://127.0.0.1:9/v1", api_key_env="ALOE_NO_SUCH_KEY")
+    # a key with a newline (a paste gone wrong) is named as malformed, never echoed, never sent
+    for bad in ("sk-secret\nmore", " sk-secret", "sk-sécret"):
+        monkeypatch.setenv("ALOE_BAD_KEY", bad)
+        with pytest.raises(ConfigError, match="'ALOE_BAD_KEY' is malformed") as e:
+            backend("http://127.0.0.1:9/v1", api_key_env="ALOE_BAD_KEY")
+        assert "secret" not in str(e.value) and "sécret" not in str(e.value)
     t = time.time()
     with pytest.raises(BackendError, match="cannot reach"):
         backend(f"http://127.0.0.1:{free_port()}/v1")

@@ -107,6 +107,14 @@ def test_sft_trains_changes_weights_and_skips_when_done(tiny_model, tmp_path):
         changed = [k for k in base if k in merged and not (base[k].float() - merged[k].float()).abs().max() < 1e-6]
         assert changed, "merging the trained adapter changed no weight"
         assert read_json(out / "metrics.json")["variant"] == v
+        # weights get the mode a plain open() gives (safetensors alone leaves them 0600)
+        import os
+
+        mask = os.umask(0)
+        os.umask(mask)
+        modes = {f.relative_to(out): f.stat().st_mode & 0o777 for d in ("adapter", "merged")
+                 for f in (out / d).rglob("*") if f.is_file()}
+        assert any(str(f).endswith(".safetensors") for f in modes) and set(modes.values()) == {0o666 & ~mask}, modes
     manifest = read_json(tmp_path / "t" / "train" / "manifest.json")
     assert manifest["counts"]["sft_preferred_steps"] == 2
     # a rerun with the same settings and data trains nothing

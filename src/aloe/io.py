@@ -35,6 +35,14 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
+def normal_modes(folder: str | Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open()`` gives (some writers, safetensors
+    among them, leave model weights at 0600: unreadable to another user of a shared machine)."""
+    for f in Path(folder).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, _FILE_MODE)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path next to ``path``; move it into place only on success. Temp files are

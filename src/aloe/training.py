@@ -39,7 +39,7 @@ from pathlib import Path
 from aloe.cards import write_model_card
 from aloe.config import TrainConfig
 from aloe.errors import AloeError, ConfigError
-from aloe.io import read_json, write_json, write_manifest
+from aloe.io import normal_modes, read_json, write_json, write_manifest
 from aloe.lock import stage as stage_guard
 from aloe.variants import VARIANTS, needed
 from aloe.yamlfile import number_hint, short
@@ -228,6 +228,7 @@ def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbac
     if acc.is_main_process:
         if cfg.lora:
             trainer.save_model(str(paths.adapter(variant)))
+            normal_modes(paths.adapter(variant))
         if cfg.merge:
             _save_merged(trainer, tok, paths.merged(variant), cfg.lora)
         write_json(paths.train_metrics(variant), metrics)
@@ -286,6 +287,7 @@ def _save_merged(trainer, tok, path: Path, lora: bool) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
+    normal_modes(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 

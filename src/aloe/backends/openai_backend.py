@@ -86,6 +86,11 @@ class OpenAIBackend(ChatBackend):
             key = os.environ.get(api_key_env)
             if not key:
                 raise ConfigError(f"backend.api_key_env: environment variable {api_key_env!r} is not set")
+            if not key.isascii() or not key.isprintable() or key != key.strip():
+                # an HTTP header cannot carry it; say so without echoing the key
+                raise ConfigError(f"backend.api_key_env: the key in environment variable {api_key_env!r} is "
+                                  f"malformed (it holds a newline, a space at either end, a control or a non-ASCII "
+                                  f"character); set it again without them")
             headers["Authorization"] = f"Bearer {key}"
             self._secrets.append(key)
         self.client = httpx.Client(timeout=timeout_s, headers=headers,
