@@ -21,7 +21,7 @@ class FakeLogprob:
 
 def make_stand_in():
     mod = types.ModuleType("vllm")
-    calls = {"init": None, "chat": []}
+    calls = {"init": None, "chat": [], "gpu_held": 0.0}
 
     class SamplingParams:
         def __init__(self, **kw):
@@ -35,10 +35,28 @@ def make_stand_in():
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [self.vocab.setdefault(w, len(self.vocab) + 10) for w in text.split()]}
 
+    class EngineCore:
+        """Holds the engine's share of GPU memory until shut down, as vLLM 0.33's engine subprocess does
+        (garbage collection of the LLM object does not free it here: the worst case)."""
+
+        def __init__(self, share):
+            self.share = share
+
+        def shutdown(self):
+            calls["gpu_held"] -= self.share
+            self.share = 0.0
+
     class LLM:
         def __init__(self, **kw):
+            share = kw.get("gpu_memory_utilization", 0.9)
+            if calls["gpu_held"] + share > 1.0 + 1e-9:
+                # vLLM's own check when another engine still holds memory
+                raise ValueError(f"Free memory on device cuda:0 ({1 - calls['gpu_held']:.2f}) is less than desired "
+                                 f"GPU memory utilization ({share:.2f})")
+            calls["gpu_held"] += share
             calls["init"] = kw
             self.tok = Tokenizer()
+            self.llm_engine = types.SimpleNamespace(engine_core=EngineCore(share))
 
         def get_tokenizer(self):
             return self.tok
@@ -110,6 +128,24 @@ def test_vllm_adapter_with_stand_in(monkeypatch, tmp_path):
     b.chat([ChatRequest([{"role": "user", "content": "d"}], Sampling(temperature=None, top_p=None, max_tokens=7, seed=3))])
     _, params = calls["chat"][-1]
     assert params[0].kw == {"temperature": 0.6, "top_p": 0.9} and (params[0].max_tokens, params[0].seed) == (7, 3000)
+
+
+def test_close_frees_the_gpu_for_the_next_engine(monkeypatch, tmp_path):
+    """Evaluation closes the policy before a trained variant opens its own engine: without a real
+    close() the second engine fails vLLM's free-memory check."""
+    mod, calls = make_stand_in()
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    from aloe.backends import open_backend
+
+    cfg = {"kind": "vllm", "model": "qwen2-7b", "gpu_memory_utilization": 0.85}
+    first = open_backend(cfg, None)
+    with pytest.raises(ValueError, match="Free memory on device"):
+        open_backend(cfg, None)  # the first still holds its memory
+    first.close()
+    first.close()  # twice is harmless
+    assert calls["gpu_held"] == pytest.approx(0.0)
+    second = open_backend(cfg, None)
+    assert second.chat([ChatRequest([{"role": "user", "content": "a"}], Sampling(max_tokens=3))])[0].ok
 
 
 def test_vllm_missing_gives_install_hint(monkeypatch):

@@ -13,6 +13,7 @@ through a stand-in ``vllm`` module, and a ``gpu``-marked test runs the real engi
 
 from __future__ import annotations
 
+import gc
 import importlib
 
 from aloe.backends.base import (CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest,
@@ -43,6 +44,29 @@ class VLLMBackend(ChatBackend):
         self.llm = self._vllm.LLM(**kwargs)
         self.top_logprobs = top_logprobs
         self.tensor_parallel_size = tensor_parallel_size
+
+    def close(self) -> None:
+        """Free the GPU. In vLLM 0.33 ``LLM`` has no ``shutdown()``: its engine lives in a subprocess that
+        stops through the engine core's ``shutdown()`` (or garbage collection, which is not prompt),
+        and until then a new ``LLM`` fails vLLM's free-memory check. Safe to call twice."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        stop = getattr(llm, "shutdown", None)  # newer vLLM releases have it
+        if stop is None:
+            stop = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
+        if callable(stop):
+            stop()
+        self.llm = None
+        del llm
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - vLLM brings torch
+            pass
 
     def key_identity(self) -> dict:
         return {"dtype": self.dtype}
