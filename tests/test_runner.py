@@ -191,3 +191,20 @@ def test_glance_says_what_was_found_and_whether_to_trust_it():
         assert glance(metrics, card, self_judged=sj)[-1].endswith("This run shows nothing about which model aligns better.")
     assert "FAILED" in glance(metrics, {"fit": False, "persona_discrimination": 0.55}, False)[-1]
     assert glance(None, good, False) == ["No evaluation results yet: nothing to compare."]
+
+
+def test_glance_with_the_exact_judge_and_the_control():
+    from aloe.results import disclosure_rows, glance
+
+    vs = {"avg_diff": 0.3, "avg_diff_ci_low": 0.1, "avg_diff_ci_high": 0.5, "avg_diff_mde": 0.28}
+    ctl = {"avg_diff": 0.05, "avg_diff_ci_low": -0.1, "avg_diff_ci_high": 0.2, "avg_diff_mde": 0.21}
+    metrics = {"models": {"base": {"avg": 2.0}, "sft_preferred": {"avg": 2.3, "vs_base": vs, "vs_sft_rejected": ctl}},
+               "preference_disclosure": {"base": {"scheduled": 10, "conveyed": 4, "rate": 0.4, "appended": 6,
+                                                  "complaints": 1,
+                                                  "per_turn": [{"turn": 1, "revealed": 1.0, "kept": 0.5, "n": 5}]}}}
+    lines = glance(metrics, {"fit": True, "exact": True}, self_judged=False)
+    assert lines[0] == "sft_preferred minus base, AVG (paired): +0.300 [+0.100, +0.500]: above base (smallest detectable: 0.280)"
+    assert lines[1].startswith("sft_preferred minus sft_rejected (the control") and "not separated" in lines[1]
+    assert lines[-1].startswith("Can I trust it? Yes: the rules judge is exact")
+    (row,) = disclosure_rows(metrics)
+    assert row["conveyed in its own words"] == "4 (0.40)" and row["kept by turn 1"] == "0.50"

@@ -128,6 +128,20 @@ def glance(metrics: dict | None, card: dict | None, self_judged: bool) -> list[s
     return lines
 
 
+def disclosure_rows(metrics: dict) -> list[dict]:
+    """Per model: scheduled reveals, the disclosure rate in the simulator's own words, appended
+    phrasings, complaints, and per turn the share of revealed preferences the reply kept."""
+    rows = []
+    for m, d in (metrics.get("preference_disclosure") or {}).items():
+        row = {"model": m, "scheduled": d["scheduled"],
+               "conveyed in its own words": f"{d['conveyed']} ({_fmt(d['rate'], 2)})", "appended": d["appended"],
+               "complaints": d["complaints"]}
+        for t in d["per_turn"]:
+            row[f"kept by turn {t['turn']}"] = _fmt(t["kept"], 2)
+        rows.append(row)
+    return rows
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<figure><img alt="{_e(path.stem)}" src="data:image/png;base64,{data}"><figcaption>{_e(path.stem)} ' \
@@ -170,6 +184,13 @@ def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None
         if warning:
             parts.append(f'<p class="box">{_e(warning)}</p>')
         parts.append(_table(headline_rows(metrics)))
+        disc = disclosure_rows(metrics)
+        if disc:
+            parts.append("<h2>Checkable preferences: did the simulated user reveal them?</h2><p>On its scheduled "
+                         "turn the simulated user is told to get one preference across in its own words; a detector "
+                         "checks the message (the disclosure rate), and where it missed, the catalogue's phrasing "
+                         "was appended. <i>kept by turn k</i>: the share of the preferences revealed so far that the "
+                         "reply kept.</p>" + _table(disc))
     parts.append("<h2>What this run shows and cannot show</h2><ul>"
                  + "".join(f"<li>{_e(s.replace('**', ''))}</li>" for s in rep.findings(cfg)) + "</ul>")
     figures = sorted(plots.figures_dir(exp.name, reports_dir.parent).glob("*.png"))
