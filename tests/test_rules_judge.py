@@ -236,3 +236,14 @@ def test_paper_yaml_still_validates():
     root = Path(__file__).resolve().parents[1] / "parameters"
     for name in ("paper.yaml", "paper-open.yaml", "default.yaml", "ci.yaml", "cpu-study.yaml"):
         load_experiment(root / name)
+
+
+def test_k1_gap_must_clear_min_gap(tmp_path):
+    """The same passing judge with min_gap at its own gap (4 points): a win rate of 1.0 is not enough."""
+    pairs = _card_pairs()
+    cfg = _eval_cfg(tmp_path, n_personas=18, judge="paper", roles={"judge": {"model": "j"}},
+                    judge_card={"n_boot": 200, "k1_messages": 1, "min_gap": 4.0})
+    roles = Roles({}, None, {"judge": ScriptedBackend("j", logprobs=reads_all),
+                             "responder": ScriptedBackend("w", texts=writer), "policy": ScriptedBackend("s")})
+    card = jc.build(cfg, roles, pairs, {"base": _convs(pairs)})
+    assert not card["fit"] and any(r.startswith("K1: the persona moves the score by +4.000") for r in card["reasons"])
