@@ -163,6 +163,8 @@ def test_card_decided_on_known_answers(tmp_path):
     # K2: the reply keeps both revealed preferences; its edit adds an emoji or an exclamation mark
     assert k2["n"] == 36 and k2["value"] == 1.0 and k2["gap"] == pytest.approx(4.0, abs=1e-6)
     assert card["fit"], card["reasons"]
+    # the card states its cost: K1's writer (18 x 2) and judge (18 x 3), K2 (36 x 2), (a) (36)
+    assert card["calls"] == 36 + 54 + 72 + 36
     assert {r["check"] for r in jc.card_rows(card)} >= {"independent: the judge is not the policy"}
 
 

@@ -319,7 +319,7 @@ def build(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, lis
     lc = info["length_corr"]
     if lc is not None and abs(lc) > card_cfg.max_length_corr:
         reasons.append(f"scores follow reply length (Spearman {lc:+.2f}, limit ±{card_cfg.max_length_corr:.2f})")
-    calls = k1["calls"]["writer"] + k1["calls"]["judge"] + k2["calls"]["judge"] + info["calls"]
+    calls = k1["calls"]["writer"] + k1["calls"]["judge"] + k2["calls"]["judge"] + info.pop("calls")
     return {"judge": cfg.judge, "judge_model": judge.describe(), "exact": False, "independent": indep["value"],
             "independence": indep, "fit": not reasons, "reasons": reasons, "thresholds": thresholds,
             "known_answers": {"K1": {**k1, "counts": k1["independent"]}, "K2": {**k2, "counts": k2["value"] is not None}},
