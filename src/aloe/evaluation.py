@@ -37,14 +37,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aloe import judge_card, prompts
+from aloe import judge_card, preferences, prompts
 from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling, open_backend
 from aloe.cards import write_model_card
 from aloe.config import EvaluateConfig
-from aloe import preferences
 from aloe.conversation import (clean_user_message, dialogue_text, history_before, judge_persona, likelihood_prompts,
                                simulator_messages)
-from aloe.preferences import assign
 from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
 from aloe.io import atomic_path, read_jsonl, write_json, write_jsonl, write_manifest
@@ -60,7 +58,6 @@ log = logging.getLogger(__name__)
 # responder: writes the judge card's known-answer replies (K1); used only when an LLM judge is carded
 ROLES = ("simulator", "judge", "policy", "responder")
 REQUIRED = ("simulator", "judge", "policy")
-RULES_JUDGE = {"kind": "rules", "model": "aloe.preferences"}
 # The paper's evaluation code generates with the model's defaults and max_new_tokens=2048.
 PAPER_MAX_NEW_TOKENS = 2048
 
@@ -74,7 +71,7 @@ def benchmark_pairs(cfg: EvaluateConfig) -> list[dict]:
         # the benchmark pairs every eval profile with the first 5 eval personalities (20 x 5 = 100)
         personalities = pool_records(read_aloe_pool(d / "personality_eval.jsonl")[:5], "personality", "imported",
                                      "eval")
-        pairs = assign(make_pairs(profiles, personalities, len(personalities), 0, "eval"), cfg.preferences, cfg.seed,
+        pairs = preferences.assign(make_pairs(profiles, personalities, len(personalities), 0, "eval"), cfg.preferences, cfg.seed,
                        "official")
     else:
         src = cfg.paths.pairs
@@ -246,7 +243,7 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
                                 for (c, p), plan in zip(active, plans)])
         msgs = [clean_user_message(u.text) if u.ok else "" for u in users]
         disclosed = {}
-        for (c, p), plan, i in zip(active, plans, range(len(msgs))):
+        for i, ((c, p), plan) in enumerate(zip(active, plans)):
             if msgs[i] and p.get("preferences"):
                 msgs[i], disclosed[id(c)] = preferences.settle_message(p, plan, msgs[i], _revealed(c, turn),
                                                                        cfg.disclosure_fallback)
@@ -359,11 +356,7 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
         scores_of[model] = pooled_scores(repeats_of[model])
         metrics[model] = summarize(scores_of[model], cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed)
         all_convs += [c for convs in repeats_of[model] for c in convs]
-    if "base" in scores_of:  # paired against base, on the same personas
-        for model in cfg.models:
-            if model != "base":
-                metrics[model]["vs_base"] = paired_difference(scores_of[model], scores_of["base"], cfg.turns,
-                                                              n_boot=cfg.n_boot, seed=cfg.seed)
+    _add_vs_base(cfg, metrics, scores_of)
     if "sft_preferred" in scores_of and "sft_rejected" in scores_of:
         # the built-in control: the same teacher wrote both replies; only the preference label differs
         metrics["sft_preferred"]["vs_sft_rejected"] = paired_difference(
@@ -391,7 +384,7 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
     turns_done = sum(len(c["turns"]) for c in all_convs)
     described = roles.describe()
     if cfg.judge == "rules":
-        described["judge"] = {**RULES_JUDGE, "revision": preferences.catalogue().version}
+        described["judge"] = preferences.judge_description()
     every = {m: [c for cs in reps for c in cs] for m, reps in repeats_of.items()}
     result = {"turns": cfg.turns, "personas": len(pairs), "judge": cfg.judge, "protocol": cfg.protocol,
               "judge_fit": card["fit"] if card else None, "models": metrics,
@@ -440,15 +433,12 @@ def preference_disclosure(convs_of: dict[str, list[dict]]) -> dict[str, dict]:
                 if t.get("preferences")]
         if not recs:
             continue
-        meant = [r for _, r, _ in recs if r["meant"] is not None]
+        counts = preferences.disclosure_counts([r for _, r, _ in recs])
         per_turn: dict[int, list] = {}
         for k, r, rules in recs:
             per_turn.setdefault(k, []).append((len(r["revealed"]), rules.get("revealed_share")))
         out[model] = {
-            "scheduled": len(meant), "conveyed": sum(bool(r["conveyed"]) for r in meant),
-            "rate": sum(bool(r["conveyed"]) for r in meant) / len(meant) if meant else None,
-            "appended": sum(bool(r["appended"]) for r in meant),
-            "complaints": sum(r["complaint"] is not None for _, r, _ in recs),
+            **counts, "rate": counts["conveyed"] / counts["scheduled"] if counts["scheduled"] else None,
             "per_turn": [{"turn": k, "revealed": sum(n for n, _ in v) / len(v),
                           "kept": _mean([s for _, s in v if s is not None]), "n": len(v)}
                          for k, v in sorted(per_turn.items())]}
@@ -469,13 +459,20 @@ def rules_beside(cfg: EvaluateConfig, repeats_of: dict[str, list[list[dict]]]) -
         scores[model] = {p: s for p, s in pooled_scores(swapped).items() if s}
     if not any(scores.values()):
         return None
-    out = {m: summarize(s, cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed) for m, s in scores.items() if s}
-    if "base" in out:
-        for m in out:
-            if m != "base":
-                out[m]["vs_base"] = paired_difference(scores[m], scores["base"], cfg.turns, n_boot=cfg.n_boot,
-                                                      seed=cfg.seed)
+    scores = {m: s for m, s in scores.items() if s}
+    out = {m: summarize(s, cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed) for m, s in scores.items()}
+    _add_vs_base(cfg, out, scores)
     return out
+
+
+def _add_vs_base(cfg: EvaluateConfig, metrics: dict[str, dict], scores_of: dict[str, dict]) -> None:
+    """Each model's paired difference against base, on the same personas (where base ran)."""
+    if "base" not in scores_of:
+        return
+    for model in scores_of:
+        if model != "base":
+            metrics[model]["vs_base"] = paired_difference(scores_of[model], scores_of["base"], cfg.turns,
+                                                          n_boot=cfg.n_boot, seed=cfg.seed)
 
 
 def _check_failures(cfg: EvaluateConfig, convs_of: dict[str, list[dict]]) -> None:

@@ -38,7 +38,7 @@ import pandas as pd
 from aloe import preferences, prompts
 from aloe.backends import ChatRequest, Sampling
 from aloe.config import EvaluateConfig
-from aloe.conversation import history_before
+from aloe.conversation import history_before, judge_persona
 from aloe.io import read_jsonl
 
 
@@ -162,7 +162,6 @@ def _messages_for_k1(convs_of: dict[str, list[dict]], pairs: list[dict], per_per
 def known_tailored(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, list[dict]]) -> dict:
     """K1: tailored vs plain replies written by a model that is not the judge's."""
     from aloe.evaluation import Reply, score_replies
-    from aloe.conversation import judge_persona
 
     card_cfg = cfg.judge_card
     writer, role, independent = k1_writer(cfg, roles)
@@ -258,7 +257,7 @@ def _rate(wins: list[float], gaps: list[float], groups: list[str], n_boot: int, 
             "gap": g, "gap_ci_low": glo, "gap_ci_high": ghi}
 
 
-def rules_agreement(cfg: EvaluateConfig, convs_of: dict[str, list[dict]], score_key=("score",)) -> dict:
+def rules_agreement(convs_of: dict[str, list[dict]]) -> dict:
     """Spearman of the run's judge with the rules judge, on the run's replies that have both."""
     both = [(t["score"], t["rules"]["score"]) for convs in convs_of.values() for c in convs for t in c["turns"]
             if t.get("rules") and t["score"] is not None and t["rules"].get("score") is not None]
@@ -277,8 +276,7 @@ def build(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, lis
         reasons = [] if k2["value"] in (None, 1.0) else [
             f"the rules judge preferred a violating edit in {1 - k2['value']:.0%} of K2 pairs: an edit or a checker "
             f"is wrong (a bug, not a property of the judge)"]
-        return {"judge": "rules", "judge_model": {"kind": "rules", "model": "aloe.preferences",
-                                                    "version": preferences.catalogue().version},
+        return {"judge": "rules", "judge_model": preferences.judge_description(),
                 "exact": True, "independent": True, "fit": not reasons, "reasons": reasons,
                 "thresholds": thresholds,
                 "known_answers": {"K1": {"value": None, "n": 0, "counts": False,
@@ -323,7 +321,7 @@ def build(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, lis
     return {"judge": cfg.judge, "judge_model": judge.describe(), "exact": False, "independent": indep["value"],
             "independence": indep, "fit": not reasons, "reasons": reasons, "thresholds": thresholds,
             "known_answers": {"K1": {**k1, "counts": k1["independent"]}, "K2": {**k2, "counts": k2["value"] is not None}},
-            "rules_agreement": rules_agreement(cfg, convs_of),
+            "rules_agreement": rules_agreement(convs_of),
             "calls": calls, **info}
 
 

@@ -157,13 +157,7 @@ _QUANTITY = re.compile(rf"\b{_NUM}\s*({_METRIC.pattern}|{_IMPERIAL.pattern})", r
 
 # --------------------------------------------------------------------------- checkers
 
-def _empty(text: str) -> bool:
-    return not (text or "").strip()
-
-
 def check_max_words(text: str, params: dict, ctx: dict) -> str:
-    if _empty(text):
-        return VIOLATED
     return SATISFIED if words(text) <= params["max_words"] else VIOLATED
 
 
@@ -172,8 +166,6 @@ def check_list(text: str, params: dict, ctx: dict) -> str:
 
 
 def check_no_questions(text: str, params: dict, ctx: dict) -> str:
-    if _empty(text):
-        return VIOLATED
     return VIOLATED if "?" in prose(text) else SATISFIED
 
 
@@ -183,20 +175,14 @@ def check_ends_question(text: str, params: dict, ctx: dict) -> str:
 
 
 def check_no_emoji(text: str, params: dict, ctx: dict) -> str:
-    if _empty(text):
-        return VIOLATED
     return VIOLATED if _EMOJI.search(prose(text)) else SATISFIED
 
 
 def check_no_exclamation(text: str, params: dict, ctx: dict) -> str:
-    if _empty(text):
-        return VIOLATED
     return VIOLATED if "!" in prose(text) or "\u00a1" in prose(text) else SATISFIED
 
 
 def check_no_contractions(text: str, params: dict, ctx: dict) -> str:
-    if _empty(text):
-        return VIOLATED
     return VIOLATED if _CONTRACTION.search(prose(text)) else SATISFIED
 
 
@@ -246,8 +232,11 @@ CHECKS: dict[str, Callable[[str, dict, dict], str]] = {
 
 
 def check(item: dict, reply: str) -> str:
-    """One persona preference (``{"id": ..., "name": ...}``) on one reply."""
+    """One persona preference (``{"id": ..., "name": ...}``) on one reply. An empty reply satisfies
+    nobody: it violates a form preference and leaves a content one not applicable."""
     p = catalogue()[item["id"]]
+    if not (reply or "").strip():
+        return VIOLATED if p.kind == "form" else NA
     return CHECKS[p.check](reply, p.params, item)
 
 
@@ -454,6 +443,20 @@ def settle_message(pair: dict, plan: UserPlan, message: str, revealed: list[str]
 
 
 # --------------------------------------------------------------------------- the rules judge
+
+def judge_description() -> dict:
+    """The rules judge where a role's engine would be described (manifests, provenance, the card)."""
+    return {"kind": "rules", "model": "aloe.preferences", "revision": catalogue().version}
+
+
+def disclosure_counts(records: list[dict]) -> dict[str, int]:
+    """Over turns' disclosure records (:func:`settle_message`): reveals scheduled, conveyed in the
+    simulated user's own words, appended from the catalogue, and complaints."""
+    return {"scheduled": sum(r["meant"] is not None for r in records),
+            "conveyed": sum(bool(r["conveyed"]) for r in records),
+            "appended": sum(bool(r["appended"]) for r in records),
+            "complaints": sum(r["complaint"] is not None for r in records)}
+
 
 def rules_score(items: list[dict], reply: str, revealed: list[str] | None = None) -> dict:
     """The exact judge: score = 1 + 4 x (share of the persona's applicable preferences satisfied);

@@ -101,18 +101,11 @@ def glance(metrics: dict | None, card: dict | None, self_judged: bool) -> list[s
         vs = s.get("vs_base")
         if not vs or vs.get("avg_diff") is None:
             continue
-        lo, hi = vs.get("avg_diff_ci_low"), vs.get("avg_diff_ci_high")
-        side = ("above" if lo > 0 else "below" if hi < 0 else "not separated from") if lo is not None else "vs"
-        mde = f" (smallest detectable: {_fmt(vs['avg_diff_mde'], 3)})" if vs.get("avg_diff_mde") is not None else ""
-        lines.append(f"{m} minus base, AVG (paired): {_fmt(vs['avg_diff'], 3, True)} {_ci(lo, hi, 3, True)}: "
-                     f"{side} base{mde}")
+        lines.append(_paired_line(f"{m} minus base", "base", vs))
         ctl = s.get("vs_sft_rejected")
         if ctl and ctl.get("avg_diff") is not None:
-            lo, hi = ctl.get("avg_diff_ci_low"), ctl.get("avg_diff_ci_high")
-            side = ("above" if lo > 0 else "below" if hi < 0 else "not separated from") if lo is not None else "vs"
-            mde = f" (smallest detectable: {_fmt(ctl['avg_diff_mde'], 3)})" if ctl.get("avg_diff_mde") is not None else ""
-            lines.append(f"{m} minus sft_rejected (the control: same teacher, only the label differs), AVG (paired): "
-                         f"{_fmt(ctl['avg_diff'], 3, True)} {_ci(lo, hi, 3, True)}: {side} sft_rejected{mde}")
+            lines.append(_paired_line(f"{m} minus sft_rejected (the control: same teacher, only the label differs)",
+                                      "sft_rejected", ctl))
     fit = card["fit"] if card else None
     if fit and card.get("exact"):
         trust = "the rules judge is exact (a program checks each checkable preference)"
@@ -126,6 +119,14 @@ def glance(metrics: dict | None, card: dict | None, self_judged: bool) -> list[s
     lines.append(f"Can I trust it? {'Yes' if can else 'No'}: {trust}."
                  + ("" if can else " This run shows nothing about which model aligns better."))
     return lines
+
+
+def _paired_line(what: str, ref: str, d: dict) -> str:
+    """One paired AVG difference in words: value, interval, which side of ``ref``, smallest detectable."""
+    lo, hi = d.get("avg_diff_ci_low"), d.get("avg_diff_ci_high")
+    side = ("above" if lo > 0 else "below" if hi < 0 else "not separated from") if lo is not None else "vs"
+    mde = f" (smallest detectable: {_fmt(d['avg_diff_mde'], 3)})" if d.get("avg_diff_mde") is not None else ""
+    return f"{what}, AVG (paired): {_fmt(d['avg_diff'], 3, True)} {_ci(lo, hi, 3, True)}: {side} {ref}{mde}"
 
 
 def disclosure_rows(metrics: dict) -> list[dict]:

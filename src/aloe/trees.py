@@ -64,8 +64,6 @@ ROLES = ("simulator", "inferrer", "responder", "judge")
 def roles_used(cfg: TreesConfig) -> tuple[str, ...]:
     return tuple(r for r in ROLES if not (r == "judge" and cfg.judge == "rules"))
 
-
-RULES_JUDGE = {"kind": "rules", "model": "aloe.preferences"}
 PROMPTS = ("user_simulator", "infer_extract", "infer_blind", "responder_hinted", "responder_plain", "judge_pair",
            "judge_score", "judge_likelihood")
 # Provenance keys that must match for a rerun to continue an existing trees.jsonl.
@@ -75,8 +73,8 @@ _RESUME_KEYS = ("roles", "prompts", "seed", "inference", "branch", "judge", "jud
 
 def provenance(cfg: TreesConfig, roles: Roles | ChatBackend) -> dict:
     roles = as_roles(roles, roles_used(cfg))
-    described = {r: roles[r].describe() if r in roles_used(cfg) else
-                 {**RULES_JUDGE, "revision": preferences.catalogue().version} for r in ROLES}
+    used = roles_used(cfg)
+    described = {r: roles[r].describe() if r in used else preferences.judge_description() for r in ROLES}
     return {"roles": described, "prompts": {r: prompts.get(r).tag for r in PROMPTS},
             "preferences": preferences.catalogue().version, "disclosure_fallback": cfg.disclosure_fallback,
             "seed": cfg.seed,
@@ -435,10 +433,9 @@ def preference_counts(nodes: list[dict]) -> dict[str, int]:
     recs = [n["preferences"] for n in nodes if n.get("preferences")]
     if not recs:
         return {}
-    return {"preferences_scheduled": sum(r["meant"] is not None for r in recs),
-            "preferences_conveyed": sum(bool(r["conveyed"]) for r in recs),
-            "preferences_appended": sum(bool(r["appended"]) for r in recs),
-            "preference_complaints": sum(r["complaint"] is not None for r in recs)}
+    c = preferences.disclosure_counts(recs)
+    return {"preferences_scheduled": c["scheduled"], "preferences_conveyed": c["conveyed"],
+            "preferences_appended": c["appended"], "preference_complaints": c["complaints"]}
 
 
 def _progress(total: int, done: int, enabled: bool):
