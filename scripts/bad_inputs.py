@@ -50,8 +50,13 @@ def _bomb() -> str:
     return "\n".join(lines) + "\nexperiment: bad\nbackend:\n  kind: transformers\n  model: smollm2-135m\n  batch_size: *i\n"
 
 
-# (id, file content (str or bytes; None: no file), argv after `aloe`, expect in message, env)
-CASES: list[tuple[str, object, list[str], str, dict]] = [
+# Data files a run reads, damaged: bytes that are not UTF-8, a line that is not JSON.
+NOT_UTF8 = b'{"id": "p1", "split": "train"}\n{"id": "p2", "profile": "caf\xff\xfe"}\n'
+NOT_JSON = b'{"id": "p1", "split": "train"}\n{"id": "p2", "split": \n{"id": "p3"}\n'
+PAIRS, CONVS = "data/bad/personas/pairs.jsonl", "data/bad/evaluate/conversations/base.jsonl"
+
+# (id, file content (str or bytes; None: no file), argv after `aloe`, expect in message, env[, data files])
+CASES: list[tuple] = [
     ("binary file", b"\x00\x01\xff\xfe" * 64, ["check", "{file}"], "binary", {}),
     ("latin-1 bytes", b"experiment: caf\xe9\n", ["check", "{file}"], "UTF-8", {}),
     ("empty file", "", ["check", "{file}"], "empty", {}),
@@ -146,6 +151,20 @@ CASES: list[tuple[str, object, list[str], str, dict]] = [
      ["check", "{file}"], "data_root", {}),
     ("cache_path is a folder", BASE.replace("cache_path: {tmp}/cache.sqlite", "cache_path: {tmp}"),
      ["check", "{file}"], "cache_path", {}),
+    ("cache_path is /dev/null", BASE.replace("cache_path: {tmp}/cache.sqlite", "cache_path: /dev/null"),
+     ["check", "{file}"], "cache_path", {}),
+    ("cache_path is a YAML file", BASE.replace("cache_path: {tmp}/cache.sqlite", "cache_path: {tmp}/params.yaml"),
+     ["check", "{file}"], "cache_path", {}),
+    ("data_root is /proc/self", BASE.replace("data_root: {tmp}/data", "data_root: /proc/self"), ["check", "{file}"],
+     "data_root", {}),
+    ("key in a base_url query string", OPENAI.replace("{url}", "'http://127.0.0.1:9/v1?api_key=sk-abcdefgh12345'"),
+     ["check", "{file}"], "base_url", {}),
+    ("pairs.jsonl with bytes that are not UTF-8", BASE, ["run", "{file}", "--only", "trees"], "pairs.jsonl: line 2",
+     {}, {PAIRS: NOT_UTF8}),
+    ("pairs.jsonl with a line that is not JSON", BASE, ["run", "{file}", "--only", "trees"], "pairs.jsonl: line 2",
+     {}, {PAIRS: NOT_JSON}),
+    ("conversations with bytes that are not UTF-8", BASE, ["run", "{file}", "--only", "evaluate"],
+     "base.jsonl: line 2", {}, {CONVS: NOT_UTF8}),
     ("check on a folder", None, ["check", "{tmp}"], "folder", {}),
     ("check on a missing file", None, ["check", "{tmp}/missing.yaml"], "not found", {}),
     ("run --only an unknown stage", BASE, ["run", "{file}", "--only", "nope"], "--only", {}),
@@ -165,7 +184,10 @@ CASES: list[tuple[str, object, list[str], str, dict]] = [
 
 def run_case(case, tmp: Path) -> dict:
     """Try one case; returns {id, rc, message, verdict}."""
-    cid, content, argv, expect, env = case
+    cid, content, argv, expect, env, *extra = case
+    for rel, data in (extra[0] if extra else {}).items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(data)
     f = tmp / "params.yaml"
     if content is not None:
         data = content.replace("{tmp}", str(tmp)) if isinstance(content, str) else content

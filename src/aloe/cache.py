@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aloe.errors import AloeError
+
 log = logging.getLogger(__name__)
 
 
@@ -26,6 +28,9 @@ def cache_key(payload: dict[str, Any]) -> str:
     """Stable key: canonical JSON (sorted keys, no whitespace) hashed with SHA-256."""
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 
 
 class CallCache:
@@ -36,11 +41,15 @@ class CallCache:
         self._local = threading.local()
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            con = self._con()
-            con.execute(
-                "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL)"
-            )
-            con.commit()
+            try:
+                con = self._con()
+                con.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
+                            "created REAL NOT NULL)")
+                con.commit()
+            except sqlite3.DatabaseError as e:
+                raise AloeError(f"{self.path}: cannot use it as the call cache ({e}); it must be a SQLite "
+                                f"database or a new file: set cache_path to another file, or move this one "
+                                f"away") from None
 
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
@@ -86,6 +95,12 @@ class CallCache:
                     con.execute("ROLLBACK")
                 except sqlite3.OperationalError:
                     pass
+                if "full" in str(e):  # "database or disk is full": retrying cannot help
+                    import errno
+
+                    from aloe.io import no_space
+
+                    raise no_space(self.path, OSError(errno.ENOSPC, f"the call cache: {e}")) from None
                 if attempt == 4:
                     raise
                 log.warning("cache write retry after %s", e)

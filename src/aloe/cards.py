@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from aloe.io import write_text
+from aloe.io import read_json, write_text
 from aloe.paths import Paths
 
 SCHEMAS = {
@@ -94,7 +94,7 @@ def write_model_card(paths: Paths, experiment: str, variant: str, evaluation: di
     mfile = paths.train_metrics(variant)
     if not mfile.exists():
         return
-    metrics = json.loads(mfile.read_text())
+    metrics = read_json(mfile)
     text = model_card(paths, experiment, variant, metrics, metrics.get("recipe", {}), evaluation)
     for folder in (paths.variant(variant), paths.merged(variant), paths.adapter(variant)):
         if folder.is_dir():

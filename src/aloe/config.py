@@ -252,17 +252,22 @@ class BackendConfig:
 
 
 def redact_url(url: str) -> str:
-    """``url`` without credentials (user:password@), for anything recorded or printed."""
+    """``url`` without credentials (user:password@) and without its query string and fragment
+    (where keys hide too: ``?api_key=...``), for anything recorded or printed."""
     try:
         parts = urllib.parse.urlsplit(url)
+        port = parts.port
     except ValueError:
         return "<unparseable URL>"
-    if parts.username is None and parts.password is None:
+    if parts.username is None and parts.password is None and not parts.query and not parts.fragment:
         return url
     host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    if ":" in host:
+        host = f"[{host}]"
+    if port:
+        host += f":{port}"
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "***" if parts.query else "",
+                                    "***" if parts.fragment else ""))
 
 
 def is_loopback(url: str) -> bool:
@@ -288,6 +293,10 @@ def check_url(url: str, key: str) -> None:
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{key}: {redact_url(url)} carries credentials (user:password@); they would be "
                           f"recorded in manifests; put the key in an environment variable named by api_key_env")
+    if parts.query or parts.fragment or url.rstrip().endswith(("?", "#")):
+        raise ConfigError(f"{key}: {redact_url(url)} has a query string or fragment (?... or #...); a base URL "
+                          f"takes none (/chat/completions is appended to its path), and a key there would be "
+                          f"recorded in manifests: put the key in an environment variable named by api_key_env")
 
 
 @dataclass(frozen=True)

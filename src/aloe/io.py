@@ -9,9 +9,11 @@ line (a crash mid-write) is detected and dropped on read, never silently parsed.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,6 +45,20 @@ def normal_modes(folder: str | Path) -> None:
             os.chmod(f, _FILE_MODE)
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space(path: str | Path, e: OSError) -> AloeError:
+    """A full disk (or quota) while writing ``path``: which file, and how much room is left."""
+    path = Path(path)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return AloeError(f"{path}: cannot write it: {e.strerror or e} ({free}); free some space, or set data_root "
+                     f"(and cache_path) to a disk with more room, then rerun to resume")
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path next to ``path``; move it into place only on success. Temp files are
@@ -57,6 +73,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp_path.exists():
             os.chmod(tmp_path, _FILE_MODE)
         os.replace(tmp_path, path)
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise no_space(path, e) from None
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -71,14 +91,36 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def damaged(path: Path) -> str:
+    """What to do about a damaged data file: the advice every reader gives."""
+    return "the file is damaged: restore it from a copy, or delete it and rerun the stage that writes it"
+
+
+def _decode(raw: bytes, path: Path, offset: int = 0, encoding: str = "utf-8") -> str:
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1 + offset
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise AloeError(f"{path}: line {line}, byte {col}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                        f"{damaged(path)}") from None
+
+
+def read_text(path: str | Path, *, encoding: str = "utf-8") -> str:
+    """A text file's contents; bytes that are not UTF-8 are an error naming file, line and byte,
+    never a bare ``UnicodeDecodeError``."""
+    path = Path(path)
+    return _decode(path.read_bytes(), path, encoding=encoding)
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except FileNotFoundError:
         raise AloeError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
-        raise AloeError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        raise AloeError(f"{path}: line {e.lineno}: invalid JSON ({e.msg}); {damaged(path)}") from None
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
@@ -99,7 +141,16 @@ def read_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict]
     path = Path(path)
     if not path.exists():
         raise AloeError(f"{path}: file not found")
-    raw = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    whole = data.rfind(b"\n") + 1
+    raw = _decode(data[:whole], path)
+    if whole < len(data):  # an unterminated last line: a crash mid-append may have cut a character too
+        try:
+            raw += _decode(data[whole:], path, raw.count("\n"))
+        except AloeError:
+            if not allow_torn_tail:
+                raise
+            raw += "\x00torn"  # not JSON: dropped below as the torn tail it is
     lines = raw.split("\n")
     out = []
     for i, line in enumerate(lines, 1):
@@ -111,8 +162,24 @@ def read_jsonl(path: str | Path, *, allow_torn_tail: bool = False) -> list[dict]
             torn = i == len(lines) and not raw.endswith("\n")
             if torn and allow_torn_tail:
                 break
-            raise AloeError(f"{path}: line {i}: invalid JSON ({e.msg})") from None
+            raise AloeError(f"{path}: line {i}: invalid JSON ({e.msg}); {damaged(path)}") from None
     return out
+
+
+def check_readable(files: Iterable[str | Path]) -> None:
+    """Read every existing file of ``files`` as a stage would (JSONL, JSON or text), so a damaged
+    input fails before the stage spends anything; an unterminated last line of a JSONL file (what a
+    crash leaves, and resumption drops) is not damage."""
+    for f in files:
+        f = Path(f)
+        if not f.is_file():
+            continue
+        if f.suffix == ".jsonl":
+            read_jsonl(f, allow_torn_tail=True)
+        elif f.suffix == ".json":
+            read_json(f)
+        else:
+            read_text(f)
 
 
 class JsonlAppender:
@@ -131,9 +198,14 @@ class JsonlAppender:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def append(self, record: dict) -> None:
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise no_space(self.path, e) from None
+            raise
 
     def close(self) -> None:
         self._f.close()

@@ -91,8 +91,10 @@ def clean_leftovers(folder: Path) -> int:
 
 
 def stage(name: str) -> Callable:
-    """Decorate a stage's ``run(cfg, ...)``: lock the experiment, remove the stage's manifest,
-    clean leftovers, then run. Under ``accelerate launch`` only rank 0 does this."""
+    """Decorate a stage's ``run(cfg, ...)``: lock the experiment, check the data files it will read
+    (aloe.paths.stage_inputs; a damaged one fails here, before anything is spent or the old
+    manifest removed), remove the stage's manifest, clean leftovers, then run. Under
+    ``accelerate launch`` only rank 0 does this."""
 
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -100,6 +102,10 @@ def stage(name: str) -> Callable:
             if int(os.environ.get("RANK", "0")) != 0:
                 return fn(cfg, *args, **kwargs)
             with experiment_lock(cfg.paths.root):
+                from aloe.io import check_readable
+                from aloe.paths import stage_inputs
+
+                check_readable(f for _, f in stage_inputs(name, cfg))
                 cfg.paths.manifest(name).unlink(missing_ok=True)
                 clean_leftovers(cfg.paths.stage(name))
                 return fn(cfg, *args, **kwargs)

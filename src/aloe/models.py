@@ -24,6 +24,7 @@ from pathlib import Path
 
 
 from aloe.errors import AloeError, ConfigError
+from aloe.io import read_json
 from aloe.yamlfile import load_yaml, short
 
 log = logging.getLogger(__name__)
@@ -193,16 +194,34 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# Files in a model folder that do not change what the model computes: its card (evaluation rewrites
+# it with each run's numbers), the trainer's pickled arguments, lock and hidden files.
+_NOT_COMPUTED_WITH = ("*.md", "training_args.bin", "*.lock")
+_content_hashes: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, per process
+
+
+def _file_hash(p: Path) -> str:
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _content_hashes:
+        _content_hashes[key] = _sha256(p)
+    return _content_hashes[key]
+
+
 def _folder_fingerprint(folder: Path) -> str:
-    """Cheap identity of a local model folder (names, sizes, mtimes): changes when weights do."""
+    """Identity of a local model folder: a hash over the contents of the files the model computes
+    with (weights, config, tokenizer, generation config), never over its card or file times, so
+    byte-identical weights get one revision however often the folder is touched."""
     marker = folder / "aloe_source.json"
     if marker.exists():
-        return json.loads(marker.read_text())["sha256"][:16]
+        return read_json(marker)["sha256"][:16]
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            h.update(f"{p.relative_to(folder)}:{st.st_size}:{int(st.st_mtime)}".encode())
+        rel = p.relative_to(folder)
+        if (not p.is_file() or any(part.startswith(".") for part in rel.parts)
+                or any(p.match(pat) for pat in _NOT_COMPUTED_WITH)):
+            continue
+        h.update(f"{rel.as_posix()}\0{_file_hash(p)}\n".encode())
     return h.hexdigest()[:16]
 
 

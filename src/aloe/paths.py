@@ -90,3 +90,24 @@ class Paths:
     @property
     def judge_card(self) -> Path:
         return self.root / "evaluate" / "judge_card.json"
+
+
+def stage_inputs(stage: str, cfg) -> list[tuple[str, Path]]:
+    """The data files ``stage`` reads, each with the stage that writes it: checked before the stage
+    spends anything (aloe.lock.stage) and before a run starts its first notebook (aloe.runner)."""
+    from aloe.variants import BASELINES, VARIANTS, needed
+
+    p: Paths = cfg.paths
+    if stage == "personas":
+        return [("personas", p.growth), ("personas", p.growth_rounds)]
+    if stage == "trees":
+        return [("personas", p.pairs), ("trees", p.trees)]
+    if stage == "train":
+        variants = needed(cfg.variants)
+        return ([("trees", p.export(VARIANTS[v].data)) for v in variants]
+                + [("train", f(v)) for v in variants for f in (p.train_done, p.train_metrics)])
+    if stage == "evaluate":
+        files = [("personas", p.pairs)] + ([("trees", p.trees)] if cfg.judge_card.enabled else [])
+        files += [("evaluate", p.conversations(m, r)) for m in cfg.models for r in range(cfg.repeats)]
+        return files + [("train", p.train_metrics(m)) for m in cfg.models if m not in BASELINES]
+    return []

@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 from aloe.errors import AloeError
+from aloe.io import read_text
 
 SEEDS_DIR = Path(__file__).parent / "seeds"
 _PREFIX = {"profile": "prof", "personality": "pers"}
@@ -36,7 +37,7 @@ def read_aloe_pool(path: str | Path) -> list[str]:
         raise AloeError(f"{path}: persona pool file not found")
     dec = json.JSONDecoder()
     items: list[str] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, encoding="utf-8-sig").splitlines(), 1):
         pos, line = 0, line.strip()
         while pos < len(line):
             try:

@@ -153,7 +153,7 @@ def _img(path: Path) -> str:
 def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None) -> Path:
     """Write reports/<experiment>/index.html (and summary.json, read by reports/index.html)."""
     cfg = exp.stages["report"]
-    status = status if status is not None else _read_status(reports_dir)
+    status = status if status is not None else read_status(reports_dir)
     metrics = rep.evaluation_metrics(cfg)
     card = rep.judge_card(cfg)
     if metrics:  # the AL figure is redrawn from metrics.json, so `aloe report` needs no notebook
@@ -237,6 +237,7 @@ def write_reports_index(reports_root: Path) -> Path:
     return reports_root / "index.html"
 
 
-def _read_status(reports_dir: Path) -> dict:
+def read_status(reports_dir: Path) -> dict:
+    """The run's stage statuses (``status.json``), or none yet."""
     p = reports_dir / "status.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    return read_json(p) if p.exists() else {}

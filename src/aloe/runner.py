@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from aloe.config import NOTEBOOKS, STAGE_ROLES, STAGES, BackendConfig, Experiment, load_experiment
 from aloe.errors import AloeError, BackendError, ConfigError, StageFailed
@@ -103,16 +106,52 @@ def check_models(exp: Experiment, stages: list[str]) -> None:
 
 
 def check_output_paths(exp: Experiment) -> None:
-    """data_root and the cache's folder are folders (or can be made): not files, not under a file."""
+    """data_root and the cache's folder are folders that can be written (or made): not files, not
+    under a file, not in a system folder; cache_path is a SQLite database or does not exist yet."""
     common = exp.stages["personas"]
     for key, folder in (("data_root", Path(common.data_root)), ("cache_path", Path(common.cache_path).parent)):
         for p in (folder, *folder.parents):
             if p.exists():
                 if not p.is_dir():
                     raise ConfigError(f"{exp.path}: {key}: {p} is a file, so {folder} cannot be a folder")
+                _check_writable(exp, key, p, folder)
                 break
-    if Path(common.cache_path).is_dir():
+    cache = Path(common.cache_path)
+    if cache.is_dir():
         raise ConfigError(f"{exp.path}: cache_path: {common.cache_path} is a folder; name a file (e.g. llm.sqlite)")
+    if cache.exists():
+        from aloe.cache import SQLITE_MAGIC
+
+        if not cache.is_file():
+            raise ConfigError(f"{exp.path}: cache_path: {cache} is not a plain file (a device or a pipe); "
+                              f"name a file for the call cache (e.g. data/cache/llm.sqlite)")
+        with open(cache, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+        if head and head != SQLITE_MAGIC:
+            raise ConfigError(f"{exp.path}: cache_path: {cache} exists and is not a SQLite database; name another "
+                              f"file (a new one is created), or move that file away")
+
+
+def _check_writable(exp: Experiment, key: str, existing: Path, folder: Path) -> None:
+    """Make (and remove) a temp folder in ``existing``, the nearest existing folder of ``folder``:
+    the only sure test that the run can write there (root passes permission checks, /proc refuses)."""
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".aloe-check-", dir=existing))
+    except OSError as e:
+        raise ConfigError(f"{exp.path}: {key}: cannot write in {existing} ({e.strerror or e}), so {folder} "
+                          f"cannot hold the run's files; name a folder you can write") from None
+
+
+def check_data_files(exp: Experiment, stages: list[str]) -> None:
+    """Every data file the stages will read parses (UTF-8, JSON per line), except those an earlier
+    stage of this run writes anew: a damaged file stops the run before anything is spent."""
+    from aloe.io import check_readable
+    from aloe.paths import stage_inputs
+
+    for i, stage in enumerate(stages):
+        check_readable(f for writer, f in stage_inputs(stage, exp.stages[stage]) if writer not in stages[:i])
 
 
 def check_experiment(exp: Experiment, stages: list[str], notebooks_dir: Path | None = None) -> None:
@@ -126,8 +165,10 @@ def check_experiment(exp: Experiment, stages: list[str], notebooks_dir: Path | N
 
 
 def preflight(exp: Experiment, stages: list[str]) -> None:
-    """What `check` cannot know but `run` must before the first notebook: key variables are
-    set, servers answer and accept the key, a GPU exists where one is asked for."""
+    """What `check` cannot know but `run` must before the first notebook: the data files the
+    stages will read are intact, key variables are set, servers answer and accept the key, a GPU
+    exists where one is asked for."""
+    check_data_files(exp, stages)
     for role, cfg in used_roles(exp, stages):
         where = f"{exp.path}: roles.{role}"
         if cfg.kind == "openai":
@@ -178,7 +219,10 @@ def _run_stages(exp: Experiment, stages: list[str], notebooks_dir: Path, reports
     from papermill.exceptions import PapermillExecutionError
 
     os.environ["ALOE_PARAMS_FILE"] = str(exp.path)  # the kernels inherit it; cards name the file
-    status: dict[str, dict] = _read_status(reports_dir)
+    runtime = _kernel_runtime_dir(exp)
+    from aloe.results import read_status
+
+    status: dict[str, dict] = read_status(reports_dir)
     for stage in stages:
         nb = NOTEBOOKS[stage]
         out_nb = reports_dir / nb
@@ -186,22 +230,21 @@ def _run_stages(exp: Experiment, stages: list[str], notebooks_dir: Path, reports
         print(f"[aloe] {exp.name}: stage {stage} ({nb}) ...", flush=True)
         t0 = time.time()
         try:
-            papermill.execute_notebook(str(notebooks_dir / nb), str(out_nb), parameters=exp.parameters_for(stage),
-                                       cwd=str(cwd), kernel_name="python3", progress_bar=False,
-                                       log_output=log_output)
+            with _temp_dir(runtime):
+                papermill.execute_notebook(str(notebooks_dir / nb), str(out_nb),
+                                           parameters=exp.parameters_for(stage), cwd=str(cwd),
+                                           kernel_name="python3", progress_bar=False, log_output=log_output)
             status[stage] = {"status": "ok", "seconds": round(time.time() - t0, 1)}
         except PapermillExecutionError as e:
             status[stage] = {"status": "failed", "seconds": round(time.time() - t0, 1),
                              "error": f"{e.ename}: {str(e.evalue)[:300]}"}
-            _render(out_nb)
-            _write_index(reports_dir, exp, status)
+            _record_failure(out_nb, reports_dir, exp, status)
             raise StageFailed(f"stage {stage} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
                             f"  executed notebook: {out_nb}") from None
         except DeadKernelError:
             status[stage] = {"status": "failed", "seconds": round(time.time() - t0, 1),
                              "error": "the kernel died (killed, most often for lack of memory)"}
-            _render(out_nb)
-            _write_index(reports_dir, exp, status)
+            _record_failure(out_nb, reports_dir, exp, status)
             raise StageFailed(f"stage {stage}: the notebook's kernel died (killed, most often for lack of memory: "
                               f"try smaller batch_size); rerun to resume\n  executed notebook: {out_nb}") from None
         _render(out_nb)
@@ -209,6 +252,43 @@ def _run_stages(exp: Experiment, stages: list[str], notebooks_dir: Path, reports
         print(f"[aloe] {exp.name}: stage {stage} done in {status[stage]['seconds']} s -> "
               f"{out_nb.with_suffix('.html')}", flush=True)
     return status
+
+
+def _kernel_runtime_dir(exp: Experiment) -> Path:
+    """A folder in the experiment for the kernels' connection files (jupyter_client writes them with
+    mkstemp, in the shared temp folder by default), emptied at the start of each run: a killed run's
+    leftovers go with the next run, which holds the experiment's lock, so no kernel of it is alive."""
+    runtime = exp.stages["personas"].paths.root / ".kernels"
+    if runtime.is_dir():
+        for f in runtime.iterdir():
+            if f.is_file():
+                f.unlink(missing_ok=True)
+    runtime.mkdir(parents=True, exist_ok=True)
+    return runtime
+
+
+@contextmanager
+def _temp_dir(folder: Path) -> Iterator[None]:
+    """Temp files made in this process (the kernel's connection file among them) go to ``folder``."""
+    import tempfile
+
+    before = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = before
+
+
+def _record_failure(out_nb: Path, reports_dir: Path, exp: Experiment, status: dict) -> None:
+    """Render the failed notebook and the index, but never raise again: the stage's own error is
+    the one to report (a damaged file that failed the stage would fail the index too)."""
+    for step in (lambda: _render(out_nb), lambda: _write_index(reports_dir, exp, status)):
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - reported, and the stage's error follows
+            print(f"[aloe] warning: could not update the reports after the failure: "
+                  f"{type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
 
 
 def _render(nb_path: Path) -> None:
@@ -234,11 +314,6 @@ def _render(nb_path: Path) -> None:
     write_text(nb_path.with_suffix(".html"), body)
 
 
-def _read_status(reports_dir: Path) -> dict:
-    p = reports_dir / "status.json"
-    return json.loads(p.read_text()) if p.exists() else {}
-
-
 def _write_index(reports_dir: Path, exp: Experiment, status: dict) -> None:
     from aloe.results import write_results
 
@@ -251,6 +326,6 @@ def rebuild_report(params_file: str | Path, reports_root: Path | None = None) ->
     exp = load_experiment(params_file)
     reports_dir = (reports_root or REPO_ROOT / "reports") / exp.name
     reports_dir.mkdir(parents=True, exist_ok=True)
-    from aloe.results import write_results
+    from aloe.results import read_status, write_results
 
-    return write_results(exp, reports_dir, _read_status(reports_dir))
+    return write_results(exp, reports_dir, read_status(reports_dir))
