@@ -19,7 +19,12 @@ class FakeLogprob:
     decoded_token: str
 
 
-def make_stand_in():
+def make_stand_in(max_model_len: int = 4096, mangle: bool = False, dup_ids: bool = False):
+    """A ``vllm`` module that behaves like vLLM 0.33 where the adapter depends on it: a chat template
+    rendered into token ids, the whole call refused when one prompt does not fit the context (or a
+    request asks for more top log-probabilities than ``max_logprobs``), GPU memory held until the
+    engine core shuts down. ``mangle``: the template drops the last word of a continued assistant
+    message (a template that changes the reply). ``dup_ids``: two top-k ids decode to "4"."""
     mod = types.ModuleType("vllm")
     calls = {"init": None, "chat": [], "gpu_held": 0.0}
 
@@ -28,12 +33,46 @@ def make_stand_in():
             self.kw = kw
 
     class Tokenizer:
-        """One token per word: ids are positions in a growing vocabulary."""
+        """One token per word: ids are positions in a growing vocabulary; a real-looking template."""
 
-        vocab: dict = {}
+        def __init__(self):
+            self.vocab: dict = {}
+            self.words: dict = {}
+
+        def _ids(self, text):
+            out = []
+            for w in text.split():
+                if w not in self.vocab:
+                    self.vocab[w] = len(self.vocab) + 10
+                    self.words[self.vocab[w]] = w
+                out.append(self.vocab[w])
+            return out
 
         def __call__(self, text, add_special_tokens=False):
-            return {"input_ids": [self.vocab.setdefault(w, len(self.vocab) + 10) for w in text.split()]}
+            return {"input_ids": self._ids(text)}
+
+        def decode(self, ids, skip_special_tokens=False):
+            return " ".join(self.words[i] for i in ids)
+
+        def render(self, messages, add_generation_prompt=False, continue_final_message=False):
+            parts = []
+            for j, m in enumerate(messages):
+                content = m["content"]
+                last = j == len(messages) - 1
+                if last and continue_final_message:
+                    content = content.rstrip()  # vLLM trims the continued message
+                    if mangle:
+                        content = " ".join(content.split()[:-1])
+                    parts.append(f"<|{m['role']}|> {content}")
+                else:
+                    parts.append(f"<|{m['role']}|> {content} <|end|>")
+            if add_generation_prompt:
+                parts.append("<|assistant|>")
+            return " ".join(parts)
+
+        def apply_chat_template(self, messages, tokenize=False, **kw):
+            text = self.render(messages, **kw)
+            return {"input_ids": self._ids(text)} if tokenize else text
 
     class EngineCore:
         """Holds the engine's share of GPU memory until shut down, as vLLM 0.33's engine subprocess does
@@ -56,25 +95,39 @@ def make_stand_in():
             calls["gpu_held"] += share
             calls["init"] = kw
             self.tok = Tokenizer()
-            self.llm_engine = types.SimpleNamespace(engine_core=EngineCore(share))
+            self.max_logprobs = kw.get("max_logprobs", 20)
+            self.llm_engine = types.SimpleNamespace(
+                engine_core=EngineCore(share),
+                model_config=types.SimpleNamespace(max_model_len=kw.get("max_model_len") or max_model_len))
 
         def get_tokenizer(self):
             return self.tok
 
         def get_default_sampling_params(self):
-            return SamplingParams(temperature=0.6, top_p=0.9)  # as a generation_config.json would say
+            raise AssertionError("the adapter resolves the model's defaults itself")
 
         def chat(self, messages, sampling_params=None, use_tqdm=True, add_generation_prompt=True,
                  continue_final_message=False):
             calls["chat"].append((messages, sampling_params))
             calls.setdefault("continue", []).append(continue_final_message)
+            limit = self.llm_engine.model_config.max_model_len
+            prompts = [self.tok.apply_chat_template(m, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                                    continue_final_message=continue_final_message)["input_ids"]
+                       for m in messages]
+            for i, ids in enumerate(prompts):  # rendering the batch: one bad request fails the call
+                sp = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
+                if len(ids) >= limit:
+                    raise ValueError(f"The decoder prompt (length {len(ids)}) is longer than the maximum model "
+                                     f"length of {limit}.")
+                if (sp.kw.get("logprobs") or 0) > self.max_logprobs:
+                    raise ValueError(f"Requested sample logprobs of {sp.kw['logprobs']}, which is greater than "
+                                     f"max allowed: {self.max_logprobs}")
             outs = []
-            for i, m in enumerate(messages):
+            for i, (m, ids) in enumerate(zip(messages, prompts)):
                 sp = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
                 if sp.kw.get("prompt_logprobs") is not None:
-                    # the prompt is "<system words> <user words> <assistant words>"; each token's
-                    # log-probability is -0.1 x its position in the assistant's message, -9 elsewhere
-                    ids = [t for turn in m for t in self.tok(turn["content"])["input_ids"]]
+                    # each token of the continued assistant message has log-probability -0.1 x its
+                    # position in that message; every other token -9
                     n = len(self.tok(m[-1]["content"])["input_ids"])
                     lps = [None] + [{t: FakeLogprob(-9.0, 1, "x")} for t in ids[1:len(ids) - n]]
                     lps += [{t: FakeLogprob(-0.1 * (j + 1), 1, "x")} for j, t in enumerate(ids[len(ids) - n:])]
@@ -83,6 +136,8 @@ def make_stand_in():
                     continue
                 if sp.kw.get("logprobs"):
                     lp = {1: FakeLogprob(-0.1, 1, "4"), 2: FakeLogprob(-2.5, 2, " 5"), 3: FakeLogprob(-4.0, 3, "The")}
+                    if dup_ids:
+                        lp[4] = FakeLogprob(-0.1, 4, "4")  # another id, the same text
                     comp = types.SimpleNamespace(text="4", token_ids=[1], finish_reason="length", logprobs=[lp])
                 else:
                     comp = types.SimpleNamespace(text=f" reply to {m[-1]['content']} ", token_ids=[7, 8, 9],
@@ -124,10 +179,12 @@ def test_vllm_adapter_with_stand_in(monkeypatch, tmp_path):
     msgs, params = calls["chat"][-1]
     assert msgs[0][-1] == {"role": "assistant", "content": "nice to meet you"} and calls["continue"][-1] is True
     assert params.kw == {"temperature": 0.0, "max_tokens": 1, "prompt_logprobs": 0}
-    # the paper protocol's "model default" sampling: vLLM's defaults from the model, with our cap and seed
+    # the paper protocol's "model default" sampling: resolved from the generation config (none here,
+    # offline: greedy, as the transformers engine does), with our cap and seed
     b.chat([ChatRequest([{"role": "user", "content": "d"}], Sampling(temperature=None, top_p=None, max_tokens=7, seed=3))])
     _, params = calls["chat"][-1]
-    assert params[0].kw == {"temperature": 0.6, "top_p": 0.9} and (params[0].max_tokens, params[0].seed) == (7, 3000)
+    assert params[0].kw == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 7, "seed": 3000}
+    assert calls["init"]["tokenizer_mode"] == "hf" and calls["init"]["max_logprobs"] == 20
 
 
 def test_close_frees_the_gpu_for_the_next_engine(monkeypatch, tmp_path):
@@ -146,6 +203,98 @@ def test_close_frees_the_gpu_for_the_next_engine(monkeypatch, tmp_path):
     assert calls["gpu_held"] == pytest.approx(0.0)
     second = open_backend(cfg, None)
     assert second.chat([ChatRequest([{"role": "user", "content": "a"}], Sampling(max_tokens=3))])[0].ok
+
+
+def test_five_engines_opened_and_closed_in_a_row(monkeypatch):
+    """Evaluation's base plus four trained variants, each with most of the GPU."""
+    mod, calls = make_stand_in()
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    from aloe.backends import open_backend
+
+    for _ in range(5):
+        b = open_backend({"kind": "vllm", "model": "qwen2-7b", "gpu_memory_utilization": 0.85}, None)
+        assert b.chat([ChatRequest([{"role": "user", "content": "a"}], Sampling(max_tokens=3))])[0].ok
+        b.close()
+    assert calls["gpu_held"] == pytest.approx(0.0)
+
+
+def test_one_over_long_prompt_fails_alone_and_the_batch_answers(monkeypatch):
+    mod, calls = make_stand_in(max_model_len=16)
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    from aloe.backends import open_backend
+
+    b = open_backend({"kind": "vllm", "model": "qwen2-7b"}, None)
+    long = " ".join(f"w{i}" for i in range(30))
+    at_limit = "exactly at it " + " ".join(f"x{i}" for i in range(10))  # rendered: 16 tokens, refused too
+    texts = ["short one", long, "short two", at_limit]
+    out = b.chat([ChatRequest([{"role": "user", "content": t}], Sampling(max_tokens=3)) for t in texts])
+    assert [c.ok for c in out] == [True, False, True, False]
+    assert out[0].text == "reply to short one" and out[2].text == "reply to short two"
+    assert "does not fit the model's context of 16" in out[1].error and "max_model_len" in out[1].error
+    assert len(calls["chat"]) == 1  # measured first: the refused ones never reached vLLM
+    # what still escapes (vLLM refusing a batch for another reason) is retried one by one
+    monkeypatch.setattr(b, "_too_long", lambda *a, **k: None)
+    out = b.chat([ChatRequest([{"role": "user", "content": t}], Sampling(max_tokens=3, seed=1)) for t in texts])
+    assert [c.ok for c in out] == [True, False, True, False]
+    assert "vLLM refused the request: ValueError" in out[1].error
+    lps = b.logprobs([ProbRequest([{"role": "user", "content": t}], ("1", "2", "3", "4", "5")) for t in texts])
+    assert [lp.ok for lp in lps] == [True, False, True, False]
+
+
+def test_the_models_default_sampling_is_the_same_on_both_engines(monkeypatch, tmp_path):
+    """One generation config, the transformers engine's resolution and the vLLM engine's
+    SamplingParams: the same temperature and top_p, nothing else applied on either."""
+    import dataclasses
+    import json
+
+    from transformers import GenerationConfig
+
+    from aloe.backends.transformers_backend import TransformersBackend
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    gen = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05}
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    mod, calls = make_stand_in()
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    from aloe.backends.vllm_backend import VLLMBackend
+
+    v = VLLMBackend(str(folder), "m", "r")
+    t = TransformersBackend.__new__(TransformersBackend)
+    t.model = types.SimpleNamespace(generation_config=GenerationConfig.from_pretrained(folder))
+    assert v.default_sampling() == t.default_sampling() == {
+        "do_sample": True, "temperature": 0.6, "top_p": 0.9, "ignored": {"top_k": 20, "repetition_penalty": 1.05}}
+    s = Sampling(temperature=None, top_p=None, max_tokens=9, seed=1)
+    resolved = t._resolve_sampling(s)
+    assert v._params(ChatRequest([{"role": "user", "content": "x"}], s)).kw == {
+        "temperature": resolved.temperature, "top_p": resolved.top_p, "max_tokens": 9, "seed": 1000}
+    assert dataclasses.replace(resolved, temperature=None, top_p=None) == s
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))  # do_sample false: greedy
+    v.close()
+    v2 = VLLMBackend(str(folder), "m", "r")
+    assert v2.default_sampling() == {"do_sample": False, "temperature": 0.0, "top_p": 1.0}
+
+
+def test_a_whole_reply_s_token_count_is_checked_on_the_rendered_prompt(monkeypatch):
+    mod, calls = make_stand_in(mangle=True)
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    from aloe.backends import open_backend
+
+    b = open_backend({"kind": "vllm", "model": "qwen2-7b"}, None)
+    lp = b.logprobs([ProbRequest([{"role": "user", "content": "hi"}], ("nice to meet you", "hello there"))])[0]
+    assert not lp.ok and "could not be located in the rendered prompt" in lp.error
+
+
+def test_top_k_ids_that_decode_alike_are_summed(monkeypatch):
+    import math
+
+    mod, calls = make_stand_in(dup_ids=True)
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    from aloe.backends import open_backend
+
+    b = open_backend({"kind": "vllm", "model": "qwen2-7b"}, None)
+    lp = b.logprobs([ProbRequest([{"role": "user", "content": "rate"}], ("1", "2", "3", "4", "5"))])[0]
+    assert lp.logprobs["4"] == pytest.approx(math.log(2 * math.exp(-0.1)))
 
 
 def test_vllm_missing_gives_install_hint(monkeypatch):
@@ -171,6 +320,26 @@ def test_vllm_real_engine_on_gpu(tmp_path):
     assert out[0].ok and out[0].text
     lp = b.logprobs([ProbRequest([{"role": "user", "content": "Say a digit from 1 to 5."}], ("1", "2", "3", "4", "5"))])[0]
     assert lp.ok
-    # the likelihood judge's exact path: a whole reply's log-probability from prompt log-probabilities
+    # the likelihood judge's exact path: a whole reply's log-probability from prompt log-probabilities,
+    # its token count measured on the rendered prompt and checked by decoding
     lp = b.logprobs([ProbRequest([{"role": "user", "content": "Hi!"}], ("Hello! How are you today?",))])[0]
-    assert lp.exact and lp.tokens["Hello! How are you today?"] > 1 and lp.logprobs["Hello! How are you today?"] < 0
+    assert lp.exact and lp.tokens["Hello! How are you today?"] > 1 and lp.logprobs["Hello! How are you today?"] < 0, lp
+    b.close()
+    # five engines in a row, each with most of the GPU (evaluation's base and four variants)
+    for _ in range(5):
+        e = open_backend({"kind": "vllm", "model": "smollm2-135m", "gpu_memory_utilization": 0.85}, None)
+        assert e.chat([ChatRequest([{"role": "user", "content": "Hi"}], Sampling(max_tokens=4))])[0].ok
+        e.close()
+    # one over-long prompt fails alone; the rest of the batch answers
+    e = open_backend({"kind": "vllm", "model": "smollm2-135m", "gpu_memory_utilization": 0.5, "max_model_len": 128},
+                     None)
+    texts = ["Hi", "word " * 400, "Hello"]
+    out = e.chat([ChatRequest([{"role": "user", "content": t}], Sampling(max_tokens=4)) for t in texts])
+    assert [c.ok for c in out] == [True, False, True] and "max_model_len" in out[1].error
+    # the model's default sampling: the same explicit values as the transformers engine's
+    from aloe.backends.transformers_backend import TransformersBackend
+    from aloe.models import hf_location, resolve_model
+
+    t = TransformersBackend(hf_location(resolve_model("smollm2-135m")), "smollm2-135m", "r", None)
+    assert e.default_sampling() == t.default_sampling()
+    e.close()

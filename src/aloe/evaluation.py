@@ -186,7 +186,9 @@ def conversation_settings(cfg: EvaluateConfig, model: str, roles: Roles, under_t
             "preferences": preferences.catalogue().version, "disclosure_fallback": cfg.disclosure_fallback,
             "judge_kind": cfg.judge, "judge_method": cfg.judge_method, "likelihood_scale": cfg.likelihood_scale,
             "protocol": cfg.protocol, "max_new_tokens": cfg.max_new_tokens, "user_temperature": cfg.user_temperature,
-            "seed": cfg.seed, "prompts": [prompts.get(n).tag for n in ("user_simulator", _prompt_name(model))]}
+            "seed": cfg.seed, "prompts": [prompts.get(n).tag for n in ("user_simulator", _prompt_name(model))],
+            # what "the model's own default sampling" (the paper protocol) resolved to on this engine
+            **({"default_sampling": under_test.default_sampling()} if cfg.protocol == "paper" else {})}
 
 
 def _resumable(path: Path, settings: dict, pairs: list[dict]) -> dict[str, dict]:
@@ -326,7 +328,8 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
 
     def evaluate(model: str, under_test: ChatBackend) -> None:
         t0 = time.time()
-        under_test_of[model] = under_test.describe()
+        under_test_of[model] = {**under_test.describe(), **({"default_sampling": under_test.default_sampling()}
+                                                             if cfg.protocol == "paper" else {})}
         # repeat r: the simulated user samples with seed + r (the model under test is greedy)
         repeats_of[model] = [run_model(dataclasses.replace(cfg, seed=cfg.seed + r), model, pairs, roles, under_test,
                                        paths.conversations(model, r), progress) for r in range(cfg.repeats)]

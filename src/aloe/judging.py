@@ -94,6 +94,7 @@ class Judged:
     raw: list[str] = field(default_factory=list)
     logprobs: dict[str, float | None] | None = None
     error: str | None = None
+    missing: list[str] | None = None  # candidates the engine did not report (outside its top-k)
 
     @property
     def ok(self) -> bool:
@@ -103,8 +104,11 @@ class Judged:
         return dict(self.probs or {})
 
     def to_json(self) -> dict:
-        return {"method": self.method, "probs": self.probs, "raw": self.raw, "logprobs": self.logprobs,
-                "error": self.error}
+        out = {"method": self.method, "probs": self.probs, "raw": self.raw, "logprobs": self.logprobs,
+               "error": self.error}
+        if self.missing:  # the probabilities are renormalized over the candidates that were seen
+            out["missing"] = self.missing
+        return out
 
 
 def judge(backend, requests: Sequence[ProbRequest], parse: Callable[[str | None], str | None], *,
@@ -127,7 +131,8 @@ def judge(backend, requests: Sequence[ProbRequest], parse: Callable[[str | None]
             seen = {c for c, v in lp.logprobs.items() if v is not None}
             usable = lp.ok and (not require_all or seen == set(requests[i].candidates))
             if usable:
-                out[i] = Judged("logprobs", lp.probabilities(), logprobs=lp.logprobs)
+                out[i] = Judged("logprobs", lp.probabilities(), logprobs=lp.logprobs,
+                                missing=[c for c in requests[i].candidates if c not in seen] or None)
             elif method == "logprobs":
                 out[i] = Judged("none", None, logprobs=lp.logprobs,
                                 error=lp.error or f"log-probabilities cover {sorted(seen)} of "

@@ -43,6 +43,33 @@ class Sampling:
         return self.temperature is None
 
 
+# Generation-config keys no local engine here applies (the transformers engine's sampler knows
+# temperature and top_p only), so the vLLM engine is not given them either: both sample alike.
+_NOT_APPLIED = ("top_k", "min_p", "typical_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def default_sampling(generation_config) -> dict:
+    """"The model's own default sampling", resolved once from its generation config (a
+    ``GenerationConfig`` or the dict of ``generation_config.json``) into explicit values that every
+    local engine applies the same way: greedy unless ``do_sample`` is true, else its temperature and
+    top_p (1.0 where unset). What it sets that no engine here applies is listed under ``ignored``."""
+    if generation_config is None:
+        given = {}
+    elif isinstance(generation_config, dict):
+        given = dict(generation_config)
+    elif hasattr(generation_config, "to_diff_dict"):
+        given = generation_config.to_diff_dict()  # only what the file sets, not the library's defaults
+    else:
+        given = dict(vars(generation_config))
+    sample = bool(given.get("do_sample", False))
+    out = {"do_sample": sample, "temperature": float(given.get("temperature") or 1.0) if sample else 0.0,
+           "top_p": float(given.get("top_p") or 1.0) if sample else 1.0}
+    ignored = {k: given[k] for k in _NOT_APPLIED if given.get(k) is not None}
+    if ignored:
+        out["ignored"] = ignored
+    return out
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     messages: tuple[Message, ...]
@@ -217,6 +244,11 @@ class ChatBackend(ABC):
 
     def describe(self) -> dict:
         return self.identity()
+
+    def default_sampling(self) -> dict | None:
+        """What ``Sampling(temperature=None)`` (the model's own default) means on this engine, as
+        explicit values (see :func:`default_sampling`); None where the engine decides (a server)."""
+        return None
 
     def close(self) -> None:  # pragma: no cover - overridden where there is something to free
         pass

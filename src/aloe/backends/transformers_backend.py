@@ -28,7 +28,8 @@ from collections import defaultdict
 import torch
 from transformers import DynamicCache
 
-from aloe.backends.base import CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest, Sampling
+from aloe.backends.base import (CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest, Sampling,
+                                default_sampling)
 from aloe.cache import CallCache
 
 log = logging.getLogger(__name__)
@@ -110,14 +111,15 @@ class TransformersBackend(ChatBackend):
     def describe(self) -> dict:
         return {**super().describe(), "device": self.device}
 
+    def default_sampling(self) -> dict:
+        return default_sampling(self.model.generation_config)
+
     def _resolve_sampling(self, s: Sampling) -> Sampling:
-        """``temperature=None``: the model's own generation config (greedy when it does not sample)."""
+        """``temperature=None``: the model's own generation config, resolved as on every engine."""
         if not s.model_default:
             return s
-        gc = self.model.generation_config
-        if not getattr(gc, "do_sample", False):
-            return dataclasses.replace(s, temperature=0.0, top_p=1.0)
-        return dataclasses.replace(s, temperature=float(gc.temperature or 1.0), top_p=float(gc.top_p or 1.0))
+        d = self.default_sampling()
+        return dataclasses.replace(s, temperature=d["temperature"], top_p=d["top_p"])
 
     def _autocast(self):
         if self.autocast_dtype is not None:

@@ -7,7 +7,19 @@ their URLs as a list. Log-probabilities come from the top-k next-token list
 Prompts that share a prefix (the tree judge asked in both orders) are left to vLLM's
 own automatic prefix caching; the transformers backend groups them itself.
 
-Not run in CI (no GPU there): tests/test_backends_vllm.py drives this adapter
+Checked against vLLM 0.33.0's source:
+- one prompt longer than the model's context (or exactly at it) makes ``LLM.chat`` raise for the
+  whole batch, so prompts are measured first and such a request fails alone, like a failed HTTP
+  request; what still escapes a batch is retried request by request;
+- "the model's own default sampling" is resolved once from the generation config
+  (:func:`aloe.backends.base.default_sampling`), as the transformers engine resolves it, instead of
+  vLLM's ``get_default_sampling_params()`` (which ignores ``do_sample`` and applies top_k and the
+  penalties that the transformers engine does not);
+- the tokenizer is the Hugging Face one (``tokenizer_mode="hf"``), so both engines render the same
+  prompt; a whole reply's token count is measured on the rendered prompt and checked by decoding;
+- top-k log-probabilities of ids that decode to the same text are summed, not overwritten.
+
+Not run in CI (no GPU there): tests/test_backend_vllm.py drives this adapter
 through a stand-in ``vllm`` module, and a ``gpu``-marked test runs the real engine.
 """
 
@@ -15,11 +27,26 @@ from __future__ import annotations
 
 import gc
 import importlib
+import logging
+import math
 
 from aloe.backends.base import (CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest,
-                                match_candidates)
+                                default_sampling, match_candidates)
 from aloe.cache import CallCache
 from aloe.errors import AloeError
+
+log = logging.getLogger(__name__)
+
+
+def _generation_config(location: str, revision: str | None):
+    """The model's generation config as transformers reads it; the library default (greedy) where
+    the model has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(location, revision=revision)
+    except (OSError, ValueError):
+        return None
 
 
 class VLLMBackend(ChatBackend):
@@ -37,13 +64,60 @@ class VLLMBackend(ChatBackend):
                             "pip install -c constraints/gpu.txt -e '.[vllm]' (see README, GPU install)") from None
         kwargs = {"model": location, "tensor_parallel_size": tensor_parallel_size,
                   "gpu_memory_utilization": gpu_memory_utilization, "revision": hf_revision,
-                  "dtype": "auto" if dtype == "autocast-bf16" else dtype}
+                  "dtype": "auto" if dtype == "autocast-bf16" else dtype,
+                  # the Hugging Face tokenizer and chat template, as the transformers engine uses
+                  # ("auto" switches Mistral models to mistral_common, whose prompts differ)
+                  "tokenizer_mode": "hf",
+                  # vLLM refuses a whole batch asking for more top log-probabilities than this (20)
+                  "max_logprobs": max(20, top_logprobs)}
         self.dtype = kwargs["dtype"]
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
         self.llm = self._vllm.LLM(**kwargs)
         self.top_logprobs = top_logprobs
         self.tensor_parallel_size = tensor_parallel_size
+        self.max_model_len = self._context_length(max_model_len)
+        self._defaults = default_sampling(_generation_config(location, hf_revision))
+
+    def _context_length(self, configured: int | None) -> int | None:
+        """The engine's context length (what vLLM checks prompts against)."""
+        engine = getattr(self.llm, "llm_engine", None)
+        found = getattr(getattr(engine, "model_config", None), "max_model_len", None)
+        return int(found) if isinstance(found, int) else configured
+
+    def default_sampling(self) -> dict:
+        return dict(self._defaults)
+
+    def _prompt_len(self, messages, **template) -> int:
+        tok = self.llm.get_tokenizer()
+        enc = tok.apply_chat_template(list(messages), tokenize=True, **template)
+        return len(enc["input_ids"] if hasattr(enc, "keys") else enc)
+
+    def _too_long(self, messages, **template) -> str | None:
+        """Why vLLM would refuse this prompt (and with it the whole batch), or None."""
+        if not self.max_model_len:
+            return None
+        n = self._prompt_len(messages, **template)
+        if n >= self.max_model_len:
+            return (f"prompt of {n} tokens does not fit the model's context of {self.max_model_len} "
+                    f"(max_model_len); shorten the conversation or raise max_model_len")
+        return None
+
+    def _chat_each(self, items: list, params, **kw) -> list:
+        """``LLM.chat`` over ``items`` (message lists); if the batch raises, each request alone, so one
+        bad request fails by itself (its slot holds the exception) and the rest still answer."""
+        try:
+            return list(self.llm.chat(items, sampling_params=params, use_tqdm=False, **kw))
+        except Exception as e:  # noqa: BLE001 - vLLM raises ValueError subclasses, template errors, ...
+            if len(items) == 1:
+                return [e]
+            log.warning("vLLM refused a batch of %d (%s: %s); retrying its requests one by one",
+                        len(items), type(e).__name__, str(e)[:200])
+            out = []
+            for j, m in enumerate(items):
+                one = params[j] if isinstance(params, list) else params
+                out += self._chat_each([m], [one] if isinstance(params, list) else one, **kw)
+            return out
 
     def close(self) -> None:
         """Free the GPU. In vLLM 0.33 ``LLM`` has no ``shutdown()``: its engine lives in a subprocess that
@@ -79,52 +153,103 @@ class VLLMBackend(ChatBackend):
 
     def _params(self, r: ChatRequest):
         s, seed = r.sampling, r.sampling.seed * 1000 + r.sample_index
-        if s.model_default:
-            # the model's own generation config (vLLM reads generation_config.json)
-            p = self.llm.get_default_sampling_params()
-            p.max_tokens, p.seed = s.max_tokens, seed
-            return p
-        return self._vllm.SamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_tokens, seed=seed)
+        temperature, top_p = s.temperature, s.top_p
+        if s.model_default:  # resolved from the generation config as the transformers engine does
+            temperature, top_p = self._defaults["temperature"], self._defaults["top_p"]
+        return self._vllm.SamplingParams(temperature=temperature, top_p=top_p, max_tokens=s.max_tokens, seed=seed)
 
     def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
-        params = [self._params(r) for r in requests]
-        outs = self.llm.chat([list(r.messages) for r in requests], sampling_params=params, use_tqdm=False)
-        results = []
-        for o in outs:
+        results: list[Completion | None] = [None] * len(requests)
+        todo = []
+        for i, r in enumerate(requests):
+            why = self._too_long(r.messages, add_generation_prompt=True)
+            if why:
+                results[i] = Completion(None, error=why)
+            else:
+                todo.append(i)
+        outs = self._chat_each([list(requests[i].messages) for i in todo], [self._params(requests[i]) for i in todo])
+        for i, o in zip(todo, outs):
+            if isinstance(o, Exception):
+                results[i] = Completion(None, error=f"vLLM refused the request: {type(o).__name__}: {str(o)[:300]}")
+                continue
             c = o.outputs[0]
             n = len(c.token_ids)
             self.generated_tokens += n
-            results.append(Completion(c.text.strip(), finish_reason=c.finish_reason, completion_tokens=n))
-        return results
+            results[i] = Completion(c.text.strip(), finish_reason=c.finish_reason, completion_tokens=n)
+        return results  # type: ignore[return-value]
 
     def _score(self, requests: list[ProbRequest]) -> list[CandidateLogprobs]:
-        """One-token candidates ("1".."5"): the next token's top-k list. A request with a longer
-        candidate (a whole reply, for the likelihood judge) is scored exactly instead: the
-        candidate is appended as the assistant's message and vLLM's prompt log-probabilities
-        of its tokens are summed."""
+        """One-token candidates ("1".."5"): the next token's top-k list, the log-probabilities of ids
+        that decode to the same text summed. A request with a longer candidate (a whole reply, for
+        the likelihood judge) is scored exactly instead: the candidate is appended as the
+        assistant's message and vLLM's prompt log-probabilities of its tokens are summed. Its token
+        count is the rendered prompt's length with the reply minus without it, checked by decoding
+        those tokens back to the reply; a mismatch fails that request with a message."""
         tok = self.llm.get_tokenizer()
         ntok = [{c: len(tok(c, add_special_tokens=False)["input_ids"]) for c in r.candidates} for r in requests]
-        exact = [i for i, n in enumerate(ntok) if max(n.values()) > 1]
         results: list[CandidateLogprobs | None] = [None] * len(requests)
-        topk = [i for i in range(len(requests)) if i not in set(exact)]
+        for i, r in enumerate(requests):
+            why = self._too_long(r.messages, add_generation_prompt=True)
+            if why:
+                results[i] = CandidateLogprobs({c: None for c in r.candidates}, error=why)
+        live = [i for i in range(len(requests)) if results[i] is None]
+        exact = [i for i in live if max(ntok[i].values()) > 1]
+        topk = [i for i in live if i not in set(exact)]
         if topk:
             params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, logprobs=self.top_logprobs)
-            outs = self.llm.chat([list(requests[i].messages) for i in topk], sampling_params=params, use_tqdm=False)
+            outs = self._chat_each([list(requests[i].messages) for i in topk], params)
             for i, o in zip(topk, outs):
+                if isinstance(o, Exception):
+                    results[i] = CandidateLogprobs({c: None for c in requests[i].candidates},
+                                                   error=f"vLLM refused the request: {type(o).__name__}: {o}")
+                    continue
                 step = (o.outputs[0].logprobs or [{}])[0]
-                top = {lp.decoded_token: lp.logprob for lp in step.values() if lp.decoded_token is not None}
+                top: dict[str, float] = {}
+                for lp in step.values():  # two ids may decode to the same text: sum, not overwrite
+                    if lp.decoded_token is not None:
+                        prev = top.get(lp.decoded_token)
+                        top[lp.decoded_token] = lp.logprob if prev is None else _logaddexp(prev, lp.logprob)
                 results[i] = CandidateLogprobs(match_candidates(top, requests[i].candidates), exact=False)
-        if exact:
-            pairs = [(i, c) for i in exact for c in requests[i].candidates]
-            params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-            outs = self.llm.chat([list(requests[i].messages) + [{"role": "assistant", "content": c}] for i, c in pairs],
-                                 sampling_params=params, use_tqdm=False, add_generation_prompt=False,
-                                 continue_final_message=True)
-            got: dict[int, dict[str, float]] = {}
-            for (i, c), o in zip(pairs, outs):
-                n = ntok[i][c]  # the prompt's last n tokens are the candidate's
-                ids, lps = o.prompt_token_ids[-n:], o.prompt_logprobs[-n:]
-                got.setdefault(i, {})[c] = float(sum(lp[t].logprob for t, lp in zip(ids, lps)))
+        if exact:  # every candidate of every such request in one batch
+            template = {"add_generation_prompt": False, "continue_final_message": True}
+            got: dict[int, dict[str, tuple[float, int] | str]] = {i: {} for i in exact}
+            pairs = []
             for i in exact:
-                results[i] = CandidateLogprobs(got[i], exact=True, tokens=ntok[i])
+                for c in requests[i].candidates:
+                    msgs = list(requests[i].messages) + [{"role": "assistant", "content": c}]
+                    why = self._too_long(msgs, **template)
+                    if why:
+                        got[i][c] = why
+                    else:
+                        pairs.append((i, c, msgs))
+            params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+            outs = self._chat_each([m for _, _, m in pairs], params, **template) if pairs else []
+            without = {i: self._prompt_len(requests[i].messages, add_generation_prompt=True) for i in exact}
+            for (i, c, _), o in zip(pairs, outs):
+                got[i][c] = self._reply_logprob(c, o, without[i], tok)
+            for i in exact:
+                errors = [v for v in got[i].values() if isinstance(v, str)]
+                cands = requests[i].candidates
+                results[i] = (CandidateLogprobs({c: None for c in cands}, error=errors[0]) if errors else
+                              CandidateLogprobs({c: got[i][c][0] for c in cands}, exact=True,
+                                                tokens={c: got[i][c][1] for c in cands}))
         return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _reply_logprob(reply: str, o, without: int, tok) -> tuple[float, int] | str:
+        """(summed log-probability, token count) of ``reply`` at the end of the rendered prompt, or
+        why it cannot be read there."""
+        if isinstance(o, Exception):
+            return f"vLLM refused the request: {type(o).__name__}: {str(o)[:300]}"
+        n = len(o.prompt_token_ids) - without  # the reply's tokens, as rendered in this prompt
+        tail = tok.decode(o.prompt_token_ids[-n:], skip_special_tokens=True) if n > 0 else ""
+        if n <= 0 or tail.strip() != reply.strip():
+            return (f"the reply's tokens could not be located in the rendered prompt ({n} tokens decode to "
+                    f"{tail.strip()[:60]!r}, not the reply): the chat template changes the reply")
+        ids, lps = o.prompt_token_ids[-n:], o.prompt_logprobs[-n:]
+        return float(sum(lp[t].logprob for t, lp in zip(ids, lps))), n
+
+
+def _logaddexp(a: float, b: float) -> float:
+    m = max(a, b)
+    return m + math.log(math.exp(a - m) + math.exp(b - m))
