@@ -246,5 +246,9 @@ def run_all(verbose: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    out = run_all(verbose="-v" in sys.argv)
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="one line per case")
+    out = run_all(verbose=ap.parse_args().verbose)
     print(" / ".join(f"{k} {v}" for k, v in out["counts"].items()))

@@ -23,9 +23,11 @@ from pathlib import Path
 
 from aloe.backends import open_backend
 from aloe.config import BackendConfig, TreesConfig, load_experiment
-from aloe.io import write_json, write_jsonl
-from aloe.records import load_seeds, make_pairs, pool_records
 import aloe.trees
+from aloe.embedding import shared_embedder
+from aloe.io import write_json, write_jsonl
+from aloe.preferences import assign
+from aloe.records import load_seeds, make_pairs, pool_records
 
 
 class OneAtATime:
@@ -56,7 +58,9 @@ def run_trees(engine, settings: dict, personas: int, turns: int) -> dict:
     with tempfile.TemporaryDirectory() as root:
         profiles = pool_records(load_seeds("profiles")[:personas], "profile", "seed", "train")
         personalities = pool_records(load_seeds("personalities"), "personality", "seed", "train")
-        write_jsonl(Path(root) / "b" / "personas" / "pairs.jsonl", make_pairs(profiles, personalities, 1, 0, "train"))
+        # checkable preferences as the default study draws them (the rules judge needs them)
+        pairs = assign(make_pairs(profiles, personalities, 1, 0, "train"), (2, 3), 0, "ours")
+        write_jsonl(Path(root) / "b" / "personas" / "pairs.jsonl", pairs)
         cfg = TreesConfig(experiment="b", data_root=root, n_personas=personas, turns=turns, **settings)
         return aloe.trees.run(cfg, engine, progress=False)
 
@@ -73,7 +77,7 @@ def main() -> None:
     args.batch_size = args.batch_size or default_batch
 
     backend = open_backend(BackendConfig(kind="transformers", model=args.model, batch_size=args.batch_size), None)
-    aloe.trees._embedder()  # load MiniLM once, outside both timings
+    shared_embedder()  # load MiniLM once, outside both timings
     results = {}
     for mode in ("lockstep", "naive"):
         engine = backend if mode == "lockstep" else OneAtATime(backend)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -40,6 +39,11 @@ def screenshot(page: Path, out: Path, width: int = 1280, height: int = 1000) -> 
 
 
 if __name__ == "__main__":
-    experiment = sys.argv[1] if len(sys.argv) > 1 else "default"
-    out = Path(sys.argv[2]) if len(sys.argv) > 2 else REPO / "reports" / f"{experiment}-results.png"
-    print(screenshot(REPO / "reports" / experiment / "index.html", out))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("experiment", nargs="?", default="default", help="reports/<experiment>/index.html")
+    ap.add_argument("out", nargs="?", default=None, help="PNG to write (default reports/<experiment>-results.png)")
+    args = ap.parse_args()
+    out = Path(args.out) if args.out else REPO / "reports" / f"{args.experiment}-results.png"
+    print(screenshot(REPO / "reports" / args.experiment / "index.html", out))

@@ -60,5 +60,9 @@ def sync(path: Path) -> list[str]:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "parameters" / "default.yaml"
-    print("updated:", ", ".join(sync(target)) or "nothing")
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("params", nargs="?", default=str(REPO / "parameters" / "default.yaml"),
+                    help="the parameter file whose values become the notebooks' defaults")
+    print("updated:", ", ".join(sync(Path(ap.parse_args().params))) or "nothing")

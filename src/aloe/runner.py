@@ -78,7 +78,7 @@ def check_inputs(exp: Experiment, stages: list[str]) -> None:
         if missing:
             where = "folder not found" if not Path(folder).is_dir() else f"missing {', '.join(missing)}"
             raise ConfigError(f"{exp.path}: stages.{stage}.official_dir: {folder}: {where}; copy the official "
-                              f"ALOE datasets/ folder there (README, 'Official ALOE files')")
+                              f"ALOE datasets/ folder there (docs/models.md, 'Official ALOE files')")
 
 
 def used_roles(exp: Experiment, stages: list[str]) -> list[tuple[str, BackendConfig]]:

@@ -61,7 +61,7 @@ class VLLMBackend(ChatBackend):
             self._vllm = importlib.import_module("vllm")
         except ImportError:
             raise AloeError("backend kind 'vllm' needs vLLM on a CUDA machine: "
-                            "pip install -c constraints/gpu.txt -e '.[vllm]' (see README, GPU install)") from None
+                            "pip install -c constraints/gpu.txt -e '.[vllm]' (see docs/models.md, GPU install)") from None
         kwargs = {"model": location, "tensor_parallel_size": tensor_parallel_size,
                   "gpu_memory_utilization": gpu_memory_utilization, "revision": hf_revision,
                   "dtype": "auto" if dtype == "autocast-bf16" else dtype,
