@@ -9,16 +9,25 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 PARAMS ?= parameters/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test clean-run
+.PHONY: run test test-fast lint setup setup-test clean-run
 
 run: $(VENV)/.stamp-base $(VENV)/.stamp-teacher
 	$(VENV)/bin/aloe run $(PARAMS)
 	@echo "Report: reports/$$(basename $(PARAMS) .yaml)/index.html"
 
-test: $(VENV)/.stamp-test
+test: $(VENV)/.stamp-test lint
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; a run that tests nothing is a failure" >&2; exit 1; fi; \
 	exit $$rc
+
+# The tests that load no model and run no notebook: the quick loop while editing (make test runs all).
+test-fast: $(VENV)/.stamp-test lint
+	$(PY) -m pytest -m "not slow and not gpu and not network" -q $(PYTEST_ARGS)
+
+# The package's import layers (pyproject.toml [tool.importlinter]) and ruff's small rule set.
+lint: $(VENV)/.stamp-test
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check src tests scripts
 
 setup: $(VENV)/.stamp-base $(VENV)/.stamp-teacher
 setup-test: $(VENV)/.stamp-test

@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import torch
+from bench_trees import run_trees, tree_settings  # scripts/ is on sys.path when run as a script
 
 from aloe.backends import open_backend
 from aloe.backends.transformers_backend import prefix_groups
 from aloe.config import BackendConfig
 from aloe.io import write_json
-from bench_trees import run_trees, tree_settings  # scripts/ is on sys.path when run as a script
 
 
 class Recorder:

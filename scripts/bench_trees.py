@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import aloe.trees
 from aloe.backends import open_backend
 from aloe.config import BackendConfig, TreesConfig, load_experiment
-import aloe.trees
 from aloe.embedding import shared_embedder
 from aloe.io import write_json, write_jsonl
 from aloe.preferences import assign

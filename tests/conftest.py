@@ -82,3 +82,10 @@ def tiny_model(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that loads a real model or starts a real server is slow (make test-fast skips it)."""
+    for item in items:
+        if {"smollm", "tiny_model", "llama_server"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

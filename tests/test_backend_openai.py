@@ -8,11 +8,10 @@ import time
 
 import httpx
 import pytest
+from conftest import free_port
 
 from aloe.backends import ChatRequest, ProbRequest, Sampling, open_backend
 from aloe.errors import BackendError, ConfigError
-
-from conftest import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -11,11 +11,10 @@ import json
 import threading
 
 import pytest
+from conftest import free_port
 
 from aloe.backends import ChatRequest, ProbRequest, Sampling, open_backend
 from aloe.errors import BackendError
-
-from conftest import free_port
 
 
 class ModelServer:

@@ -2,12 +2,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from aloe.config import load_experiment, stage_config
 from aloe.errors import ConfigError
 from aloe.models import resolve_model
-
-from conftest import REPO
 
 
 def write(tmp_path, text, name="exp.yaml"):
@@ -66,6 +65,7 @@ def run_cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "aloe", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
+@pytest.mark.slow  # runs aloe or a pipeline in a subprocess
 def test_cli_user_errors_exit_2_without_traceback(tmp_path):
     bad = write(tmp_path, "stages:\n  trees:\n    turnz: 3\n")
     r = run_cli("run", str(bad))

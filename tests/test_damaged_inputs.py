@@ -8,13 +8,11 @@ import os
 import sqlite3
 
 import pytest
+from test_reliability import _deterministic, _personas
 
 from aloe.config import check_url, redact_url, stage_config
 from aloe.errors import AloeError, ConfigError
 from aloe.io import JsonlAppender, read_json, read_jsonl, write_json, write_text
-
-from test_reliability import _deterministic, _personas
-
 
 # --------------------------------------------------------------------------- bytes that are not UTF-8
 

@@ -5,15 +5,14 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import REPO
+from test_trees import Scripted
 
 from aloe.config import EvaluateConfig, JudgeCardConfig
-from aloe.errors import AloeError
+from aloe.errors import AloeError, ConfigError
 from aloe.io import read_json, read_jsonl, write_jsonl
 from aloe.judging import judge, parse_score_choice
 from aloe.metrics import summarize
-
-from conftest import REPO
-from test_trees import Scripted
 
 OFFICIAL = REPO.parent / "shared" / "aloe-official"
 
@@ -34,8 +33,11 @@ def test_benchmark_pairs_spread_over_profiles_and_personalities(tmp_path):
     assert len(all_100) == len({p["id"] for p in all_100}) == 100
     first = benchmark_pairs(EvaluateConfig(experiment="t", data_root=str(tmp_path), n_personas=10))
     assert len({p["profile_id"] for p in first}) == 10 and len({p["personality_id"] for p in first}) == 5
-    with pytest.raises(AloeError, match="101 asked, but there are 100"):
-        benchmark_pairs(EvaluateConfig(experiment="t", data_root=str(tmp_path), n_personas=101))
+    with pytest.raises(ConfigError, match="n_personas: 101 is out of range; allowed 1 to 100"):
+        EvaluateConfig(experiment="t", data_root=str(tmp_path), n_personas=101)
+    write_jsonl(tmp_path / "t" / "personas" / "pairs.jsonl", all_100[:30])  # a smaller benchmark file
+    with pytest.raises(AloeError, match="31 asked, but there are 30"):
+        benchmark_pairs(EvaluateConfig(experiment="t", data_root=str(tmp_path), n_personas=31))
 
 
 @pytest.mark.skipif(not OFFICIAL.exists(), reason=f"official ALOE files not present at {OFFICIAL}")

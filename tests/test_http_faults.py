@@ -12,12 +12,11 @@ import threading
 import time
 
 import pytest
+from conftest import free_port
 
 from aloe.backends import ChatRequest, ProbRequest, Sampling, open_backend
 from aloe.cache import CallCache
 from aloe.errors import BackendError
-
-from conftest import free_port
 
 CANARY = "sk-canary-7f3a9c1e5b2d4a6f8e0c"
 
@@ -41,6 +40,7 @@ class FaultServer:
     def __init__(self, faults=()):
         self.faults, self.lock, self.posts, self.seen_auth = list(faults), threading.Lock(), 0, []
         self.always: dict[str, object] = {}
+        self.delay, self.answered = 0.0, 0  # seconds before each healthy answer; healthy answers sent
         srv = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -78,7 +78,10 @@ class FaultServer:
                                       {"Content-Type": "application/json", **fault.get("headers", {})})
                 good = _chat_body(logprobs=GOOD_TOP) if req.get("logprobs") else \
                     _chat_body(f"reply to {req['messages'][-1]['content']}")
+                time.sleep(srv.delay)
                 self._send(200, json.dumps(good).encode(), {"Content-Type": "application/json"})
+                with srv.lock:
+                    srv.answered += 1
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
@@ -210,6 +213,7 @@ def test_the_key_never_reaches_errors_or_records(server, tmp_path, monkeypatch):
         "latin-1")
 
 
+@pytest.mark.slow  # runs aloe or a pipeline in a subprocess
 def test_a_planted_key_appears_in_no_file_a_run_writes(server, tmp_path):
     """A whole run (personas, trees, evaluation) through the HTTP backend with a canary key; the
     server also echoes the key back in one error body. Then every file the run wrote (data,
@@ -259,6 +263,7 @@ def aloe_io():
     return aloe.io
 
 
+@pytest.mark.slow  # runs aloe or a pipeline in a subprocess
 def test_an_outage_mid_stage_fails_it_and_a_healthy_rerun_equals_an_uninterrupted_run(tmp_path):
     """Trees over HTTP: the server goes down (503 to every try) during turn 2; the stage fails
     with nothing written as done; rerun against the healthy server, it ends as a run that never
@@ -297,3 +302,113 @@ def test_an_outage_mid_stage_fails_it_and_a_healthy_rerun_equals_an_uninterrupte
         finally:
             srv.close()
     assert got["outage"] == got["straight"]
+
+
+# --------------------------------------------------------------------------- every answer kept as it arrives
+
+def _cached(path) -> int:
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    try:
+        return con.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+    finally:
+        con.close()
+
+
+@pytest.mark.slow  # runs aloe or a pipeline in a subprocess
+def test_a_sigkill_mid_batch_loses_at_most_the_calls_in_flight(server, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    server.delay = 0.05
+    cache = tmp_path / "c.sqlite"
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'src')!r})\n"
+            "from aloe.backends import ChatRequest, Sampling, open_backend\n"
+            f"b = open_backend({{'kind': 'openai', 'model': 'm', 'base_url': {server.url!r}, 'max_concurrency': 4}}, "
+            f"{str(cache)!r})\n"
+            "print('sending', flush=True)\n"
+            "b.chat([ChatRequest([{'role': 'user', 'content': f'q{i}'}], Sampling(max_tokens=8)) for i in range(600)])\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "sending"
+    deadline = time.time() + 60
+    while server.answered < 40 and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    time.sleep(0.3)  # answers the server was sending when the client died
+    answered, kept = server.answered, _cached(cache)
+    assert 40 <= answered < 600
+    assert answered - kept <= 4, f"{answered} answered, {kept} kept: more lost than the 4 in flight"
+    # the rerun asks only for what was not kept
+    before = server.posts
+    b = backend(server.url, str(cache), max_concurrency=4)
+    out = b.chat([ChatRequest([{"role": "user", "content": f"q{i}"}], Sampling(max_tokens=8)) for i in range(600)])
+    assert all(c.ok for c in out) and server.posts - before == 600 - kept
+
+
+def test_ctrl_c_stops_new_requests_and_keeps_the_answers_in_flight(server, tmp_path):
+    import _thread
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (another test may
+    server.delay = 0.05                                                 # have left SIGINT ignored)
+    cache = tmp_path / "c.sqlite"
+    b = backend(server.url, str(cache), max_concurrency=4)
+    threading.Timer(0.6, _thread.interrupt_main).start()  # Ctrl-C, 0.6 s into the batch
+    with pytest.raises(KeyboardInterrupt):
+        b.chat([ChatRequest([{"role": "user", "content": f"q{i}"}], Sampling(max_tokens=8)) for i in range(600)])
+    sent = server.posts
+    time.sleep(0.5)
+    assert server.posts == sent < 100, "requests went on being sent after Ctrl-C"
+    assert _cached(cache) == server.answered  # every answer that arrived was kept, in flight ones included
+    signal.signal(signal.SIGINT, previous)
+
+
+# --------------------------------------------------------------------------- rate limits and a pool
+
+def test_the_limiter_holds_requests_and_tokens_per_minute_within_ten_percent(server):
+    b = backend(server.url, max_concurrency=8, rpm=1200)  # 20 requests a second
+    t0 = time.monotonic()
+    assert all(c.ok for c in b.chat(chats(40)))
+    rate = 40 / (time.monotonic() - t0) * 60
+    assert 0.8 * 1200 <= rate <= 1.1 * 1200, rate
+    # tokens: each request counts its prompt (4 characters a token) and max_tokens 8
+    b = backend(server.url, max_concurrency=8, tpm=6000)  # 100 tokens a second; each request ~10
+    t0 = time.monotonic()
+    assert all(c.ok for c in b.chat(chats(30)))
+    per = 8 + len("q10") // 4
+    rate = 30 * per / (time.monotonic() - t0) * 60
+    assert 0.7 * 6000 <= rate <= 1.1 * 6000, rate
+
+
+def test_a_429_halves_the_rate_for_a_while():
+    from aloe.backends.openai_backend import RateLimiter
+
+    lim = RateLimiter(rpm=1200, tpm=None, penalty_s=10)
+    t0 = time.monotonic()
+    for _ in range(10):
+        lim.acquire(1)
+    fast = time.monotonic() - t0
+    lim.slow_down()
+    t0 = time.monotonic()
+    for _ in range(10):
+        lim.acquire(1)
+    assert time.monotonic() - t0 > 1.6 * fast
+
+
+def test_a_failing_server_leaves_the_pool_and_its_requests_go_to_the_others():
+    bad, good = FaultServer([503] * 1000), FaultServer()
+    try:
+        b = backend([bad.url, good.url], max_concurrency=1, max_retries=6)
+        out = b.chat(chats(30))
+        assert all(c.ok for c in out)
+        assert bad.posts <= 4, f"the failing server got {bad.posts} requests"
+        assert good.posts >= 30 and b.pool.down() == [bad.url.rstrip("/")]
+    finally:
+        bad.close()
+        good.close()

@@ -2,8 +2,7 @@ import math
 
 import pytest
 
-from aloe.metrics import (al_table, bootstrap_ci, improvement_rate, normalized_improvement_rate,
-                          normalized_r2)
+from aloe.metrics import al_table, bootstrap_ci, improvement_rate, normalized_improvement_rate, normalized_r2
 
 
 def test_linear_curve():

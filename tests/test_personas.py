@@ -1,11 +1,9 @@
-import json
 
 import pytest
+from conftest import REPO
 
 from aloe.errors import AloeError
 from aloe.personas import item_id, load_seeds, make_pairs, read_aloe_pool
-
-from conftest import REPO
 
 OFFICIAL = REPO.parent / "shared" / "aloe-official"
 

@@ -10,14 +10,13 @@ import sys
 import time
 
 import pytest
+from conftest import REPO
 
 import aloe.io
 from aloe.config import stage_config
 from aloe.errors import AloeError
 from aloe.io import write_json
 from aloe.lock import ExperimentBusy, experiment_lock
-
-from conftest import REPO
 
 
 def _params(tmp_path, name):
@@ -55,6 +54,7 @@ def test_a_stage_launched_directly_is_refused_while_another_holds_the_experiment
     assert cfg.paths.manifest("personas").exists()
 
 
+@pytest.mark.slow  # runs aloe or a pipeline in a subprocess
 def test_two_runs_on_one_experiment_the_second_is_refused_the_first_unharmed(tmp_path):
     f = _params(tmp_path, "lock-test")
     lock = tmp_path / "data" / "lock-test" / ".lock"

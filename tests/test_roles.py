@@ -14,17 +14,16 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 import aloe.evaluation
 import aloe.report
 import aloe.trees
-from aloe.config import STAGE_CONFIGS, STAGES, build, load_experiment, stage_config, stage_fields
+from aloe.config import STAGES, load_experiment, stage_config, stage_fields
 from aloe.errors import ConfigError
 from aloe.io import read_json, read_jsonl, write_jsonl
 from aloe.records import load_seeds, make_pairs, pool_records
 from aloe.roles import open_roles, self_judging
-
-from conftest import REPO
 
 OFFICIAL = REPO.parent / "shared" / "aloe-official"
 
@@ -192,6 +191,7 @@ def test_runs_inject_every_field_so_notebook_defaults_never_leak(tmp_path):
     assert exp.parameters_for("evaluate")["judge_card"]["compare"] == []
 
 
+@pytest.mark.slow  # aloe check in a subprocess
 @pytest.mark.skipif(not OFFICIAL.exists(), reason=f"official ALOE files not present at {OFFICIAL}")
 @pytest.mark.parametrize("name", ["paper", "paper-open"])
 def test_paper_files_check_without_an_api_key(tmp_path, name):

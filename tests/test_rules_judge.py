@@ -1,7 +1,6 @@
 """The exact ruler wired through the stages: the rules judge labels trees exactly, evaluation scores
 and records disclosure, the judge card is decided on known answers, and self-judging never passes."""
 
-import dataclasses
 
 import pytest
 

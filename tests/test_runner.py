@@ -6,7 +6,6 @@ import sys
 from html.parser import HTMLParser
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow

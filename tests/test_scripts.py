@@ -5,6 +5,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 from conftest import REPO
 
 SCRIPTS = sorted((REPO / "scripts").glob("*.py"))
@@ -15,6 +16,7 @@ def _help(path):
                                       text=True, timeout=300)
 
 
+@pytest.mark.slow  # runs aloe or a pipeline in a subprocess
 def test_every_script_imports_and_answers_help():
     assert len(SCRIPTS) >= 10
     with ThreadPoolExecutor(max_workers=4) as pool:

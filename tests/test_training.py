@@ -7,12 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from aloe.config import TrainConfig
 from aloe.errors import ConfigError
 from aloe.io import read_json, write_jsonl
-
-from conftest import REPO
 
 SYS = {"role": "system", "content": "You are a friendly assistant."}
 

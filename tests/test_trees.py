@@ -10,7 +10,7 @@ from aloe.backends.base import CandidateLogprobs, ChatBackend, Completion
 from aloe.backends.scripted import ScriptedBackend
 from aloe.config import TreesConfig
 from aloe.errors import AloeError
-from aloe.io import read_jsonl, write_jsonl
+from aloe.io import read_json, read_jsonl, write_jsonl
 from aloe.judging import Judged, judge, parse_choice
 from aloe.trees import decide, export_rows
 
@@ -245,3 +245,20 @@ def test_a_failing_tree_is_recorded_and_the_others_go_on(tmp_path):
     assert sorted(len(t["turns"]) for t in trees) == [0, 2, 2]
     assert counts["dpo_rows"] == 4 and not any(r["id"].startswith(bad["id"])
                                                for r in read_jsonl(tmp_path / "t" / "trees" / "dpo.jsonl"))
+
+
+def test_the_manifest_counts_each_engine_s_calls_and_tokens(tmp_path):
+    import aloe.trees
+    from aloe.backends.scripted import ScriptedBackend
+
+    _write_pairs(tmp_path / "t", n=2)
+    cfg = TreesConfig(experiment="t", data_root=str(tmp_path), n_personas=2, turns=2, max_new_tokens=8,
+                      inconsistent="average")
+    engine = ScriptedBackend(texts=lambda r: "A reply of five words.")
+    aloe.trees.run(cfg, engine, progress=False)
+    (used,) = read_json(cfg.paths.manifest("trees"))["usage"]
+    assert set(used["roles"]) == {"simulator", "inferrer", "responder", "judge"}
+    # every request the engine saw (identical requests of one batch are asked once), none from the cache
+    assert used["calls"] == len(engine.calls) > 0 and used["cached_calls"] == 0
+    aloe.trees.run(cfg, ScriptedBackend(texts=lambda r: "A reply of five words."), progress=False)
+    assert read_json(cfg.paths.manifest("trees"))["usage"][0]["calls"] == 0  # resumed: nothing asked again

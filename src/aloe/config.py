@@ -14,12 +14,11 @@ import ipaddress
 import math
 import re
 import types
-import urllib.parse
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
-
 
 from aloe.errors import ConfigError
 from aloe.paths import Paths
@@ -29,26 +28,6 @@ from aloe.yamlfile import load_yaml, number_hint, short
 # experiment names become folder names under data/ and reports/
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-
-# Sane bounds for every number a parameter file sets, by field name (or "Class.field"):
-# a typo such as `turns: 1000000000` or `gpu_memory_utilization: 5` is refused before a run
-# starts instead of running for days or failing deep inside an engine.
-RANGES: dict[str, tuple[float, float]] = {
-    "batch_size": (1, 4096), "max_concurrency": (1, 1024), "timeout_s": (0.1, 86_400),
-    "max_retries": (0, 100), "deadline_s": (1, 604_800), "tensor_parallel_size": (1, 1024), "gpu_memory_utilization": (0.05, 1.0),
-    "max_model_len": (16, 10_000_000), "top_logprobs": (1, 100),
-    "target_profiles": (1, 1_000_000), "target_personalities": (1, 1_000_000), "examples_per_round": (0, 100),
-    "items_per_round": (1, 1000), "requests_per_round": (1, 100_000), "threshold": (0.0, 1.0),
-    "max_rounds": (0, 100_000), "saturation_window": (1, 1000), "saturation_floor": (0.0, 1.0),
-    "temperature": (0.0, 5.0), "user_temperature": (0.0, 5.0), "max_new_tokens": (1, 131_072),
-    "pairs_per_profile": (1, 1000), "n_eval_personalities": (1, 100), "seed": (0, 2**32 - 1),
-    "n_personas": (1, 10_000_000), "EvaluateConfig.n_personas": (1, 100), "turns": (1, 100),
-    "judge_retries": (0, 20), "disclosure_threshold": (0.0, 1.0), "likelihood_scale": (0.001, 100.0),
-    "n_boot": (10, 1_000_000), "max_replies": (1, 1_000_000), "min_discrimination": (0.0, 1.0),
-    "min_tailored": (0.0, 1.0), "min_preference": (0.0, 1.0), "k1_messages": (1, 100),
-    "max_k2_pairs": (1, 1_000_000), "max_length_corr": (0.0, 1.0), "min_gap": (0.0, 4.0), "max_failed_share": (0.0, 1.0),
-    "repeats": (1, 100),
-}
 
 STAGES = ("personas", "trees", "train", "evaluate", "report")
 NOTEBOOKS = {
@@ -184,20 +163,37 @@ def build(cls: type, data: dict, where: str) -> Any:
         raise ConfigError(f"{where}.{e}" if where else str(e)) from None
 
 
+def param(default: Any = dataclasses.MISSING, *, help: str, range: tuple[float, float] | None = None,
+          factory: Any = None) -> Any:
+    """A parameter's one declaration: its default (or ``factory``), its allowed range (inclusive; a
+    typo such as `turns: 1000000000` or `gpu_memory_utilization: 5` is refused before a run starts
+    instead of running for days or failing deep inside an engine) and one line of help. Validation,
+    the notebooks' parameters cells and docs/parameters.md are all made from it
+    (scripts/sync_notebook_defaults.py)."""
+    metadata = {"help": help, **({"range": range} if range is not None else {})}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def field_range(cls: type, name: str) -> tuple[float, float] | None:
+    return cls.__dataclass_fields__[name].metadata.get("range")
+
+
+def check_ranges(obj: Any) -> None:
+    """Every field of a built config within its declared range (also when a config is made
+    directly, not from a file); raises with the bare key, which build() prefixes with the path."""
+    for f in dataclasses.fields(obj):
+        _in_range(type(obj), f.name, getattr(obj, f.name), f.name)
+
+
 def _in_range(cls: type, name: str, value: Any, key: str) -> None:
-    bounds = RANGES.get(f"{cls.__name__}.{name}") or RANGES.get(name)
+    bounds = field_range(cls, name)
     if bounds is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     lo, hi = bounds
     if not lo <= value <= hi:
         raise ConfigError(f"{key}: {value!r} is out of range; allowed {lo:g} to {hi:g}")
-
-
-def _positive(**values: float) -> None:
-    """Raise with the bare key; build() prefixes the key path."""
-    for k, v in values.items():
-        if v is not None and v <= 0:
-            raise ConfigError(f"{k}: must be > 0, got {v!r}")
 
 
 # --------------------------------------------------------------------------- configs
@@ -207,35 +203,35 @@ class BackendConfig:
     """Which engine answers LLM calls. One shape for all three kinds."""
 
     # scripted: canned deterministic answers (aloe.backends.scripted), for tests and dry runs
-    kind: Literal["transformers", "openai", "vllm", "scripted"] = "transformers"
-    model: str = "smollm2-135m"  # registry name (parameters/models.yaml), HF id or local folder
-    revision: Optional[str] = None  # HF revision; part of the cache key
+    kind: Literal["transformers", "openai", "vllm", "scripted"] = param("transformers", help="the engine: transformers (local), openai (any OpenAI-compatible server), vllm (GPU) or scripted (canned answers, for tests)")
+    model: str = param("smollm2-135m", help="registry name (parameters/models.yaml), HF id or local folder")
+    revision: Optional[str] = param(None, help="HF revision; part of the cache key")
     # transformers
-    batch_size: int = 8
-    dtype: Literal["auto", "bfloat16", "float32", "float16", "autocast-bf16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = param(8, help="requests per batch on a local engine (transformers)", range=(1, 4096))
+    dtype: Literal["auto", "bfloat16", "float32", "float16", "autocast-bf16"] = param("auto", help="weights' dtype on a local engine (auto: bf16 where the CPU or GPU has it)")
+    device: Literal["auto", "cpu", "cuda"] = param("auto", help="where a local model runs")
     # openai-compatible HTTP
-    base_url: Optional[str | tuple[str, ...]] = None  # one URL, or a list for a pool of servers
-    api_key_env: Optional[str] = None  # name of the environment variable holding the key
+    base_url: Optional[str | tuple[str, ...]] = param(None, help="one URL, or a list for a pool of servers")
+    api_key_env: Optional[str] = param(None, help="name of the environment variable holding the key")
     # the key goes only to https URLs or to http on this machine (loopback); true also sends it
     # over plain http to another host, where anyone on the path can read it
-    allow_insecure_key: bool = False
-    served_model: Optional[str] = None  # model name the server expects; defaults to `model`
-    max_concurrency: int = 8
-    timeout_s: float = 120.0  # one attempt
-    max_retries: int = 6
-    deadline_s: Optional[float] = None  # one request, retries and waits included (None: timeout_s x tries + 60)
+    allow_insecure_key: bool = param(False, help="true also sends the key over plain http to another host, where anyone on the path can read it")
+    served_model: Optional[str] = param(None, help="model name the server expects; defaults to `model`")
+    max_concurrency: int = param(8, help="HTTP: requests in flight at once on each server of the pool", range=(1, 1024))
+    timeout_s: float = param(120.0, help="one attempt", range=(0.1, 86400))
+    max_retries: int = param(6, help="retries of a failed HTTP request (429, 5xx, timeouts), with backoff", range=(0, 100))
+    deadline_s: Optional[float] = param(None, help="one request, retries and waits included (None: timeout_s x tries + 60)", range=(1, 604800))
+    rpm: Optional[float] = param(None, help="HTTP: requests per minute at most, across the pool (a provider's tier limit); None: no limit", range=(1, 10000000))
+    tpm: Optional[float] = param(None, help="HTTP: tokens per minute at most (prompt, estimated at 4 characters a token, plus max_tokens); None: no limit", range=(100, 1000000000))
     # vllm
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
-    max_model_len: Optional[int] = None
+    tensor_parallel_size: int = param(1, help="vLLM: GPUs one engine spans", range=(1, 1024))
+    gpu_memory_utilization: float = param(0.85, help="vLLM: share of the GPU's memory the engine may take", range=(0.05, 1.0))
+    max_model_len: Optional[int] = param(None, help="vLLM: context length (prompt and reply); None: the model's", range=(16, 10000000))
     # log-probabilities: how many top tokens to ask for (HTTP / vLLM)
-    top_logprobs: int = 20
+    top_logprobs: int = param(20, help="how many top next tokens an HTTP server or vLLM returns with log-probabilities", range=(1, 100))
 
     def __post_init__(self):
-        _positive(batch_size=self.batch_size, max_concurrency=self.max_concurrency,
-                  timeout_s=self.timeout_s, tensor_parallel_size=self.tensor_parallel_size,
-                  top_logprobs=self.top_logprobs)
+        check_ranges(self)
         if self.kind == "openai" and not self.base_url:
             raise ConfigError("base_url: required when kind is 'openai' (e.g. http://127.0.0.1:8000/v1)")
         urls = (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url or ())
@@ -303,13 +299,14 @@ def check_url(url: str, key: str) -> None:
 class Common:
     """Keys every stage receives."""
 
-    experiment: str
-    data_root: str = "data"
-    cache_path: str = "data/cache/llm.sqlite"
-    backend: BackendConfig = field(default_factory=BackendConfig)
-    roles: dict[str, Any] = field(default_factory=dict)  # role -> backend settings merged over `backend`
+    experiment: str = param(help="experiment name: outputs go to data/<experiment>/ and reports/<experiment>/")
+    data_root: str = param("data", help="folder holding every experiment's outputs")
+    cache_path: str = param("data/cache/llm.sqlite", help="SQLite cache shared by every LLM call")
+    backend: BackendConfig = param(factory=BackendConfig, help="the engine every role inherits (see parameters/*.yaml)")
+    roles: dict[str, Any] = param(factory=dict, help="role -> backend settings merged over backend: generator, simulator, inferrer, responder, judge, policy")
 
     def __post_init__(self):
+        check_ranges(self)
         resolved = {}
         for name in self.roles:
             if name not in ROLES:
@@ -366,86 +363,74 @@ def check_preference_range(value: tuple[int, ...]) -> None:
 
 @dataclass(frozen=True)
 class PersonasConfig(Common):
-    source: Literal["ours", "official"] = "ours"  # our seeds (+ growth) or the official ALOE pools
-    official_dir: Optional[str] = None  # folder with profile.jsonl, personality.jsonl, *_eval.jsonl
-    target_profiles: int = 20  # grow the profile pool to this size (no growth if the seeds reach it)
-    target_personalities: int = 20  # grow the personality pool to this size
-    examples_per_round: int = 5  # pool members shown as in-context examples
-    items_per_round: int = 20  # new items asked for per request
-    requests_per_round: int = 4  # requests per round, batched
-    threshold: float = 0.6  # max cosine similarity to anything in the pool
-    max_rounds: int = 10  # round limit per kind
-    saturation_window: int = 3  # stop when the last m rounds ...
-    saturation_floor: float = 0.05  # ... accepted fewer than this share of candidates
-    temperature: float = 0.9
-    max_new_tokens: int = 512
-    pairs_per_profile: int = 1  # personalities paired with each training profile
-    n_eval_personalities: int = 5  # the ALOE design pairs every eval profile with 5 personalities
+    source: Literal["ours", "official"] = param("ours", help="\"ours\" (seeds + growth) or \"official\" (the ALOE pool files in official_dir)")
+    official_dir: Optional[str] = param(None, help="folder holding profile.jsonl, personality.jsonl, profile_eval.jsonl, personality_eval.jsonl")
+    target_profiles: int = param(20, help="grow the profile pool to this size (no growth when the seeds reach it)", range=(1, 1000000))
+    target_personalities: int = param(20, help="grow the personality pool to this size", range=(1, 1000000))
+    examples_per_round: int = param(5, help="pool members shown to the LLM as examples", range=(0, 100))
+    items_per_round: int = param(20, help="new items asked for per request", range=(1, 1000))
+    requests_per_round: int = param(4, help="requests per round (one batch)", range=(1, 100000))
+    threshold: float = param(0.6, help="keep an item only if its cosine similarity to every pool member is at most this", range=(0.0, 1.0))
+    max_rounds: int = param(10, help="round limit per kind", range=(0, 100000))
+    saturation_window: int = param(3, help="stop when the last this-many rounds ...", range=(1, 1000))
+    saturation_floor: float = param(0.05, help="... accepted less than this share of their candidates", range=(0.0, 1.0))
+    temperature: float = param(0.9, help="sampling temperature for generation", range=(0.0, 5.0))
+    max_new_tokens: int = param(512, help="cap on each generation reply", range=(1, 131072))
+    pairs_per_profile: int = param(1, help="personalities paired with each training profile", range=(1, 1000))
+    n_eval_personalities: int = param(5, help="benchmark personalities (every eval profile is paired with each)", range=(1, 100))
     # checkable preferences per persona (aloe.preferences): [low, high] drawn by a seeded rule and
     # written to pairs.jsonl; [] for none (the free-text persona only)
-    preferences: tuple[int, ...] = ()
-    seed: int = 0
+    preferences: tuple[int, ...] = param((), help="checkable preferences per persona, [low, high] by a seeded draw (aloe.preferences); [] for none")
+    seed: int = param(0, help="seeds example sampling, generation and pairing", range=(0, 4294967295))
 
     def __post_init__(self):
         super().__post_init__()
         check_preference_range(self.preferences)
-        _positive(target_profiles=self.target_profiles, target_personalities=self.target_personalities,
-                  examples_per_round=self.examples_per_round, items_per_round=self.items_per_round,
-                  requests_per_round=self.requests_per_round, max_rounds=self.max_rounds,
-                  saturation_window=self.saturation_window, pairs_per_profile=self.pairs_per_profile,
-                  n_eval_personalities=self.n_eval_personalities, max_new_tokens=self.max_new_tokens)
-        if not 0 < self.threshold <= 1:
-            raise ConfigError(f"threshold: must be in (0, 1], got {self.threshold!r}")
         if self.source == "official" and not self.official_dir:
             raise ConfigError("official_dir: required when source is 'official' (the upstream datasets/ folder)")
 
 
 @dataclass(frozen=True)
 class TreesConfig(Common):
-    n_personas: int = 2  # training personas to simulate (one tree each)
-    turns: int = 1  # turns per tree (the paper: 10)
-    max_new_tokens: int = 48  # cap on every generated message
-    temperature: float = 0.7  # sampling temperature of the user simulator and responders
-    inference: Literal["extract", "blind"] = "extract"  # extract: sees the persona (paper); blind: dialogue only
-    branch: Literal["random", "preferred", "rejected"] = "random"  # which reply continues (paper: random)
+    n_personas: int = param(2, help="training personas to simulate (one tree each)", range=(1, 10000000))
+    turns: int = param(1, help="turns per tree (the paper: 10)", range=(1, 100))
+    max_new_tokens: int = param(48, help="cap on every generated message", range=(1, 131072))
+    temperature: float = param(0.7, help="sampling temperature of the user simulator and responders", range=(0.0, 5.0))
+    inference: Literal["extract", "blind"] = param("extract", help="\"extract\": the inference step sees the persona (paper); \"blind\": dialogue only")
+    branch: Literal["random", "preferred", "rejected"] = param("random", help="which reply continues: \"random\" (paper), \"preferred\", \"rejected\"")
     # pair: the judge compares the two replies in both orders (the paper); likelihood: the reply the
     # persona makes more probable under the judge model wins (exact log-likelihoods: transformers or vllm);
     # rules: the reply that satisfies more of the persona's checkable preferences wins (exact, no model)
-    judge: Literal["pair", "likelihood", "rules"] = "pair"
-    judge_method: Literal["auto", "logprobs", "text"] = "auto"  # auto: probabilities, text where there are none
-    judge_retries: int = 2  # extra tries when parsing a text verdict fails
+    judge: Literal["pair", "likelihood", "rules"] = param("pair", help="\"pair\": compare the two replies in both orders (paper); \"likelihood\": the reply the persona makes more probable wins; \"rules\": the reply keeping more checkable preferences wins")
+    judge_method: Literal["auto", "logprobs", "text"] = param("auto", help="\"auto\": probabilities of 1/2, parsed text where there are none; \"logprobs\"; \"text\"")
+    judge_retries: int = param(2, help="extra tries when a text verdict does not parse", range=(0, 20))
     # pairs whose two orders disagree: average the two orders' probabilities; decide by each reply's
     # own 1-5 rubric score (no position to prefer); keep as an unlabelled tie; or drop the pair
-    inconsistent: Literal["average", "pointwise", "tie", "drop"] = "pointwise"
-    disclosure_threshold: float = 0.5  # MiniLM cosine at which a persona fact counts as revealed/recovered
+    inconsistent: Literal["average", "pointwise", "tie", "drop"] = param("pointwise", help="orders disagree: \"pointwise\" (rubric score of each reply), \"average\", \"tie\", \"drop\"")
+    disclosure_threshold: float = param(0.5, help="MiniLM cosine at which a persona fact counts as revealed / recovered", range=(0.0, 1.0))
     # checkable preferences: when the simulated user's message does not convey the preference it was
     # told to reveal, append the catalogue's phrasing (recorded); false: it stays unrevealed
-    disclosure_fallback: bool = True
+    disclosure_fallback: bool = param(True, help="append the catalogue phrasing when the simulated user did not convey the preference it was told to reveal")
     # the stage fails (no manifest; a rerun retries) when more trees than this share failed
-    max_failed_share: float = 0.1
-    seed: int = 0  # seeds sampling and the branch choice
+    max_failed_share: float = param(0.1, help="the stage fails (no manifest; a rerun retries them) when more trees than this share failed", range=(0.0, 1.0))
+    seed: int = param(0, help="seeds sampling and the branch choice", range=(0, 4294967295))
 
     def __post_init__(self):
         super().__post_init__()
-        _positive(n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens)
-        if self.judge_retries < 0:
-            raise ConfigError(f"judge_retries: must be >= 0, got {self.judge_retries!r}")
         if self.judge == "likelihood":
             exact_judge(self.role("judge"), "judge")
-        if not 0 < self.disclosure_threshold <= 1:
-            raise ConfigError(f"disclosure_threshold: must be in (0, 1], got {self.disclosure_threshold!r}")
 
 
 @dataclass(frozen=True)
 class TrainConfig(Common):
     # what to train (aloe.variants); the model trained is the policy role
-    variants: tuple[Literal[tuple(VARIANTS)], ...] = ("sft_preferred",)  # type: ignore[valid-type]
-    lora: bool = True  # LoRA adapters through PEFT; false: full fine-tuning
-    peft: dict[str, Any] = dataclasses.field(default_factory=dict)  # peft.LoraConfig fields, passed through
-    sft: dict[str, Any] = dataclasses.field(default_factory=dict)  # trl.SFTConfig fields, passed through
-    dpo: dict[str, Any] = dataclasses.field(default_factory=dict)  # trl.DPOConfig fields, passed through
-    merge: bool = True  # also save a merged model folder (what evaluation loads)
-    seed: int = 0
+    variants: tuple[Literal[tuple(VARIANTS)], ...] = param(("sft_preferred",), help="any of sft_preferred, sft_rejected, dpo, sft_then_dpo")  # type: ignore[valid-type]
+    lora: bool = param(True, help="LoRA adapters (PEFT); False: full fine-tuning")
+    peft: dict[str, Any] = param(factory=dict, help="peft.LoraConfig fields, passed through (defaults: r 16, lora_alpha 32, all-linear)")
+    sft: dict[str, Any] = param(factory=dict, help="trl.SFTConfig fields, passed through (e.g. learning_rate, max_steps, max_length)")
+    dpo: dict[str, Any] = param(factory=dict, help="trl.DPOConfig fields, passed through (e.g. beta, learning_rate)")
+    merge: bool = param(True, help="also save a merged model folder that evaluation loads")
+    seed: int = param(0, help="training seed", range=(0, 4294967295))
 
     def __post_init__(self):
         super().__post_init__()
@@ -464,65 +449,61 @@ class JudgeCardConfig:
     whether the judge is fit to rank models. ``fit`` is decided on known answers (K1, K2), never on
     the models' own replies, and never without an independent judge."""
 
-    enabled: bool = True
-    max_replies: int = 300  # replies re-scored against a mismatched persona (spread over models and personas)
-    k1_messages: int = 2  # K1: user messages per benchmark persona that the responder answers tailored and plain
-    max_k2_pairs: int = 200  # K2: preference pairs (a satisfying reply and its violating edit), at most
+    enabled: bool = param(True, help="write the judge card (judge_card.json) on every evaluation run")
+    max_replies: int = param(300, help="replies re-scored against a mismatched persona (spread over models and personas)", range=(1, 1000000))
+    k1_messages: int = param(2, help="K1: user messages per benchmark persona that the responder answers tailored and plain", range=(1, 100))
+    max_k2_pairs: int = param(200, help="K2: preference pairs (a satisfying reply and its violating edit), at most", range=(1, 1000000))
     # K1: the tailored reply must score higher under its own persona than under a mismatched one this often
     # (and its CI low > 0.5)
-    min_discrimination: float = 0.65
-    min_tailored: float = 0.55  # K1: tailored replies must beat plain ones this often under the own persona (CI low > 0.5)
-    min_preference: float = 0.65  # K2: the satisfying reply must beat its violating edit this often (CI low > 0.5)
-    max_length_corr: float = 0.5  # |Spearman correlation| of score with reply length at most this
+    min_discrimination: float = param(0.65, help="K1: the tailored reply must score higher under its own persona than under a mismatched one this often (and its CI low > 0.5)", range=(0.0, 1.0))
+    min_tailored: float = param(0.55, help="K1: tailored replies must beat plain ones this often under the own persona (CI low > 0.5)", range=(0.0, 1.0))
+    min_preference: float = param(0.65, help="K2: the satisfying reply must beat its violating edit this often (CI low > 0.5)", range=(0.0, 1.0))
+    max_length_corr: float = param(0.5, help="|Spearman correlation| of score with reply length at most this", range=(0.0, 1.0))
     # the own-minus-mismatched score gap (1-5 points) must have its CI low above this: a win rate can
     # clear min_discrimination on gaps of a hundredth of a point that lean one way by accident
-    min_gap: float = 0.0  # K1's own-minus-mismatched gap
-    compare: tuple[Literal["paper", "history", "likelihood", "rules"], ...] = ()  # other judges to measure agreement with
-    n_boot: int = 1000  # bootstrap resamples for the card's intervals
+    min_gap: float = param(0.0, help="K1: the own-minus-mismatched score gap (1-5 points) must have its CI low above this", range=(0.0, 4.0))
+    compare: tuple[Literal["paper", "history", "likelihood", "rules"], ...] = param((), help="other judges to measure agreement with")
+    n_boot: int = param(1000, help="bootstrap resamples for the card's intervals", range=(10, 1000000))
 
     def __post_init__(self):
-        _positive(max_replies=self.max_replies, n_boot=self.n_boot, k1_messages=self.k1_messages,
-                  max_k2_pairs=self.max_k2_pairs)
-        for k in ("min_discrimination", "min_tailored", "min_preference", "max_length_corr"):
-            if not 0 <= getattr(self, k) <= 1:
-                raise ConfigError(f"{k}: must be in [0, 1], got {getattr(self, k)!r}")
+        check_ranges(self)
 
 
 @dataclass(frozen=True)
 class EvaluateConfig(Common):
-    n_personas: int = 2  # benchmark personas (the first n of 20 profiles x 5 personalities)
-    turns: int = 1  # turns per conversation (the paper: 10)
-    max_new_tokens: int = 48  # cap on every generated message
+    n_personas: int = param(2, help="benchmark personas (the first n of 20 profiles x 5 personalities, spread over both)", range=(1, 100))
+    turns: int = param(1, help="turns per conversation (the paper: 10)", range=(1, 100))
+    max_new_tokens: int = param(48, help="cap on every generated message", range=(1, 131072))
     # models under test: base (plain prompt), oracle (persona in the system prompt: an upper
     # reference), reminder (told to infer and adapt), and trained variants from the train stage
-    models: tuple[Literal[EVALUATED], ...] = ("base",)  # type: ignore[valid-type]
+    models: tuple[Literal[EVALUATED], ...] = param(("base",), help="base, oracle, reminder, and trained variants (sft_preferred, sft_rejected, dpo, sft_then_dpo)")  # type: ignore[valid-type]
     # paper: the rubric on the current message (the paper's judge); history: the rubric with the dialogue;
     # likelihood: how much more probable the persona makes the reply under the judge model (exact
     # log-likelihoods: transformers or vllm judges), mapped to 1-5 by likelihood_scale; rules: the share of
     # the persona's checkable preferences the reply satisfies, 1 + 4 x share (exact, no model)
-    judge: Literal["paper", "history", "likelihood", "rules"] = "paper"
+    judge: Literal["paper", "history", "likelihood", "rules"] = param("paper", help="\"paper\": the rubric on the current message; \"history\": also the conversation; \"likelihood\": the persona's likelihood ratio; \"rules\": the share of checkable preferences kept")
     # aloe: every model under test gets a short system prompt and greedy decoding with max_new_tokens;
     # paper: as the paper's evaluation code, no system prompt (oracle and reminder keep theirs), the
     # model's own default sampling and a 2048-token cap
-    protocol: Literal["aloe", "paper"] = "aloe"
-    judge_method: Literal["auto", "logprobs", "text"] = "auto"  # probabilities of 1..5, text where none
-    judge_retries: int = 2  # extra tries when parsing a text score fails
-    user_temperature: float = 0.7  # the simulated user samples; the model under test is greedy
-    official_dir: Optional[str] = None  # folder with the official profile_eval / personality_eval files
+    protocol: Literal["aloe", "paper"] = param("aloe", help="\"aloe\": short system prompt, greedy, max_new_tokens; \"paper\": no system prompt, the model's own sampling, 2048-token cap")
+    judge_method: Literal["auto", "logprobs", "text"] = param("auto", help="\"auto\": probabilities of 1..5, parsed text where there are none; \"logprobs\"; \"text\"")
+    judge_retries: int = param(2, help="extra tries when a text score does not parse", range=(0, 20))
+    user_temperature: float = param(0.7, help="the simulated user samples; the model under test decodes greedily", range=(0.0, 5.0))
+    official_dir: Optional[str] = param(None, help="folder with the official profile_eval.jsonl / personality_eval.jsonl (None: ours)")
     # with official_dir: checkable preferences per benchmark persona, [low, high] by the seeded draw
     # (the published text is unchanged); without it, the personas stage's pairs.jsonl carries them
-    preferences: tuple[int, ...] = ()
-    disclosure_fallback: bool = True  # as in trees: append the phrasing when the user's message missed it
-    likelihood_scale: float = 0.1  # likelihood judge: score = 1 + 4 * sigmoid(log-ratio per token / scale)
-    judge_card: JudgeCardConfig = field(default_factory=JudgeCardConfig)  # judge validation and its thresholds
-    disclosure_threshold: float = 0.5  # MiniLM cosine at which a persona fact counts as revealed
+    preferences: tuple[int, ...] = param((), help="with official_dir: checkable preferences per benchmark persona, [low, high]; else pairs.jsonl carries them")
+    disclosure_fallback: bool = param(True, help="append the catalogue phrasing when the simulated user did not convey the preference it was told to reveal")
+    likelihood_scale: float = param(0.1, help="likelihood judge: nats per token that move a score from 3 to 3.92 (README)", range=(0.001, 100.0))
+    judge_card: JudgeCardConfig = param(factory=JudgeCardConfig, help="judge validation: known answers K1/K2 and thresholds min_discrimination, min_tailored, min_preference, min_gap, max_length_corr, compare, ...")
+    disclosure_threshold: float = param(0.5, help="MiniLM cosine at which a persona fact counts as revealed", range=(0.0, 1.0))
     # the stage fails (no manifest; a rerun retries) when more conversations than this share are incomplete
-    max_failed_share: float = 0.1
+    max_failed_share: float = param(0.1, help="the stage fails (no manifest; a rerun retries them) when more conversations than this share are incomplete", range=(0.0, 1.0))
     # conversations per persona, the simulated user seeded seed, seed+1, ...; scores are averaged per
     # persona and turn over repeats before the bootstrap (the persona stays the resampled unit)
-    repeats: int = 1
-    n_boot: int = 2000  # bootstrap resamples for the confidence intervals
-    seed: int = 0
+    repeats: int = param(1, help="conversations per persona (simulator seeds seed, seed+1, ...), averaged per persona and turn", range=(1, 100))
+    n_boot: int = param(2000, help="bootstrap resamples for the confidence intervals", range=(10, 1000000))
+    seed: int = param(0, help="seeds the simulated user and the bootstrap", range=(0, 4294967295))
 
     def __post_init__(self):
         super().__post_init__()
@@ -530,19 +511,15 @@ class EvaluateConfig(Common):
         if self.preferences and not self.official_dir:
             raise ConfigError("preferences: set it on the personas stage (its pairs.jsonl carries them); here it "
                               "applies only with official_dir")
-        _positive(n_personas=self.n_personas, turns=self.turns, max_new_tokens=self.max_new_tokens,
-                  n_boot=self.n_boot, likelihood_scale=self.likelihood_scale)
         if "likelihood" in (self.judge, *self.judge_card.compare):
             exact_judge(self.role("judge"), "judge" if self.judge == "likelihood" else "judge_card.compare")
-        if self.judge_retries < 0:
-            raise ConfigError(f"judge_retries: must be >= 0, got {self.judge_retries!r}")
         if len(set(self.models)) != len(self.models) or not self.models:
             raise ConfigError(f"models: expected distinct model names, got {list(self.models)!r}")
 
 
 @dataclass(frozen=True)
 class ReportConfig(Common):
-    title: str = "aloe run"
+    title: str = param("aloe run", help="heading of the report")
 
 
 STAGE_CONFIGS: dict[str, type] = {

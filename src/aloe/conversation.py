@@ -1,10 +1,23 @@
-"""Shared conversation plumbing: the user simulator's view, reply cleaning."""
+"""Shared conversation plumbing: the user simulator's view, reply cleaning, the sampling of the
+model under test."""
 
 from __future__ import annotations
 
 import re
 
 from aloe import prompts
+from aloe.backends.base import Sampling
+
+# The paper's evaluation code generates with the model's defaults and max_new_tokens=2048.
+PAPER_MAX_NEW_TOKENS = 2048
+
+
+def under_test_sampling(cfg) -> Sampling:
+    """How a model under test samples (an ``EvaluateConfig``): ``protocol: paper`` uses the model's
+    own default sampling and the paper's 2,048-token cap; otherwise greedy up to max_new_tokens."""
+    if cfg.protocol == "paper":
+        return Sampling(temperature=None, top_p=None, max_tokens=PAPER_MAX_NEW_TOKENS, seed=cfg.seed)
+    return Sampling(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
 _STAGE = re.compile(r"\*[^*\n]{1,80}\*|\([^()\n]{0,40}(smiles|laughs|sighs|grins|nods|pauses)[^()\n]{0,40}\)",
                     re.IGNORECASE)

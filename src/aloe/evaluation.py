@@ -34,19 +34,17 @@ import gc
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from aloe import judge_card, preferences, prompts
-from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling, open_backend
+from aloe.backends import ChatBackend, ChatRequest, Sampling, open_backend
 from aloe.cards import write_model_card
 from aloe.config import EvaluateConfig
-from aloe.conversation import (clean_user_message, dialogue_text, history_before, judge_persona, likelihood_prompts,
-                               simulator_messages)
+from aloe.conversation import clean_user_message, history_before, simulator_messages, under_test_sampling
 from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
 from aloe.io import atomic_path, read_jsonl, write_json, write_jsonl, write_manifest
-from aloe.judging import SCORES, expected_score, judge, likelihood_ratios, likelihood_score, parse_score_choice
+from aloe.judging import Reply, score_replies
 from aloe.lock import stage as stage_guard
 from aloe.metrics import paired_difference, summarize
 from aloe.records import make_pairs, pool_records, read_aloe_pool
@@ -58,8 +56,6 @@ log = logging.getLogger(__name__)
 # responder: writes the judge card's known-answer replies (K1); used only when an LLM judge is carded
 ROLES = ("simulator", "judge", "policy", "responder")
 REQUIRED = ("simulator", "judge", "policy")
-# The paper's evaluation code generates with the model's defaults and max_new_tokens=2048.
-PAPER_MAX_NEW_TOKENS = 2048
 
 
 def benchmark_pairs(cfg: EvaluateConfig) -> list[dict]:
@@ -107,12 +103,6 @@ def _system(cfg: EvaluateConfig, model: str, pair: dict) -> str | None:
     return role.render("system")
 
 
-def under_test_sampling(cfg: EvaluateConfig) -> Sampling:
-    if cfg.protocol == "paper":
-        return Sampling(temperature=None, top_p=None, max_tokens=PAPER_MAX_NEW_TOKENS, seed=cfg.seed)
-    return Sampling(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
-
-
 def trained_path(cfg: EvaluateConfig, model: str) -> Path:
     """The merged model the train stage wrote for a variant (checked before anything runs)."""
     path = cfg.paths.merged(model)
@@ -134,47 +124,6 @@ def _open_trained(cfg: EvaluateConfig, model: str) -> ChatBackend:
     bc = dataclasses.replace(policy, kind=kind, model=str(trained_path(cfg, model)), revision=None,
                              served_model=None, base_url=None, api_key_env=None)
     return open_backend(bc, cfg.cache_path)
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One reply to judge: the persona it is judged against, the conversation before the
-    user's message, the message and the reply."""
-
-    persona: dict
-    history: list
-    message: str
-    text: str
-    revealed: tuple = ()  # checkable preferences revealed by this turn (the rules judge's second number)
-
-
-def score_replies(cfg: EvaluateConfig, engine: ChatBackend, replies: list[Reply],
-                  judge_kind: str | None = None) -> list[tuple[float | None, dict]]:
-    """(score on 1-5 or None, the judgment as recorded) per reply, by ``judge_kind`` (default
-    ``cfg.judge``): ``paper`` (the rubric on the current message), ``history`` (the rubric
-    with the conversation) or ``likelihood`` (the persona's likelihood ratio, mapped to 1-5)."""
-    kind = judge_kind or cfg.judge
-    if not replies:
-        return []
-    if kind == "rules":
-        got = [preferences.rules_score(r.persona.get("preferences") or [], r.text, list(r.revealed)) for r in replies]
-        return [(g["score"], g) for g in got]
-    if kind == "likelihood":
-        items, tag = [], ""
-        for r in replies:
-            aware, plain, tag = likelihood_prompts(*judge_persona(r.persona), r.history, r.message)
-            items.append((aware, plain, r.text))
-        return [(likelihood_score(j.llr, cfg.likelihood_scale), j.to_json())
-                for j in likelihood_ratios(engine, items, tag)]
-    rubric = prompts.get("judge_score" if kind == "paper" else "judge_score_history")
-    # the "paper" rubric ignores {dialogue}; the "history" rubric shows it
-    reqs = [ProbRequest([{"role": "system", "content": rubric.render("system")},
-                         {"role": "user", "content": rubric.render(
-                             "user", profile=judge_persona(r.persona)[0], personality=r.persona["personality"],
-                             message=r.message, reply=r.text, dialogue=dialogue_text(r.history, r.message))}],
-                        SCORES, prompt_version=rubric.tag) for r in replies]
-    return [(expected_score(j), j.to_json())
-            for j in judge(engine, reqs, parse_score_choice, method=cfg.judge_method, retries=cfg.judge_retries)]
 
 
 def conversation_settings(cfg: EvaluateConfig, model: str, roles: Roles, under_test: ChatBackend) -> dict:
@@ -315,7 +264,6 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
     judge and the policy (one backend plays all three when a single backend is passed)."""
     started = time.time()
     roles = as_roles(roles, REQUIRED)
-    paths = cfg.paths
     pairs = benchmark_pairs(cfg)
     if cfg.judge == "rules" and not all(p.get("preferences") for p in pairs):
         raise AloeError("evaluate: judge 'rules' needs benchmark personas with checkable preferences; set "
@@ -323,68 +271,19 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
     for m in cfg.models:  # fail before any conversation if a trained model is missing
         if m not in BASELINES:
             trained_path(cfg, m)
-    convs_of, metrics, timings, under_test_of = {}, {}, {}, {}
-    repeats_of: dict[str, list[list[dict]]] = {}  # every repeat's conversations; convs_of holds repeat 0
-
-    def evaluate(model: str, under_test: ChatBackend) -> None:
-        t0 = time.time()
-        under_test_of[model] = {**under_test.describe(), **({"default_sampling": under_test.default_sampling()}
-                                                             if cfg.protocol == "paper" else {})}
-        # repeat r: the simulated user samples with seed + r (the model under test is greedy)
-        repeats_of[model] = [run_model(dataclasses.replace(cfg, seed=cfg.seed + r), model, pairs, roles, under_test,
-                                       paths.conversations(model, r), progress) for r in range(cfg.repeats)]
-        for r, convs in enumerate(repeats_of[model]):
-            for c in convs:
-                c["repeat"] = r
-        convs_of[model] = repeats_of[model][0]
-        timings[model] = round(time.time() - t0, 2)
-
-    # Baselines first, on the policy's engine; the policy is closed before the trained variants load
-    # (unless the simulator or judge shares it), so a GPU holds one model under test at a time.
-    for model in [m for m in cfg.models if m in BASELINES]:
-        evaluate(model, roles["policy"])
-    for model in [m for m in cfg.models if m not in BASELINES]:
-        if not any(roles.shared("policy", r) for r in ("simulator", "judge")):
-            roles.release("policy")
-        under_test = _open_trained(cfg, model)
-        evaluate(model, under_test)
-        under_test.close()
-        del under_test
-        gc.collect()
-
+    repeats_of, under_test_of, timings, trained_usage = _converse(cfg, roles, pairs, progress)
     _check_failures(cfg, {f"{m} (repeat {r})": cs for m, reps in repeats_of.items() for r, cs in enumerate(reps)})
-    all_convs = []
-    scores_of = {}
-    for model in cfg.models:  # results in the order the parameter file lists the models
-        scores_of[model] = pooled_scores(repeats_of[model])
-        metrics[model] = summarize(scores_of[model], cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed)
-        all_convs += [c for convs in repeats_of[model] for c in convs]
-    _add_vs_base(cfg, metrics, scores_of)
-    if "sft_preferred" in scores_of and "sft_rejected" in scores_of:
-        # the built-in control: the same teacher wrote both replies; only the preference label differs
-        metrics["sft_preferred"]["vs_sft_rejected"] = paired_difference(
-            scores_of["sft_preferred"], scores_of["sft_rejected"], cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed)
+    metrics = _metrics(cfg, repeats_of)
+    convs_of = {m: reps[0] for m, reps in repeats_of.items()}  # the judge card reads repeat 0
     card = None
     if cfg.judge_card.enabled:
         card = judge_card.build(cfg, roles, pairs, convs_of)
-        write_json(paths.judge_card, _jsonable(card))
+        write_json(cfg.paths.judge_card, _jsonable(card))
     for model in cfg.models:  # trained variants' model cards gain this run's numbers
         if model not in BASELINES:
-            write_model_card(paths, cfg.experiment, model, {**metrics[model], "judge_fit": bool(card and card["fit"])})
-    rows = [{"model": c["model"], "repeat": c.get("repeat", 0), "persona": c["persona_id"], "turn": t["turn"],
-             "score": t["score"], "judge_method": t["judge"]["method"],
-             "judge_raw": " | ".join(t["judge"].get("raw") or []), "judge_error": t["judge"].get("error"),
-             # the exact judge beside any LLM judge (empty where the persona has no checkable preferences)
-             "rules_score": (t.get("rules") or {}).get("score"), "rules_share": (t.get("rules") or {}).get("share"),
-             "rules_revealed_share": (t.get("rules") or {}).get("revealed_share"),
-             "preferences_revealed": len((t.get("preferences") or {}).get("revealed") or [])}
-            for c in all_convs for t in c["turns"]]
-    write_jsonl(paths.transcripts, all_convs)
-    with atomic_path(paths.scores) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
-        w.writeheader()
-        w.writerows(rows)
-    turns_done = sum(len(c["turns"]) for c in all_convs)
+            write_model_card(cfg.paths, cfg.experiment, model,
+                             {**metrics[model], "judge_fit": bool(card and card["fit"])})
+    rows = _write_transcripts(cfg, repeats_of)
     described = roles.describe()
     if cfg.judge == "rules":
         described["judge"] = preferences.judge_description()
@@ -401,13 +300,83 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
               "seconds_per_model": timings,
               "turns_per_second": {m: round(len(pairs) * cfg.turns / s, 4) if s else None
                                    for m, s in timings.items()}}
-    write_json(paths.eval_metrics, _jsonable(result))
+    write_json(cfg.paths.eval_metrics, _jsonable(result))
     counts = {"personas": len(pairs), "turns": cfg.turns, "models": len(cfg.models), "judgments": len(rows),
-              "missing": sum(r["score"] is None for r in rows), "conversation_turns": turns_done,
+              "missing": sum(r["score"] is None for r in rows),
+              "conversation_turns": sum(len(c["turns"]) for cs in every.values() for c in cs),
               **roles.cache_stats()}
-    write_manifest(paths.stage("evaluate"), stage="evaluate", parameters=cfg, started=started,
-                   roles=result["roles"], models={"under_test": under_test_of}, counts=counts)
+    write_manifest(cfg.paths.stage("evaluate"), stage="evaluate", parameters=cfg, started=started,
+                   roles=result["roles"], models={"under_test": under_test_of}, counts=counts,
+                   extra={"usage": roles.usage() + trained_usage})
     return result
+
+
+def _converse(cfg: EvaluateConfig, roles: Roles, pairs: list[dict], progress: bool) -> tuple[dict, dict, dict, list]:
+    """Every model's conversations, every repeat: ({model: [repeat's conversations]}, {model: its
+    engine}, {model: seconds}, [what each trained variant's engine did]). Baselines first, on the policy's engine; the policy is closed
+    before the trained variants load (unless the simulator or judge shares it), so a GPU holds one
+    model under test at a time."""
+    repeats_of: dict[str, list[list[dict]]] = {}
+    under_test_of, timings, trained_usage = {}, {}, []
+
+    def evaluate(model: str, under_test: ChatBackend) -> None:
+        t0 = time.time()
+        under_test_of[model] = {**under_test.describe(), **({"default_sampling": under_test.default_sampling()}
+                                                             if cfg.protocol == "paper" else {})}
+        # repeat r: the simulated user samples with seed + r (the model under test is greedy)
+        repeats_of[model] = [run_model(dataclasses.replace(cfg, seed=cfg.seed + r), model, pairs, roles, under_test,
+                                       cfg.paths.conversations(model, r), progress) for r in range(cfg.repeats)]
+        for r, convs in enumerate(repeats_of[model]):
+            for c in convs:
+                c["repeat"] = r
+        timings[model] = round(time.time() - t0, 2)
+
+    for model in [m for m in cfg.models if m in BASELINES]:
+        evaluate(model, roles["policy"])
+    for model in [m for m in cfg.models if m not in BASELINES]:
+        if not any(roles.shared("policy", r) for r in ("simulator", "judge")):
+            roles.release("policy")
+        under_test = _open_trained(cfg, model)
+        evaluate(model, under_test)
+        trained_usage.append({"roles": [f"under test: {model}"], "kind": under_test.kind, "model": model,
+                              **under_test.usage()})
+        under_test.close()
+        del under_test
+        gc.collect()
+    return repeats_of, under_test_of, timings, trained_usage
+
+
+def _metrics(cfg: EvaluateConfig, repeats_of: dict[str, list[list[dict]]]) -> dict[str, dict]:
+    """Per model, in the order the parameter file lists them: the ALOE summaries, the paired
+    differences against base and, for sft_preferred, against sft_rejected."""
+    scores_of = {m: pooled_scores(repeats_of[m]) for m in cfg.models}
+    metrics = {m: summarize(scores_of[m], cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed) for m in cfg.models}
+    _add_vs_base(cfg, metrics, scores_of)
+    if "sft_preferred" in scores_of and "sft_rejected" in scores_of:
+        # the built-in control: the same teacher wrote both replies; only the preference label differs
+        metrics["sft_preferred"]["vs_sft_rejected"] = paired_difference(
+            scores_of["sft_preferred"], scores_of["sft_rejected"], cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed)
+    return metrics
+
+
+def _write_transcripts(cfg: EvaluateConfig, repeats_of: dict[str, list[list[dict]]]) -> list[dict]:
+    """``transcripts.jsonl`` (every conversation) and ``scores.csv`` (one row per reply, the rules
+    judge's scores beside any LLM judge's); returns the rows."""
+    all_convs = [c for m in cfg.models for convs in repeats_of[m] for c in convs]
+    rows = [{"model": c["model"], "repeat": c.get("repeat", 0), "persona": c["persona_id"], "turn": t["turn"],
+             "score": t["score"], "judge_method": t["judge"]["method"],
+             "judge_raw": " | ".join(t["judge"].get("raw") or []), "judge_error": t["judge"].get("error"),
+             # the exact judge beside any LLM judge (empty where the persona has no checkable preferences)
+             "rules_score": (t.get("rules") or {}).get("score"), "rules_share": (t.get("rules") or {}).get("share"),
+             "rules_revealed_share": (t.get("rules") or {}).get("revealed_share"),
+             "preferences_revealed": len((t.get("preferences") or {}).get("revealed") or [])}
+            for c in all_convs for t in c["turns"]]
+    write_jsonl(cfg.paths.transcripts, all_convs)
+    with atomic_path(cfg.paths.scores) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
+        w.writeheader()
+        w.writerows(rows)
+    return rows
 
 
 def pooled_scores(repeats: list[list[dict]]) -> dict[str, dict[int, float | None]]:
@@ -526,55 +495,3 @@ def _jsonable(x):
     if isinstance(x, list):
         return [_jsonable(v) for v in x]
     return x
-
-
-def al_frame(metrics: dict):
-    """Long table: model, turn, al, n, ci_low, ci_high (for the AL(k) plot)."""
-    import pandas as pd
-
-    return pd.DataFrame([{"model": m, **row} for m, s in metrics["models"].items() for row in s["al"]])
-
-
-def metrics_frame(metrics: dict):
-    """One row per model: AVG, IR, N-IR and N-R², each with its bootstrap interval over personas."""
-    import pandas as pd
-
-    rows = []
-    for m, s in metrics["models"].items():
-        rows.append({"model": m, "AVG": s["avg"], "AVG 95% CI": _ci(s.get("avg_ci_low"), s.get("avg_ci_high")),
-                     "IR": s["ir"], "IR 95% CI": _ci(s["ir_ci_low"], s["ir_ci_high"]),
-                     "N-IR": s["n_ir"], "N-IR 95% CI": _ci(s.get("n_ir_ci_low"), s.get("n_ir_ci_high")),
-                     "N-R2": s["n_r2"], "N-R2 95% CI": _ci(s.get("n_r2_ci_low"), s.get("n_r2_ci_high")),
-                     "missing": s["missing"], "personas": s["n_personas"]})
-    return pd.DataFrame(rows).set_index("model")
-
-
-def vs_base_frame(metrics: dict):
-    """Paired differences against base (same personas): AVG and IR, and AL(k) per turn."""
-    import pandas as pd
-
-    rows = []
-    for m, s in metrics["models"].items():
-        vs = s.get("vs_base")
-        if not vs:
-            continue
-        row = {"model": m, "AVG diff": vs["avg_diff"], "AVG diff 95% CI": _ci(vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]),
-               "IR diff": vs["ir_diff"], "IR diff 95% CI": _ci(vs["ir_diff_ci_low"], vs["ir_diff_ci_high"]),
-               "personas": vs["n_personas"]}
-        for t in vs["per_turn"]:
-            row[f"AL({t['turn']}) diff"] = (f"{t['diff']:+.3f} {_ci(t['ci_low'], t['ci_high'])}"
-                                            if t["diff"] is not None else "")
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("model") if rows else pd.DataFrame()
-
-
-def disclosure_frame(metrics: dict):
-    """Long table: model, turn, revealed (share of the persona the simulated user has revealed)."""
-    import pandas as pd
-
-    return pd.DataFrame([{"model": m, **r} for m, rows in (metrics.get("disclosure") or {}).items() for r in rows],
-                        columns=["model", "turn", "revealed", "n"])
-
-
-def _ci(lo, hi) -> str:
-    return "" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]"

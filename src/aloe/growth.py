@@ -26,6 +26,7 @@ import numpy as np
 
 from aloe import prompts
 from aloe.backends import ChatBackend, ChatRequest, Sampling
+from aloe.config import PersonasConfig
 from aloe.embedding import Embedder
 from aloe.errors import AloeError
 from aloe.io import JsonlAppender, read_jsonl, write_jsonl
@@ -143,21 +144,28 @@ def generation_messages(kind: str, examples: list[str], n: int) -> tuple[list[di
              {"role": "user", "content": p.render("user", examples=shown, n=n)}], p.tag)
 
 
+def _declared(name: str):
+    """A growth knob's default, as the personas stage declares it (stated once, there)."""
+    return PersonasConfig.__dataclass_fields__[name].default
+
+
 @dataclass(frozen=True)
 class GrowthSettings:
+    """One pool's growth: the personas stage's knobs of the same names, and the pool's target."""
+
     target: int
-    examples_per_round: int = 5
-    items_per_round: int = 20
-    requests_per_round: int = 4
-    threshold: float = 0.6
-    max_rounds: int = 10
-    saturation_window: int = 3
-    saturation_floor: float = 0.05
-    min_chars: int = 60
-    max_chars: int = 600
-    temperature: float = 0.9
-    max_new_tokens: int = 512
-    seed: int = 0
+    examples_per_round: int = _declared("examples_per_round")
+    items_per_round: int = _declared("items_per_round")
+    requests_per_round: int = _declared("requests_per_round")
+    threshold: float = _declared("threshold")
+    max_rounds: int = _declared("max_rounds")
+    saturation_window: int = _declared("saturation_window")
+    saturation_floor: float = _declared("saturation_floor")
+    min_chars: int = 60  # a generated item shorter than this is dropped (not a stage parameter)
+    max_chars: int = 600  # ... or longer than this
+    temperature: float = _declared("temperature")
+    max_new_tokens: int = _declared("max_new_tokens")
+    seed: int = _declared("seed")
 
 
 def round_settings(kind: str, s: GrowthSettings, backend: ChatBackend | None, seeds: list[dict],
@@ -197,18 +205,8 @@ def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBa
         filt.add(rec["id"], e)
         texts[rec["id"]] = rec["text"]
         pool.append({**rec, "nearest_id": nn, "nearest_sim": None if nn is None else round(sim, 4)})
-    # resume: replay finished rounds of this kind made with these settings (personas.run has
-    # already dropped the others; their LLM calls are cached anyway)
     fp = round_settings(kind, s, backend, seeds, blocked)
-    on_disk = read_jsonl(state_path, allow_torn_tail=True) if state_path.exists() else []
-    mine = [r for r in on_disk if r["kind"] == kind]
-    rounds = [r for r in mine if r.get("settings") == fp] if s.max_rounds > 0 else []
-    if len(rounds) != len(mine):  # growth now off, or other settings: those rounds are not this pool's
-        old = next((r.get("settings") or {} for r in mine if r.get("settings") != fp), {})
-        changed = sorted(k for k in fp if old.get(k) != fp[k]) if s.max_rounds > 0 else ["growth is off"]
-        _log.warning("%s: %d %s round(s) made with other settings (%s) are dropped", state_path,
-                     len(mine) - len(rounds), kind, ", ".join(changed) or "unrecorded")
-        write_jsonl(state_path, [r for r in on_disk if r["kind"] != kind] + rounds)
+    rounds = _finished_rounds(kind, s, fp, state_path)
     replay = [a for r in rounds for a in r["accepted"]]
     for rec, e in zip(replay, embedder.encode([a["text"] for a in replay])):
         filt.add(rec["id"], e)
@@ -223,23 +221,7 @@ def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBa
             if _saturated(rounds, s):
                 stop = "saturation"
                 break
-            rng = random.Random(f"{s.seed}-{kind}-{rnd}")  # per round: a resumed run draws the same examples
-            reqs, tag = [], ""
-            for j in range(s.requests_per_round):
-                examples = rng.sample([p["text"] for p in pool], min(s.examples_per_round, len(pool)))
-                msgs, tag = generation_messages(kind, examples, s.items_per_round)
-                reqs.append(ChatRequest(msgs, Sampling(temperature=s.temperature, max_tokens=s.max_new_tokens,
-                                                       seed=s.seed), sample_index=rnd * 1000 + j, prompt_version=tag))
-            outs = backend.chat(reqs)
-            for _ in range(2):  # failed requests are asked again (the others come from the cache)
-                if all(o.ok for o in outs):
-                    break
-                outs = backend.chat(reqs)
-            failed = [o.error for o in outs if not o.ok]
-            if failed:  # never a round built on holes: the stage fails, a rerun retries this round
-                raise AloeError(f"growing {kind}s, round {rnd}: {len(failed)} of {len(reqs)} generation requests "
-                                f"failed after 3 tries ({str(failed[0])[:160]}); finished rounds are kept in "
-                                f"{state_path}: rerun to go on")
+            outs, n_requests, tag = _generate_round(kind, rnd, pool, backend, s, state_path)
             dropped: dict[str, int] = {}
             cands: list[str] = []
             raw = 0
@@ -267,7 +249,7 @@ def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBa
                        "generator": backend.model_id, "prompt_version": tag}
                 accepted.append(rec)
                 pool.append(rec)
-            entry = {"kind": kind, "round": rnd, "settings": fp, "requests": len(reqs), "failed_requests": 0,
+            entry = {"kind": kind, "round": rnd, "settings": fp, "requests": n_requests, "failed_requests": 0,
                      "candidates": raw, "offered": len(cands), "dropped": dropped,
                      "accepted": accepted, "pool_size": len(pool)}
             log.append(entry)
@@ -275,3 +257,43 @@ def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBa
         else:
             stop = "target" if len(pool) >= s.target else "round limit"
     return pool, rounds, stop
+
+
+def _finished_rounds(kind: str, s: GrowthSettings, fp: dict, state_path: Path) -> list[dict]:
+    """The finished rounds of this kind made with these settings, to replay (personas.run has
+    already dropped the others; their LLM calls are cached anyway); rounds made otherwise are
+    removed from the state file, with a warning naming what changed."""
+    on_disk = read_jsonl(state_path, allow_torn_tail=True) if state_path.exists() else []
+    mine = [r for r in on_disk if r["kind"] == kind]
+    rounds = [r for r in mine if r.get("settings") == fp] if s.max_rounds > 0 else []
+    if len(rounds) != len(mine):  # growth now off, or other settings: those rounds are not this pool's
+        old = next((r.get("settings") or {} for r in mine if r.get("settings") != fp), {})
+        changed = sorted(k for k in fp if old.get(k) != fp[k]) if s.max_rounds > 0 else ["growth is off"]
+        _log.warning("%s: %d %s round(s) made with other settings (%s) are dropped", state_path,
+                     len(mine) - len(rounds), kind, ", ".join(changed) or "unrecorded")
+        write_jsonl(state_path, [r for r in on_disk if r["kind"] != kind] + rounds)
+    return rounds
+
+
+def _generate_round(kind: str, rnd: int, pool: list[dict], backend: ChatBackend, s: GrowthSettings,
+                    state_path: Path) -> tuple[list, int, str]:
+    """One round's generation requests (examples drawn from the pool, seeded per round so a resumed
+    run draws the same), asked up to three times; a round with a failed request fails the stage."""
+    rng = random.Random(f"{s.seed}-{kind}-{rnd}")
+    reqs, tag = [], ""
+    for j in range(s.requests_per_round):
+        examples = rng.sample([p["text"] for p in pool], min(s.examples_per_round, len(pool)))
+        msgs, tag = generation_messages(kind, examples, s.items_per_round)
+        reqs.append(ChatRequest(msgs, Sampling(temperature=s.temperature, max_tokens=s.max_new_tokens,
+                                               seed=s.seed), sample_index=rnd * 1000 + j, prompt_version=tag))
+    outs = backend.chat(reqs)
+    for _ in range(2):  # failed requests are asked again (the others come from the cache)
+        if all(o.ok for o in outs):
+            break
+        outs = backend.chat(reqs)
+    failed = [o.error for o in outs if not o.ok]
+    if failed:  # never a round built on holes: the stage fails, a rerun retries this round
+        raise AloeError(f"growing {kind}s, round {rnd}: {len(failed)} of {len(reqs)} generation requests "
+                        f"failed after 3 tries ({str(failed[0])[:160]}); finished rounds are kept in "
+                        f"{state_path}: rerun to go on")
+    return outs, len(reqs), tag

@@ -40,6 +40,8 @@ from aloe.backends import ChatRequest, Sampling
 from aloe.config import EvaluateConfig
 from aloe.conversation import history_before, judge_persona
 from aloe.io import read_jsonl
+from aloe.judging import Reply, score_replies
+from aloe.metrics import fmt_ci as _ci
 
 
 def mismatched(pairs: list[dict]) -> dict[str, dict]:
@@ -161,8 +163,6 @@ def _messages_for_k1(convs_of: dict[str, list[dict]], pairs: list[dict], per_per
 
 def known_tailored(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, list[dict]]) -> dict:
     """K1: tailored vs plain replies written by a model that is not the judge's."""
-    from aloe.evaluation import Reply, score_replies
-
     card_cfg = cfg.judge_card
     writer, role, independent = k1_writer(cfg, roles)
     judge = _engine(roles, "judge")
@@ -209,8 +209,6 @@ def known_preferences(cfg: EvaluateConfig, judge, pairs: list[dict], convs_of: d
                       judge_kind: str | None = None) -> dict:
     """K2: a run reply that satisfies a revealed checkable preference against its minimal violating
     edit, both scored under the persona by ``judge_kind`` (default: the run's judge)."""
-    from aloe.evaluation import Reply, score_replies
-
     by_id = {p["id"]: p for p in pairs}
     cases = []
     for _, c, t in judged_turns(convs_of, 10 ** 9):
@@ -328,8 +326,6 @@ def build(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, lis
 def run_reply_checks(cfg: EvaluateConfig, judge, pairs: list[dict], convs_of: dict[str, list[dict]]) -> dict:
     """Information about the run's own replies (does not decide fit): (a) persona discrimination per
     model, its gap, (c) position consistency, (d) length bias, (e) re-judging, (f) agreement."""
-    from aloe.evaluation import Reply, score_replies
-
     card_cfg = cfg.judge_card
     other = mismatched(pairs)
     by_id = {p["id"]: p for p in pairs}
@@ -434,7 +430,3 @@ def card_rows(card: dict) -> list[dict]:
     rows.append({"check": "cost of this card", "value": card.get("calls"), "interval": "", "n": None,
                  "needed": "(calls: K1 writer and judge, K2, (a), (f))"})
     return rows
-
-
-def _ci(lo, hi) -> str:
-    return "" if lo is None or hi is None else f"[{lo:.3f}, {hi:.3f}]"

@@ -1,4 +1,8 @@
-"""Judges that read probabilities instead of parsing text.
+"""Every judge, in one place: the pair judge and the rubric score judge (probabilities where the
+engine gives them, strictly parsed text otherwise), the likelihood-ratio judge, and the rules
+judge (exact, from ``aloe.preferences``); ``score_replies`` scores replies by any of them, for
+evaluation, the trees' pointwise tie-break and the judge card alike. The card that validates a
+judge on known answers is ``aloe.judge_card``.
 
 The embedded 135M model almost never writes a usable number, but its next-token
 distribution over "1".."5" (or "1"/"2") still carries signal. Where a backend gives
@@ -13,7 +17,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from aloe import preferences, prompts
 from aloe.backends.base import CandidateLogprobs, ChatRequest, ProbRequest, Sampling
+from aloe.conversation import dialogue_text, judge_persona, likelihood_prompts
 
 SCORES = ("1", "2", "3", "4", "5")
 _SCORE_RE = re.compile(r"^\s*(?:(?:score|rating)\s*[:=]?\s*)?\**([1-5])\**\s*(?:/\s*5|out of 5)?\s*[.!]?\s*$",
@@ -220,3 +226,63 @@ def likelihood_score(llr: float | None, scale: float) -> float | None:
     if llr is None:
         return None
     return 1.0 + 4.0 / (1.0 + math.exp(-llr / scale))
+
+
+# --------------------------------------------------------------------------- scoring replies
+
+@dataclass(frozen=True)
+class Reply:
+    """One reply to judge: the persona it is judged against, the conversation before the
+    user's message, the message and the reply."""
+
+    persona: dict
+    history: list
+    message: str
+    text: str
+    revealed: tuple = ()  # checkable preferences revealed by this turn (the rules judge's second number)
+
+
+def pair_requests(persona: dict, message: str, a: str, b: str) -> list[ProbRequest]:
+    """The pair judge's two requests for replies ``a`` and ``b`` to ``message``: (a, b) and (b, a)."""
+    pair = prompts.get("judge_pair")
+    return [ProbRequest([{"role": "system", "content": pair.render("system")},
+                         {"role": "user", "content": pair.render("user", profile=judge_persona(persona)[0],
+                                                                 personality=persona["personality"], message=message,
+                                                                 first=first.strip(), second=second.strip())}],
+                        ("1", "2"), prompt_version=pair.tag) for first, second in ((a, b), (b, a))]
+
+
+def rubric_requests(replies: Sequence[Reply], kind: str = "paper") -> list[ProbRequest]:
+    """The rubric score judge's requests: ``paper`` (the paper's rubric on the current message) or
+    ``history`` (the same rubric with the conversation so far)."""
+    rubric = prompts.get("judge_score" if kind == "paper" else "judge_score_history")
+    # the "paper" rubric ignores {dialogue}; the "history" rubric shows it
+    return [ProbRequest([{"role": "system", "content": rubric.render("system")},
+                         {"role": "user", "content": rubric.render(
+                             "user", profile=judge_persona(r.persona)[0], personality=r.persona["personality"],
+                             message=r.message, reply=r.text, dialogue=dialogue_text(r.history, r.message))}],
+                        SCORES, prompt_version=rubric.tag) for r in replies]
+
+
+def score_replies(cfg, engine, replies: list[Reply], judge_kind: str | None = None) -> list[tuple[float | None, dict]]:
+    """(score on 1-5 or None, the judgment as recorded) per reply, by ``judge_kind`` (default
+    ``cfg.judge``): ``paper`` (the rubric on the current message), ``history`` (the rubric with
+    the conversation), ``likelihood`` (the persona's likelihood ratio, mapped to 1-5 by
+    ``cfg.likelihood_scale``) or ``rules`` (exact; no engine). ``cfg`` gives the judge's method and
+    retries (an ``EvaluateConfig``)."""
+    kind = judge_kind or cfg.judge
+    if not replies:
+        return []
+    if kind == "rules":
+        got = [preferences.rules_score(r.persona.get("preferences") or [], r.text, list(r.revealed)) for r in replies]
+        return [(g["score"], g) for g in got]
+    if kind == "likelihood":
+        items, tag = [], ""
+        for r in replies:
+            aware, plain, tag = likelihood_prompts(*judge_persona(r.persona), r.history, r.message)
+            items.append((aware, plain, r.text))
+        return [(likelihood_score(j.llr, cfg.likelihood_scale), j.to_json())
+                for j in likelihood_ratios(engine, items, tag)]
+    return [(expected_score(j), j.to_json())
+            for j in judge(engine, rubric_requests(replies, kind), parse_score_choice, method=cfg.judge_method,
+                           retries=cfg.judge_retries)]

@@ -227,3 +227,15 @@ def summarize(scores: dict[str, dict[int, float | None]], turns: int, n_boot: in
         lo, hi = cis[stat] if out[stat] is not None else (None, None)
         out.update({f"{stat}_ci_low": lo, f"{stat}_ci_high": hi})
     return out
+
+
+def fmt(v, digits: int = 3, sign: bool = False) -> str:
+    """A number as every table and page prints it ("" for a missing one)."""
+    if v is None:
+        return ""
+    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+
+
+def fmt_ci(lo, hi, digits: int = 3, sign: bool = False) -> str:
+    """An interval as every table and page prints it: "[lo, hi]" ("" when either end is missing)."""
+    return "" if lo is None or hi is None else f"[{fmt(lo, digits, sign)}, {fmt(hi, digits, sign)}]"

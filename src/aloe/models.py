@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from aloe.errors import AloeError, ConfigError
 from aloe.io import read_json
 from aloe.yamlfile import load_yaml, short

@@ -88,7 +88,10 @@ def run(cfg: PersonasConfig, roles=None) -> dict:
               "generated": sum(r["source"] == "generated" for r in profiles + personalities),
               "with_preferences": sum(bool(p.get("preferences")) for p in pairs)}
     write_manifest(out, stage="personas", parameters=cfg, started=started, counts=counts,
-                   roles={"generator": backend.describe()} if backend is not None else {}, extra={"stopped": stops})
+                   roles={"generator": backend.describe()} if backend is not None else {},
+                   extra={"stopped": stops, "usage": [{"roles": ["generator"], "kind": backend.kind,
+                                                       "model": backend.model_id, **backend.usage()}]
+                          if backend is not None else []})
     return counts
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from aloe import roles as roles_mod
 from aloe.config import STAGES, ReportConfig
 from aloe.io import read_json, write_manifest
-from aloe.metrics import excludes_zero
+from aloe.metrics import excludes_zero, fmt_ci
 
 
 def manifests(cfg: ReportConfig) -> dict[str, dict]:
@@ -206,3 +206,82 @@ def judge_warning(cfg: ReportConfig) -> str | None:
         return None
     why = "failed its validation" if card is not None else "was not validated"
     return f"Not evidence: the judge {why}; the numbers below show nothing about which model aligns better."
+
+
+# --------------------------------------------------------------------------- evaluation tables
+
+def al_frame(metrics: dict):
+    """Long table: model, turn, al, n, ci_low, ci_high (for the AL(k) plot)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"model": m, **row} for m, s in metrics["models"].items() for row in s["al"]])
+
+
+def metrics_frame(metrics: dict):
+    """One row per model: AVG, IR, N-IR and N-R², each with its bootstrap interval over personas."""
+    import pandas as pd
+
+    rows = []
+    for m, s in metrics["models"].items():
+        rows.append({"model": m, "AVG": s["avg"], "AVG 95% CI": fmt_ci(s.get("avg_ci_low"), s.get("avg_ci_high")),
+                     "IR": s["ir"], "IR 95% CI": fmt_ci(s["ir_ci_low"], s["ir_ci_high"]),
+                     "N-IR": s["n_ir"], "N-IR 95% CI": fmt_ci(s.get("n_ir_ci_low"), s.get("n_ir_ci_high")),
+                     "N-R2": s["n_r2"], "N-R2 95% CI": fmt_ci(s.get("n_r2_ci_low"), s.get("n_r2_ci_high")),
+                     "missing": s["missing"], "personas": s["n_personas"]})
+    return pd.DataFrame(rows).set_index("model")
+
+
+def vs_base_frame(metrics: dict):
+    """Paired differences against base (same personas): AVG and IR, and AL(k) per turn."""
+    import pandas as pd
+
+    rows = []
+    for m, s in metrics["models"].items():
+        vs = s.get("vs_base")
+        if not vs:
+            continue
+        row = {"model": m, "AVG diff": vs["avg_diff"], "AVG diff 95% CI": fmt_ci(vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]),
+               "IR diff": vs["ir_diff"], "IR diff 95% CI": fmt_ci(vs["ir_diff_ci_low"], vs["ir_diff_ci_high"]),
+               "personas": vs["n_personas"]}
+        for t in vs["per_turn"]:
+            row[f"AL({t['turn']}) diff"] = (f"{t['diff']:+.3f} {fmt_ci(t['ci_low'], t['ci_high'])}"
+                                            if t["diff"] is not None else "")
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model") if rows else pd.DataFrame()
+
+
+def disclosure_frame(metrics: dict):
+    """Long table: model, turn, revealed (share of the persona the simulated user has revealed)."""
+    import pandas as pd
+
+    return pd.DataFrame([{"model": m, **r} for m, rows in (metrics.get("disclosure") or {}).items() for r in rows],
+                        columns=["model", "turn", "revealed", "n"])
+
+
+# --------------------------------------------------------------------------- persona and tree tables
+
+def profile_ages(pool):
+    """Profiles by age band (the age read from the text: "34-year-old", "is 34", "of 34"), split by
+    split and source: how the pool spreads over ages."""
+    import pandas as pd
+
+    prof = pool[pool["kind"] == "profile"].copy()
+    ages = prof["text"].str.extract(r"(\d{1,2})[- ]year|is (\d{2})\b|of (\d{2})\b").bfill(axis=1).iloc[:, 0]
+    prof["age_band"] = pd.cut(ages.astype(float), [0, 19, 29, 39, 49, 59, 69, 120],
+                              labels=["<20", "20s", "30s", "40s", "50s", "60s", "70+"])
+    return pd.crosstab(prof["age_band"], [prof["split"], prof["source"]])
+
+
+def tree_turns(nodes):
+    """Per turn of the trees (``nodes``: trees.node_table as a frame): nodes, labelled ones, how often
+    the judge's two orders agreed, the share of unusable judgments, words per message and reply, and
+    how often the hinted reply was preferred."""
+    labelled = nodes[nodes.verdict == "preferred"]
+    per_turn = nodes.groupby("turn").agg(
+        nodes=("tree", "size"), labelled=("verdict", lambda v: (v == "preferred").sum()),
+        orders_agree=("orders_agree", "mean"), unusable_judgments=("judge_unusable", "sum"),
+        judgments=("judgments", "sum"), user_words=("user_words", "mean"), hinted_words=("hinted_words", "mean"),
+        plain_words=("plain_words", "mean"))
+    per_turn["hinted_preferred"] = labelled.groupby("turn")["hinted_preferred"].mean()
+    per_turn["unusable_judgments"] = per_turn.unusable_judgments / per_turn.judgments.where(per_turn.judgments > 0)
+    return per_turn

@@ -20,6 +20,8 @@ from aloe import plots
 from aloe import report as rep
 from aloe.config import NOTEBOOKS, STAGES, Experiment
 from aloe.io import git_commit, read_json, write_text
+from aloe.metrics import fmt as _fmt
+from aloe.metrics import fmt_ci as _ci
 
 _CSS = """body{font-family:sans-serif;max-width:64em;margin:2em auto;padding:0 1em;color:#222}
 td,th{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}
@@ -38,16 +40,6 @@ def _table(rows: list[dict], columns: list[str] | None = None) -> str:
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{_e(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _fmt(v, digits=3, sign=False) -> str:
-    if v is None:
-        return ""
-    return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
-
-
-def _ci(lo, hi, digits=3, sign=False) -> str:
-    return "" if lo is None or hi is None else f"[{_fmt(lo, digits, sign)}, {_fmt(hi, digits, sign)}]"
 
 
 def headline_rows(metrics: dict) -> list[dict]:
@@ -207,6 +199,11 @@ def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None
                     f'<td>{_e(stage_words(stage, manifests[stage])) if stage in manifests else ""}</td></tr>')
     parts.append("<h2>Stages</h2><table><tr><th>stage (full page)</th><th>status</th><th>time</th>"
                  "<th>what it made</th></tr>" + "".join(rows) + "</table>")
+    used = usage_rows(manifests)
+    if used:
+        parts.append("<h2>Model calls</h2><p>Per stage and engine: requests sent, requests answered from the call "
+                     "cache, and tokens read and generated, as far as the engine reports them (local engines cost "
+                     "nothing but time).</p>" + _table(used))
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>aloe: {_e(exp.name)}</title>'
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
     write_text(reports_dir / "index.html", page)
@@ -217,6 +214,17 @@ def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None
     write_text(reports_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     write_reports_index(reports_dir.parent)
     return reports_dir / "index.html"
+
+
+def usage_rows(manifests: dict) -> list[dict]:
+    """One row per stage and engine, from the manifests' ``usage``."""
+    rows = []
+    for stage in STAGES:
+        for u in (manifests.get(stage) or {}).get("usage") or []:
+            rows.append({"stage": stage, "model": u["model"], "roles": ", ".join(u["roles"]), "kind": u["kind"],
+                         "calls": f"{u['calls']:,}", "from the cache": f"{u['cached_calls']:,}",
+                         "prompt tokens": f"{u['prompt_tokens']:,}", "generated tokens": f"{u['completion_tokens']:,}"})
+    return rows
 
 
 def write_reports_index(reports_root: Path) -> Path:

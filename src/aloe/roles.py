@@ -37,6 +37,7 @@ class Roles(Mapping):
         self.cache_path = cache_path
         self._by_config: dict[BackendConfig, ChatBackend] = {}
         self._given = dict(engines or {})  # engines handed in ready-made (tests, one-backend callers)
+        self._released: list[dict] = []  # usage of engines closed before the stage ended
 
     @classmethod
     def single(cls, backend: ChatBackend, names: Iterable[str] = ROLES) -> "Roles":
@@ -77,6 +78,7 @@ class Roles(Mapping):
             return
         if any(self.configs[r] == cfg for r in self.configs if r != role):
             return
+        self._released.append({"roles": [role], "kind": engine.kind, "model": engine.model_id, **engine.usage()})
         engine.close()
         del self._by_config[cfg]
 
@@ -105,6 +107,16 @@ class Roles(Mapping):
         caches = {id(e.cache): e.cache for e in self.engines()}
         return {"cache_hits": sum(c.hits for c in caches.values()),
                 "cache_misses": sum(c.misses for c in caches.values())}
+
+    def usage(self) -> list[dict]:
+        """Per engine opened so far: the roles it played, its model and what it was asked
+        (ChatBackend.usage): calls, cached calls, prompt and completion tokens."""
+        out = []
+        for e in self.engines():
+            played = [r for r in self if (self._given.get(r) is e
+                                          or self._by_config.get(self.configs.get(r)) is e)]
+            out.append({"roles": played, "kind": e.kind, "model": e.model_id, **e.usage()})
+        return self._released + out
 
     def close(self) -> None:
         for e in self._by_config.values():

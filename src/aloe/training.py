@@ -30,10 +30,10 @@ import math
 import os
 import re
 import resource
-import types
-import typing
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 
 from aloe.cards import write_model_card

@@ -38,18 +38,27 @@ import random
 import time
 from pathlib import Path
 
-
-from aloe import prompts
-from aloe.backends import ChatBackend, ChatRequest, ProbRequest, Sampling
+from aloe import preferences, prompts
+from aloe.backends import ChatBackend, ChatRequest, Sampling
 from aloe.cards import dataset_card
 from aloe.config import TreesConfig
-from aloe import preferences
 from aloe.conversation import clean_user_message, dialogue_text, judge_persona, likelihood_prompts, simulator_messages
 from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
 from aloe.io import read_jsonl, write_jsonl, write_manifest
-from aloe.judging import (SCORES, Judged, LikelihoodJudged, expected_score, judge, likelihood_ratios, pair_verdict,
-                          parse_choice, parse_score_choice)
+from aloe.judging import (
+    Judged,
+    LikelihoodJudged,
+    Reply,
+    expected_score,
+    judge,
+    likelihood_ratios,
+    pair_requests,
+    pair_verdict,
+    parse_choice,
+    parse_score_choice,
+    rubric_requests,
+)
 from aloe.lock import stage as stage_guard
 from aloe.records import spread
 from aloe.roles import Roles, as_roles
@@ -213,9 +222,32 @@ def _load_existing(path: Path, prov: dict) -> dict[str, dict]:
 @stage_guard("trees")
 def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) -> dict:
     """Grow one tree per training persona; ``roles`` gives the simulator, inferrer, responder
-    and judge (one backend plays all four when a single backend is passed)."""
+    and judge (one backend plays all four when a single backend is passed). Turn by turn, every
+    live tree goes through the same steps together (one batch per role): the user speaks, the
+    inferrer states what was revealed, the responder replies with and without that hint, and the
+    judge labels the node; every finished turn is on disk before the next starts."""
     started = time.time()
     roles = as_roles(roles, roles_used(cfg))
+    trees, prov, resumed = _open_trees(cfg, roles)
+    stats = {"judge_calls": 0, "judge_unusable": 0, "judge_text": 0}
+    bar = _progress(cfg.turns * len(trees), resumed, progress)
+    for turn in range(1, cfg.turns + 1):
+        active = [t for t in trees if t.live and len(t.rec["turns"]) == turn - 1]
+        if not active:
+            continue
+        said, disclosed = _user_turn(cfg, roles, active, turn)
+        step = _infer(cfg, roles, said, disclosed, turn)
+        judged_in = _respond(cfg, roles, step, turn)
+        _judge_nodes(cfg, roles, judged_in, disclosed, turn, stats)
+        write_jsonl(cfg.paths.trees, [t.rec for t in trees])  # checkpoint: this turn is on disk
+        bar.update(len(judged_in))
+    bar.close()
+    return _finish(cfg, roles, [t.rec for t in trees], prov, resumed, stats, started)
+
+
+def _open_trees(cfg: TreesConfig, roles: Roles) -> tuple[list[_Tree], dict, int]:
+    """The trees to grow (drawn across the whole pool), resumed from disk where they were made with
+    these settings; a failed tree's failed turn is tried again, its done turns kept."""
     paths = cfg.paths
     pairs = [p for p in read_jsonl(paths.pairs) if p["split"] == "train"]
     if not pairs:
@@ -223,8 +255,7 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
     if cfg.judge == "rules" and not any(p.get("preferences") for p in pairs):
         raise AloeError(f"{paths.pairs}: judge 'rules' needs personas with checkable preferences; set "
                         f"stages.personas.preferences (e.g. [2, 4]) and rerun the personas stage")
-    # drawn across the whole pool, not the first few profiles' pairs
-    pairs = spread(pairs, cfg.n_personas, cfg.seed)
+    pairs = spread(pairs, cfg.n_personas, cfg.seed)  # not the first few profiles' pairs
     prov = provenance(cfg, roles)
     existing = _load_existing(paths.trees, prov)
     trees = []
@@ -242,99 +273,105 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
     resumed = sum(len(t.rec["turns"]) for t in trees)
     if resumed:
         log.info("resuming: %d turns of %d trees already done", resumed, len(trees))
+    return trees, prov, resumed
 
+
+def _sampling(cfg: TreesConfig) -> Sampling:
+    return Sampling(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+
+
+def _user_turn(cfg: TreesConfig, roles: Roles, active: list[_Tree], turn: int) -> tuple[list, dict]:
+    """The simulated user's messages, each settled against the persona's checkable preferences
+    (what it conveyed, what is revealed by now): [(tree, message)], {tree id: disclosure}."""
     sim = prompts.get("user_simulator")
-    infer = prompts.get(f"infer_{cfg.inference}")
-    plain, hinted, judge_p = prompts.get("responder_plain"), prompts.get("responder_hinted"), prompts.get("judge_pair")
-    samp = Sampling(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    infer_samp = Sampling(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    plain_system = plain.render("system")
-    stats = {"judge_calls": 0, "judge_unusable": 0, "judge_text": 0}
-    bar = _progress(cfg.turns * len(trees), resumed, progress)
-    for turn in range(1, cfg.turns + 1):
-        active = [t for t in trees if t.live and len(t.rec["turns"]) == turn - 1]
-        if not active:
-            continue
-        plans = {t.rec["id"]: _plan(cfg, t.rec, turn) for t in active}
-        users = roles["simulator"].chat([ChatRequest(
-            simulator_messages(t.rec["profile"], t.rec["personality"], history_of(t.rec), plans[t.rec["id"]].directive),
-            samp, sample_index=turn, prompt_version=sim.tag) for t in active])
-        said, disclosed = [], {}
-        for t, u in zip(active, users):
-            msg = clean_user_message(u.text) if u.ok else ""
-            if msg:
-                if t.rec["preferences"]:
-                    msg, disclosed[t.rec["id"]] = preferences.settle_message(
-                        t.rec, plans[t.rec["id"]], msg, _revealed(t.rec), cfg.disclosure_fallback)
-                said.append((t, msg))
-            else:
-                t.fail(turn, "user_simulator", u.error)
-        inferred = roles["inferrer"].chat([ChatRequest(
-            [{"role": "system", "content": infer.render("system")},
-             {"role": "user", "content": infer.render("user", profile=t.rec["profile"], personality=t.rec["personality"],
-                                                      dialogue=dialogue_text(history_of(t.rec), m))}],
-            infer_samp, sample_index=turn, prompt_version=infer.tag) for t, m in said])
-        step = []
-        for (t, m), inf in zip(said, inferred):
-            if inf.ok:
-                step.append((t, m, _hint(t.rec, inf.text.strip() or "Nothing yet.", disclosed.get(t.rec["id"]))))
-            else:
-                t.fail(turn, infer.name, inf.error)
-
-        def reply_request(t, m, hint):
-            system = hinted.render("system", hint=hint) if hint is not None else plain_system
-            return ChatRequest([{"role": "system", "content": system}, *history_of(t.rec), {"role": "user", "content": m}],
-                               samp, sample_index=turn, prompt_version=hinted.tag if hint is not None else plain.tag)
-
-        replies = roles["responder"].chat([reply_request(t, m, h) for t, m, inf in step for h in (inf["hint"], None)])
-        judged_in, jreqs = [], []
-        for i, (t, m, inf) in enumerate(step):
-            ra, rb = replies[2 * i], replies[2 * i + 1]
-            if not (ra.ok and rb.ok and ra.text.strip() and rb.text.strip()):
-                t.fail(turn, "responder", ra.error or rb.error or "empty reply")
-                continue
-            judged_in.append((t, m, inf, ra.text.strip(), rb.text.strip()))
-            if cfg.judge in ("likelihood", "rules"):
-                continue
-            for first, second in ((ra.text, rb.text), (rb.text, ra.text)):
-                jreqs.append(ProbRequest(
-                    [{"role": "system", "content": judge_p.render("system")},
-                     {"role": "user", "content": judge_p.render("user", profile=judge_persona(t.rec)[0],
-                                                                personality=t.rec["personality"], message=m,
-                                                                first=first.strip(), second=second.strip())}],
-                    ("1", "2"), prompt_version=judge_p.tag))
-        if cfg.judge == "likelihood":
-            ratios = _likelihood(roles["judge"], judged_in)
-            verdicts = []
-        elif cfg.judge == "rules":
-            verdicts = []
+    plans = {t.rec["id"]: _plan(cfg, t.rec, turn) for t in active}
+    users = roles["simulator"].chat([ChatRequest(
+        simulator_messages(t.rec["profile"], t.rec["personality"], history_of(t.rec), plans[t.rec["id"]].directive),
+        _sampling(cfg), sample_index=turn, prompt_version=sim.tag) for t in active])
+    said, disclosed = [], {}
+    for t, u in zip(active, users):
+        msg = clean_user_message(u.text) if u.ok else ""
+        if msg:
+            if t.rec["preferences"]:
+                msg, disclosed[t.rec["id"]] = preferences.settle_message(
+                    t.rec, plans[t.rec["id"]], msg, _revealed(t.rec), cfg.disclosure_fallback)
+            said.append((t, msg))
         else:
-            verdicts = judge(roles["judge"], jreqs, parse_choice, method=cfg.judge_method,
-                             retries=cfg.judge_retries, require_all=True)
-            pointwise = _pointwise(cfg, roles["judge"], judged_in, verdicts)
-        for i, (t, m, inf, a, b) in enumerate(judged_in):
-            cands = [{"id": "a", "text": a, "hinted": True}, {"id": "b", "text": b, "hinted": False}]
-            rec = {"turn": turn, "user": m, "inferred": {"mode": cfg.inference, "text": inf["text"]}}
-            if inf["asked"]:
-                rec["inferred"]["asked"] = inf["asked"]
-            rules = None
-            if t.rec["preferences"]:  # exact scores beside any judge's verdict
-                revealed = disclosed[t.rec["id"]]["revealed"]
-                rules = {"hinted": preferences.rules_score(t.rec["preferences"], a, revealed),
-                         "plain": preferences.rules_score(t.rec["preferences"], b, revealed)}
-                rec.update(preferences=disclosed[t.rec["id"]], rules=rules)
-            if cfg.judge == "rules":
-                node = decide_rules(cfg, t.rec["id"], turn, cands, rules["hinted"], rules["plain"])
-                t.rec["turns"].append({**rec, "candidates": cands, **node})
-                continue
-            if cfg.judge == "likelihood":
-                ja, jb = ratios[2 * i], ratios[2 * i + 1]
-                stats["judge_calls"] += 2
-                stats["judge_unusable"] += (not ja.ok) + (not jb.ok)
-                node = decide_likelihood(cfg, t.rec["id"], turn, cands, ja.llr, jb.llr)
-                rec.update(candidates=cands, judgments=[{"reply": "a", **ja.to_json()}, {"reply": "b", **jb.to_json()}])
-                t.rec["turns"].append({**rec, **node})
-                continue
+            t.fail(turn, "user_simulator", u.error)
+    return said, disclosed
+
+
+def _infer(cfg: TreesConfig, roles: Roles, said: list, disclosed: dict, turn: int) -> list:
+    """The inference step: what the user has revealed so far, as the hinted responder's hint."""
+    infer = prompts.get(f"infer_{cfg.inference}")
+    samp = Sampling(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    inferred = roles["inferrer"].chat([ChatRequest(
+        [{"role": "system", "content": infer.render("system")},
+         {"role": "user", "content": infer.render("user", profile=t.rec["profile"], personality=t.rec["personality"],
+                                                  dialogue=dialogue_text(history_of(t.rec), m))}],
+        samp, sample_index=turn, prompt_version=infer.tag) for t, m in said])
+    step = []
+    for (t, m), inf in zip(said, inferred):
+        if inf.ok:
+            step.append((t, m, _hint(t.rec, inf.text.strip() or "Nothing yet.", disclosed.get(t.rec["id"]))))
+        else:
+            t.fail(turn, infer.name, inf.error)
+    return step
+
+
+def _respond(cfg: TreesConfig, roles: Roles, step: list, turn: int) -> list:
+    """The hinted and the plain reply of every node: [(tree, message, inference, hinted, plain)]."""
+    plain, hinted = prompts.get("responder_plain"), prompts.get("responder_hinted")
+
+    def request(t, m, hint):
+        system = hinted.render("system", hint=hint) if hint is not None else plain.render("system")
+        return ChatRequest([{"role": "system", "content": system}, *history_of(t.rec), {"role": "user", "content": m}],
+                           _sampling(cfg), sample_index=turn, prompt_version=hinted.tag if hint is not None else plain.tag)
+
+    replies = roles["responder"].chat([request(t, m, h) for t, m, inf in step for h in (inf["hint"], None)])
+    judged_in = []
+    for i, (t, m, inf) in enumerate(step):
+        ra, rb = replies[2 * i], replies[2 * i + 1]
+        if not (ra.ok and rb.ok and ra.text.strip() and rb.text.strip()):
+            t.fail(turn, "responder", ra.error or rb.error or "empty reply")
+            continue
+        judged_in.append((t, m, inf, ra.text.strip(), rb.text.strip()))
+    return judged_in
+
+
+def _judge_nodes(cfg: TreesConfig, roles: Roles, judged_in: list, disclosed: dict, turn: int, stats: dict) -> None:
+    """Judge every node's two replies (pair judge in both orders, likelihood ratios or the rules
+    judge), decide preferred and rejected and the branch that continues, and record the node."""
+    ratios, verdicts, pointwise = [], [], {}
+    if cfg.judge == "likelihood":
+        ratios = _likelihood(roles["judge"], judged_in)
+    elif cfg.judge != "rules":
+        jreqs = [r for t, m, _, a, b in judged_in for r in pair_requests(t.rec, m, a, b)]
+        verdicts = judge(roles["judge"], jreqs, parse_choice, method=cfg.judge_method,
+                         retries=cfg.judge_retries, require_all=True)
+        pointwise = _pointwise(cfg, roles["judge"], judged_in, verdicts)
+    for i, (t, m, inf, a, b) in enumerate(judged_in):
+        cands = [{"id": "a", "text": a, "hinted": True}, {"id": "b", "text": b, "hinted": False}]
+        rec = {"turn": turn, "user": m, "inferred": {"mode": cfg.inference, "text": inf["text"]}}
+        if inf["asked"]:
+            rec["inferred"]["asked"] = inf["asked"]
+        rules = None
+        if t.rec["preferences"]:  # exact scores beside any judge's verdict
+            revealed = disclosed[t.rec["id"]]["revealed"]
+            rules = {"hinted": preferences.rules_score(t.rec["preferences"], a, revealed),
+                     "plain": preferences.rules_score(t.rec["preferences"], b, revealed)}
+            rec.update(preferences=disclosed[t.rec["id"]], rules=rules)
+        if cfg.judge == "rules":
+            node = decide_rules(cfg, t.rec["id"], turn, cands, rules["hinted"], rules["plain"])
+            t.rec["turns"].append({**rec, "candidates": cands, **node})
+        elif cfg.judge == "likelihood":
+            ja, jb = ratios[2 * i], ratios[2 * i + 1]
+            stats["judge_calls"] += 2
+            stats["judge_unusable"] += (not ja.ok) + (not jb.ok)
+            node = decide_likelihood(cfg, t.rec["id"], turn, cands, ja.llr, jb.llr)
+            rec.update(candidates=cands, judgments=[{"reply": "a", **ja.to_json()}, {"reply": "b", **jb.to_json()}])
+            t.rec["turns"].append({**rec, **node})
+        else:
             j1, j2 = verdicts[2 * i], verdicts[2 * i + 1]
             stats["judge_calls"] += 2
             stats["judge_unusable"] += (j1.method == "none") + (j2.method == "none")
@@ -344,12 +381,13 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
                 rec["candidates"] = cands
                 rec["judgments"] = [{"order": ["a", "b"], **j1.to_json()}, {"order": ["b", "a"], **j2.to_json()}]
             t.rec["turns"].append({**rec, **node})
-        # Checkpoint: every finished turn is on disk before the next one starts.
-        write_jsonl(paths.trees, [t.rec for t in trees])
-        bar.update(len(judged_in))
-    bar.close()
 
-    records = [t.rec for t in trees]
+
+def _finish(cfg: TreesConfig, roles: Roles, records: list[dict], prov: dict, resumed: int, stats: dict,
+            started: float) -> dict:
+    """Fail the stage when too many trees failed; otherwise the disclosure curves, the TRL exports,
+    the dataset card and the manifest."""
+    paths = cfg.paths
     failed = [t for t in records if t["failed"] is not None]
     if failed and len(failed) > cfg.max_failed_share * len(records):
         reasons = collections.Counter(f"{t['failed']['role']}: {str(t['failed']['error'])[:100]}" for t in failed)
@@ -358,7 +396,7 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
                         f"finished turns are kept in {paths.trees}: rerun to retry the failed ones")
     add_disclosure(records, cfg.disclosure_threshold)
     write_jsonl(paths.trees, records)
-    exports = export_rows(records, plain_system)
+    exports = export_rows(records, prompts.get("responder_plain").render("system"))
     for name, rows in exports.items():
         write_jsonl(paths.export(name), rows)
     dataset_card(paths, cfg.experiment, {k: len(v) for k, v in exports.items()}, prov)
@@ -372,7 +410,7 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
               **preference_counts(nodes),
               **{f"{k}_rows": len(v) for k, v in exports.items()}, **stats, **roles.cache_stats()}
     write_manifest(paths.stage("trees"), stage="trees", parameters=cfg, started=started, roles=prov["roles"],
-                   counts=counts, extra={"provenance": prov})
+                   counts=counts, extra={"provenance": prov, "usage": roles.usage()})
     return counts
 
 
@@ -413,16 +451,12 @@ def _pointwise(cfg: TreesConfig, backend: ChatBackend, judged_in: list, verdicts
     """
     if cfg.inconsistent != "pointwise":
         return {}
-    rubric = prompts.get("judge_score")
     todo = [i for i in range(len(judged_in))
             if pair_verdict(verdicts[2 * i], verdicts[2 * i + 1]).consistent is False]
-    reqs = [ProbRequest([{"role": "system", "content": rubric.render("system")},
-                         {"role": "user", "content": rubric.render("user", profile=judge_persona(judged_in[i][0].rec)[0],
-                                                                   personality=judged_in[i][0].rec["personality"],
-                                                                   message=judged_in[i][1], reply=reply)}],
-                        SCORES, prompt_version=rubric.tag)
-            for i in todo for reply in judged_in[i][3:5]]
-    got = judge(backend, reqs, parse_score_choice, method=cfg.judge_method, retries=cfg.judge_retries)
+    replies = [Reply(judged_in[i][0].rec, history_of(judged_in[i][0].rec), judged_in[i][1], reply)
+               for i in todo for reply in judged_in[i][3:5]]
+    got = judge(backend, rubric_requests(replies, "paper"), parse_score_choice, method=cfg.judge_method,
+                retries=cfg.judge_retries)
     return {i: (expected_score(got[2 * k]), expected_score(got[2 * k + 1])) for k, i in enumerate(todo)}
 
 

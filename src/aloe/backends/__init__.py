@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from typing import Callable
 
-from aloe.backends.base import (CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest, Sampling,
-                                match_candidates)
+from aloe.backends.base import (
+    CandidateLogprobs,
+    ChatBackend,
+    ChatRequest,
+    Completion,
+    ProbRequest,
+    Sampling,
+    match_candidates,
+)
 from aloe.cache import CallCache
 from aloe.config import BackendConfig
 from aloe.models import hf_location, model_identity, resolve_model
@@ -37,7 +44,7 @@ def _openai(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
     backend = OpenAIBackend(cfg.base_url, cfg.served_model or cfg.model, cfg.model, cfg.revision or "served", cache,
                             api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
                             timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, top_logprobs=cfg.top_logprobs,
-                            deadline_s=cfg.deadline_s)
+                            deadline_s=cfg.deadline_s, rpm=cfg.rpm, tpm=cfg.tpm)
     backend.check()
     return backend
 

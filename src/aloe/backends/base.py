@@ -88,6 +88,7 @@ class Completion:
     finish_reason: str | None = None
     completion_tokens: int | None = None
     cached: bool = False
+    prompt_tokens: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -170,7 +171,10 @@ class ChatBackend(ABC):
         self.revision = revision
         self.cache = cache if cache is not None else CallCache(None)  # an empty cache is falsy (__len__)
         self.failures = 0
-        self.generated_tokens = 0
+        self.generated_tokens = 0  # engines add what they generate and read (where they know it)
+        self.prompt_tokens = 0
+        self.sent = 0  # requests sent to the engine (cache misses), chat and log-probability alike
+        self.from_cache = 0  # requests answered from the cache
 
     # -- cache keys
     def key_identity(self) -> dict:
@@ -194,6 +198,24 @@ class ChatBackend(ABC):
         return self._key("logprobs", {"messages": list(r.messages), "candidates": list(r.candidates),
                                       "prompt_version": r.prompt_version, **self.prob_key_extra()})
 
+    # Engines whose answers arrive one by one (HTTP) take ``done`` in _generate/_score and call
+    # it with each result as it arrives, so it reaches the cache then, not when the batch ends.
+    streams_results = False
+
+    def _fresh(self, call, todo: list, keys: list[str], ok) -> list:
+        """Run ``call`` (self._generate or self._score) on ``todo``. Where the engine streams its
+        results, every good one is committed to the cache as it arrives (the cache runs SQLite in
+        WAL mode with synchronous=NORMAL: a commit costs no fsync), so a SIGKILL loses at most the
+        calls in flight and an interrupted batch keeps what arrived; else the batch's good results
+        are committed when it returns."""
+        if not todo:
+            return []
+        if not self.streams_results:
+            fresh = call(todo)
+            self.cache.put_many({k: asdict(r) for k, r in zip(keys, fresh) if ok(r)})
+            return fresh
+        return call(todo, done=lambda i, r: self.cache.put_many({keys[i]: asdict(r)}) if ok(r) else None)
+
     # -- public, cached calls
     def chat(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         keys = [self.chat_key(r) for r in requests]
@@ -203,9 +225,10 @@ class ChatBackend(ABC):
         uniq: dict[str, int] = {}
         for i in todo:
             uniq.setdefault(keys[i], i)
-        fresh = self._generate([requests[i] for i in uniq.values()]) if uniq else []
+        fresh = self._fresh(self._generate, [requests[i] for i in uniq.values()], list(uniq), lambda c: c.ok)
+        self.sent += len(uniq)
+        self.from_cache += len(requests) - len(todo)
         by_key = dict(zip(uniq.keys(), fresh))
-        self.cache.put_many({k: asdict(c) for k, c in by_key.items() if c.ok})
         out = []
         for k in keys:
             if k in found:
@@ -226,9 +249,10 @@ class ChatBackend(ABC):
         for i, k in enumerate(keys):
             if k not in found:
                 uniq.setdefault(k, i)
-        fresh = self._score([requests[i] for i in uniq.values()]) if uniq else []
+        fresh = self._fresh(self._score, [requests[i] for i in uniq.values()], list(uniq), lambda c: c.error is None)
+        self.sent += len(uniq)
+        self.from_cache += sum(1 for k in keys if k in found)
         by_key = dict(zip(uniq.keys(), fresh))
-        self.cache.put_many({k: asdict(c) for k, c in by_key.items() if c.error is None})
         out = []
         for k in keys:
             if k in found:
@@ -244,6 +268,12 @@ class ChatBackend(ABC):
 
     def describe(self) -> dict:
         return self.identity()
+
+    def usage(self) -> dict:
+        """What this engine was asked and did: requests sent and answered from the cache, prompt
+        tokens read and tokens generated (as far as the engine reports them)."""
+        return {"calls": self.sent, "cached_calls": self.from_cache, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.generated_tokens}
 
     def default_sampling(self) -> dict | None:
         """What ``Sampling(temperature=None)`` (the model's own default) means on this engine, as

@@ -1,7 +1,11 @@
 """Any OpenAI-compatible HTTP server: OpenAI, ``vllm serve``, llama.cpp's server.
 
-Requests run concurrently (at most ``max_concurrency`` in flight), spread
-round-robin over one or more base URLs (a pool of servers). 429, 5xx, timeouts
+Requests run concurrently (at most ``max_concurrency`` in flight on each server), spread
+round-robin over one or more base URLs (a pool of servers). A server that fails several times in a
+row (refused, timed out, 5xx) leaves the rotation for a cool-down, doubled each time it fails again
+when it comes back; its requests go to the others. ``rpm`` and ``tpm`` keep the run under a
+provider's limits before the provider enforces them (a token bucket; a 429 halves the rate for a
+while). 429, 5xx, timeouts
 and refused connections are retried with exponential backoff and jitter; any other
 4xx fails at once with the server's message, since retrying cannot fix it. The
 API key comes from the environment variable named in the config, never from a
@@ -27,12 +31,11 @@ import random
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 
 import httpx
 
-from aloe.backends.base import (CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest,
-                                match_candidates)
+from aloe.backends.base import CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest, match_candidates
 from aloe.cache import CallCache
 from aloe.config import redact_url
 from aloe.errors import BackendError, ConfigError
@@ -44,6 +47,91 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 SETUP_STATUS = {401, 403, 404}  # wrong key, wrong URL or model: every request would fail the same way
 UNREACHABLE = "unreachable: "  # prefix of a request that never got an answer (connection, timeout, 5xx)
+
+
+class RateLimiter:
+    """Requests and tokens per minute, as token buckets that start empty and hold at most one
+    request (and one second's tokens), so the rate never runs ahead of the limit: ``acquire``
+    waits until a request of ``tokens`` fits both. A 429 (``slow_down``) halves both rates for
+    ``penalty_s``; they then return to the configured ones."""
+
+    def __init__(self, rpm: float | None, tpm: float | None, penalty_s: float = 30.0):
+        self.rpm, self.tpm, self.penalty_s = rpm, tpm, penalty_s
+        self._lock = threading.Lock()
+        self._req = 1.0  # what the buckets hold now
+        self._tok = 0.0
+        self._at = time.monotonic()
+        self._slow_until = 0.0
+
+    def _rates(self, now: float) -> tuple[float, float]:
+        f = 0.5 if now < self._slow_until else 1.0
+        return (self.rpm or 0) / 60 * f, (self.tpm or 0) / 60 * f
+
+    def acquire(self, tokens: int) -> None:
+        if not (self.rpm or self.tpm):
+            return
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                r, t = self._rates(now)
+                dt, self._at = now - self._at, now
+                self._req = min(1.0, self._req + r * dt)
+                self._tok = min(max(t, tokens), self._tok + t * dt)
+                need_r = 0.0 if not self.rpm else max(0.0, 1 - self._req) / r
+                need_t = 0.0 if not self.tpm else max(0.0, tokens - self._tok) / t
+                if need_r <= 0 and need_t <= 0:
+                    if self.rpm:
+                        self._req -= 1
+                    if self.tpm:
+                        self._tok -= tokens
+                    return
+                wait_s = max(need_r, need_t)
+            time.sleep(min(wait_s, 1.0))
+
+    def slow_down(self) -> None:
+        with self._lock:
+            self._slow_until = time.monotonic() + self.penalty_s
+
+
+class _Pool:
+    """Round-robin over the servers that are up; ``fail_after`` failures in a row put one in a
+    cool-down, doubled each time it fails again right after returning."""
+
+    def __init__(self, urls: tuple[str, ...], fail_after: int = 3, cool_down_s: float = 30.0):
+        self.urls, self.fail_after, self.cool_down_s = urls, fail_after, cool_down_s
+        self._lock = threading.Lock()
+        self._next = itertools.cycle(urls)
+        self._fails = {u: 0 for u in urls}
+        self._down_until = {u: 0.0 for u in urls}
+        self._cool = {u: cool_down_s for u in urls}
+
+    def pick(self) -> str:
+        with self._lock:
+            now = time.monotonic()
+            for _ in range(len(self.urls)):
+                u = next(self._next)
+                if self._down_until[u] <= now:
+                    return u
+            return min(self.urls, key=lambda u: self._down_until[u])  # all resting: the first back
+
+    def ok(self, url: str) -> None:
+        with self._lock:
+            self._fails[url] = 0
+            self._cool[url] = self.cool_down_s
+
+    def failed(self, url: str) -> None:
+        with self._lock:
+            self._fails[url] += 1
+            if self._fails[url] >= self.fail_after and len(self.urls) > 1:
+                self._down_until[url] = time.monotonic() + self._cool[url]
+                log.warning("%s failed %d times in a row: out of the pool for %.0f s", redact_url(url),
+                            self._fails[url], self._cool[url])
+                self._cool[url] *= 2
+                self._fails[url] = self.fail_after - 1  # one more failure after it returns: out again
+
+    def down(self) -> list[str]:
+        now = time.monotonic()
+        return [u for u in self.urls if self._down_until[u] > now]
 
 
 class _Fatal(Exception):
@@ -60,16 +148,20 @@ class _GaveUp(Exception):
 
 class OpenAIBackend(ChatBackend):
     kind = "openai"
+    streams_results = True  # every answer reaches the cache as it arrives
+    interrupt_grace_s = 30.0  # on Ctrl-C, how long the requests in flight may finish
 
     def __init__(self, base_url: str | tuple[str, ...], served_model: str, model_id: str, revision: str,
                  cache: CallCache | None = None, api_key_env: str | None = None, max_concurrency: int = 8,
                  timeout_s: float = 120.0, max_retries: int = 6, top_logprobs: int = 20,
-                 backoff_base_s: float = 0.5, backoff_max_s: float = 8.0, deadline_s: float | None = None):
+                 backoff_base_s: float = 0.5, backoff_max_s: float = 8.0, deadline_s: float | None = None,
+                 rpm: float | None = None, tpm: float | None = None):
         super().__init__(model_id, revision, cache)
         urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)
         self.base_urls = tuple(u.rstrip("/") for u in urls)
-        self._next_url = itertools.cycle(self.base_urls)
-        self._url_lock = threading.Lock()
+        self.pool = _Pool(self.base_urls)
+        self._count_lock = threading.Lock()
+        self.limiter = RateLimiter(rpm, tpm)
         self.served_model = served_model
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
@@ -95,6 +187,7 @@ class OpenAIBackend(ChatBackend):
             self._secrets.append(key)
         self.client = httpx.Client(timeout=timeout_s, headers=headers,
                                    limits=httpx.Limits(max_connections=max_concurrency * len(self.base_urls)))
+        self.workers = max_concurrency * len(self.base_urls)  # max_concurrency applies to each server
         self.server_model: str | None = None  # what the server says it serves under served_model (check())
 
     def key_identity(self) -> dict:
@@ -151,13 +244,14 @@ class OpenAIBackend(ChatBackend):
             if remaining <= 0:
                 last = f"deadline of {self.deadline_s:g} s passed; last: {last}"
                 break
-            with self._url_lock:
-                url = next(self._next_url)
+            url = self.pool.pick()
+            self.limiter.acquire(_tokens(payload))
             wait = None
             try:
                 r = self.client.post(f"{url}/chat/completions", json=payload,
                                      timeout=min(self.timeout_s, remaining))
                 if r.status_code == 200:
+                    self.pool.ok(url)
                     try:
                         return r.json()
                     except ValueError as e:
@@ -169,8 +263,13 @@ class OpenAIBackend(ChatBackend):
                 else:
                     last = f"HTTP {r.status_code}: {self._excerpt(r)}"
                     wait = retry_after(r.headers.get("Retry-After"))
+                    if r.status_code == 429:
+                        self.limiter.slow_down()
+                    else:
+                        self.pool.failed(url)
             except httpx.HTTPError as e:  # timeouts, refused or broken connections, broken gzip
                 last = f"{type(e).__name__}: {self._redact(str(e))[:160]}"
+                self.pool.failed(url)
             if attempt < self.max_retries:
                 self.retries += 1
                 backoff = min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt) * (0.5 + random.random())
@@ -182,7 +281,7 @@ class OpenAIBackend(ChatBackend):
                 time.sleep(delay)
         raise _GaveUp(f"{UNREACHABLE}gave up after {attempt + 1} attempt(s): {last}")
 
-    def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
+    def _generate(self, requests: list[ChatRequest], done=None) -> list[Completion]:
         def one(r: ChatRequest) -> Completion:
             s = r.sampling
             payload = {"model": self.served_model, "messages": list(r.messages), "max_tokens": s.max_tokens,
@@ -191,24 +290,30 @@ class OpenAIBackend(ChatBackend):
             if not s.model_default:  # otherwise the server's (the model's) own defaults apply
                 payload.update(temperature=s.temperature, top_p=s.top_p)
             try:
-                text, finish, n = _chat_reply(self._post(payload))
+                data = self._post(payload)
+                text, finish, n = _chat_reply(data)
             except (_GaveUp, _Shape) as e:
                 return Completion(None, error=str(e))
-            if n:
-                self.generated_tokens += n
-            return Completion(text, finish_reason=finish, completion_tokens=n)
+            prompt = _usage(data, "prompt_tokens")
+            with self._count_lock:
+                self.generated_tokens += n or 0
+                self.prompt_tokens += prompt or 0
+            return Completion(text, finish_reason=finish, completion_tokens=n, prompt_tokens=prompt)
 
-        out = self._map(one, requests)
+        out = self._map(one, requests, done)
         _raise_if_all_unreachable(out, self.base_urls)
         return out
 
-    def _score(self, requests: list[ProbRequest]) -> list[CandidateLogprobs]:
+    def _score(self, requests: list[ProbRequest], done=None) -> list[CandidateLogprobs]:
         def one(r: ProbRequest) -> CandidateLogprobs:
             payload = {"model": self.served_model, "messages": list(r.messages), "temperature": 0.0,
                        "max_tokens": 1, "logprobs": True, "top_logprobs": self.top_logprobs, "seed": 0}
             failed = CandidateLogprobs({c: None for c in r.candidates}, exact=False)
             try:
-                matched = match_candidates(_top_logprobs(self._post(payload)), r.candidates)
+                data = self._post(payload)
+                with self._count_lock:
+                    self.prompt_tokens += _usage(data, "prompt_tokens") or 0
+                matched = match_candidates(_top_logprobs(data), r.candidates)
             except (_GaveUp, _Shape) as e:
                 failed.error = str(e)
                 return failed
@@ -217,19 +322,47 @@ class OpenAIBackend(ChatBackend):
                 return failed
             return CandidateLogprobs(matched, exact=False)
 
-        out = self._map(one, requests)
+        out = self._map(one, requests, done)
         _raise_if_all_unreachable(out, self.base_urls)
         return out
 
-    def _map(self, fn, items):
-        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
-            futures = [pool.submit(fn, item) for item in items]
-            try:
-                return [f.result() for f in futures]
-            except _Fatal as e:
-                for f in futures:
-                    f.cancel()
-                raise BackendError(str(e)) from None
+    def _map(self, fn, items, done=None):
+        """``fn`` over ``items`` with at most ``max_concurrency`` in flight, results in order; each
+        result goes to ``done(index, result)`` as it arrives (the cache keeps it then). Ctrl-C
+        (KeyboardInterrupt) stops sending new requests at once, waits up to ``interrupt_grace_s``
+        for those in flight (their answers are kept) and raises it again."""
+        out: list = [None] * len(items)
+        pool = ThreadPoolExecutor(max_workers=self.workers)
+        futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
+        try:
+            for f in as_completed(futures):
+                i = futures[f]
+                out[i] = f.result()
+                if done is not None:
+                    done(i, out[i])
+        except _Fatal as e:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise BackendError(str(e)) from None
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)
+            running = [f for f in futures if not f.cancelled()]
+            log.warning("interrupted: no new requests; waiting up to %.0f s for %d in flight",
+                        self.interrupt_grace_s, sum(not f.done() for f in running))
+            finished, _ = wait(running, timeout=self.interrupt_grace_s)
+            for f in finished:
+                if done is not None and out[futures[f]] is None and f.exception() is None:
+                    done(futures[f], f.result())
+            raise
+        pool.shutdown(wait=True)
+        return out
+
+
+def _tokens(payload: dict) -> int:
+    """What a request will count against a tokens-per-minute limit: its prompt (about 4 characters
+    a token) and the most it may generate."""
+    chars = sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else 0
+                for m in payload.get("messages", []))
+    return chars // 4 + int(payload.get("max_tokens") or 0)
 
 
 def _chat_reply(data) -> tuple[str, str | None, int | None]:
@@ -247,11 +380,15 @@ def _chat_reply(data) -> tuple[str, str | None, int | None]:
         raise _Shape(f"malformed answer: message content is {type(content).__name__}, not text")
     if not content.strip():
         raise _Shape("empty reply")
-    usage = data.get("usage")
-    n = usage.get("completion_tokens") if isinstance(usage, dict) else None
     finish = choice.get("finish_reason")
-    return (content.strip(), finish if isinstance(finish, str) else None,
-            n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None)
+    return content.strip(), finish if isinstance(finish, str) else None, _usage(data, "completion_tokens")
+
+
+def _usage(data, key: str) -> int | None:
+    """A token count from the body's ``usage``, or None where the server gives none (or nonsense)."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    n = usage.get(key) if isinstance(usage, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
 
 def _top_logprobs(data) -> dict[str, float]:

@@ -33,7 +33,6 @@ from typing import Callable
 from aloe.backends.base import CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest
 from aloe.cache import CallCache
 
-
 _CALLS = 0  # calls in this process, over every scripted engine (for ALOE_SCRIPTED_KILL_AFTER)
 
 

@@ -28,8 +28,15 @@ from collections import defaultdict
 import torch
 from transformers import DynamicCache
 
-from aloe.backends.base import (CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest, Sampling,
-                                default_sampling)
+from aloe.backends.base import (
+    CandidateLogprobs,
+    ChatBackend,
+    ChatRequest,
+    Completion,
+    ProbRequest,
+    Sampling,
+    default_sampling,
+)
 from aloe.cache import CallCache
 
 log = logging.getLogger(__name__)
@@ -146,6 +153,7 @@ class TransformersBackend(ChatBackend):
             s = self._resolve_sampling(r.sampling)
             groups[(s.temperature, s.top_p, s.max_tokens)].append(i)
         prompts = [self._prompt_ids(r.messages) for r in requests]
+        self.prompt_tokens += sum(len(p) for p in prompts)
         for (temperature, top_p, max_tokens), idx in groups.items():
             idx.sort(key=lambda i: len(prompts[i]))
             for start in range(0, len(idx), self.batch_size):
@@ -208,6 +216,7 @@ class TransformersBackend(ChatBackend):
         ntok: list[dict[str, int]] = []
         for ri, r in enumerate(requests):
             p = self._prompt_ids(r.messages)
+            self.prompt_tokens += len(p)
             cids = [(c, self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in r.candidates]
             ntok.append({c: len(t) for c, t in cids})
             if all(len(t) == 1 for _, t in cids):

@@ -30,8 +30,15 @@ import importlib
 import logging
 import math
 
-from aloe.backends.base import (CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest,
-                                default_sampling, match_candidates)
+from aloe.backends.base import (
+    CandidateLogprobs,
+    ChatBackend,
+    ChatRequest,
+    Completion,
+    ProbRequest,
+    default_sampling,
+    match_candidates,
+)
 from aloe.cache import CallCache
 from aloe.errors import AloeError
 
@@ -175,6 +182,7 @@ class VLLMBackend(ChatBackend):
             c = o.outputs[0]
             n = len(c.token_ids)
             self.generated_tokens += n
+            self.prompt_tokens += len(getattr(o, "prompt_token_ids", None) or [])
             results[i] = Completion(c.text.strip(), finish_reason=c.finish_reason, completion_tokens=n)
         return results  # type: ignore[return-value]
 
