@@ -25,7 +25,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from aloe.config import NOTEBOOKS, STAGE_CONFIGS, STAGES, BackendConfig, JudgeCardConfig, _type_name, load_experiment  # noqa: E402
+from aloe.config import (  # noqa: E402
+    NOTEBOOKS,
+    STAGE_CONFIGS,
+    STAGES,
+    BackendConfig,
+    Common,
+    JudgeCardConfig,
+    _type_name,
+    load_experiment,
+)
 
 DOC = REPO / "docs" / "parameters.md"
 
@@ -82,15 +91,13 @@ def _num(x) -> str:
 
 def parameters_doc() -> str:
     """docs/parameters.md: every key a parameter file may set, by section."""
-    common = {f.name for f in dataclasses.fields(STAGE_CONFIGS["personas"])} - {
-        f.name for f in STAGE_CONFIGS["personas"].__dataclass_fields__.values()
-        if f.name in STAGE_CONFIGS["personas"].__annotations__}
+    common = {f.name for f in dataclasses.fields(Common)}  # every stage's top-level keys
     out = ["# Parameters", "",
            "Every key a parameter file may set, generated from the one declaration of each "
            "(`aloe.config.param`) by `python scripts/sync_notebook_defaults.py`; a test fails when this "
            "page drifts. Ranges are inclusive. Back to the [README](../README.md).", "",
            "## Top level", ""]
-    out += _table(STAGE_CONFIGS["personas"], skip=set(_fields_names(STAGE_CONFIGS["personas"])) - common)
+    out += _table(Common)
     out += ["", "## `backend` and each role under `roles`", "",
             "A role's mapping is merged over `backend`; a role that names another `model` does not inherit "
             "`revision` or `served_model`.", ""]
@@ -102,10 +109,6 @@ def parameters_doc() -> str:
             out += ["", "### `stages.evaluate.judge_card`", ""]
             out += _table(JudgeCardConfig)
     return "\n".join(out) + "\n"
-
-
-def _fields_names(cls) -> list[str]:
-    return [f.name for f in _fields(cls)]
 
 
 def drift(params_file: Path, write: bool) -> list[str]:

@@ -119,7 +119,9 @@ class TransformersBackend(ChatBackend):
         return {**super().describe(), "device": self.device}
 
     def default_sampling(self) -> dict:
-        return default_sampling(self.model.generation_config)
+        if getattr(self, "_defaults", None) is None:  # the generation config does not change: resolve once
+            self._defaults = default_sampling(self.model.generation_config)
+        return dict(self._defaults)
 
     def _resolve_sampling(self, s: Sampling) -> Sampling:
         """``temperature=None``: the model's own generation config, resolved as on every engine."""

@@ -100,12 +100,9 @@ class VLLMBackend(ChatBackend):
         enc = tok.apply_chat_template(list(messages), tokenize=True, **template)
         return len(enc["input_ids"] if hasattr(enc, "keys") else enc)
 
-    def _too_long(self, messages, **template) -> str | None:
-        """Why vLLM would refuse this prompt (and with it the whole batch), or None."""
-        if not self.max_model_len:
-            return None
-        n = self._prompt_len(messages, **template)
-        if n >= self.max_model_len:
+    def _too_long(self, n: int) -> str | None:
+        """Why vLLM would refuse a prompt of ``n`` tokens (and with it the whole batch), or None."""
+        if self.max_model_len and n >= self.max_model_len:
             return (f"prompt of {n} tokens does not fit the model's context of {self.max_model_len} "
                     f"(max_model_len); shorten the conversation or raise max_model_len")
         return None
@@ -169,7 +166,7 @@ class VLLMBackend(ChatBackend):
         results: list[Completion | None] = [None] * len(requests)
         todo = []
         for i, r in enumerate(requests):
-            why = self._too_long(r.messages, add_generation_prompt=True)
+            why = self._too_long(self._prompt_len(r.messages, add_generation_prompt=True))
             if why:
                 results[i] = Completion(None, error=why)
             else:
@@ -196,8 +193,9 @@ class VLLMBackend(ChatBackend):
         tok = self.llm.get_tokenizer()
         ntok = [{c: len(tok(c, add_special_tokens=False)["input_ids"]) for c in r.candidates} for r in requests]
         results: list[CandidateLogprobs | None] = [None] * len(requests)
+        lens = [self._prompt_len(r.messages, add_generation_prompt=True) for r in requests]  # measured once
         for i, r in enumerate(requests):
-            why = self._too_long(r.messages, add_generation_prompt=True)
+            why = self._too_long(lens[i])
             if why:
                 results[i] = CandidateLogprobs({c: None for c in r.candidates}, error=why)
         live = [i for i in range(len(requests)) if results[i] is None]
@@ -225,16 +223,15 @@ class VLLMBackend(ChatBackend):
             for i in exact:
                 for c in requests[i].candidates:
                     msgs = list(requests[i].messages) + [{"role": "assistant", "content": c}]
-                    why = self._too_long(msgs, **template)
+                    why = self._too_long(self._prompt_len(msgs, **template))
                     if why:
                         got[i][c] = why
                     else:
                         pairs.append((i, c, msgs))
             params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
             outs = self._chat_each([m for _, _, m in pairs], params, **template) if pairs else []
-            without = {i: self._prompt_len(requests[i].messages, add_generation_prompt=True) for i in exact}
             for (i, c, _), o in zip(pairs, outs):
-                got[i][c] = self._reply_logprob(c, o, without[i], tok)
+                got[i][c] = self._reply_logprob(c, o, lens[i], tok)
             for i in exact:
                 errors = [v for v in got[i].values() if isinstance(v, str)]
                 cands = requests[i].candidates
