@@ -161,3 +161,29 @@ def test_shared_prefix_scoring_of_multi_token_candidates(smollm):
                                         "hurling and hates small talk better? Answer first or second."}]
     reqs = [ProbRequest(msgs, ("first", "second reply", "the third one")), ProbRequest(msgs, ("1", "2"))]
     _assert_sharing_changes_nothing(smollm, reqs)
+
+
+def test_int8_engine_generates_scores_and_keys_apart(tiny_model):
+    """dtype int8: every Linear quantized (PyTorch dynamic int8), still a working engine, cached apart."""
+    import torch
+
+    from aloe.backends.transformers_backend import TransformersBackend
+
+    fp32 = TransformersBackend(tiny_model, "tiny", "0", None, dtype="float32")
+    int8 = TransformersBackend(tiny_model, "tiny", "0", None, dtype="int8")
+    assert int8.dtype_used == "int8-dynamic" and int8.describe()["compute_dtype"] == "int8-dynamic"
+    assert not any(type(m) is torch.nn.Linear for m in int8.model.modules())
+    req = ChatRequest(messages=({"role": "user", "content": "hi"},), sampling=Sampling(temperature=0.0, max_tokens=5))
+    out = int8.chat([req])[0]
+    assert out.error is None and out.completion_tokens is not None and out.completion_tokens <= 5
+    assert int8.chat_key(req) != fp32.chat_key(req)
+    prob = ProbRequest(messages=({"role": "user", "content": "hi"},), candidates=("1", "2"))
+    cand = int8.logprobs([prob])[0]
+    assert set(cand.logprobs) == {"1", "2"} and all(v <= 0 for v in cand.logprobs.values())
+
+
+def test_int8_is_refused_off_cpu_and_off_transformers():
+    from aloe.config import BackendConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="int8.*kind transformers, not vllm"):
+        BackendConfig(kind="vllm", model="m", dtype="int8")

@@ -260,5 +260,6 @@ def test_the_manifest_counts_each_engine_s_calls_and_tokens(tmp_path):
     assert set(used["roles"]) == {"simulator", "inferrer", "responder", "judge"}
     # every request the engine saw (identical requests of one batch are asked once), none from the cache
     assert used["calls"] == len(engine.calls) > 0 and used["cached_calls"] == 0
+    assert used["cost_usd"] == 0.0 and used["saved_usd"] == 0.0  # a local engine costs nothing but time
     aloe.trees.run(cfg, ScriptedBackend(texts=lambda r: "A reply of five words."), progress=False)
     assert read_json(cfg.paths.manifest("trees"))["usage"][0]["calls"] == 0  # resumed: nothing asked again

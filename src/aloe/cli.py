@@ -23,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="run only this stage (repeatable): personas, trees, train, evaluate, report")
     p_check = sub.add_parser("check", help="validate a parameter file without running anything")
     p_check.add_argument("params")
+    p_est = sub.add_parser("estimate", help="calls, tokens, cost and time per stage and role, before a run "
+                                            "(no key, no network)")
+    p_est.add_argument("params")
+    p_est.add_argument("--sample", type=int, default=8, help="personas run per stage, then scaled (default 8)")
+    p_est.add_argument("--fill", type=float, default=1.0,
+                       help="replies' length as a share of their cap (default 1.0: an upper bound)")
+    p_est.add_argument("--latency", type=float, default=5.0, help="seconds per served call (default 5)")
     p_report = sub.add_parser("report", help="rebuild the results page and figures from existing outputs")
     p_report.add_argument("params")
     p_model = sub.add_parser("prepare-model", help="resolve a model; convert the embedded GGUF once")
@@ -43,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
             exp = load_experiment(args.params)
             check_experiment(exp, list(STAGES))
             print(f"{args.params}: ok (experiment {exp.name!r})")
+        elif args.command == "estimate":
+            from aloe.config import load_experiment
+            from aloe.estimate import estimate, table
+
+            if args.sample < 1 or not 0 < args.fill <= 1 or args.latency <= 0:
+                raise ConfigError("estimate: --sample must be at least 1, --fill in (0, 1], --latency above 0")
+            exp = load_experiment(args.params)
+            print(table(estimate(exp, args.sample, args.fill, args.latency), args.latency, args.fill))
         elif args.command == "report":
             from aloe.runner import rebuild_report
 

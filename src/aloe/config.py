@@ -116,7 +116,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {short(value)}")
-        return dict(value)
+        inner = (typing.get_args(tp) + (Any, Any))[1]
+        if inner is Any:
+            return dict(value)
+        return {k: _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -208,7 +211,7 @@ class BackendConfig:
     revision: Optional[str] = param(None, help="HF revision; part of the cache key")
     # transformers
     batch_size: int = param(8, help="requests per batch on a local engine (transformers)", range=(1, 4096))
-    dtype: Literal["auto", "bfloat16", "float32", "float16", "autocast-bf16"] = param("auto", help="weights' dtype on a local engine (auto: bf16 where the CPU or GPU has it)")
+    dtype: Literal["auto", "bfloat16", "float32", "float16", "autocast-bf16", "int8"] = param("auto", help="weights' dtype on a local engine (auto: bf16 where the CPU or GPU has it; int8: dynamic int8 on CPU, transformers only)")
     device: Literal["auto", "cpu", "cuda"] = param("auto", help="where a local model runs")
     # openai-compatible HTTP
     base_url: Optional[str | tuple[str, ...]] = param(None, help="one URL, or a list for a pool of servers")
@@ -234,6 +237,9 @@ class BackendConfig:
         check_ranges(self)
         if self.kind == "openai" and not self.base_url:
             raise ConfigError("base_url: required when kind is 'openai' (e.g. http://127.0.0.1:8000/v1)")
+        if self.dtype == "int8" and self.kind != "transformers":
+            raise ConfigError(f"dtype: int8 (dynamic int8 quantization on CPU) is for kind transformers, not "
+                              f"{self.kind}; allowed here: auto, bfloat16, float32, float16")
         urls = (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url or ())
         for i, url in enumerate(urls):
             check_url(url, "base_url" if isinstance(self.base_url, str) else f"base_url[{i}]")
@@ -296,6 +302,16 @@ def check_url(url: str, key: str) -> None:
 
 
 @dataclass(frozen=True)
+class Price:
+    """A model's list price, for cost before (aloe estimate) and after (manifests, results page) a run."""
+
+    input: float = param(help="USD per million prompt (input) tokens", range=(0, 100000))
+    output: float = param(help="USD per million generated (output) tokens", range=(0, 100000))
+    cached_input: Optional[float] = param(None, help="USD per million prompt tokens the provider serves from its prompt cache; None: same as input", range=(0, 100000))
+    read: str = param("", help="when and where the prices were read, e.g. '2026-11-30, platform.openai.com/docs/pricing'")
+
+
+@dataclass(frozen=True)
 class Common:
     """Keys every stage receives."""
 
@@ -304,6 +320,7 @@ class Common:
     cache_path: str = param("data/cache/llm.sqlite", help="SQLite cache shared by every LLM call")
     backend: BackendConfig = param(factory=BackendConfig, help="the engine every role inherits (see parameters/*.yaml)")
     roles: dict[str, Any] = param(factory=dict, help="role -> backend settings merged over backend: generator, simulator, inferrer, responder, judge, policy")
+    prices: dict[str, Price] = param(factory=dict, help="model (as named in backend or roles) -> its price in USD per million tokens; roles on a priced model get a cost")
 
     def __post_init__(self):
         check_ranges(self)
@@ -570,7 +587,7 @@ def _literal(value: Any) -> Any:
     return value
 
 
-_TOP_KEYS = ("experiment", "description", "data_root", "cache_path", "backend", "roles", "stages")
+_TOP_KEYS = ("experiment", "description", "data_root", "cache_path", "backend", "roles", "prices", "stages")
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -593,11 +610,11 @@ def load_experiment(path: str | Path) -> Experiment:
     for k in ("description", "data_root", "cache_path"):
         if k in data and not isinstance(data[k], str):
             raise ConfigError(f"{path}: {k}: expected a string, got {short(data[k])}")
-    for k in ("backend", "roles", "stages"):
+    for k in ("backend", "roles", "prices", "stages"):
         if k in data and not isinstance(data[k], dict):
             raise ConfigError(f"{path}: {k}: expected a mapping, got {short(data[k])}; leave the key out "
                               f"to use the defaults")
-    common = {k: data[k] for k in ("data_root", "cache_path", "backend", "roles") if k in data}
+    common = {k: data[k] for k in ("data_root", "cache_path", "backend", "roles", "prices") if k in data}
     stages_raw = data.get("stages", {})
     for k in stages_raw:
         if k not in STAGES:

@@ -35,12 +35,14 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 from aloe import judge_card, preferences, prompts
 from aloe.backends import ChatBackend, ChatRequest, Sampling, open_backend
 from aloe.cards import write_model_card
 from aloe.config import EvaluateConfig
 from aloe.conversation import clean_user_message, history_before, simulator_messages, under_test_sampling
+from aloe.cost import with_cost
 from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
 from aloe.io import atomic_path, read_jsonl, write_json, write_jsonl, write_manifest
@@ -259,9 +261,12 @@ def _rejudge(cfg: EvaluateConfig, judge_engine: ChatBackend, convs: list[dict], 
 
 
 @stage_guard("evaluate")
-def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = True) -> dict:
+def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = True,
+        trained: Callable[[str], ChatBackend] | None = None) -> dict:
     """The ALOE protocol for every model in ``cfg.models``; ``roles`` gives the simulator, the
-    judge and the policy (one backend plays all three when a single backend is passed)."""
+    judge and the policy (one backend plays all three when a single backend is passed).
+    ``trained(variant)`` opens a trained variant's engine instead of the train stage's folder
+    (``aloe estimate`` sizes a run before anything is trained)."""
     started = time.time()
     roles = as_roles(roles, REQUIRED)
     pairs = benchmark_pairs(cfg)
@@ -269,9 +274,10 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
         raise AloeError("evaluate: judge 'rules' needs benchmark personas with checkable preferences; set "
                         "stages.personas.preferences (e.g. [2, 4]), or stages.evaluate.preferences with official_dir")
     for m in cfg.models:  # fail before any conversation if a trained model is missing
-        if m not in BASELINES:
+        if m not in BASELINES and trained is None:
             trained_path(cfg, m)
-    repeats_of, under_test_of, timings, trained_usage = _converse(cfg, roles, pairs, progress)
+    repeats_of, under_test_of, timings, trained_usage = _converse(cfg, roles, pairs, progress,
+                                                                  trained or (lambda m: _open_trained(cfg, m)))
     _check_failures(cfg, {f"{m} (repeat {r})": cs for m, reps in repeats_of.items() for r, cs in enumerate(reps)})
     metrics = _metrics(cfg, repeats_of)
     convs_of = {m: reps[0] for m, reps in repeats_of.items()}  # the judge card reads repeat 0
@@ -280,7 +286,7 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
         card = judge_card.build(cfg, roles, pairs, convs_of)
         write_json(cfg.paths.judge_card, _jsonable(card))
     for model in cfg.models:  # trained variants' model cards gain this run's numbers
-        if model not in BASELINES:
+        if model not in BASELINES and trained is None:
             write_model_card(cfg.paths, cfg.experiment, model,
                              {**metrics[model], "judge_fit": bool(card and card["fit"])})
     rows = _write_transcripts(cfg, repeats_of)
@@ -307,11 +313,12 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
               **roles.cache_stats()}
     write_manifest(cfg.paths.stage("evaluate"), stage="evaluate", parameters=cfg, started=started,
                    roles=result["roles"], models={"under_test": under_test_of}, counts=counts,
-                   extra={"usage": roles.usage() + trained_usage})
+                   extra={"usage": with_cost(roles.usage() + trained_usage, cfg.prices)})
     return result
 
 
-def _converse(cfg: EvaluateConfig, roles: Roles, pairs: list[dict], progress: bool) -> tuple[dict, dict, dict, list]:
+def _converse(cfg: EvaluateConfig, roles: Roles, pairs: list[dict], progress: bool,
+              open_trained: Callable[[str], ChatBackend]) -> tuple[dict, dict, dict, list]:
     """Every model's conversations, every repeat: ({model: [repeat's conversations]}, {model: its
     engine}, {model: seconds}, [what each trained variant's engine did]). Baselines first, on the policy's engine; the policy is closed
     before the trained variants load (unless the simulator or judge shares it), so a GPU holds one
@@ -336,7 +343,7 @@ def _converse(cfg: EvaluateConfig, roles: Roles, pairs: list[dict], progress: bo
     for model in [m for m in cfg.models if m not in BASELINES]:
         if not any(roles.shared("policy", r) for r in ("simulator", "judge")):
             roles.release("policy")
-        under_test = _open_trained(cfg, model)
+        under_test = open_trained(model)
         evaluate(model, under_test)
         trained_usage.append({"roles": [f"under test: {model}"], "kind": under_test.kind, "model": model,
                               **under_test.usage()})

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from aloe.config import PersonasConfig
+from aloe.cost import with_cost
 from aloe.errors import AloeError
 from aloe.io import write_json, write_jsonl, write_manifest
 from aloe.lock import stage as stage_guard
@@ -89,9 +90,9 @@ def run(cfg: PersonasConfig, roles=None) -> dict:
               "with_preferences": sum(bool(p.get("preferences")) for p in pairs)}
     write_manifest(out, stage="personas", parameters=cfg, started=started, counts=counts,
                    roles={"generator": backend.describe()} if backend is not None else {},
-                   extra={"stopped": stops, "usage": [{"roles": ["generator"], "kind": backend.kind,
-                                                       "model": backend.model_id, **backend.usage()}]
-                          if backend is not None else []})
+                   extra={"stopped": stops, "usage": with_cost([{"roles": ["generator"], "kind": backend.kind,
+                                                                 "model": backend.model_id, **backend.usage()}]
+                                                               if backend is not None else [], cfg.prices)})
     return counts
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from aloe import plots
 from aloe import report as rep
 from aloe.config import NOTEBOOKS, STAGES, Experiment
+from aloe.cost import fmt_usd
 from aloe.io import git_commit, read_json, write_text
 from aloe.metrics import fmt as _fmt
 from aloe.metrics import fmt_ci as _ci
@@ -202,8 +203,10 @@ def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None
     used = usage_rows(manifests)
     if used:
         parts.append("<h2>Model calls</h2><p>Per stage and engine: requests sent, requests answered from the call "
-                     "cache, and tokens read and generated, as far as the engine reports them (local engines cost "
-                     "nothing but time).</p>" + _table(used))
+                     "cache, tokens read and generated (as far as the engine reports them), what the calls sent "
+                     "cost at the parameter file's <code>prices</code>, and what the answers taken from the cache "
+                     "would have cost. Local engines cost nothing but time; a served model without a price has "
+                     "an unknown cost.</p>" + _table(used))
     page = (f'<!doctype html><html><head><meta charset="utf-8"><title>aloe: {_e(exp.name)}</title>'
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
     write_text(reports_dir / "index.html", page)
@@ -223,7 +226,9 @@ def usage_rows(manifests: dict) -> list[dict]:
         for u in (manifests.get(stage) or {}).get("usage") or []:
             rows.append({"stage": stage, "model": u["model"], "roles": ", ".join(u["roles"]), "kind": u["kind"],
                          "calls": f"{u['calls']:,}", "from the cache": f"{u['cached_calls']:,}",
-                         "prompt tokens": f"{u['prompt_tokens']:,}", "generated tokens": f"{u['completion_tokens']:,}"})
+                         "prompt tokens": f"{u['prompt_tokens']:,}", "generated tokens": f"{u['completion_tokens']:,}",
+                         "cost": fmt_usd(u.get("cost_usd")) if "cost_usd" in u else "not recorded",
+                         "the cache saved": fmt_usd(u.get("saved_usd")) if "saved_usd" in u else "not recorded"})
     return rows
 
 

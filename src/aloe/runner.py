@@ -209,7 +209,17 @@ def run_experiment(params_file: str | Path, only: list[str] | None = None, *,
     check_experiment(exp, stages, notebooks_dir)
     with experiment_lock(exp.stages["personas"].paths.root):  # one run per experiment; kernels inherit it
         preflight(exp, stages)
+        _print_estimate(exp)
         return _run_stages(exp, stages, notebooks_dir, reports_dir, cwd, log_output)
+
+
+def _print_estimate(exp: Experiment) -> None:
+    """A run with a priced role prints what it will cost before it spends anything."""
+    from aloe.estimate import estimate, priced, table
+
+    if priced(exp):
+        print(f"[aloe] {exp.name}: estimate before the run (aloe estimate {exp.path}):", flush=True)
+        print(table(estimate(exp), latency_s=5.0, fill=1.0), flush=True)
 
 
 def _run_stages(exp: Experiment, stages: list[str], notebooks_dir: Path, reports_dir: Path, cwd: Path,

@@ -43,6 +43,7 @@ from aloe.backends import ChatBackend, ChatRequest, Sampling
 from aloe.cards import dataset_card
 from aloe.config import TreesConfig
 from aloe.conversation import clean_user_message, dialogue_text, judge_persona, likelihood_prompts, simulator_messages
+from aloe.cost import with_cost
 from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
 from aloe.io import read_jsonl, write_jsonl, write_manifest
@@ -410,7 +411,7 @@ def _finish(cfg: TreesConfig, roles: Roles, records: list[dict], prov: dict, res
               **preference_counts(nodes),
               **{f"{k}_rows": len(v) for k, v in exports.items()}, **stats, **roles.cache_stats()}
     write_manifest(paths.stage("trees"), stage="trees", parameters=cfg, started=started, roles=prov["roles"],
-                   counts=counts, extra={"provenance": prov, "usage": roles.usage()})
+                   counts=counts, extra={"provenance": prov, "usage": with_cost(roles.usage(), cfg.prices)})
     return counts
 
 

@@ -175,6 +175,8 @@ class ChatBackend(ABC):
         self.prompt_tokens = 0
         self.sent = 0  # requests sent to the engine (cache misses), chat and log-probability alike
         self.from_cache = 0  # requests answered from the cache
+        self.cached_prompt_tokens = 0  # the tokens those cached answers cost when they were made
+        self.cached_completion_tokens = 0
 
     # -- cache keys
     def key_identity(self) -> dict:
@@ -228,6 +230,10 @@ class ChatBackend(ABC):
         fresh = self._fresh(self._generate, [requests[i] for i in uniq.values()], list(uniq), lambda c: c.ok)
         self.sent += len(uniq)
         self.from_cache += len(requests) - len(todo)
+        for k in keys:
+            if k in found:
+                self.cached_prompt_tokens += found[k].get("prompt_tokens") or 0
+                self.cached_completion_tokens += found[k].get("completion_tokens") or 0
         by_key = dict(zip(uniq.keys(), fresh))
         out = []
         for k in keys:
@@ -273,7 +279,8 @@ class ChatBackend(ABC):
         """What this engine was asked and did: requests sent and answered from the cache, prompt
         tokens read and tokens generated (as far as the engine reports them)."""
         return {"calls": self.sent, "cached_calls": self.from_cache, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.generated_tokens}
+                "completion_tokens": self.generated_tokens, "cached_prompt_tokens": self.cached_prompt_tokens,
+                "cached_completion_tokens": self.cached_completion_tokens}
 
     def default_sampling(self) -> dict | None:
         """What ``Sampling(temperature=None)`` (the model's own default) means on this engine, as

@@ -1,0 +1,48 @@
+"""What model calls cost: a priced model's tokens times its list price (``prices:`` in the parameter
+file, USD per million tokens). Local engines cost nothing but time; a served model without a price
+has an unknown cost (None), never a made-up one.
+
+Used after a run (manifests' ``usage`` rows, the results page's "Model calls" table, with what the
+call cache saved) and before one (``aloe estimate``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+from aloe.config import Price
+
+# engines that run here: no bill
+LOCAL_KINDS = ("transformers", "vllm", "scripted")
+
+
+def usd(prompt_tokens: float, completion_tokens: float, price: Price) -> float:
+    return (prompt_tokens * price.input + completion_tokens * price.output) / 1e6
+
+
+def row_cost(row: Mapping, prices: Mapping[str, Price]) -> tuple[float | None, float | None]:
+    """(cost of the calls sent, cost the call cache saved) of one usage row; (0, 0) on a local
+    engine, (None, None) for a served model with no price."""
+    if row.get("kind") in LOCAL_KINDS:
+        return 0.0, 0.0
+    price = prices.get(row.get("model"))
+    if price is None:
+        return None, None
+    return (usd(row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0, price),
+            usd(row.get("cached_prompt_tokens") or 0, row.get("cached_completion_tokens") or 0, price))
+
+
+def with_cost(rows: Iterable[Mapping], prices: Mapping[str, Price]) -> list[dict]:
+    """Usage rows (Roles.usage) with ``cost_usd`` and ``saved_usd`` added."""
+    out = []
+    for r in rows:
+        cost, saved = row_cost(r, prices)
+        out.append({**r, "cost_usd": None if cost is None else round(cost, 4),
+                    "saved_usd": None if saved is None else round(saved, 4)})
+    return out
+
+
+def fmt_usd(value: float | None) -> str:
+    if value is None:
+        return "unknown (no price)"
+    return f"${value:,.2f}" if value >= 0.01 or value == 0 else f"${value:.4f}"

@@ -1,0 +1,285 @@
+"""``aloe estimate parameters/X.yaml``: calls, tokens, cost and time per stage and role, before a run.
+
+It runs the stages' own code (personas, trees, evaluate, the judge card included) in a throwaway
+folder on a *sizing* engine per role: no model, no key, no network. Each engine answers every
+request with a reply of the configured cap (``max_new_tokens``; ``fill`` scales it), judges with a
+valid verdict, and counts the prompt's tokens with the model's own tokenizer where it is on this
+machine, else as characters / 4. Trees and evaluation run on a sample of personas and are scaled to
+the file's ``n_personas`` (both are linear in it). Training makes no model calls.
+
+What it is not: a replay of real replies. Real replies stop before the cap, so output tokens are an
+upper bound at ``fill`` 1.0; prompts carry those replies as history, so input tokens lean high too.
+Wall time is the ideal: calls x latency / concurrency, or the rate limits' floor when they bind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import tempfile
+from pathlib import Path
+
+from aloe.backends.base import CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest
+from aloe.cache import CallCache
+from aloe.config import BackendConfig, Experiment
+from aloe.cost import LOCAL_KINDS, usd
+
+log = logging.getLogger(__name__)
+
+FILLER = "lot"  # three characters and a space: one token in the tokenizers used here, and 4 characters
+
+
+def _tokenizer(cfg: BackendConfig):
+    """The model's tokenizer where it is already on this machine (never downloaded, never converted)."""
+    if cfg.kind not in ("transformers", "vllm"):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        from aloe.models import models_dir, resolve_model
+
+        spec = resolve_model(cfg.model, cfg.revision)
+        where = {"gguf-package": models_dir() / f"{spec.name}-hf", "gguf-parts": models_dir() / f"{spec.name}-hf",
+                 "local": spec.path, "hf": spec.hf_id}[spec.source]
+        return AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+    except Exception:  # not here, or not a model we can name: fall back to characters / 4
+        return None
+
+
+class SizingBackend(ChatBackend):
+    """Stands in for one role's engine: answers of the configured length, tokens counted."""
+
+    def __init__(self, cfg: BackendConfig, fill: float = 1.0, cache: CallCache | None = None):
+        super().__init__(cfg.model, "estimate", cache)
+        self.kind = cfg.kind  # costed as the engine it stands for
+        self.fill = fill
+        self.tok = _tokenizer(cfg)
+        self.counted_by = "tokenizer" if self.tok is not None else "characters / 4"
+
+    def _count(self, messages) -> int:
+        if self.tok is not None:
+            try:
+                enc = self.tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+                return len(enc["input_ids"] if hasattr(enc, "keys") else enc)
+            except Exception:
+                pass
+        return sum(math.ceil(len(m.get("content") or "") / 4) + 4 for m in messages) + 3
+
+    def _reply(self, r: ChatRequest) -> tuple[str, int]:
+        name = r.prompt_version.split("@")[0]
+        if name == "judge_pair":
+            return "1", 1
+        if name.startswith("judge_score"):
+            return "3", 1
+        n = max(1, round((r.sampling.max_tokens or 256) * self.fill))
+        if name.startswith("generate_"):  # growth: one numbered item per line, each distinct
+            words = [f"item {i} {' '.join(FILLER + str(i * 7 + j) for j in range(8))}" for i in range(1, 1 + n // 12)]
+            return "\n".join(f"{i}. {w}" for i, w in enumerate(words, 1)) or FILLER, n
+        # a reply of its own per request, as real replies are: identical conversations would be
+        # asked once (identical requests of a batch are), and the estimate would count too few calls
+        tag = hashlib.sha256(repr((r.messages, r.sample_index, r.sampling.seed)).encode()).hexdigest()[:3]
+        return " ".join([FILLER + tag] + [FILLER] * (n - 1)), n
+
+    def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
+        out = []
+        for r in requests:
+            text, n = self._reply(r)
+            p = self._count(r.messages)
+            self.prompt_tokens += p
+            self.generated_tokens += n
+            out.append(Completion(text, finish_reason="length", completion_tokens=n, prompt_tokens=p))
+        return out
+
+    def _score(self, requests: list[ProbRequest]) -> list[CandidateLogprobs]:
+        out = []
+        for r in requests:
+            self.prompt_tokens += self._count(r.messages) + max(len(c.split()) for c in r.candidates)
+            self.generated_tokens += 0 if self.kind in LOCAL_KINDS else 1  # a server answers one token
+            k = len(r.candidates)
+            out.append(CandidateLogprobs({c: math.log(1 / k) for c in r.candidates},
+                                         tokens={c: max(1, len(c.split())) for c in r.candidates}))
+        return out
+
+
+@dataclasses.dataclass
+class Line:
+    stage: str
+    role: str
+    model: str
+    kind: str
+    calls: float
+    prompt_tokens: float
+    completion_tokens: float
+    cost_usd: float | None
+    seconds: float | None
+    counted_by: str
+
+
+def _scale(rows: list[dict], factor: float) -> list[dict]:
+    return [{**r, **{k: r[k] * factor for k in ("calls", "prompt_tokens", "completion_tokens")}} for r in rows]
+
+
+def _engines(exp: Experiment, stage: str, roles: tuple[str, ...], fill: float,
+             cache: CallCache) -> dict[str, SizingBackend]:
+    """role -> sizing engine; roles whose settings come out equal share one, as in a real run, and
+    all share one call cache, so what a real run would answer from its cache is not counted."""
+    cfg = exp.stages[stage]
+    by_cfg: dict[BackendConfig, SizingBackend] = {}
+    for r in roles:
+        if cfg.role(r) not in by_cfg:
+            by_cfg[cfg.role(r)] = SizingBackend(cfg.role(r), fill, cache)
+    return {r: by_cfg[cfg.role(r)] for r in roles}
+
+
+def _rows(given: dict[str, SizingBackend], stage: str) -> list[dict]:
+    out = []
+    for e in dict.fromkeys(given.values()):
+        if e.sent:
+            out.append({"stage": stage, "role": ", ".join(r for r, g in given.items() if g is e), "model": e.model_id,
+                        "kind": e.kind, "calls": e.sent, "prompt_tokens": e.prompt_tokens,
+                        "completion_tokens": e.generated_tokens, "counted_by": e.counted_by})
+    return out
+
+
+def _sample(n: int, sample: int) -> tuple[int, float]:
+    k = max(1, min(n, sample))
+    return k, n / k
+
+
+def measure(exp: Experiment, sample: int = 8, fill: float = 1.0, stages=("personas", "trees", "evaluate")) -> list[dict]:
+    """Usage rows (stage, role, model, kind, calls, prompt/completion tokens) for the whole run."""
+    from aloe import evaluation, personas, trees
+    from aloe.config import STAGE_ROLES
+    from aloe.errors import AloeError
+    from aloe.roles import Roles
+
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="aloe-estimate-") as tmp:
+        def local(stage, **extra):
+            c = exp.stages[stage]
+            return dataclasses.replace(c, data_root=tmp, cache_path=str(Path(tmp) / "calls.sqlite"), **extra)
+
+        pcfg = local("personas")
+        if pcfg.source == "official" and not Path(pcfg.official_dir or "").is_dir():
+            # the texts only set prompt lengths: the project's seeds stand in for missing official files
+            log.warning("estimate: %s not found; the project's seed personas stand in for the official ones",
+                        pcfg.official_dir)
+            pcfg = dataclasses.replace(pcfg, source="seeds", official_dir=None, preferences=pcfg.preferences)
+        cache = CallCache(Path(tmp) / "sizing.sqlite")
+        proles = _engines(exp, "personas", personas.roles_used(exp.stages["personas"]), fill, cache)
+        personas.run(pcfg, Roles({}, None, proles) if proles else None)
+        rows += _rows(proles, "personas")
+        if "trees" in stages:
+            t = exp.stages["trees"]
+            k, factor = _sample(t.n_personas, sample)
+            troles = _engines(exp, "trees", trees.roles_used(t), fill, cache)
+            trees.run(local("trees", n_personas=k), Roles({}, None, troles), progress=False)
+            rows += _scale(_rows(troles, "trees"), factor)
+        if "evaluate" in stages:
+            e = exp.stages["evaluate"]
+            k, factor = _sample(e.n_personas, sample)
+            ecfg = local("evaluate", n_personas=k)
+            if e.official_dir and not Path(e.official_dir).is_dir():
+                ecfg = dataclasses.replace(ecfg, official_dir=None)
+            eroles = _engines(exp, "evaluate", STAGE_ROLES["evaluate"], fill, cache)
+            policy = e.role("policy")
+            trained_engines = []
+
+            def trained(model: str) -> ChatBackend:
+                eng = SizingBackend(dataclasses.replace(policy, kind="vllm" if policy.kind == "vllm"
+                                                        else "transformers"), fill, cache)
+                eng.model_id = model
+                trained_engines.append(eng)
+                return eng
+            try:
+                evaluation.run(ecfg, Roles({}, None, eroles), progress=False, trained=trained)
+            except AloeError as err:
+                if "benchmark personas" not in str(err):
+                    raise
+                raise AloeError(f"estimate: {err}") from None
+            ev = _rows(eroles, "evaluate") + [
+                {"stage": "evaluate", "role": f"under test: {eng.model_id}", "model": eng.model_id, "kind": eng.kind,
+                 "calls": eng.sent, "prompt_tokens": eng.prompt_tokens, "completion_tokens": eng.generated_tokens,
+                 "counted_by": eng.counted_by} for eng in trained_engines]
+            rows += _scale(ev, factor)
+    return rows
+
+
+def _concurrency(cfg: BackendConfig) -> int:
+    if cfg.kind != "openai":
+        return 1
+    urls = (cfg.base_url,) if isinstance(cfg.base_url, str) else tuple(cfg.base_url or ())
+    return max(1, cfg.max_concurrency * max(1, len(urls)))
+
+
+def _role_config(exp: Experiment, stage: str, row: dict) -> BackendConfig | None:
+    cfg = exp.stages[stage]
+    for name in row["role"].split(", "):
+        try:
+            return cfg.role(name)
+        except Exception:
+            continue
+    return None
+
+
+def estimate(exp: Experiment, sample: int = 8, fill: float = 1.0, latency_s: float = 5.0) -> list[Line]:
+    """One line per stage and engine: calls, tokens, cost at the file's prices, ideal wall time."""
+    lines = []
+    for r in measure(exp, sample, fill):
+        bc = _role_config(exp, r["stage"], r)
+        price = exp.stages[r["stage"]].prices.get(r["model"])
+        cost = 0.0 if r["kind"] in LOCAL_KINDS else (usd(r["prompt_tokens"], r["completion_tokens"], price)
+                                                     if price else None)
+        seconds = None
+        if r["kind"] not in LOCAL_KINDS and bc is not None:
+            seconds = r["calls"] * latency_s / _concurrency(bc)
+            if bc.rpm:
+                seconds = max(seconds, r["calls"] / bc.rpm * 60)
+            if bc.tpm:
+                seconds = max(seconds, (r["prompt_tokens"] + r["completion_tokens"]) / bc.tpm * 60)
+        lines.append(Line(r["stage"], r["role"], r["model"], r["kind"], r["calls"], r["prompt_tokens"],
+                          r["completion_tokens"], cost, seconds, r["counted_by"]))
+    return lines
+
+
+def priced(exp: Experiment) -> bool:
+    """True when some role of the run is a served model with a price: `aloe run` estimates first."""
+    from aloe.config import ROLES
+
+    for cfg in exp.stages.values():
+        for r in ROLES:
+            bc = cfg.role(r)
+            if bc.kind not in LOCAL_KINDS and bc.model in cfg.prices:
+                return True
+    return False
+
+
+def table(lines: list[Line], latency_s: float, fill: float) -> str:
+    def n(x):
+        return f"{round(x):,}"
+
+    def t(s):
+        if s is None:
+            return "local"
+        return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min"
+
+    def c(v):
+        return "unknown (no price)" if v is None else f"${v:,.2f}"
+    head = ["stage", "role", "model", "kind", "calls", "input tokens", "output tokens", "cost", "time"]
+    body = [[ln.stage, ln.role, ln.model, ln.kind, n(ln.calls), n(ln.prompt_tokens), n(ln.completion_tokens),
+             c(ln.cost_usd), t(ln.seconds)] for ln in lines]
+    costs = [ln.cost_usd for ln in lines]
+    total_cost = None if any(v is None for v in costs) else sum(costs)
+    body.append(["total", "", "", "", n(sum(ln.calls for ln in lines)), n(sum(ln.prompt_tokens for ln in lines)),
+                 n(sum(ln.completion_tokens for ln in lines)), c(total_cost),
+                 t(sum(ln.seconds or 0 for ln in lines)) if any(ln.seconds for ln in lines) else "local"])
+    widths = [max(len(str(row[i])) for row in [head] + body) for i in range(len(head))]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    out = [fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*row) for row in body]
+    counted = sorted({ln.counted_by for ln in lines})
+    out.append(f"Replies at {fill:.0%} of their cap (an upper bound on output tokens); input tokens counted by "
+               f"{' and '.join(counted) or 'nothing'}; time: calls x {latency_s:g} s / concurrency, or the rate "
+               f"limits' floor; local engines cost nothing but time. Training makes no model calls.")
+    return "\n".join(out)
