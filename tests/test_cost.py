@@ -48,3 +48,14 @@ def test_paper_yaml_prices_its_teacher_models():
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "parameters" / "paper.yaml").read_text())
     models = {raw["backend"]["model"], raw["roles"]["generator"]["model"]}
     assert models <= set(raw["prices"]) and all(p["read"] for p in raw["prices"].values())
+
+
+def test_a_progress_line_says_done_rate_time_left_failures_and_cost():
+    import time
+
+    from aloe.cost import progress_line
+
+    line = progress_line("trees", 5, 10, 5, time.time() - 60, 1, [ROW], {"gpt-x": Price(input=0.15, output=0.60)})
+    assert line.startswith("trees: 5/10 done, 5.0/min, about 1.0 min left, 1 failed, cost so far $0.60")
+    assert progress_line("x", 0, 4, 0, time.time(), 0, [ROW], {}).endswith("unknown left, 0 failed, cost so far "
+                                                                        "unknown (no price)")

@@ -66,6 +66,7 @@ def test_ci_pipeline_end_to_end(tmp_path):
     report = (reports / "05_report.html").read_text()
     assert "Who played which role" in report and "SELF-JUDGING" in report
     check_shared_pages(reports, data)
+    check_estimate_tracks_the_run(params, data)
 
     # a rerun of one stage finds its finished conversations and generates nothing (only the judge
     # card's calls are looked up again); without them (deleted), it replays every call from the cache
@@ -85,6 +86,23 @@ def test_ci_pipeline_end_to_end(tmp_path):
         after = json.loads((data / "evaluate" / "metrics.json").read_text())
         assert after["models"] == json.loads(before)["models"]
     assert hits[True] > hits[False]
+
+
+def check_estimate_tracks_the_run(params, data):
+    """`aloe estimate`'s tokens per stage against what the run used (its manifests' usage: the calls
+    sent, on an empty cache), on the same parameter file. The estimate is an upper bound (replies at
+    their cap, judges on their longest route): never below 0.75 of the run, and within 2x of it
+    (measured on ci.yaml: trees 1.03, evaluate 1.76; docs/benchmarks.md)."""
+    from aloe.config import load_experiment
+    from aloe.estimate import measure
+
+    rows = measure(load_experiment(params), sample=8)
+    for stage in ("trees", "evaluate"):
+        used = json.loads((data / stage / "manifest.json").read_text())["usage"]
+        real = sum(u["prompt_tokens"] + u["completion_tokens"] for u in used)
+        est = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows if r["stage"] == stage)
+        print(f"estimate {stage}: {est:,.0f} tokens estimated, {real:,} used, ratio {est / real:.2f}")
+        assert 0.75 <= est / real <= 2.0, (stage, est, real)
 
 
 def test_failed_stage_names_notebook(tmp_path):

@@ -247,9 +247,13 @@ def test_a_failing_tree_is_recorded_and_the_others_go_on(tmp_path):
                                                for r in read_jsonl(tmp_path / "t" / "trees" / "dpo.jsonl"))
 
 
-def test_the_manifest_counts_each_engine_s_calls_and_tokens(tmp_path):
+def test_the_manifest_counts_each_engine_s_calls_and_tokens(tmp_path, caplog):
+    import logging
+
     import aloe.trees
     from aloe.backends.scripted import ScriptedBackend
+
+    caplog.set_level(logging.INFO, logger="aloe.trees")
 
     _write_pairs(tmp_path / "t", n=2)
     cfg = TreesConfig(experiment="t", data_root=str(tmp_path), n_personas=2, turns=2, max_new_tokens=8,
@@ -261,5 +265,6 @@ def test_the_manifest_counts_each_engine_s_calls_and_tokens(tmp_path):
     # every request the engine saw (identical requests of one batch are asked once), none from the cache
     assert used["calls"] == len(engine.calls) > 0 and used["cached_calls"] == 0
     assert used["cost_usd"] == 0.0 and used["saved_usd"] == 0.0  # a local engine costs nothing but time
+    assert "trees: 2/4 done" in caplog.text and "trees: 4/4 done" in caplog.text and "cost so far $0.00" in caplog.text
     aloe.trees.run(cfg, ScriptedBackend(texts=lambda r: "A reply of five words."), progress=False)
     assert read_json(cfg.paths.manifest("trees"))["usage"][0]["calls"] == 0  # resumed: nothing asked again

@@ -8,6 +8,7 @@ call cache saved) and before one (``aloe estimate``).
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Mapping
 
 from aloe.config import Price
@@ -46,3 +47,24 @@ def fmt_usd(value: float | None) -> str:
     if value is None:
         return "unknown (no price)"
     return f"${value:,.2f}" if value >= 0.01 or value == 0 else f"${value:.4f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def progress_line(what: str, done: int, total: int, new: int, started: float, failed: int,
+                  usage: Iterable[Mapping], prices: Mapping[str, Price]) -> str:
+    """One line a long stage logs as it goes: done of total, the rate of this run (``new`` units
+    done since ``started``), the time left at that rate, failures and cost so far."""
+    elapsed = max(time.time() - started, 1e-9)
+    rate = new / elapsed
+    eta = (total - done) / rate if rate > 0 else None
+    costs = [row_cost(u, prices)[0] for u in usage]
+    cost = None if any(c is None for c in costs) else sum(costs)
+    return (f"{what}: {done}/{total} done, {rate * 60:.1f}/min, about {_duration(eta)} left, {failed} failed, "
+            f"cost so far {fmt_usd(cost)}")

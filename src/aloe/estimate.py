@@ -69,7 +69,7 @@ class SizingBackend(ChatBackend):
 
     def _reply(self, r: ChatRequest) -> tuple[str, int]:
         name = r.prompt_version.split("@")[0]
-        if name == "judge_pair":
+        if name == "judge_pair":  # "1" in both orders: inconsistent, so the fallbacks run too (an upper bound)
             return "1", 1
         if name.startswith("judge_score"):
             return "3", 1
@@ -97,8 +97,12 @@ class SizingBackend(ChatBackend):
         for r in requests:
             self.prompt_tokens += self._count(r.messages) + max(len(c.split()) for c in r.candidates)
             self.generated_tokens += 0 if self.kind in LOCAL_KINDS else 1  # a server answers one token
+            # the first candidate a little ahead, whatever the order: a pair judge asked in both orders
+            # then contradicts itself, and the judging takes its longest route (the fallbacks run)
             k = len(r.candidates)
-            out.append(CandidateLogprobs({c: math.log(1 / k) for c in r.candidates},
+            first = 0.4 + 0.6 / k
+            out.append(CandidateLogprobs({c: math.log(first if i == 0 else (1 - first) / (k - 1) if k > 1 else 1.0)
+                                          for i, c in enumerate(r.candidates)},
                                          tokens={c: max(1, len(c.split())) for c in r.candidates}))
         return out
 

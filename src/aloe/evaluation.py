@@ -42,7 +42,7 @@ from aloe.backends import ChatBackend, ChatRequest, Sampling, open_backend
 from aloe.cards import write_model_card
 from aloe.config import EvaluateConfig
 from aloe.conversation import clean_user_message, history_before, simulator_messages, under_test_sampling
-from aloe.cost import with_cost
+from aloe.cost import progress_line, with_cost
 from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
 from aloe.io import atomic_path, read_jsonl, write_json, write_jsonl, write_manifest
@@ -182,8 +182,9 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
     user_samp = Sampling(temperature=cfg.user_temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     model_samp = under_test_sampling(cfg)
     simulator = roles["simulator"]
-    bar = tqdm(total=len(convs) * cfg.turns, initial=sum(len(c["turns"]) for c in convs), desc=f"evaluate {model}",
-               unit="turn", disable=not progress)
+    started, initial = time.time(), sum(len(c["turns"]) for c in convs)
+    bar = tqdm(total=len(convs) * cfg.turns, initial=initial, desc=f"evaluate {model}", unit="turn",
+               disable=not progress)
     for turn in range(1, cfg.turns + 1):
         active = [(c, p) for c, p in zip(convs, pairs) if len(c["turns"]) == turn - 1]
         if not active:
@@ -230,8 +231,18 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
             c["turns"].append(rec)
         write_jsonl(path, convs)
         bar.update(len(active))
+        done = sum(len(c["turns"]) for c in convs)
+        log.info(progress_line(f"evaluate {model}", done, len(convs) * cfg.turns, done - initial, started,
+                               sum(1 for c, _ in active if len(c["turns"]) < turn), _usage_with(roles, under_test),
+                               cfg.prices))
     bar.close()
     return convs
+
+
+def _usage_with(roles: Roles, engine: ChatBackend) -> list[dict]:
+    """The roles' usage rows, and the model under test's where it is not one of their engines."""
+    own = any(e is engine for e in roles.engines())
+    return roles.usage() + ([] if own else [{"kind": engine.kind, "model": engine.model_id, **engine.usage()}])
 
 
 def _plan(cfg: EvaluateConfig, conv: dict, pair: dict, turn: int) -> "preferences.UserPlan":

@@ -43,7 +43,7 @@ from aloe.backends import ChatBackend, ChatRequest, Sampling
 from aloe.cards import dataset_card
 from aloe.config import TreesConfig
 from aloe.conversation import clean_user_message, dialogue_text, judge_persona, likelihood_prompts, simulator_messages
-from aloe.cost import with_cost
+from aloe.cost import progress_line, with_cost
 from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
 from aloe.io import read_jsonl, write_jsonl, write_manifest
@@ -242,6 +242,9 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
         _judge_nodes(cfg, roles, judged_in, disclosed, turn, stats)
         write_jsonl(cfg.paths.trees, [t.rec for t in trees])  # checkpoint: this turn is on disk
         bar.update(len(judged_in))
+        done = sum(len(t.rec["turns"]) for t in trees)
+        log.info(progress_line("trees", done, cfg.turns * len(trees), done - resumed, started,
+                               sum(1 for t in trees if t.rec.get("failed")), roles.usage(), cfg.prices))
     bar.close()
     return _finish(cfg, roles, [t.rec for t in trees], prov, resumed, stats, started)
 
