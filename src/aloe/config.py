@@ -233,6 +233,11 @@ class BackendConfig:
     # log-probabilities: how many top tokens to ask for (HTTP / vLLM)
     top_logprobs: int = param(20, help="how many top next tokens an HTTP server or vLLM returns with log-probabilities", range=(1, 100))
 
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """``base_url`` as a tuple: one server, a pool, or none."""
+        return (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url or ())
+
     def __post_init__(self):
         check_ranges(self)
         if self.kind == "openai" and not self.base_url:
@@ -240,7 +245,7 @@ class BackendConfig:
         if self.dtype == "int8" and self.kind != "transformers":
             raise ConfigError(f"dtype: int8 (dynamic int8 quantization on CPU) is for kind transformers, not "
                               f"{self.kind}; allowed here: auto, bfloat16, float32, float16")
-        urls = (self.base_url,) if isinstance(self.base_url, str) else tuple(self.base_url or ())
+        urls = self.urls
         for i, url in enumerate(urls):
             check_url(url, "base_url" if isinstance(self.base_url, str) else f"base_url[{i}]")
         if self.api_key_env is not None:

@@ -49,7 +49,7 @@ def fmt_usd(value: float | None) -> str:
     return f"${value:,.2f}" if value >= 0.01 or value == 0 else f"${value:.4f}"
 
 
-def _duration(seconds: float | None) -> str:
+def fmt_duration(seconds: float | None) -> str:
     if seconds is None:
         return "unknown"
     if seconds >= 3600:
@@ -66,5 +66,5 @@ def progress_line(what: str, done: int, total: int, new: int, started: float, fa
     eta = (total - done) / rate if rate > 0 else None
     costs = [row_cost(u, prices)[0] for u in usage]
     cost = None if any(c is None for c in costs) else sum(costs)
-    return (f"{what}: {done}/{total} done, {rate * 60:.1f}/min, about {_duration(eta)} left, {failed} failed, "
+    return (f"{what}: {done}/{total} done, {rate * 60:.1f}/min, about {fmt_duration(eta)} left, {failed} failed, "
             f"cost so far {fmt_usd(cost)}")

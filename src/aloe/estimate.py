@@ -24,7 +24,7 @@ from pathlib import Path
 from aloe.backends.base import CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest
 from aloe.cache import CallCache
 from aloe.config import BackendConfig, Experiment
-from aloe.cost import LOCAL_KINDS, usd
+from aloe.cost import LOCAL_KINDS, fmt_duration, fmt_usd, row_cost
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,10 @@ def _tokenizer(cfg: BackendConfig):
     try:
         from transformers import AutoTokenizer
 
-        from aloe.models import models_dir, resolve_model
+        from aloe.models import converted_folder, resolve_model
 
         spec = resolve_model(cfg.model, cfg.revision)
-        where = {"gguf-package": models_dir() / f"{spec.name}-hf", "gguf-parts": models_dir() / f"{spec.name}-hf",
-                 "local": spec.path, "hf": spec.hf_id}[spec.source]
+        where = {"local": spec.path, "hf": spec.hf_id}.get(spec.source) or converted_folder(spec)
         return AutoTokenizer.from_pretrained(str(where), local_files_only=True)
     except Exception:  # not here, or not a model we can name: fall back to characters / 4
         return None
@@ -53,6 +52,7 @@ class SizingBackend(ChatBackend):
 
     def __init__(self, cfg: BackendConfig, fill: float = 1.0, cache: CallCache | None = None):
         super().__init__(cfg.model, "estimate", cache)
+        self.config = cfg
         self.kind = cfg.kind  # costed as the engine it stands for
         self.fill = fill
         self.tok = _tokenizer(cfg)
@@ -60,10 +60,11 @@ class SizingBackend(ChatBackend):
 
     def _count(self, messages) -> int:
         if self.tok is not None:
+            from aloe.backends.transformers_backend import prompt_ids
+
             try:
-                enc = self.tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-                return len(enc["input_ids"] if hasattr(enc, "keys") else enc)
-            except Exception:
+                return len(prompt_ids(self.tok, messages))
+            except Exception:  # a template that refuses these messages: count characters instead
                 pass
         return sum(math.ceil(len(m.get("content") or "") / 4) + 4 for m in messages) + 3
 
@@ -143,7 +144,7 @@ def _rows(given: dict[str, SizingBackend], stage: str) -> list[dict]:
         if e.sent:
             out.append({"stage": stage, "role": ", ".join(r for r, g in given.items() if g is e), "model": e.model_id,
                         "kind": e.kind, "calls": e.sent, "prompt_tokens": e.prompt_tokens,
-                        "completion_tokens": e.generated_tokens, "counted_by": e.counted_by})
+                        "completion_tokens": e.generated_tokens, "counted_by": e.counted_by, "config": e.config})
     return out
 
 
@@ -203,41 +204,24 @@ def measure(exp: Experiment, sample: int = 8, fill: float = 1.0, stages=("person
                 if "benchmark personas" not in str(err):
                     raise
                 raise AloeError(f"estimate: {err}") from None
-            ev = _rows(eroles, "evaluate") + [
-                {"stage": "evaluate", "role": f"under test: {eng.model_id}", "model": eng.model_id, "kind": eng.kind,
-                 "calls": eng.sent, "prompt_tokens": eng.prompt_tokens, "completion_tokens": eng.generated_tokens,
-                 "counted_by": eng.counted_by} for eng in trained_engines]
-            rows += _scale(ev, factor)
+            under_test = {f"under test: {eng.model_id}": eng for eng in trained_engines}
+            rows += _scale(_rows(eroles, "evaluate") + _rows(under_test, "evaluate"), factor)
     return rows
 
 
 def _concurrency(cfg: BackendConfig) -> int:
-    if cfg.kind != "openai":
-        return 1
-    urls = (cfg.base_url,) if isinstance(cfg.base_url, str) else tuple(cfg.base_url or ())
-    return max(1, cfg.max_concurrency * max(1, len(urls)))
-
-
-def _role_config(exp: Experiment, stage: str, row: dict) -> BackendConfig | None:
-    cfg = exp.stages[stage]
-    for name in row["role"].split(", "):
-        try:
-            return cfg.role(name)
-        except Exception:
-            continue
-    return None
+    """Calls in flight at once: max_concurrency per server of the pool (one on a local engine)."""
+    return cfg.max_concurrency * max(1, len(cfg.urls)) if cfg.kind == "openai" else 1
 
 
 def estimate(exp: Experiment, sample: int = 8, fill: float = 1.0, latency_s: float = 5.0) -> list[Line]:
     """One line per stage and engine: calls, tokens, cost at the file's prices, ideal wall time."""
     lines = []
     for r in measure(exp, sample, fill):
-        bc = _role_config(exp, r["stage"], r)
-        price = exp.stages[r["stage"]].prices.get(r["model"])
-        cost = 0.0 if r["kind"] in LOCAL_KINDS else (usd(r["prompt_tokens"], r["completion_tokens"], price)
-                                                     if price else None)
+        bc = r["config"]
+        cost, _ = row_cost(r, exp.stages[r["stage"]].prices)
         seconds = None
-        if r["kind"] not in LOCAL_KINDS and bc is not None:
+        if r["kind"] not in LOCAL_KINDS:
             seconds = r["calls"] * latency_s / _concurrency(bc)
             if bc.rpm:
                 seconds = max(seconds, r["calls"] / bc.rpm * 60)
@@ -265,19 +249,15 @@ def table(lines: list[Line], latency_s: float, fill: float) -> str:
         return f"{round(x):,}"
 
     def t(s):
-        if s is None:
-            return "local"
-        return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min"
+        return "local" if s is None else fmt_duration(s)
 
-    def c(v):
-        return "unknown (no price)" if v is None else f"${v:,.2f}"
     head = ["stage", "role", "model", "kind", "calls", "input tokens", "output tokens", "cost", "time"]
     body = [[ln.stage, ln.role, ln.model, ln.kind, n(ln.calls), n(ln.prompt_tokens), n(ln.completion_tokens),
-             c(ln.cost_usd), t(ln.seconds)] for ln in lines]
+             fmt_usd(ln.cost_usd), t(ln.seconds)] for ln in lines]
     costs = [ln.cost_usd for ln in lines]
     total_cost = None if any(v is None for v in costs) else sum(costs)
     body.append(["total", "", "", "", n(sum(ln.calls for ln in lines)), n(sum(ln.prompt_tokens for ln in lines)),
-                 n(sum(ln.completion_tokens for ln in lines)), c(total_cost),
+                 n(sum(ln.completion_tokens for ln in lines)), fmt_usd(total_cost),
                  t(sum(ln.seconds or 0 for ln in lines)) if any(ln.seconds for ln in lines) else "local"])
     widths = [max(len(str(row[i])) for row in [head] + body) for i in range(len(head))]
     fmt = "  ".join("{:<%d}" % w for w in widths)

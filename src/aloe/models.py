@@ -233,13 +233,18 @@ def strip_gguf_quantizer(model) -> None:
     model.is_quantized = False
 
 
+def converted_folder(spec: ModelSpec) -> Path:
+    """Where a GGUF-package model's Hugging Face folder lives once converted (it may not exist yet)."""
+    return models_dir() / f"{spec.name}-hf"
+
+
 def ensure_local_model(spec: ModelSpec) -> Path:
     """Return a local Hugging Face folder for a GGUF-package model, converting it once.
 
     The conversion writes into a temp folder beside the target and renames it into
     place, so an interrupted or failed conversion never leaves a half-written model.
     """
-    target = models_dir() / f"{spec.name}-hf"
+    target = converted_folder(spec)
     marker = target / "aloe_source.json"
     if marker.exists():
         return target

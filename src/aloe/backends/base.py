@@ -230,14 +230,12 @@ class ChatBackend(ABC):
         fresh = self._fresh(self._generate, [requests[i] for i in uniq.values()], list(uniq), lambda c: c.ok)
         self.sent += len(uniq)
         self.from_cache += len(requests) - len(todo)
-        for k in keys:
-            if k in found:
-                self.cached_prompt_tokens += found[k].get("prompt_tokens") or 0
-                self.cached_completion_tokens += found[k].get("completion_tokens") or 0
         by_key = dict(zip(uniq.keys(), fresh))
         out = []
         for k in keys:
             if k in found:
+                self.cached_prompt_tokens += found[k].get("prompt_tokens") or 0  # what this answer once cost
+                self.cached_completion_tokens += found[k].get("completion_tokens") or 0
                 out.append(Completion(**{**found[k], "cached": True}))
             else:
                 c = by_key[k]

@@ -49,6 +49,13 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def prompt_ids(tokenizer, messages) -> list[int]:
+    """A chat's token ids under the model's chat template, ready for the assistant's reply."""
+    enc = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    # transformers 5 returns a BatchEncoding; older versions a plain list
+    return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+
+
 def quantize_int8(model):
     """Every Linear layer's weights in int8, activations quantized on the fly (PyTorch's dynamic
     quantization, CPU only). Measured on a 2-core AVX2 CPU without bf16 units, Qwen2.5-0.5B,
@@ -157,9 +164,7 @@ class TransformersBackend(ChatBackend):
         return contextlib.nullcontext()
 
     def _prompt_ids(self, messages) -> list[int]:
-        enc = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        # transformers 5 returns a BatchEncoding; older versions a plain list
-        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+        return prompt_ids(self.tokenizer, messages)
 
     def _pad_left(self, seqs: list[list[int]]):
         width = max(len(s) for s in seqs)
