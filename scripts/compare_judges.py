@@ -58,7 +58,7 @@ def main() -> None:
                 backend={"kind": "transformers", "model": args.simulator, "batch_size": 16},
                 roles={"judge": {"model": judge}, "policy": {"model": args.policy, "batch_size": 32}},
                 n_personas=args.personas, turns=args.turns, max_new_tokens=args.max_new_tokens,
-                models=["base", "oracle"], judge=kind, n_boot=1000, judge_card={"n_boot": 1000})
+                models=["base", "oracle"], score_judge=kind, n_boot=1000, judge_card={"n_boot": 1000})
             engines = open_roles(cfg, aloe.evaluation.ROLES)
             judging = {"s": 0.0}
             real = engines["judge"].logprobs

@@ -59,7 +59,7 @@ def test_a_damaged_trees_file_fails_evaluation_before_any_call_and_keeps_the_man
     _personas(root)
     cfg = stage_config("evaluate", experiment="rel", data_root=str(root), cache_path=str(root / "c.sqlite"),
                        backend={"kind": "scripted", "model": "s"}, n_personas=2, turns=1, models=["base"],
-                       judge="likelihood", n_boot=20)
+                       score_judge="likelihood", n_boot=20)
     cfg.paths.trees.parent.mkdir(parents=True)
     cfg.paths.trees.write_bytes(b'{"id": "tree-1", "turns": []}\n{"id": "tree-2", "turns": [\xff]}\n')
     write_json(cfg.paths.manifest("evaluate"), {"stage": "evaluate"})

@@ -19,8 +19,8 @@ prices:
   gpt-x: {{input: 0.15, output: 0.60, read: "2026-11-30, test"}}
 stages:
   personas: {{target_profiles: 6, target_personalities: 6, pairs_per_profile: 2, preferences: [2, 3]}}
-  trees: {{n_personas: {n}, turns: 2, max_new_tokens: 20, judge: rules}}
-  evaluate: {{n_personas: {n}, turns: 2, max_new_tokens: 20, models: [base, sft_preferred], judge: rules}}
+  trees: {{n_personas: {n}, turns: 2, max_new_tokens: 20, pair_judge: rules}}
+  evaluate: {{n_personas: {n}, turns: 2, max_new_tokens: 20, models: [base, sft_preferred], score_judge: rules}}
 """
 
 

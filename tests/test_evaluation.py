@@ -11,7 +11,7 @@ from test_trees import Scripted
 from aloe.config import EvaluateConfig, JudgeCardConfig
 from aloe.errors import AloeError, ConfigError
 from aloe.io import read_json, read_jsonl, write_jsonl
-from aloe.judging import judge, parse_score_choice
+from aloe.judging import ask, parse_score_choice
 from aloe.metrics import summarize
 
 OFFICIAL = REPO.parent / "shared" / "aloe-official"
@@ -57,7 +57,7 @@ def test_score_judge_from_messy_text_with_retries():
     # request 0: "Score: 4" at once; 1: prose, then "**2**"; 2: garbage every time
     be = Scripted(["Score: 4", "I'd say it's pretty good, maybe 4 or 5?", "nope",
                    "**2**", "<|im_end|>", "5 stars!!! 10/10"])
-    got = judge(be, reqs, parse_score_choice, retries=2)
+    got = ask(be, reqs, parse_score_choice, retries=2)
     assert got[0].method == "text" and got[0].probs["4"] == 1.0 and got[0].raw == ["Score: 4"]
     assert got[1].method == "text" and got[1].probs["2"] == 1.0 and len(got[1].raw) == 2
     assert got[2].method == "none" and got[2].probs is None and len(got[2].raw) == 3
@@ -81,7 +81,7 @@ def test_protocol_on_the_embedded_model(tmp_path, smollm):
 
     _eval_pairs(tmp_path / "t")
     cfg = EvaluateConfig(experiment="t", data_root=str(tmp_path), n_personas=2, turns=2, max_new_tokens=16,
-                         models=("base", "oracle", "reminder"), n_boot=100, judge="history")
+                         models=("base", "oracle", "reminder"), n_boot=100, score_judge="history")
     seen = []
     real = smollm.chat
 
@@ -164,7 +164,7 @@ def test_repeats_over_simulator_seeds_are_pooled_per_persona(tmp_path):
     _eval_pairs(tmp_path / "r")
     cfg = stage_config("evaluate", experiment="r", data_root=str(tmp_path), cache_path=str(tmp_path / "c.sqlite"),
                        backend={"kind": "scripted", "model": "s"}, n_personas=3, turns=2, models=["base"],
-                       judge="likelihood", repeats=2, n_boot=50, judge_card={"enabled": False})
+                       score_judge="likelihood", repeats=2, n_boot=50, judge_card={"enabled": False})
     out = aloe.evaluation.run(cfg, ScriptedBackend())
     first = read_jsonl(cfg.paths.conversations("base"))
     second = read_jsonl(cfg.paths.conversations("base", 1))

@@ -283,7 +283,7 @@ def test_an_outage_mid_stage_fails_it_and_a_healthy_rerun_equals_an_uninterrupte
             aloe.personas.run(stage_config("personas", **common, backend={"kind": "scripted", "model": "s"},
                                            target_profiles=4, target_personalities=4), ScriptedBackend())
             http = {"kind": "openai", "model": "m", "base_url": srv.url, "max_retries": 1, "max_concurrency": 2}
-            cfg = stage_config("trees", **common, backend=http, n_personas=3, turns=2, judge="likelihood",
+            cfg = stage_config("trees", **common, backend=http, n_personas=3, turns=2, pair_judge="likelihood",
                                roles={"judge": {"kind": "scripted", "model": "j"}})
             from aloe.roles import open_roles
 

@@ -146,7 +146,7 @@ def test_likelihood_judge_refuses_top_k_servers(tmp_path):
     from aloe.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"judge: 'likelihood' needs a reply's exact log-likelihood.*'openai'"):
-        EvaluateConfig(experiment="t", judge="likelihood",
+        EvaluateConfig(experiment="t", score_judge="likelihood",
                        roles={"judge": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}})
     # and a backend that only has next-token top-k lists gives a missing judgment, never a number
     top_k = ScriptedBackend("srv", logprobs=lambda r: {c: -1.0 for c in r.candidates})

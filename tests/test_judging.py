@@ -56,12 +56,12 @@ def test_match_candidates_topk():
 def test_a_judgment_says_which_candidates_the_engine_did_not_report():
     from aloe.backends import ProbRequest
     from aloe.backends.scripted import ScriptedBackend
-    from aloe.judging import judge, parse_score_choice
+    from aloe.judging import ask, parse_score_choice
 
     be = ScriptedBackend(logprobs=lambda r: {"1": None, "2": None, "3": None, "4": -0.2, "5": -1.8})
-    got = judge(be, [ProbRequest([{"role": "user", "content": "rate"}], tuple("12345"))], parse_score_choice)[0]
+    got = ask(be, [ProbRequest([{"role": "user", "content": "rate"}], tuple("12345"))], parse_score_choice)[0]
     assert got.method == "logprobs" and got.missing == ["1", "2", "3"]
     assert got.to_json()["missing"] == ["1", "2", "3"]
     full = ScriptedBackend(logprobs=lambda r: {c: -1.0 for c in "12345"})
-    assert "missing" not in judge(full, [ProbRequest([{"role": "user", "content": "x"}], tuple("12345"))],
+    assert "missing" not in ask(full, [ProbRequest([{"role": "user", "content": "x"}], tuple("12345"))],
                                   parse_score_choice)[0].to_json()

@@ -42,8 +42,8 @@ backend: {{kind: scripted, model: s}}
 stages:
   personas: {{target_profiles: 30, target_personalities: 12, max_rounds: 2, requests_per_round: 2,
              items_per_round: 4}}
-  trees: {{n_personas: 4, turns: 2, judge: likelihood}}
-  evaluate: {{n_personas: 4, turns: 2, models: [base, oracle], judge: likelihood, n_boot: 50,
+  trees: {{n_personas: 4, turns: 2, pair_judge: likelihood}}
+  evaluate: {{n_personas: 4, turns: 2, models: [base, oracle], score_judge: likelihood, n_boot: 50,
              judge_card: {{max_replies: 8, n_boot: 50}}}}
 """
 

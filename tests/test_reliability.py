@@ -188,7 +188,7 @@ def test_a_failed_evaluation_turn_is_retried_not_counted_done(tmp_path):
         _personas(root)
         cfg = stage_config("evaluate", experiment="rel", data_root=str(root), cache_path=str(root / "c.sqlite"),
                            backend={"kind": "scripted", "model": "s"}, n_personas=4, turns=2,
-                           models=["base", "oracle"], judge="likelihood", n_boot=50,
+                           models=["base", "oracle"], score_judge="likelihood", n_boot=50,
                            judge_card={"enabled": False})
         if name == "interrupted":
             # the model under test fails every reply at turn 2: not recorded, the stage fails
@@ -218,7 +218,7 @@ def test_conversations_made_with_other_settings_are_not_resumed(tmp_path, caplog
     _personas(tmp_path)
     common = dict(experiment="rel", data_root=str(tmp_path), cache_path=str(tmp_path / "c.sqlite"),
                   backend={"kind": "scripted", "model": "s"}, n_personas=2, turns=1, models=["base"],
-                  judge="likelihood", n_boot=50, judge_card={"enabled": False})
+                  score_judge="likelihood", n_boot=50, judge_card={"enabled": False})
     aloe.evaluation.run(stage_config("evaluate", **common), ScriptedBackend(texts=_deterministic()))
     # the same settings: resumed, nothing asked again
     same = ScriptedBackend(texts=_deterministic())

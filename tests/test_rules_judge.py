@@ -43,7 +43,7 @@ def test_rules_judge_labels_trees_exactly(tmp_path):
     items = [{"id": "short"}, {"id": "no_emoji"}, {"id": "no_exclamation"}]
     write_jsonl(tmp_path / "t" / "personas" / "pairs.jsonl", _fixed_prefs(_pairs("train", 3, 3, None), items))
     cfg = stage_config("trees", experiment="t", data_root=str(tmp_path), cache_path=str(tmp_path / "c.sqlite"),
-                       n_personas=3, turns=3, judge="rules", max_new_tokens=8)
+                       n_personas=3, turns=3, pair_judge="rules", max_new_tokens=8)
     engine = ScriptedBackend("s", texts=responder)
     counts = aloe.trees.run(cfg, engine, progress=False)
     trees = read_jsonl(cfg.paths.trees)
@@ -75,7 +75,7 @@ def test_rules_judge_labels_trees_exactly(tmp_path):
 def test_rules_judge_needs_personas_with_preferences(tmp_path):
     write_jsonl(tmp_path / "t" / "personas" / "pairs.jsonl", _pairs("train", 2, 2, None))
     cfg = stage_config("trees", experiment="t", data_root=str(tmp_path), cache_path=str(tmp_path / "c.sqlite"),
-                       judge="rules")
+                       pair_judge="rules")
     with pytest.raises(AloeError, match="checkable preferences.*stages.personas.preferences"):
         aloe.trees.run(cfg, ScriptedBackend(), progress=False)
 
@@ -89,7 +89,7 @@ def _eval_cfg(tmp_path, **kw):
 
 def test_evaluation_with_the_rules_judge(tmp_path):
     write_jsonl(tmp_path / "e" / "personas" / "pairs.jsonl", _pairs("eval", 3, 3))
-    cfg = _eval_cfg(tmp_path, judge="rules")
+    cfg = _eval_cfg(tmp_path, score_judge="rules")
     engine = ScriptedBackend("s", texts=lambda r: GOOD if "This is who the user is" in r.messages[0]["content"]
                              else ("I want a quiet evening." if "role-playing" in r.messages[0]["content"] else BAD))
     out = aloe.evaluation.run(cfg, engine, progress=False)
@@ -149,7 +149,7 @@ def writer(req):
 
 def test_card_decided_on_known_answers(tmp_path):
     pairs = _card_pairs()
-    cfg = _eval_cfg(tmp_path, n_personas=18, judge="paper", roles={"judge": {"model": "j"}},
+    cfg = _eval_cfg(tmp_path, n_personas=18, score_judge="paper", roles={"judge": {"model": "j"}},
                     judge_card={"n_boot": 200, "k1_messages": 1})
     roles = Roles({}, None, {"judge": ScriptedBackend("j", logprobs=reads_all),
                              "responder": ScriptedBackend("w", texts=writer),
@@ -169,7 +169,7 @@ def test_card_decided_on_known_answers(tmp_path):
 
 def test_a_blind_judge_fails_the_known_answers(tmp_path):
     pairs = _card_pairs()
-    cfg = _eval_cfg(tmp_path, n_personas=18, judge="paper", roles={"judge": {"model": "j"}},
+    cfg = _eval_cfg(tmp_path, n_personas=18, score_judge="paper", roles={"judge": {"model": "j"}},
                     judge_card={"n_boot": 200, "k1_messages": 1})
     roles = Roles({}, None, {"judge": ScriptedBackend("j", logprobs=lambda r: {c: -1.6 for c in r.candidates}),
                              "responder": ScriptedBackend("w", texts=writer), "policy": ScriptedBackend("s")})
@@ -182,7 +182,7 @@ def test_a_blind_judge_fails_the_known_answers(tmp_path):
 def test_self_judging_never_passes_the_card(tmp_path):
     """The persona-reading judge that passes above, made the policy: the card fails, saying why."""
     pairs = _card_pairs()
-    cfg = _eval_cfg(tmp_path, n_personas=18, judge="paper", judge_card={"n_boot": 200, "k1_messages": 1})
+    cfg = _eval_cfg(tmp_path, n_personas=18, score_judge="paper", judge_card={"n_boot": 200, "k1_messages": 1})
     same = ScriptedBackend("s", logprobs=reads_all, texts=writer)
     card = jc.build(cfg, same, pairs, {"base": _convs(pairs)})
     assert card["independent"] is False and not card["fit"]
@@ -193,7 +193,7 @@ def test_self_judging_never_passes_the_card(tmp_path):
 
 def test_k1_is_written_by_another_role_when_the_responder_is_the_judge(tmp_path):
     pairs = _card_pairs()
-    cfg = _eval_cfg(tmp_path, n_personas=18, judge="paper", roles={"judge": {"model": "j"}},
+    cfg = _eval_cfg(tmp_path, n_personas=18, score_judge="paper", roles={"judge": {"model": "j"}},
                     judge_card={"n_boot": 200, "k1_messages": 1})
     judge = ScriptedBackend("j", logprobs=reads_all, texts=writer)
     roles = Roles({}, None, {"judge": judge, "responder": judge, "simulator": ScriptedBackend("w", texts=writer),
@@ -242,7 +242,7 @@ def test_paper_yaml_still_validates():
 def test_k1_gap_must_clear_min_gap(tmp_path):
     """The same passing judge with min_gap at its own gap (4 points): a win rate of 1.0 is not enough."""
     pairs = _card_pairs()
-    cfg = _eval_cfg(tmp_path, n_personas=18, judge="paper", roles={"judge": {"model": "j"}},
+    cfg = _eval_cfg(tmp_path, n_personas=18, score_judge="paper", roles={"judge": {"model": "j"}},
                     judge_card={"n_boot": 200, "k1_messages": 1, "min_gap": 4.0})
     roles = Roles({}, None, {"judge": ScriptedBackend("j", logprobs=reads_all),
                              "responder": ScriptedBackend("w", texts=writer), "policy": ScriptedBackend("s")})

@@ -11,7 +11,7 @@ from aloe.backends.scripted import ScriptedBackend
 from aloe.config import TreesConfig
 from aloe.errors import AloeError
 from aloe.io import read_json, read_jsonl, write_jsonl
-from aloe.judging import Judged, judge, parse_choice
+from aloe.judging import Judged, ask, parse_choice
 from aloe.trees import decide, export_rows
 
 SYS = "You are a friendly assistant."
@@ -114,11 +114,11 @@ def test_garbage_judge_retries_then_unusable():
     req = ProbRequest([{"role": "user", "content": "1 or 2?"}], ("1", "2"))
     # garbage, then a valid answer on the first retry
     be = Scripted(["Both replies are lovely!", "2"])
-    (j,) = judge(be, [req], parse_choice, retries=2, require_all=True)
+    (j,) = ask(be, [req], parse_choice, retries=2, require_all=True)
     assert j.method == "text" and j.probs == {"1": 0.0, "2": 1.0} and j.raw == ["Both replies are lovely!", "2"]
     # garbage every time: missing, with every raw reply kept, never a verdict
     be = Scripted(["¯\\_(ツ)_/¯", "I think 1 or maybe 2", "<html>"])
-    (j,) = judge(be, [req], parse_choice, retries=2, require_all=True)
+    (j,) = ask(be, [req], parse_choice, retries=2, require_all=True)
     assert j.method == "none" and j.probs is None and len(j.raw) == 3 and "3 tries" in j.error
     assert [c for c, _ in be.calls].count("chat") == 3
 

@@ -56,6 +56,10 @@ STAGE_ROLES = {"personas": ("generator",), "trees": ("simulator", "inferrer", "r
 _MODEL_BOUND = ("revision", "served_model")
 # Keys that moved: a clear message instead of "unknown key".
 RETIRED = {
+    ("trees", "judge"): "renamed to `pair_judge` (same values: pair, likelihood, rules); the model that judges is "
+                        "the judge role (roles.judge)",
+    ("evaluate", "judge"): "renamed to `score_judge` (same values: paper, history, likelihood, rules); the model "
+                           "that judges is the judge role (roles.judge)",
     ("train", "model"): "the model that train fine-tunes is the policy role: set `roles: {policy: {model: ...}}` "
                         "at the top level (roles.policy)",
 }
@@ -423,7 +427,7 @@ class TreesConfig(Common):
     # pair: the judge compares the two replies in both orders (the paper); likelihood: the reply the
     # persona makes more probable under the judge model wins (exact log-likelihoods: transformers or vllm);
     # rules: the reply that satisfies more of the persona's checkable preferences wins (exact, no model)
-    judge: Literal["pair", "likelihood", "rules"] = param("pair", help="\"pair\": compare the two replies in both orders (paper); \"likelihood\": the reply the persona makes more probable wins; \"rules\": the reply keeping more checkable preferences wins")
+    pair_judge: Literal["pair", "likelihood", "rules"] = param("pair", help="\"pair\": compare the two replies in both orders (paper); \"likelihood\": the reply the persona makes more probable wins; \"rules\": the reply keeping more checkable preferences wins")
     judge_method: Literal["auto", "logprobs", "text"] = param("auto", help="\"auto\": probabilities of 1/2, parsed text where there are none; \"logprobs\"; \"text\"")
     judge_retries: int = param(2, help="extra tries when a text verdict does not parse", range=(0, 20))
     # pairs whose two orders disagree: average the two orders' probabilities; decide by each reply's
@@ -439,8 +443,8 @@ class TreesConfig(Common):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.judge == "likelihood":
-            exact_judge(self.role("judge"), "judge")
+        if self.pair_judge == "likelihood":
+            exact_judge(self.role("judge"), "pair_judge")
 
 
 @dataclass(frozen=True)
@@ -503,7 +507,7 @@ class EvaluateConfig(Common):
     # likelihood: how much more probable the persona makes the reply under the judge model (exact
     # log-likelihoods: transformers or vllm judges), mapped to 1-5 by likelihood_scale; rules: the share of
     # the persona's checkable preferences the reply satisfies, 1 + 4 x share (exact, no model)
-    judge: Literal["paper", "history", "likelihood", "rules"] = param("paper", help="\"paper\": the rubric on the current message; \"history\": also the conversation; \"likelihood\": the persona's likelihood ratio; \"rules\": the share of checkable preferences kept")
+    score_judge: Literal["paper", "history", "likelihood", "rules"] = param("paper", help="\"paper\": the rubric on the current message; \"history\": also the conversation; \"likelihood\": the persona's likelihood ratio; \"rules\": the share of checkable preferences kept")
     # aloe: every model under test gets a short system prompt and greedy decoding with max_new_tokens;
     # paper: as the paper's evaluation code, no system prompt (oracle and reminder keep theirs), the
     # model's own default sampling and a 2048-token cap
@@ -533,8 +537,8 @@ class EvaluateConfig(Common):
         if self.preferences and not self.official_dir:
             raise ConfigError("preferences: set it on the personas stage (its pairs.jsonl carries them); here it "
                               "applies only with official_dir")
-        if "likelihood" in (self.judge, *self.judge_card.compare):
-            exact_judge(self.role("judge"), "judge" if self.judge == "likelihood" else "judge_card.compare")
+        if "likelihood" in (self.score_judge, *self.judge_card.compare):
+            exact_judge(self.role("judge"), "score_judge" if self.score_judge == "likelihood" else "judge_card.compare")
         if len(set(self.models)) != len(self.models) or not self.models:
             raise ConfigError(f"models: expected distinct model names, got {list(self.models)!r}")
 

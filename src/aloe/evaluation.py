@@ -131,11 +131,11 @@ def _open_trained(cfg: EvaluateConfig, model: str) -> ChatBackend:
 def conversation_settings(cfg: EvaluateConfig, model: str, roles: Roles, under_test: ChatBackend) -> dict:
     """Everything that made a conversation what it is. A conversation on disk made with other
     settings (another judge, sampling, simulator, or a retrained model) is not resumed."""
-    judge_id = (f"rules@{preferences.catalogue().version}" if cfg.judge == "rules" else roles["judge"].identity())
+    judge_id = (f"rules@{preferences.catalogue().version}" if cfg.score_judge == "rules" else roles["judge"].identity())
     return {"model": model, "under_test": under_test.identity(),
             "simulator": roles["simulator"].identity(), "judge": judge_id,
             "preferences": preferences.catalogue().version, "disclosure_fallback": cfg.disclosure_fallback,
-            "judge_kind": cfg.judge, "judge_method": cfg.judge_method, "likelihood_scale": cfg.likelihood_scale,
+            "judge_kind": cfg.score_judge, "judge_method": cfg.judge_method, "likelihood_scale": cfg.likelihood_scale,
             "protocol": cfg.protocol, "max_new_tokens": cfg.max_new_tokens, "user_temperature": cfg.user_temperature,
             "seed": cfg.seed, "prompts": [prompts.get(n).tag for n in ("user_simulator", _prompt_name(model))],
             # what "the model's own default sampling" (the paper protocol) resolved to on this engine
@@ -176,7 +176,7 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
              for p in pairs]
     for c in convs:
         c["turns"] = [t for t in c["turns"] if t["turn"] <= cfg.turns]
-    judge_engine = roles["judge"] if cfg.judge != "rules" else None  # the rules judge needs no model
+    judge_engine = roles["judge"] if cfg.score_judge != "rules" else None  # the rules judge needs no model
     _rejudge(cfg, judge_engine, convs, pairs)
     sim = prompts.get("user_simulator")
     user_samp = Sampling(temperature=cfg.user_temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
@@ -226,7 +226,7 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
             if id(c) in disclosed:
                 rec["preferences"] = disclosed[id(c)]
                 # the exact scores sit beside any LLM judge's (the rules judge's own are in "judge")
-                rec["rules"] = (j if cfg.judge == "rules" else
+                rec["rules"] = (j if cfg.score_judge == "rules" else
                                 preferences.rules_score(p["preferences"], rec["reply"], disclosed[id(c)]["revealed"]))
             c["turns"].append(rec)
         write_jsonl(path, convs)
@@ -281,7 +281,7 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
     started = time.time()
     roles = as_roles(roles, REQUIRED)
     pairs = benchmark_pairs(cfg)
-    if cfg.judge == "rules" and not all(p.get("preferences") for p in pairs):
+    if cfg.score_judge == "rules" and not all(p.get("preferences") for p in pairs):
         raise AloeError("evaluate: judge 'rules' needs benchmark personas with checkable preferences; set "
                         "stages.personas.preferences (e.g. [2, 4]), or stages.evaluate.preferences with official_dir")
     for m in cfg.models:  # fail before any conversation if a trained model is missing
@@ -302,15 +302,15 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
                              {**metrics[model], "judge_fit": bool(card and card["fit"])})
     rows = _write_transcripts(cfg, repeats_of)
     described = roles.describe()
-    if cfg.judge == "rules":
+    if cfg.score_judge == "rules":
         described["judge"] = preferences.judge_description()
     every = {m: [c for cs in reps for c in cs] for m, reps in repeats_of.items()}
-    result = {"turns": cfg.turns, "personas": len(pairs), "judge": cfg.judge, "protocol": cfg.protocol,
+    result = {"turns": cfg.turns, "personas": len(pairs), "judge": cfg.score_judge, "protocol": cfg.protocol,
               "judge_fit": card["fit"] if card else None, "models": metrics,
               "repeats": cfg.repeats,
               "disclosure": disclosure(cfg, every),
               "preference_disclosure": preference_disclosure(every),
-              "rules": rules_beside(cfg, repeats_of) if cfg.judge != "rules" else None,
+              "rules": rules_beside(cfg, repeats_of) if cfg.score_judge != "rules" else None,
               "roles": {r: described[r] for r in ROLES if r in described
                         and (r != "responder" or (card and not card.get("exact")))},
               "under_test": under_test_of,

@@ -269,7 +269,7 @@ def build(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, lis
     thresholds = {"min_discrimination": card_cfg.min_discrimination, "min_tailored": card_cfg.min_tailored,
                   "min_preference": card_cfg.min_preference, "max_length_corr": card_cfg.max_length_corr,
                   "ci_above": 0.5, "min_gap": card_cfg.min_gap}
-    if cfg.judge == "rules":
+    if cfg.score_judge == "rules":
         k2 = known_preferences(cfg, None, pairs, convs_of, "rules")
         reasons = [] if k2["value"] in (None, 1.0) else [
             f"the rules judge preferred a violating edit in {1 - k2['value']:.0%} of K2 pairs: an edit or a checker "
@@ -316,7 +316,7 @@ def build(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, lis
     if lc is not None and abs(lc) > card_cfg.max_length_corr:
         reasons.append(f"scores follow reply length (Spearman {lc:+.2f}, limit ±{card_cfg.max_length_corr:.2f})")
     calls = k1["calls"]["writer"] + k1["calls"]["judge"] + k2["calls"]["judge"] + info.pop("calls")
-    return {"judge": cfg.judge, "judge_model": judge.describe(), "exact": False, "independent": indep["value"],
+    return {"judge": cfg.score_judge, "judge_model": judge.describe(), "exact": False, "independent": indep["value"],
             "independence": indep, "fit": not reasons, "reasons": reasons, "thresholds": thresholds,
             "known_answers": {"K1": {**k1, "counts": k1["independent"]}, "K2": {**k2, "counts": k2["value"] is not None}},
             "rules_agreement": rules_agreement(convs_of),
@@ -345,7 +345,7 @@ def run_reply_checks(cfg: EvaluateConfig, judge, pairs: list[dict], convs_of: di
     length_corr = spearman(own, [words(t["reply"]) for _, _, t in sample])
     agreement, calls = {}, len(replies)
     for kind in card_cfg.compare:
-        if kind == cfg.judge:
+        if kind == cfg.score_judge:
             continue
         theirs = score_replies(cfg, judge, [Reply(by_id[c["persona_id"]], history_before(c, t["turn"]),
                                                   t["user"], t["reply"]) for _, c, t in sample], kind)

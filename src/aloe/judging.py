@@ -45,7 +45,7 @@ def parse_score(text: str | None) -> int | None:
 
 
 def parse_score_choice(text: str | None) -> str | None:
-    """parse_score as a candidate string ("1".."5") for :func:`judge`."""
+    """parse_score as a candidate string ("1".."5") for :func:`ask`."""
     s = parse_score(text)
     return None if s is None else str(s)
 
@@ -117,7 +117,7 @@ class Judged:
         return out
 
 
-def judge(backend, requests: Sequence[ProbRequest], parse: Callable[[str | None], str | None], *,
+def ask(backend, requests: Sequence[ProbRequest], parse: Callable[[str | None], str | None], *,
           method: str = "auto", retries: int = 2, max_tokens: int = 8, require_all: bool = False) -> list[Judged]:
     """Ask a judge; read probabilities where the backend gives them, else parse text.
 
@@ -266,11 +266,11 @@ def rubric_requests(replies: Sequence[Reply], kind: str = "paper") -> list[ProbR
 
 def score_replies(cfg, engine, replies: list[Reply], judge_kind: str | None = None) -> list[tuple[float | None, dict]]:
     """(score on 1-5 or None, the judgment as recorded) per reply, by ``judge_kind`` (default
-    ``cfg.judge``): ``paper`` (the rubric on the current message), ``history`` (the rubric with
+    ``cfg.score_judge``): ``paper`` (the rubric on the current message), ``history`` (the rubric with
     the conversation), ``likelihood`` (the persona's likelihood ratio, mapped to 1-5 by
     ``cfg.likelihood_scale``) or ``rules`` (exact; no engine). ``cfg`` gives the judge's method and
     retries (an ``EvaluateConfig``)."""
-    kind = judge_kind or cfg.judge
+    kind = judge_kind or cfg.score_judge
     if not replies:
         return []
     if kind == "rules":
@@ -284,5 +284,5 @@ def score_replies(cfg, engine, replies: list[Reply], judge_kind: str | None = No
         return [(likelihood_score(j.llr, cfg.likelihood_scale), j.to_json())
                 for j in likelihood_ratios(engine, items, tag)]
     return [(expected_score(j), j.to_json())
-            for j in judge(engine, rubric_requests(replies, kind), parse_score_choice, method=cfg.judge_method,
+            for j in ask(engine, rubric_requests(replies, kind), parse_score_choice, method=cfg.judge_method,
                            retries=cfg.judge_retries)]

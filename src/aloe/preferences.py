@@ -4,7 +4,7 @@ A persona may carry, besides its free-text profile and personality, a few prefer
 program can check on any reply (``preferences.yaml``: keep it short, bullet points, no emoji,
 vegetarian, metric units, ...). Because the right answer is known by construction, they give
 
-* an exact judge (``judge: rules``): a reply's score is the share of the persona's preferences it
+* an exact judge (``pair_judge: rules`` in trees, ``score_judge: rules`` in evaluation): a reply's score is the share of the persona's preferences it
   satisfies, out of those that apply, mapped to 1-5 as ``1 + 4 * share``;
 * known-answer pairs for any LLM judge (a satisfying reply against a minimal edit that violates
   one preference), which the judge card uses;

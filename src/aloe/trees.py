@@ -8,7 +8,7 @@ Per training persona, one tree of ``turns`` nodes. At every turn:
 3. two *responders* answer: ``hinted`` (given the inferred persona) and ``plain``;
 4. a *judge* that knows the full persona compares them in both orders, from the
    probabilities of "1" and "2" where the backend gives them, else by strictly
-   parsed text with bounded retries (:func:`aloe.judging.judge`); or, with ``judge: rules``,
+   parsed text with bounded retries (:func:`aloe.judging.ask`); or, with ``pair_judge: rules``,
    the reply that satisfies more of the persona's checkable preferences wins (exact);
 5. the *branch policy* picks which reply continues the conversation.
 
@@ -52,7 +52,7 @@ from aloe.judging import (
     LikelihoodJudged,
     Reply,
     expected_score,
-    judge,
+    ask,
     likelihood_ratios,
     pair_requests,
     pair_verdict,
@@ -67,12 +67,12 @@ from aloe.variants import EXPORTS
 
 log = logging.getLogger(__name__)
 
-# The roles this stage uses (aloe.roles) and the prompts they speak with; ``judge: rules`` needs no judge model.
+# The roles this stage uses (aloe.roles) and the prompts they speak with; ``pair_judge: rules`` needs no judge model.
 ROLES = ("simulator", "inferrer", "responder", "judge")
 
 
 def roles_used(cfg: TreesConfig) -> tuple[str, ...]:
-    return tuple(r for r in ROLES if not (r == "judge" and cfg.judge == "rules"))
+    return tuple(r for r in ROLES if not (r == "judge" and cfg.pair_judge == "rules"))
 
 PROMPTS = ("user_simulator", "infer_extract", "infer_blind", "responder_hinted", "responder_plain", "judge_pair",
            "judge_score", "judge_likelihood")
@@ -88,7 +88,7 @@ def provenance(cfg: TreesConfig, roles: Roles | ChatBackend) -> dict:
     return {"roles": described, "prompts": {r: prompts.get(r).tag for r in PROMPTS},
             "preferences": preferences.catalogue().version, "disclosure_fallback": cfg.disclosure_fallback,
             "seed": cfg.seed,
-            "inference": cfg.inference, "branch": cfg.branch, "judge": cfg.judge, "judge_method": cfg.judge_method,
+            "inference": cfg.inference, "branch": cfg.branch, "judge": cfg.pair_judge, "judge_method": cfg.judge_method,
             "judge_retries": cfg.judge_retries, "inconsistent": cfg.inconsistent, "temperature": cfg.temperature,
             "max_new_tokens": cfg.max_new_tokens}
 
@@ -256,7 +256,7 @@ def _open_trees(cfg: TreesConfig, roles: Roles) -> tuple[list[_Tree], dict, int]
     pairs = [p for p in read_jsonl(paths.pairs) if p["split"] == "train"]
     if not pairs:
         raise AloeError(f"{paths.pairs}: no training personas")
-    if cfg.judge == "rules" and not any(p.get("preferences") for p in pairs):
+    if cfg.pair_judge == "rules" and not any(p.get("preferences") for p in pairs):
         raise AloeError(f"{paths.pairs}: judge 'rules' needs personas with checkable preferences; set "
                         f"stages.personas.preferences (e.g. [2, 4]) and rerun the personas stage")
     pairs = spread(pairs, cfg.n_personas, cfg.seed)  # not the first few profiles' pairs
@@ -347,11 +347,11 @@ def _judge_nodes(cfg: TreesConfig, roles: Roles, judged_in: list, disclosed: dic
     """Judge every node's two replies (pair judge in both orders, likelihood ratios or the rules
     judge), decide preferred and rejected and the branch that continues, and record the node."""
     ratios, verdicts, pointwise = [], [], {}
-    if cfg.judge == "likelihood":
+    if cfg.pair_judge == "likelihood":
         ratios = _likelihood(roles["judge"], judged_in)
-    elif cfg.judge != "rules":
+    elif cfg.pair_judge != "rules":
         jreqs = [r for t, m, _, a, b in judged_in for r in pair_requests(t.rec, m, a, b)]
-        verdicts = judge(roles["judge"], jreqs, parse_choice, method=cfg.judge_method,
+        verdicts = ask(roles["judge"], jreqs, parse_choice, method=cfg.judge_method,
                          retries=cfg.judge_retries, require_all=True)
         pointwise = _pointwise(cfg, roles["judge"], judged_in, verdicts)
     for i, (t, m, inf, a, b) in enumerate(judged_in):
@@ -365,10 +365,10 @@ def _judge_nodes(cfg: TreesConfig, roles: Roles, judged_in: list, disclosed: dic
             rules = {"hinted": preferences.rules_score(t.rec["preferences"], a, revealed),
                      "plain": preferences.rules_score(t.rec["preferences"], b, revealed)}
             rec.update(preferences=disclosed[t.rec["id"]], rules=rules)
-        if cfg.judge == "rules":
+        if cfg.pair_judge == "rules":
             node = decide_rules(cfg, t.rec["id"], turn, cands, rules["hinted"], rules["plain"])
             t.rec["turns"].append({**rec, "candidates": cands, **node})
-        elif cfg.judge == "likelihood":
+        elif cfg.pair_judge == "likelihood":
             ja, jb = ratios[2 * i], ratios[2 * i + 1]
             stats["judge_calls"] += 2
             stats["judge_unusable"] += (not ja.ok) + (not jb.ok)
@@ -459,7 +459,7 @@ def _pointwise(cfg: TreesConfig, backend: ChatBackend, judged_in: list, verdicts
             if pair_verdict(verdicts[2 * i], verdicts[2 * i + 1]).consistent is False]
     replies = [Reply(judged_in[i][0].rec, history_of(judged_in[i][0].rec), judged_in[i][1], reply)
                for i in todo for reply in judged_in[i][3:5]]
-    got = judge(backend, rubric_requests(replies, "paper"), parse_score_choice, method=cfg.judge_method,
+    got = ask(backend, rubric_requests(replies, "paper"), parse_score_choice, method=cfg.judge_method,
                 retries=cfg.judge_retries)
     return {i: (expected_score(got[2 * k]), expected_score(got[2 * k + 1])) for k, i in enumerate(todo)}
 
