@@ -13,7 +13,7 @@ import sys
 from aloe.errors import AloeError, ConfigError, StageFailed
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aloe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run an experiment's notebooks with Papermill")
@@ -34,38 +34,46 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("params")
     p_model = sub.add_parser("prepare-model", help="resolve a model; convert the embedded GGUF once")
     p_model.add_argument("model", nargs="?", default="smollm2-135m")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command == "run":
+        from aloe.runner import run_experiment
+
+        run_experiment(args.params, args.only, log_output=args.verbose)
+    elif args.command == "check":
+        from aloe.config import STAGES, load_experiment
+        from aloe.runner import check_experiment
+
+        exp = load_experiment(args.params)
+        check_experiment(exp, list(STAGES))
+        print(f"{args.params}: ok (experiment {exp.name!r})")
+    elif args.command == "estimate":
+        from aloe.config import load_experiment
+        from aloe.estimate import estimate, table
+
+        if args.sample < 1 or not 0 < args.fill <= 1 or args.latency <= 0:
+            raise ConfigError("estimate: --sample must be at least 1, --fill in (0, 1], --latency above 0")
+        exp = load_experiment(args.params)
+        print(table(estimate(exp, args.sample, args.fill, args.latency), args.latency, args.fill))
+    elif args.command == "report":
+        from aloe.runner import rebuild_report
+
+        print(rebuild_report(args.params))
+    elif args.command == "prepare-model":
+        from aloe.models import hf_location, resolve_model
+
+        print(hf_location(resolve_model(args.model)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "verbose", False):
         logging.getLogger("papermill").setLevel(logging.WARNING)
     try:
-        if args.command == "run":
-            from aloe.runner import run_experiment
-
-            run_experiment(args.params, args.only, log_output=args.verbose)
-        elif args.command == "check":
-            from aloe.config import STAGES, load_experiment
-            from aloe.runner import check_experiment
-
-            exp = load_experiment(args.params)
-            check_experiment(exp, list(STAGES))
-            print(f"{args.params}: ok (experiment {exp.name!r})")
-        elif args.command == "estimate":
-            from aloe.config import load_experiment
-            from aloe.estimate import estimate, table
-
-            if args.sample < 1 or not 0 < args.fill <= 1 or args.latency <= 0:
-                raise ConfigError("estimate: --sample must be at least 1, --fill in (0, 1], --latency above 0")
-            exp = load_experiment(args.params)
-            print(table(estimate(exp, args.sample, args.fill, args.latency), args.latency, args.fill))
-        elif args.command == "report":
-            from aloe.runner import rebuild_report
-
-            print(rebuild_report(args.params))
-        elif args.command == "prepare-model":
-            from aloe.models import hf_location, resolve_model
-
-            print(hf_location(resolve_model(args.model)))
+        _dispatch(args)
     except ConfigError as e:
         print(f"aloe: configuration error: {e}", file=sys.stderr)
         return 2

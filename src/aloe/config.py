@@ -603,6 +603,39 @@ def load_experiment(path: str | Path) -> Experiment:
     """Read and validate a parameter file; every error names the file and key."""
     path = Path(path)
     data = load_yaml(path)
+    name = _check_top_level(path, data)
+    common = {k: data[k] for k in ("data_root", "cache_path", "backend", "roles", "prices") if k in data}
+    stages_raw = data.get("stages", {})
+    for k in stages_raw:
+        if k not in STAGES:
+            raise ConfigError(f"{path}: stages: unknown stage {short(k)}; allowed stages: {', '.join(STAGES)}")
+    try:
+        common_built = build(Common, {"experiment": name, **common}, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {str(e).lstrip(': ')}") from None
+    stages, raw_sections = {}, {}
+    for stage in STAGES:
+        section = stages_raw.get(stage, {})
+        _check_section(path, stage, section)
+        raw_sections[stage] = dict(section)
+        fields = {f.name: getattr(common_built, f.name) for f in dataclasses.fields(Common)}
+        try:
+            stages[stage] = build(STAGE_CONFIGS[stage], {**fields, **section}, f"stages.{stage}")
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    from aloe.variants import needed
+
+    trained = set(needed(stages["train"].variants))
+    for m in stages["evaluate"].models:
+        if m in VARIANTS and m not in trained:
+            raise ConfigError(f"{path}: stages.evaluate.models: {m!r} is never trained; add it to "
+                              f"stages.train.variants (now {list(stages['train'].variants)}) or remove it")
+    return Experiment(path=path, name=name, description=str(data.get("description", "")), common=common,
+                      stages=stages, raw_sections=raw_sections)
+
+
+def _check_top_level(path: Path, data: Any) -> str:
+    """The file's top-level keys and their kinds; returns the experiment's name."""
     if data is None:
         raise ConfigError(f"{path}: the file is empty; a parameter file needs at least `experiment:` and `backend:`")
     if not isinstance(data, dict):
@@ -623,48 +656,26 @@ def load_experiment(path: str | Path) -> Experiment:
         if k in data and not isinstance(data[k], dict):
             raise ConfigError(f"{path}: {k}: expected a mapping, got {short(data[k])}; leave the key out "
                               f"to use the defaults")
-    common = {k: data[k] for k in ("data_root", "cache_path", "backend", "roles", "prices") if k in data}
-    stages_raw = data.get("stages", {})
-    for k in stages_raw:
-        if k not in STAGES:
-            raise ConfigError(f"{path}: stages: unknown stage {short(k)}; allowed stages: {', '.join(STAGES)}")
-    try:
-        common_built = build(Common, {"experiment": name, **common}, "")
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {str(e).lstrip(': ')}") from None
-    own_keys = {f.name for f in dataclasses.fields(Common)}
-    stages, raw_sections = {}, {}
-    for stage in STAGES:
-        section = stages_raw.get(stage, {})
-        where = f"stages.{stage}"
-        if not isinstance(section, dict):
-            raise ConfigError(f"{path}: {where}: expected a mapping of settings, got {short(section)}; leave "
-                              f"the stage out to use its defaults")
-        allowed = [f.name for f in dataclasses.fields(STAGE_CONFIGS[stage]) if f.name not in own_keys]
-        for k in section:
-            if (stage, k) in RETIRED:
-                raise ConfigError(f"{path}: {where}.{k}: no longer a stage key; {RETIRED[stage, k]}")
-            if k in own_keys:
-                raise ConfigError(f"{path}: {where}.{k}: {k!r} is set at the top level, not per stage")
-            if k not in allowed:
-                near = difflib.get_close_matches(str(k), allowed, n=1)
-                hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise ConfigError(f"{path}: {where}: unknown key {short(k)}{hint}; allowed keys: {', '.join(allowed)}")
-        raw_sections[stage] = dict(section)
-        fields = {f.name: getattr(common_built, f.name) for f in dataclasses.fields(Common)}
-        try:
-            stages[stage] = build(STAGE_CONFIGS[stage], {**fields, **section}, where)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-    from aloe.variants import needed
+    return name
 
-    trained = set(needed(stages["train"].variants))
-    for m in stages["evaluate"].models:
-        if m in VARIANTS and m not in trained:
-            raise ConfigError(f"{path}: stages.evaluate.models: {m!r} is never trained; add it to "
-                              f"stages.train.variants (now {list(stages['train'].variants)}) or remove it")
-    return Experiment(path=path, name=name, description=str(data.get("description", "")), common=common,
-                      stages=stages, raw_sections=raw_sections)
+
+def _check_section(path: Path, stage: str, section: Any) -> None:
+    """A stage's section: a mapping of its own keys (not retired ones, not top-level ones)."""
+    where = f"stages.{stage}"
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: {where}: expected a mapping of settings, got {short(section)}; leave "
+                          f"the stage out to use its defaults")
+    own_keys = {f.name for f in dataclasses.fields(Common)}
+    allowed = [f.name for f in dataclasses.fields(STAGE_CONFIGS[stage]) if f.name not in own_keys]
+    for k in section:
+        if (stage, k) in RETIRED:
+            raise ConfigError(f"{path}: {where}.{k}: no longer a stage key; {RETIRED[stage, k]}")
+        if k in own_keys:
+            raise ConfigError(f"{path}: {where}.{k}: {k!r} is set at the top level, not per stage")
+        if k not in allowed:
+            near = difflib.get_close_matches(str(k), allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{path}: {where}: unknown key {short(k)}{hint}; allowed keys: {', '.join(allowed)}")
 
 
 def stage_config(stage: str, **params: Any) -> Any:

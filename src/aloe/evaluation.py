@@ -168,20 +168,10 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
     tries that turn again. A reply whose judgment failed is kept and re-judged on a rerun."""
     from tqdm.auto import tqdm
 
-    settings = conversation_settings(cfg, model, roles, under_test)
-    done = _resumable(path, settings, pairs)
-    convs = [done.get(p["id"]) or {"model": model, "persona_id": p["id"], "profile": p["profile"],
-                                   "personality": p["personality"], "preferences": p.get("preferences") or [],
-                                   "settings": settings, "turns": []}
-             for p in pairs]
-    for c in convs:
-        c["turns"] = [t for t in c["turns"] if t["turn"] <= cfg.turns]
+    convs = _open_conversations(cfg, model, pairs, roles, under_test, path)
     judge_engine = roles["judge"] if cfg.score_judge != "rules" else None  # the rules judge needs no model
     _rejudge(cfg, judge_engine, convs, pairs)
-    sim = prompts.get("user_simulator")
-    user_samp = Sampling(temperature=cfg.user_temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    model_samp = under_test_sampling(cfg)
-    simulator = roles["simulator"]
+    model_samp, version = under_test_sampling(cfg), prompts.get(_prompt_name(model)).tag
     started, initial = time.time(), sum(len(c["turns"]) for c in convs)
     bar = tqdm(total=len(convs) * cfg.turns, initial=initial, desc=f"evaluate {model}", unit="turn",
                disable=not progress)
@@ -189,46 +179,15 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
         active = [(c, p) for c, p in zip(convs, pairs) if len(c["turns"]) == turn - 1]
         if not active:
             continue
-
-        plans = [_plan(cfg, c, p, turn) for c, p in active]
-        users = simulator.chat([ChatRequest(simulator_messages(p["profile"], p["personality"], history_before(c, turn),
-                                                               plan.directive),
-                                            user_samp, sample_index=turn, prompt_version=sim.tag)
-                                for (c, p), plan in zip(active, plans)])
-        msgs = [clean_user_message(u.text) if u.ok else "" for u in users]
-        disclosed = {}
-        for i, ((c, p), plan) in enumerate(zip(active, plans)):
-            if msgs[i] and p.get("preferences"):
-                msgs[i], disclosed[id(c)] = preferences.settle_message(p, plan, msgs[i], _revealed(c, turn),
-                                                                       cfg.disclosure_fallback)
+        msgs, disclosed = _user_messages(cfg, roles["simulator"], active, turn)
         asked = [(c, p, m) for (c, p), m in zip(active, msgs) if m]
-
-        def under_test_messages(c, p, m):
-            system = _system(cfg, model, p)
-            return ([{"role": "system", "content": system}] if system is not None else []) + [
-                *history_before(c, turn), {"role": "user", "content": m}]
-
-        replies = under_test.chat([ChatRequest(under_test_messages(c, p, m), model_samp,
-                                               prompt_version=prompts.get(_prompt_name(model)).tag)
-                                   for c, p, m in asked])
-        got = {id(c): (m, r) for (c, p, m), r in zip(asked, replies)}
+        replies = under_test.chat([ChatRequest(_under_test_messages(cfg, model, c, p, m, turn), model_samp,
+                                               prompt_version=version) for c, p, m in asked])
         scored = [(c, p, m, r.text.strip()) for (c, p, m), r in zip(asked, replies) if r.ok and r.text.strip()]
         to_judge = [Reply(p, history_before(c, turn), m, r, tuple((disclosed.get(id(c)) or {}).get("revealed", ())))
                     for c, p, m, r in scored]
         verdicts = dict(zip((id(c) for c, *_ in scored), score_replies(cfg, judge_engine, to_judge)))
-        for c, p in active:
-            m, r = got.get(id(c), ("", None))
-            if not m or r is None or not r.ok or not r.text.strip():
-                continue  # not data: this conversation stops here, and a rerun tries the turn again
-            score, j = verdicts.get(id(c), (None, None))
-            rec = {"turn": turn, "user": m, "reply": r.text.strip(), "score": score,
-                   "judge": j or {"method": "none", "error": "judge failed"}}
-            if id(c) in disclosed:
-                rec["preferences"] = disclosed[id(c)]
-                # the exact scores sit beside any LLM judge's (the rules judge's own are in "judge")
-                rec["rules"] = (j if cfg.score_judge == "rules" else
-                                preferences.rules_score(p["preferences"], rec["reply"], disclosed[id(c)]["revealed"]))
-            c["turns"].append(rec)
+        _record_turn(cfg, active, {id(c): (m, r) for (c, p, m), r in zip(asked, replies)}, verdicts, disclosed, turn)
         write_jsonl(path, convs)
         bar.update(len(active))
         done = sum(len(c["turns"]) for c in convs)
@@ -237,6 +196,64 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
                                cfg.prices))
     bar.close()
     return convs
+
+
+def _open_conversations(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, under_test: ChatBackend,
+                        path: Path) -> list[dict]:
+    """One conversation per persona: the finished turns a resumable file holds (none past
+    ``cfg.turns``), or a new record."""
+    settings = conversation_settings(cfg, model, roles, under_test)
+    done = _resumable(path, settings, pairs)
+    convs = [done.get(p["id"]) or {"model": model, "persona_id": p["id"], "profile": p["profile"],
+                                   "personality": p["personality"], "preferences": p.get("preferences") or [],
+                                   "settings": settings, "turns": []}
+             for p in pairs]
+    for c in convs:
+        c["turns"] = [t for t in c["turns"] if t["turn"] <= cfg.turns]
+    return convs
+
+
+def _user_messages(cfg: EvaluateConfig, simulator: ChatBackend, active: list, turn: int) -> tuple[list[str], dict]:
+    """The simulated user's message of this turn per active conversation ("" where it failed),
+    and, for personas with checkable preferences, what each message disclosed (by id(conv))."""
+    sim = prompts.get("user_simulator")
+    user_samp = Sampling(temperature=cfg.user_temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    plans = [_plan(cfg, c, p, turn) for c, p in active]
+    users = simulator.chat([ChatRequest(simulator_messages(p["profile"], p["personality"], history_before(c, turn),
+                                                           plan.directive),
+                                        user_samp, sample_index=turn, prompt_version=sim.tag)
+                            for (c, p), plan in zip(active, plans)])
+    msgs = [clean_user_message(u.text) if u.ok else "" for u in users]
+    disclosed = {}
+    for i, ((c, p), plan) in enumerate(zip(active, plans)):
+        if msgs[i] and p.get("preferences"):
+            msgs[i], disclosed[id(c)] = preferences.settle_message(p, plan, msgs[i], _revealed(c, turn),
+                                                                   cfg.disclosure_fallback)
+    return msgs, disclosed
+
+
+def _under_test_messages(cfg: EvaluateConfig, model: str, c: dict, p: dict, m: str, turn: int) -> list[dict]:
+    system = _system(cfg, model, p)
+    return ([{"role": "system", "content": system}] if system is not None else []) + [
+        *history_before(c, turn), {"role": "user", "content": m}]
+
+
+def _record_turn(cfg: EvaluateConfig, active: list, got: dict, verdicts: dict, disclosed: dict, turn: int) -> None:
+    """Append this turn to every conversation whose message and reply both arrived, with its
+    score and, for checkable preferences, the rules judge's exact scores beside it."""
+    for c, p in active:
+        m, r = got.get(id(c), ("", None))
+        if not m or r is None or not r.ok or not r.text.strip():
+            continue  # not data: this conversation stops here, and a rerun tries the turn again
+        score, j = verdicts.get(id(c), (None, None))
+        rec = {"turn": turn, "user": m, "reply": r.text.strip(), "score": score,
+               "judge": j or {"method": "none", "error": "judge failed"}}
+        if id(c) in disclosed:
+            rec["preferences"] = disclosed[id(c)]
+            # the exact scores sit beside any LLM judge's (the rules judge's own are in "judge")
+            rec["rules"] = (j if cfg.score_judge == "rules" else
+                            preferences.rules_score(p["preferences"], rec["reply"], disclosed[id(c)]["revealed"]))
+        c["turns"].append(rec)
 
 
 def _usage_with(roles: Roles, engine: ChatBackend) -> list[dict]:

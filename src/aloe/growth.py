@@ -222,33 +222,10 @@ def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBa
                 stop = "saturation"
                 break
             outs, n_requests, tag = _generate_round(kind, rnd, pool, backend, s, state_path)
-            dropped: dict[str, int] = {}
-            cands: list[str] = []
-            raw = 0
-            for o in outs:
-                for it in split_items(o.text or ""):
-                    raw += 1
-                    why = kind_ok(kind, it, s.min_chars, s.max_chars)
-                    if why:
-                        dropped[why] = dropped.get(why, 0) + 1
-                    else:
-                        cands.append(it)
-            accepted = []
-            for text, e in zip(cands, embedder.encode(cands)):
-                iid = item_id(kind, text)
-                if iid in texts:
-                    dropped["duplicate"] = dropped.get("duplicate", 0) + 1
-                    continue
-                ok, nn, sim = filt.offer(iid, e)
-                if not ok:
-                    dropped["too similar"] = dropped.get("too similar", 0) + 1
-                    continue
-                texts[iid] = text
-                rec = {"id": iid, "kind": kind, "text": text, "source": "generated", "split": "train",
-                       "round": rnd, "nearest_id": nn, "nearest_sim": round(sim, 4),
-                       "generator": backend.model_id, "prompt_version": tag}
-                accepted.append(rec)
-                pool.append(rec)
+            cands, raw, dropped = _candidates(kind, outs, s)
+            accepted = _accept(kind, rnd, cands, embedder, filt, texts, dropped,
+                               {"generator": backend.model_id, "prompt_version": tag})
+            pool.extend(accepted)
             entry = {"kind": kind, "round": rnd, "settings": fp, "requests": n_requests, "failed_requests": 0,
                      "candidates": raw, "offered": len(cands), "dropped": dropped,
                      "accepted": accepted, "pool_size": len(pool)}
@@ -257,6 +234,43 @@ def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBa
         else:
             stop = "target" if len(pool) >= s.target else "round limit"
     return pool, rounds, stop
+
+
+def _candidates(kind: str, outs: list, s: GrowthSettings) -> tuple[list[str], int, dict[str, int]]:
+    """The items of one round's replies that pass the kind's checks; how many items there were;
+    why the others were dropped."""
+    dropped: dict[str, int] = {}
+    cands: list[str] = []
+    raw = 0
+    for o in outs:
+        for it in split_items(o.text or ""):
+            raw += 1
+            why = kind_ok(kind, it, s.min_chars, s.max_chars)
+            if why:
+                dropped[why] = dropped.get(why, 0) + 1
+            else:
+                cands.append(it)
+    return cands, raw, dropped
+
+
+def _accept(kind: str, rnd: int, cands: list[str], embedder: Embedder, filt: DiversityFilter, texts: dict[str, str],
+            dropped: dict[str, int], made_by: dict) -> list[dict]:
+    """The candidates the diversity filter admits, in order, each admitted one joining the filter
+    (and ``texts``) before the next is offered; the rest counted in ``dropped``."""
+    accepted = []
+    for text, e in zip(cands, embedder.encode(cands)):
+        iid = item_id(kind, text)
+        if iid in texts:
+            dropped["duplicate"] = dropped.get("duplicate", 0) + 1
+            continue
+        ok, nn, sim = filt.offer(iid, e)
+        if not ok:
+            dropped["too similar"] = dropped.get("too similar", 0) + 1
+            continue
+        texts[iid] = text
+        accepted.append({"id": iid, "kind": kind, "text": text, "source": "generated", "split": "train",
+                         "round": rnd, "nearest_id": nn, "nearest_sim": round(sim, 4), **made_by})
+    return accepted
 
 
 def _finished_rounds(kind: str, s: GrowthSettings, fp: dict, state_path: Path) -> list[dict]:

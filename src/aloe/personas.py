@@ -38,8 +38,6 @@ def run(cfg: PersonasConfig, roles=None) -> dict:
 
     ``roles`` (a Roles mapping with ``generator``, or one backend) is needed only when a
     target exceeds the seeds (growth); see :func:`roles_used`."""
-    from aloe.embedding import Embedder
-    from aloe.growth import GrowthSettings, grow_pool
     from aloe.roles import Roles, as_roles
 
     started = time.time()
@@ -56,25 +54,7 @@ def run(cfg: PersonasConfig, roles=None) -> dict:
         eprofs, eperss = load_seeds("eval_profiles"), load_seeds("eval_personalities")
     eval_prof = pool_records(eprofs, "profile", source, "eval")
     eval_pers = pool_records(eperss[:cfg.n_eval_personalities], "personality", source, "eval")
-    eval_ids = {r["id"] for r in eval_prof + eval_pers}
-    stops, rounds_log = {}, []
-    pools = {}
-    embedder = Embedder()  # also annotates seeds with their nearest neighbour when nothing grows
-    for kind, texts, target, blocked in (("profile", profs, cfg.target_profiles, eval_prof),
-                                         ("personality", perss, cfg.target_personalities, eval_pers)):
-        seeds = [r for r in pool_records(texts, kind, source, "train") if r["id"] not in eval_ids]
-        grow = cfg.source == "ours" and target > len(seeds)
-        if grow and backend is None:
-            raise AloeError(f"growing the {kind} pool to {target} needs an LLM backend")
-        # the growth knobs share their names with the stage config's keys
-        shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GrowthSettings) if hasattr(cfg, f.name)}
-        settings = GrowthSettings(**{**shared, "target": target, "max_rounds": cfg.max_rounds if grow else 0})
-        pools[kind], rounds, stops[kind] = grow_pool(kind, seeds, blocked, backend, embedder, settings,
-                                                     paths.growth_rounds)
-        if not grow:
-            stops[kind] = "imported (no growth)" if cfg.source == "official" else "seeds reach the target (no growth)"
-        rounds_log += [{k: v for k, v in r.items() if k != "accepted"} | {"accepted": len(r["accepted"])}
-                       for r in rounds]
+    pools, stops, rounds_log = _grow_pools(cfg, backend, source, (profs, perss), eval_prof, eval_pers)
     profiles, personalities = pools["profile"], pools["personality"]
     pairs = (make_pairs(profiles, personalities, cfg.pairs_per_profile, cfg.seed, "train")
              + make_pairs(eval_prof, eval_pers, len(eval_pers), cfg.seed, "eval"))
@@ -94,6 +74,34 @@ def run(cfg: PersonasConfig, roles=None) -> dict:
                                                                  "model": backend.model_id, **backend.usage()}]
                                                                if backend is not None else [], cfg.prices)})
     return counts
+
+
+def _grow_pools(cfg: PersonasConfig, backend, source: str, texts: tuple[list, list], eval_prof: list[dict],
+                eval_pers: list[dict]) -> tuple[dict, dict, list[dict]]:
+    """The training pools of profiles and personalities: seeds, grown where the target exceeds them
+    (the benchmark items blocked); with why each stopped and the rounds' log."""
+    from aloe.embedding import Embedder
+    from aloe.growth import GrowthSettings, grow_pool
+
+    eval_ids = {r["id"] for r in eval_prof + eval_pers}
+    stops, rounds_log, pools = {}, [], {}
+    embedder = Embedder()  # also annotates seeds with their nearest neighbour when nothing grows
+    for kind, kind_texts, target, blocked in (("profile", texts[0], cfg.target_profiles, eval_prof),
+                                              ("personality", texts[1], cfg.target_personalities, eval_pers)):
+        seeds = [r for r in pool_records(kind_texts, kind, source, "train") if r["id"] not in eval_ids]
+        grow = cfg.source == "ours" and target > len(seeds)
+        if grow and backend is None:
+            raise AloeError(f"growing the {kind} pool to {target} needs an LLM backend")
+        # the growth knobs share their names with the stage config's keys
+        shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GrowthSettings) if hasattr(cfg, f.name)}
+        settings = GrowthSettings(**{**shared, "target": target, "max_rounds": cfg.max_rounds if grow else 0})
+        pools[kind], rounds, stops[kind] = grow_pool(kind, seeds, blocked, backend, embedder, settings,
+                                                     cfg.paths.growth_rounds)
+        if not grow:
+            stops[kind] = "imported (no growth)" if cfg.source == "official" else "seeds reach the target (no growth)"
+        rounds_log += [{k: v for k, v in r.items() if k != "accepted"} | {"accepted": len(r["accepted"])}
+                       for r in rounds]
+    return pools, stops, rounds_log
 
 
 def roles_used(cfg: PersonasConfig) -> tuple[str, ...]:

@@ -156,50 +156,15 @@ def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None
     parts = [f"<h1>{_e(cfg.title)}</h1><p>{_e(exp.description)}</p>",
              f"<p>Parameter file <code>{_e(exp.path)}</code>; commit <code>{_e(git_commit())}</code>; "
              f"page written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>"]
-    sj = rep.self_judging(cfg)
-    found = glance(metrics, card, bool(sj))
-    parts.append('<h2>At a glance</h2><ul class="glance">' + "".join(f"<li>{_e(x)}</li>" for x in found) + "</ul>")
-    if sj:
-        parts.append(f'<p class="box">{_e(sj)}</p>')
-    parts.append("<h2>Who played which role</h2>" + _table(rep.role_table(cfg), ["role", "does", "model",
-                                                                                 "revision", "kind", "stages"]))
-    parts.append("<h2>Can this judge rank models?</h2>")
-    verdict = rep.judge_verdict(card).replace("**", "")
-    parts.append(f'<p class="{"ok" if card and card["fit"] else "box"}">{_e(verdict)}</p>')
-    if card:
-        from aloe.judge_card import card_rows
-
-        parts.append(_table(card_rows(card)))
+    parts += _judge_sections(cfg, metrics, card)
     if metrics:
-        warning = rep.judge_warning(cfg)
-        reps = f" x {metrics['repeats']} simulator seeds" if metrics.get("repeats", 1) > 1 else ""
-        parts.append(f"<h2>Results: {metrics['personas']} personas x {metrics['turns']} turns{reps}, judge "
-                     f"<code>{_e(metrics['judge'])}</code>, protocol <code>{_e(metrics.get('protocol'))}</code></h2>")
-        if warning:
-            parts.append(f'<p class="box">{_e(warning)}</p>')
-        parts.append(_table(headline_rows(metrics)))
-        disc = disclosure_rows(metrics)
-        if disc:
-            parts.append("<h2>Checkable preferences: did the simulated user reveal them?</h2><p>On its scheduled "
-                         "turn the simulated user is told to get one preference across in its own words; a detector "
-                         "checks the message (the disclosure rate), and where it missed, the catalogue's phrasing "
-                         "was appended. <i>kept by turn k</i>: the share of the preferences revealed so far that the "
-                         "reply kept.</p>" + _table(disc))
+        parts += _result_sections(cfg, metrics)
     parts.append("<h2>What this run shows and cannot show</h2><ul>"
                  + "".join(f"<li>{_e(s.replace('**', ''))}</li>" for s in rep.findings(cfg)) + "</ul>")
     figures = sorted(plots.figures_dir(exp.name, reports_dir.parent).glob("*.png"))
     if figures:
         parts.append("<h2>Figures</h2>" + "".join(_img(f) for f in figures))
-    rows = []
-    for stage in STAGES:
-        s, nb = status.get(stage), NOTEBOOKS[stage][:-6]
-        log = f' (<a href="logs/{stage}.log">log</a>)' if (reports_dir / "logs" / f"{stage}.log").exists() else ""
-        state = "not run" if s is None else s["status"] + (f": {s['error']}" if s.get("error") else "")
-        rows.append(f'<tr><td><a href="{nb}.html">{_e(stage)}</a>{log}</td><td>{_e(state)}</td>'
-                    f'<td>{_e(s["seconds"]) + " s" if s else ""}</td>'
-                    f'<td>{_e(stage_words(stage, manifests[stage])) if stage in manifests else ""}</td></tr>')
-    parts.append("<h2>Stages</h2><table><tr><th>stage (full page)</th><th>status</th><th>time</th>"
-                 "<th>what it made</th></tr>" + "".join(rows) + "</table>")
+    parts.append(_stages_table(reports_dir, status, manifests))
     used = usage_rows(manifests)
     if used:
         parts.append("<h2>Model calls</h2><p>Per stage and engine: requests sent, requests answered from the call "
@@ -217,6 +182,57 @@ def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None
     write_text(reports_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     write_reports_index(reports_dir.parent)
     return reports_dir / "index.html"
+
+
+def _judge_sections(cfg, metrics: dict | None, card: dict | None) -> list[str]:
+    """At a glance, who played which role, and whether the judge can rank models."""
+    sj = rep.self_judging(cfg)
+    found = glance(metrics, card, bool(sj))
+    parts = ['<h2>At a glance</h2><ul class="glance">' + "".join(f"<li>{_e(x)}</li>" for x in found) + "</ul>"]
+    if sj:
+        parts.append(f'<p class="box">{_e(sj)}</p>')
+    parts.append("<h2>Who played which role</h2>" + _table(rep.role_table(cfg), ["role", "does", "model",
+                                                                                 "revision", "kind", "stages"]))
+    parts.append("<h2>Can this judge rank models?</h2>")
+    verdict = rep.judge_verdict(card).replace("**", "")
+    parts.append(f'<p class="{"ok" if card and card["fit"] else "box"}">{_e(verdict)}</p>')
+    if card:
+        from aloe.judge_card import card_rows
+
+        parts.append(_table(card_rows(card)))
+    return parts
+
+
+def _result_sections(cfg, metrics: dict) -> list[str]:
+    """The headline table and, for checkable preferences, the disclosure table."""
+    warning = rep.judge_warning(cfg)
+    reps = f" x {metrics['repeats']} simulator seeds" if metrics.get("repeats", 1) > 1 else ""
+    parts = [f"<h2>Results: {metrics['personas']} personas x {metrics['turns']} turns{reps}, judge "
+             f"<code>{_e(metrics['judge'])}</code>, protocol <code>{_e(metrics.get('protocol'))}</code></h2>"]
+    if warning:
+        parts.append(f'<p class="box">{_e(warning)}</p>')
+    parts.append(_table(headline_rows(metrics)))
+    disc = disclosure_rows(metrics)
+    if disc:
+        parts.append("<h2>Checkable preferences: did the simulated user reveal them?</h2><p>On its scheduled "
+                     "turn the simulated user is told to get one preference across in its own words; a detector "
+                     "checks the message (the disclosure rate), and where it missed, the catalogue's phrasing "
+                     "was appended. <i>kept by turn k</i>: the share of the preferences revealed so far that the "
+                     "reply kept.</p>" + _table(disc))
+    return parts
+
+
+def _stages_table(reports_dir: Path, status: dict, manifests: dict) -> str:
+    rows = []
+    for stage in STAGES:
+        s, nb = status.get(stage), NOTEBOOKS[stage][:-6]
+        log = f' (<a href="logs/{stage}.log">log</a>)' if (reports_dir / "logs" / f"{stage}.log").exists() else ""
+        state = "not run" if s is None else s["status"] + (f": {s['error']}" if s.get("error") else "")
+        rows.append(f'<tr><td><a href="{nb}.html">{_e(stage)}</a>{log}</td><td>{_e(state)}</td>'
+                    f'<td>{_e(s["seconds"]) + " s" if s else ""}</td>'
+                    f'<td>{_e(stage_words(stage, manifests[stage])) if stage in manifests else ""}</td></tr>')
+    return ("<h2>Stages</h2><table><tr><th>stage (full page)</th><th>status</th><th>time</th>"
+            "<th>what it made</th></tr>" + "".join(rows) + "</table>")
 
 
 def usage_rows(manifests: dict) -> list[dict]:

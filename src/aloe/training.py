@@ -226,16 +226,23 @@ def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbac
         "log_history": trainer.state.log_history,
     }
     if acc.is_main_process:
-        if cfg.lora:
-            trainer.save_model(str(paths.adapter(variant)))
-            normal_modes(paths.adapter(variant))
-        if cfg.merge:
-            _save_merged(trainer, tok, paths.merged(variant), cfg.lora)
-        write_json(paths.train_metrics(variant), metrics)
-        write_model_card(paths, cfg.experiment, variant)
-        write_json(done, {"fingerprint": fp, "variant": variant, "finished": time.time()})
+        _save_variant(cfg, variant, trainer, tok, metrics, fp)
     acc.wait_for_everyone()
     return metrics
+
+
+def _save_variant(cfg: TrainConfig, variant: str, trainer, tok, metrics: dict, fp: str) -> None:
+    """The trained variant on disk (adapter, merged model, metrics, card), then the mark that it is
+    finished: evaluation loads only a variant whose mark carries these settings' fingerprint."""
+    paths = cfg.paths
+    if cfg.lora:
+        trainer.save_model(str(paths.adapter(variant)))
+        normal_modes(paths.adapter(variant))
+    if cfg.merge:
+        _save_merged(trainer, tok, paths.merged(variant), cfg.lora)
+    write_json(paths.train_metrics(variant), metrics)
+    write_model_card(paths, cfg.experiment, variant)
+    write_json(paths.train_done(variant), {"fingerprint": fp, "variant": variant, "finished": time.time()})
 
 
 def _step_of(checkpoint: str | None) -> int:
