@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO
 
 import aloe.evaluation
-import aloe.report
+import aloe.reporting.summary
 import aloe.trees
 from aloe.config import STAGES, load_experiment, stage_config, stage_fields
 from aloe.errors import ConfigError
@@ -126,11 +126,11 @@ def test_each_role_reaches_its_engine(tmp_path):
     assert {m["model"] for m in metrics["under_test"].values()} == {"student"}
     assert metrics["roles"]["judge"]["model"] == "judge"
 
-    rows = aloe.report.role_table(exp.stages["report"])
+    rows = aloe.reporting.summary.role_table(exp.stages["report"])
     assert {(r["role"], r["model"]) for r in rows} >= {("simulator", "sim"), ("judge", "judge"),
                                                        ("policy", "student"), ("inferrer", "teacher")}
     assert next(r for r in rows if r["role"] == "simulator")["stages"] == "trees, evaluate"
-    assert aloe.report.self_judging(exp.stages["report"]) is None
+    assert aloe.reporting.summary.self_judging(exp.stages["report"]) is None
 
 
 def test_self_judging_is_flagged(tmp_path):
@@ -146,9 +146,9 @@ def test_self_judging_is_flagged(tmp_path):
         (root / stage).mkdir(parents=True)
         (root / stage / "manifest.json").write_text(json.dumps({"roles": roles, "counts": {}, "wall_seconds": 1}))
     cfg = stage_config("report", experiment="d", data_root=str(tmp_path))
-    warning = aloe.report.self_judging(cfg)
+    warning = aloe.reporting.summary.self_judging(cfg)
     assert warning.startswith("SELF-JUDGING") and "smollm2-135m" in warning
-    assert aloe.report.findings(cfg)[0] == f"**{warning}**"
+    assert aloe.reporting.summary.findings(cfg)[0] == f"**{warning}**"
 
 
 def _parameters_cell(stage):

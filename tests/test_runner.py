@@ -191,7 +191,7 @@ def check_shared_pages(reports, data):
 
 
 def test_glance_says_what_was_found_and_whether_to_trust_it():
-    from aloe.results import glance
+    from aloe.reporting.summary import glance
 
     metrics = {"models": {"base": {"avg": 2.0},
                           "oracle": {"avg": 2.6, "vs_base": {"avg_diff": 0.6, "avg_diff_ci_low": 0.2,
@@ -211,7 +211,7 @@ def test_glance_says_what_was_found_and_whether_to_trust_it():
 
 
 def test_glance_with_the_exact_judge_and_the_control():
-    from aloe.results import disclosure_rows, glance
+    from aloe.reporting.summary import disclosure_rows, glance
 
     vs = {"avg_diff": 0.3, "avg_diff_ci_low": 0.1, "avg_diff_ci_high": 0.5, "avg_diff_mde": 0.28}
     ctl = {"avg_diff": 0.05, "avg_diff_ci_low": -0.1, "avg_diff_ci_high": 0.2, "avg_diff_mde": 0.21}

@@ -230,7 +230,7 @@ def _run_stages(exp: Experiment, stages: list[str], notebooks_dir: Path, reports
 
     os.environ["ALOE_PARAMS_FILE"] = str(exp.path)  # the kernels inherit it; cards name the file
     runtime = _kernel_runtime_dir(exp)
-    from aloe.results import read_status
+    from aloe.reporting.page import read_status
 
     status: dict[str, dict] = read_status(reports_dir)
     for stage in stages:
@@ -325,7 +325,7 @@ def _render(nb_path: Path) -> None:
 
 
 def _write_index(reports_dir: Path, exp: Experiment, status: dict) -> None:
-    from aloe.results import write_results
+    from aloe.reporting.page import write_results
 
     write_text(reports_dir / "status.json", json.dumps(status, indent=2))
     write_results(exp, reports_dir, status)
@@ -336,6 +336,6 @@ def rebuild_report(params_file: str | Path, reports_root: Path | None = None) ->
     exp = load_experiment(params_file)
     reports_dir = (reports_root or REPO_ROOT / "reports") / exp.name
     reports_dir.mkdir(parents=True, exist_ok=True)
-    from aloe.results import read_status, write_results
+    from aloe.reporting.page import read_status, write_results
 
     return write_results(exp, reports_dir, read_status(reports_dir))

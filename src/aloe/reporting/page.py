@@ -16,13 +16,12 @@ import json
 import time
 from pathlib import Path
 
-from aloe import plots
-from aloe import report as rep
 from aloe.config import NOTEBOOKS, STAGES, Experiment
-from aloe.cost import fmt_usd
 from aloe.io import git_commit, read_json, write_text
 from aloe.metrics import fmt as _fmt
-from aloe.metrics import fmt_ci as _ci
+from aloe.reporting import plots
+from aloe.reporting import summary as rep
+from aloe.reporting.summary import disclosure_rows, headline_rows, stage_words, usage_rows
 
 _CSS = """body{font-family:sans-serif;max-width:64em;margin:2em auto;padding:0 1em;color:#222}
 td,th{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}
@@ -41,99 +40,6 @@ def _table(rows: list[dict], columns: list[str] | None = None) -> str:
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{_e(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def headline_rows(metrics: dict) -> list[dict]:
-    """One row per model: the ALOE summaries with their intervals and the paired difference to base."""
-    rows = []
-    for m, s in metrics["models"].items():
-        vs = s.get("vs_base") or {}
-        rows.append({
-            "model": m,
-            "AL(k)": " ".join(_fmt(r["al"], 2) for r in s["al"]),
-            "AVG": f"{_fmt(s['avg'])} {_ci(s.get('avg_ci_low'), s.get('avg_ci_high'))}",
-            "IR": f"{_fmt(s['ir'], 4, True)} {_ci(s.get('ir_ci_low'), s.get('ir_ci_high'), 4, True)}",
-            "N-IR": f"{_fmt(s['n_ir'])} {_ci(s.get('n_ir_ci_low'), s.get('n_ir_ci_high'))}",
-            "N-R²": f"{_fmt(s['n_r2'])} {_ci(s.get('n_r2_ci_low'), s.get('n_r2_ci_high'))}",
-            "minus base (AVG, paired)": (f"{_fmt(vs.get('avg_diff'), 3, True)} "
-                                         f"{_ci(vs.get('avg_diff_ci_low'), vs.get('avg_diff_ci_high'), 3, True)}"
-                                         if vs else ""),
-        })
-    return rows
-
-
-def stage_words(stage: str, m: dict) -> str:
-    """A manifest's key counts as a sentence."""
-    c = m.get("counts", {})
-    if stage == "personas":
-        return (f"{c.get('profiles')} profiles and {c.get('personalities')} personalities ({c.get('generated')} "
-                f"generated); {c.get('train_pairs')} training and {c.get('eval_pairs')} benchmark personas")
-    if stage == "trees":
-        return (f"{c.get('trees')} trees ({c.get('failed_trees')} failed), {c.get('turns')} nodes, "
-                f"{c.get('dpo_rows')} preference pairs exported")
-    if stage == "train":
-        steps = {k[:-6]: v for k, v in c.items() if k.endswith("_steps")}
-        return ", ".join(f"{v}: {n} steps" for v, n in steps.items())
-    if stage == "evaluate":
-        return (f"{c.get('models')} models x {c.get('personas')} personas x {c.get('turns')} turns; "
-                f"{c.get('missing')} of {c.get('judgments')} judgments missing")
-    return ""
-
-
-def glance(metrics: dict | None, card: dict | None, self_judged: bool) -> list[str]:
-    """The page's first lines: what the run found and whether it can be trusted, from the numbers."""
-    if not metrics:
-        return ["No evaluation results yet: nothing to compare."]
-    lines = []
-    for m, s in (metrics.get("rules") or {}).items():  # the exact judge beside an LLM judge
-        vs = s.get("vs_base")
-        if vs and vs.get("avg_diff") is not None:
-            lines.append(f"Exact (rules judge): {m} minus base, AVG (paired): {_fmt(vs['avg_diff'], 3, True)} "
-                         f"{_ci(vs.get('avg_diff_ci_low'), vs.get('avg_diff_ci_high'), 3, True)}")
-    for m, s in metrics["models"].items():
-        vs = s.get("vs_base")
-        if not vs or vs.get("avg_diff") is None:
-            continue
-        lines.append(_paired_line(f"{m} minus base", "base", vs))
-        ctl = s.get("vs_sft_rejected")
-        if ctl and ctl.get("avg_diff") is not None:
-            lines.append(_paired_line(f"{m} minus sft_rejected (the control: same teacher, only the label differs)",
-                                      "sft_rejected", ctl))
-    fit = card["fit"] if card else None
-    if fit and card.get("exact"):
-        trust = "the rules judge is exact (a program checks each checkable preference)"
-    else:
-        trust = {True: "the judge passed its known-answer card",
-                 False: f"the judge FAILED its known-answer card ({((card or {}).get('reasons') or ['?'])[0]})",
-                 None: "the judge was not validated (no judge card)"}[fit]
-    if self_judged:
-        trust += "; it is also the policy (self-judging)"
-    can = fit is True and not self_judged
-    lines.append(f"Can I trust it? {'Yes' if can else 'No'}: {trust}."
-                 + ("" if can else " This run shows nothing about which model aligns better."))
-    return lines
-
-
-def _paired_line(what: str, ref: str, d: dict) -> str:
-    """One paired AVG difference in words: value, interval, which side of ``ref``, smallest detectable."""
-    lo, hi = d.get("avg_diff_ci_low"), d.get("avg_diff_ci_high")
-    side = ("above" if lo > 0 else "below" if hi < 0 else "not separated from") if lo is not None else "vs"
-    mde = f" (smallest detectable: {_fmt(d['avg_diff_mde'], 3)})" if d.get("avg_diff_mde") is not None else ""
-    return f"{what}, AVG (paired): {_fmt(d['avg_diff'], 3, True)} {_ci(lo, hi, 3, True)}: {side} {ref}{mde}"
-
-
-def disclosure_rows(metrics: dict) -> list[dict]:
-    """Per model: scheduled reveals, the disclosure rate in the simulator's own words, appended
-    phrasings, complaints, and per turn the share of revealed preferences the reply kept."""
-    rows = []
-    for m, d in (metrics.get("preference_disclosure") or {}).items():
-        row = {"model": m, "scheduled": d["scheduled"],
-               "conveyed in its own words": f"{d['conveyed']} ({_fmt(d['rate'], 2)})", "appended": d["appended"],
-               "complaints": d["complaints"]}
-        for t in d["per_turn"]:
-            row[f"kept by turn {t['turn']}"] = _fmt(t["kept"], 2)
-        rows.append(row)
-    return rows
 
 
 def _img(path: Path) -> str:
@@ -156,7 +62,7 @@ def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None
     parts = [f"<h1>{_e(cfg.title)}</h1><p>{_e(exp.description)}</p>",
              f"<p>Parameter file <code>{_e(exp.path)}</code>; commit <code>{_e(git_commit())}</code>; "
              f"page written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>"]
-    parts += _judge_sections(cfg, metrics, card)
+    parts += _judge_sections(cfg, card)
     if metrics:
         parts += _result_sections(cfg, metrics)
     parts.append("<h2>What this run shows and cannot show</h2><ul>"
@@ -184,11 +90,11 @@ def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None
     return reports_dir / "index.html"
 
 
-def _judge_sections(cfg, metrics: dict | None, card: dict | None) -> list[str]:
+def _judge_sections(cfg, card: dict | None) -> list[str]:
     """At a glance, who played which role, and whether the judge can rank models."""
     sj = rep.self_judging(cfg)
-    found = glance(metrics, card, bool(sj))
-    parts = ['<h2>At a glance</h2><ul class="glance">' + "".join(f"<li>{_e(x)}</li>" for x in found) + "</ul>"]
+    parts = ['<h2>At a glance</h2><ul class="glance">' + "".join(f"<li>{_e(x)}</li>" for x in rep.at_a_glance(cfg))
+             + "</ul>"]
     if sj:
         parts.append(f'<p class="box">{_e(sj)}</p>')
     parts.append("<h2>Who played which role</h2>" + _table(rep.role_table(cfg), ["role", "does", "model",
@@ -233,19 +139,6 @@ def _stages_table(reports_dir: Path, status: dict, manifests: dict) -> str:
                     f'<td>{_e(stage_words(stage, manifests[stage])) if stage in manifests else ""}</td></tr>')
     return ("<h2>Stages</h2><table><tr><th>stage (full page)</th><th>status</th><th>time</th>"
             "<th>what it made</th></tr>" + "".join(rows) + "</table>")
-
-
-def usage_rows(manifests: dict) -> list[dict]:
-    """One row per stage and engine, from the manifests' ``usage``."""
-    rows = []
-    for stage in STAGES:
-        for u in (manifests.get(stage) or {}).get("usage") or []:
-            rows.append({"stage": stage, "model": u["model"], "roles": ", ".join(u["roles"]), "kind": u["kind"],
-                         "calls": f"{u['calls']:,}", "from the cache": f"{u['cached_calls']:,}",
-                         "prompt tokens": f"{u['prompt_tokens']:,}", "generated tokens": f"{u['completion_tokens']:,}",
-                         "cost": fmt_usd(u.get("cost_usd")) if "cost_usd" in u else "not recorded",
-                         "the cache saved": fmt_usd(u.get("saved_usd")) if "saved_usd" in u else "not recorded"})
-    return rows
 
 
 def write_reports_index(reports_root: Path) -> Path:

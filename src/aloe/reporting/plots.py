@@ -73,7 +73,7 @@ def training_curves(hist: pd.DataFrame):
 
 def al_curves(metrics: dict):
     """AL(k) per model with its 95% band over personas."""
-    from aloe.report import al_frame
+    from aloe.reporting.summary import al_frame
 
     al = al_frame(metrics)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -89,7 +89,7 @@ def al_curves(metrics: dict):
 
 def eval_disclosure(metrics: dict):
     """Share of the persona the simulated user has revealed by turn, per model."""
-    from aloe.report import disclosure_frame
+    from aloe.reporting.summary import disclosure_frame
 
     disc = disclosure_frame(metrics)
     fig, ax = plt.subplots(figsize=(6, 3.5))

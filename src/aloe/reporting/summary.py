@@ -1,4 +1,7 @@
-"""Final report helpers: read every stage's manifest and metrics into tables."""
+"""What a run made, as tables: every stage's manifest and metrics read into rows and frames.
+
+The notebooks (05_report above all) and the results page (:mod:`aloe.reporting.page`) draw
+from these same functions, so the two never disagree."""
 
 from __future__ import annotations
 
@@ -6,8 +9,10 @@ from pathlib import Path
 
 from aloe import roles as roles_mod
 from aloe.config import STAGES, ReportConfig
+from aloe.cost import fmt_usd
 from aloe.io import read_json, write_manifest
 from aloe.metrics import excludes_zero, fmt_ci
+from aloe.metrics import fmt as _fmt
 
 
 def manifests(cfg: ReportConfig) -> dict[str, dict]:
@@ -285,3 +290,116 @@ def tree_turns(nodes):
     per_turn["hinted_preferred"] = labelled.groupby("turn")["hinted_preferred"].mean()
     per_turn["unusable_judgments"] = per_turn.unusable_judgments / per_turn.judgments.where(per_turn.judgments > 0)
     return per_turn
+
+
+# ---------------------------------------------------------------- rows the page and 05_report share
+
+def headline_rows(metrics: dict) -> list[dict]:
+    """One row per model: the ALOE summaries with their intervals and the paired difference to base."""
+    rows = []
+    for m, s in metrics["models"].items():
+        vs = s.get("vs_base") or {}
+        rows.append({
+            "model": m,
+            "AL(k)": " ".join(_fmt(r["al"], 2) for r in s["al"]),
+            "AVG": f"{_fmt(s['avg'])} {fmt_ci(s.get('avg_ci_low'), s.get('avg_ci_high'))}",
+            "IR": f"{_fmt(s['ir'], 4, True)} {fmt_ci(s.get('ir_ci_low'), s.get('ir_ci_high'), 4, True)}",
+            "N-IR": f"{_fmt(s['n_ir'])} {fmt_ci(s.get('n_ir_ci_low'), s.get('n_ir_ci_high'))}",
+            "N-R²": f"{_fmt(s['n_r2'])} {fmt_ci(s.get('n_r2_ci_low'), s.get('n_r2_ci_high'))}",
+            "minus base (AVG, paired)": (f"{_fmt(vs.get('avg_diff'), 3, True)} "
+                                         f"{fmt_ci(vs.get('avg_diff_ci_low'), vs.get('avg_diff_ci_high'), 3, True)}"
+                                         if vs else ""),
+        })
+    return rows
+
+
+def stage_words(stage: str, m: dict) -> str:
+    """A manifest's key counts as a sentence."""
+    c = m.get("counts", {})
+    if stage == "personas":
+        return (f"{c.get('profiles')} profiles and {c.get('personalities')} personalities ({c.get('generated')} "
+                f"generated); {c.get('train_pairs')} training and {c.get('eval_pairs')} benchmark personas")
+    if stage == "trees":
+        return (f"{c.get('trees')} trees ({c.get('failed_trees')} failed), {c.get('turns')} nodes, "
+                f"{c.get('dpo_rows')} preference pairs exported")
+    if stage == "train":
+        steps = {k[:-6]: v for k, v in c.items() if k.endswith("_steps")}
+        return ", ".join(f"{v}: {n} steps" for v, n in steps.items())
+    if stage == "evaluate":
+        return (f"{c.get('models')} models x {c.get('personas')} personas x {c.get('turns')} turns; "
+                f"{c.get('missing')} of {c.get('judgments')} judgments missing")
+    return ""
+
+
+def at_a_glance(cfg: ReportConfig) -> list[str]:
+    """The results page's first lines (and 05_report's) for this run, from its files."""
+    return glance(evaluation_metrics(cfg), judge_card(cfg), bool(self_judging(cfg)))
+
+
+def glance(metrics: dict | None, card: dict | None, self_judged: bool) -> list[str]:
+    """The page's first lines: what the run found and whether it can be trusted, from the numbers."""
+    if not metrics:
+        return ["No evaluation results yet: nothing to compare."]
+    lines = []
+    for m, s in (metrics.get("rules") or {}).items():  # the exact judge beside an LLM judge
+        vs = s.get("vs_base")
+        if vs and vs.get("avg_diff") is not None:
+            lines.append(f"Exact (rules judge): {m} minus base, AVG (paired): {_fmt(vs['avg_diff'], 3, True)} "
+                         f"{fmt_ci(vs.get('avg_diff_ci_low'), vs.get('avg_diff_ci_high'), 3, True)}")
+    for m, s in metrics["models"].items():
+        vs = s.get("vs_base")
+        if not vs or vs.get("avg_diff") is None:
+            continue
+        lines.append(_paired_line(f"{m} minus base", "base", vs))
+        ctl = s.get("vs_sft_rejected")
+        if ctl and ctl.get("avg_diff") is not None:
+            lines.append(_paired_line(f"{m} minus sft_rejected (the control: same teacher, only the label differs)",
+                                      "sft_rejected", ctl))
+    fit = card["fit"] if card else None
+    if fit and card.get("exact"):
+        trust = "the rules judge is exact (a program checks each checkable preference)"
+    else:
+        trust = {True: "the judge passed its known-answer card",
+                 False: f"the judge FAILED its known-answer card ({((card or {}).get('reasons') or ['?'])[0]})",
+                 None: "the judge was not validated (no judge card)"}[fit]
+    if self_judged:
+        trust += "; it is also the policy (self-judging)"
+    can = fit is True and not self_judged
+    lines.append(f"Can I trust it? {'Yes' if can else 'No'}: {trust}."
+                 + ("" if can else " This run shows nothing about which model aligns better."))
+    return lines
+
+
+def _paired_line(what: str, ref: str, d: dict) -> str:
+    """One paired AVG difference in words: value, interval, which side of ``ref``, smallest detectable."""
+    lo, hi = d.get("avg_diff_ci_low"), d.get("avg_diff_ci_high")
+    side = ("above" if lo > 0 else "below" if hi < 0 else "not separated from") if lo is not None else "vs"
+    mde = f" (smallest detectable: {_fmt(d['avg_diff_mde'], 3)})" if d.get("avg_diff_mde") is not None else ""
+    return f"{what}, AVG (paired): {_fmt(d['avg_diff'], 3, True)} {fmt_ci(lo, hi, 3, True)}: {side} {ref}{mde}"
+
+
+def disclosure_rows(metrics: dict) -> list[dict]:
+    """Per model: scheduled reveals, the disclosure rate in the simulator's own words, appended
+    phrasings, complaints, and per turn the share of revealed preferences the reply kept."""
+    rows = []
+    for m, d in (metrics.get("preference_disclosure") or {}).items():
+        row = {"model": m, "scheduled": d["scheduled"],
+               "conveyed in its own words": f"{d['conveyed']} ({_fmt(d['rate'], 2)})", "appended": d["appended"],
+               "complaints": d["complaints"]}
+        for t in d["per_turn"]:
+            row[f"kept by turn {t['turn']}"] = _fmt(t["kept"], 2)
+        rows.append(row)
+    return rows
+
+
+def usage_rows(manifests: dict) -> list[dict]:
+    """One row per stage and engine, from the manifests' ``usage``."""
+    rows = []
+    for stage in STAGES:
+        for u in (manifests.get(stage) or {}).get("usage") or []:
+            rows.append({"stage": stage, "model": u["model"], "roles": ", ".join(u["roles"]), "kind": u["kind"],
+                         "calls": f"{u['calls']:,}", "from the cache": f"{u['cached_calls']:,}",
+                         "prompt tokens": f"{u['prompt_tokens']:,}", "generated tokens": f"{u['completion_tokens']:,}",
+                         "cost": fmt_usd(u.get("cost_usd")) if "cost_usd" in u else "not recorded",
+                         "the cache saved": fmt_usd(u.get("saved_usd")) if "saved_usd" in u else "not recorded"})
+    return rows
