@@ -10,7 +10,8 @@ import sqlite3
 import pytest
 from test_reliability import _deterministic, _personas
 
-from aloe.config import check_url, redact_url, stage_config
+from aloe.backends.http_safety import check_url, redact_url
+from aloe.config import stage_config
 from aloe.errors import AloeError, ConfigError
 from aloe.io import JsonlAppender, read_json, read_jsonl, write_json, write_text
 
@@ -117,6 +118,31 @@ def test_a_key_in_a_base_url_query_or_fragment_is_refused_without_echoing_it(url
     assert "sk-" not in str(e.value)
     assert "sk-" not in redact_url(url) and redact_url(url).startswith("http")
     assert redact_url("http://h:8/v1") == "http://h:8/v1"
+
+
+def test_the_http_engine_itself_refuses_a_key_over_plain_http_however_it_is_opened():
+    # the rule lives in the HTTP engine: a caller that builds it directly, past `aloe check`, meets it too
+    from aloe.backends.openai_backend import OpenAIBackend
+
+    with pytest.raises(ConfigError, match="api_key_env: the key would be sent over plain http"):
+        OpenAIBackend("http://example.org/v1", "m", "m", "served", None, api_key_env="OPENAI_API_KEY")
+    with pytest.raises(ConfigError, match="query string or fragment"):
+        OpenAIBackend(("https://example.org/v1", "https://h/v1?key=x"), "m", "m", "served", None)
+
+
+def test_aloe_check_names_the_role_whose_url_is_unsafe(tmp_path):
+    from aloe.cli import main
+
+    f = tmp_path / "p.yaml"
+    f.write_text("experiment: x\nbackend: {kind: transformers, model: smollm2-135m}\n"
+                 "roles: {judge: {kind: openai, model: m, base_url: 'http://example.org/v1', "
+                 "api_key_env: OPENAI_API_KEY}}\n")
+    with pytest.raises(ConfigError, match=r"p.yaml: roles.judge.api_key_env: the key would be sent over plain http"):
+        from aloe.config import load_experiment
+        from aloe.runner import check_experiment
+
+        check_experiment(load_experiment(f), ["trees"])
+    assert main(["check", str(f)]) == 2
 
 
 # --------------------------------------------------------------------------- caches and full disks

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import ipaddress
 import math
 import re
 import types
 import typing
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -27,7 +25,6 @@ from aloe.yamlfile import load_yaml, number_hint, short
 
 # experiment names become folder names under data/ and reports/
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 STAGES = ("personas", "trees", "train", "evaluate", "report")
 NOTEBOOKS = {
@@ -249,65 +246,8 @@ class BackendConfig:
         if self.dtype == "int8" and self.kind != "transformers":
             raise ConfigError(f"dtype: int8 (dynamic int8 quantization on CPU) is for kind transformers, not "
                               f"{self.kind}; allowed here: auto, bfloat16, float32, float16")
-        urls = self.urls
-        for i, url in enumerate(urls):
-            check_url(url, "base_url" if isinstance(self.base_url, str) else f"base_url[{i}]")
-        if self.api_key_env is not None:
-            if not ENV_NAME.fullmatch(self.api_key_env):
-                raise ConfigError(f"api_key_env: {short(self.api_key_env)} is not an environment variable name "
-                                  f"(letters, digits and '_', e.g. OPENAI_API_KEY)")
-            plain = [u for u in urls if urllib.parse.urlsplit(u).scheme == "http" and not is_loopback(u)]
-            if plain and not self.allow_insecure_key:
-                raise ConfigError(f"api_key_env: the key would be sent over plain http to {redact_url(plain[0])}, "
-                                  f"readable on the way; use https, or set allow_insecure_key: true if you mean it")
-
-
-def redact_url(url: str) -> str:
-    """``url`` without credentials (user:password@) and without its query string and fragment
-    (where keys hide too: ``?api_key=...``), for anything recorded or printed."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.username is None and parts.password is None and not parts.query and not parts.fragment:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    if port:
-        host += f":{port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "***" if parts.query else "",
-                                    "***" if parts.fragment else ""))
-
-
-def is_loopback(url: str) -> bool:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_url(url: str, key: str) -> None:
-    """An OpenAI-compatible server's URL: http(s), a host, no credentials, no spaces."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as e:
-        raise ConfigError(f"{key}: {short(redact_url(url))} is not a valid URL ({e})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
-        raise ConfigError(f"{key}: {short(redact_url(url))} is not an http(s) URL with a host, "
-                          f"e.g. http://127.0.0.1:8000/v1")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"{key}: {redact_url(url)} carries credentials (user:password@); they would be "
-                          f"recorded in manifests; put the key in an environment variable named by api_key_env")
-    if parts.query or parts.fragment or url.rstrip().endswith(("?", "#")):
-        raise ConfigError(f"{key}: {redact_url(url)} has a query string or fragment (?... or #...); a base URL "
-                          f"takes none (/chat/completions is appended to its path), and a key there would be "
-                          f"recorded in manifests: put the key in an environment variable named by api_key_env")
+        # the URLs' and the key's safety rules belong to the HTTP engine (aloe.backends.http_safety),
+        # which applies them in `aloe check` and whenever it opens
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,21 @@ def used_roles(exp: Experiment, stages: list[str]) -> list[tuple[str, BackendCon
     return out
 
 
+def check_backend_settings(exp: Experiment, stages: list[str]) -> None:
+    """Each role's engine settings by the engine's own rules (URLs, where a key may go), named by
+    where the file sets them: roles.<role>.base_url, or the top-level backend.base_url it inherits."""
+    from aloe.backends import check_settings
+
+    own = exp.common.get("roles") or {}
+    for role, cfg in used_roles(exp, stages):
+        mine = own.get(role) or {}
+        where = f"roles.{role}." if {"base_url", "api_key_env", "allow_insecure_key"} & set(mine) else "backend."
+        try:
+            check_settings(cfg, where)
+        except ConfigError as e:
+            raise ConfigError(f"{exp.path}: {e}") from None
+
+
 def check_models(exp: Experiment, stages: list[str]) -> None:
     """Models that run here (transformers, vLLM) resolve: a registry name, a model folder, a hub id."""
     from aloe.models import resolve_model
@@ -158,6 +173,7 @@ def check_experiment(exp: Experiment, stages: list[str], notebooks_dir: Path | N
     """Everything knowable before a run: notebook parameters, TRL/PEFT pass-through keys, input
     folders, models, output folders."""
     check_output_paths(exp)
+    check_backend_settings(exp, stages)
     check_notebook_parameters(exp, stages, notebooks_dir or REPO_ROOT / "notebooks")
     check_pass_through(exp, stages)
     check_inputs(exp, stages)
@@ -174,16 +190,12 @@ def preflight(exp: Experiment, stages: list[str]) -> None:
         if cfg.kind == "openai":
             if cfg.api_key_env and not os.environ.get(cfg.api_key_env):
                 raise ConfigError(f"{where}.api_key_env: environment variable {cfg.api_key_env!r} is not set")
-            from aloe.backends.openai_backend import OpenAIBackend
+            from aloe.backends import probe
 
-            probe = OpenAIBackend(cfg.base_url, cfg.served_model or cfg.model, cfg.model, "preflight", None,
-                                  api_key_env=cfg.api_key_env, timeout_s=min(cfg.timeout_s, 10.0), max_retries=0)
             try:
-                probe.check()
+                probe(cfg)
             except AloeError as e:
                 raise BackendError(f"{where}: {e}") from None
-            finally:
-                probe.close()
         if cfg.kind == "vllm" or cfg.device == "cuda":
             import torch
 

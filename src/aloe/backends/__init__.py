@@ -23,7 +23,7 @@ from aloe.config import BackendConfig
 from aloe.models import hf_location, model_identity, resolve_model
 
 __all__ = ["CandidateLogprobs", "ChatBackend", "ChatRequest", "Completion", "ProbRequest", "Sampling",
-           "match_candidates", "open_backend", "BACKENDS"]
+           "match_candidates", "open_backend", "check_settings", "probe", "BACKENDS"]
 
 
 def _transformers(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
@@ -36,15 +36,16 @@ def _transformers(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
                                hf_revision=spec.revision if spec.source == "hf" else None)
 
 
-def _openai(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
+def _openai(cfg: BackendConfig, cache: CallCache | None, **overrides) -> ChatBackend:
     from aloe.backends.openai_backend import OpenAIBackend
 
     # The model behind a server is whatever it serves; `model` names it for the cache
     # and the manifest, `served_model` is what the API expects (defaults to `model`).
+    settings = dict(api_key_env=cfg.api_key_env, allow_insecure_key=cfg.allow_insecure_key,
+                    max_concurrency=cfg.max_concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+                    top_logprobs=cfg.top_logprobs, deadline_s=cfg.deadline_s, rpm=cfg.rpm, tpm=cfg.tpm)
     backend = OpenAIBackend(cfg.base_url, cfg.served_model or cfg.model, cfg.model, cfg.revision or "served", cache,
-                            api_key_env=cfg.api_key_env, max_concurrency=cfg.max_concurrency,
-                            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, top_logprobs=cfg.top_logprobs,
-                            deadline_s=cfg.deadline_s, rpm=cfg.rpm, tpm=cfg.tpm)
+                            **{**settings, **overrides})
     backend.check()
     return backend
 
@@ -80,4 +81,24 @@ def open_backend(cfg: BackendConfig | dict, cache_path: str | None = None) -> Ch
         from aloe.config import build
 
         cfg = build(BackendConfig, cfg, "backend")
+    check_settings(cfg)
     return BACKENDS[cfg.kind](cfg, CallCache(cache_path))
+
+
+def check_settings(cfg: BackendConfig, where: str = "") -> None:
+    """The engines' own rules for their settings, before one opens (``aloe check`` calls this for
+    every role): today the HTTP engine's URL and key rules (:mod:`aloe.backends.http_safety`).
+    ``where`` (e.g. ``"roles.judge."``) prefixes the key in the message."""
+    if cfg.base_url is not None or cfg.api_key_env is not None:
+        from aloe.backends.http_safety import check_settings as http_settings
+
+        http_settings(cfg.base_url, cfg.api_key_env, cfg.allow_insecure_key, where)
+
+
+def probe(cfg: BackendConfig) -> None:
+    """Before a run: a served model answers and accepts the key (one quick request, no retries);
+    a local engine has nothing to probe here. Raises BackendError naming the server."""
+    if cfg.kind == "openai":
+        check_settings(cfg)
+        engine = _openai(cfg, None, timeout_s=min(cfg.timeout_s, 10.0), max_retries=0)
+        engine.close()

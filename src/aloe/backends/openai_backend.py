@@ -36,8 +36,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 import httpx
 
 from aloe.backends.base import CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest, match_candidates
+from aloe.backends.http_safety import check_settings, redact_url
 from aloe.cache import CallCache
-from aloe.config import redact_url
 from aloe.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,8 @@ class OpenAIBackend(ChatBackend):
                  cache: CallCache | None = None, api_key_env: str | None = None, max_concurrency: int = 8,
                  timeout_s: float = 120.0, max_retries: int = 6, top_logprobs: int = 20,
                  backoff_base_s: float = 0.5, backoff_max_s: float = 8.0, deadline_s: float | None = None,
-                 rpm: float | None = None, tpm: float | None = None):
+                 rpm: float | None = None, tpm: float | None = None, allow_insecure_key: bool = False):
+        check_settings(base_url, api_key_env, allow_insecure_key)  # before any request, whoever opens it
         super().__init__(model_id, revision, cache)
         urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)
         self.base_urls = tuple(u.rstrip("/") for u in urls)
