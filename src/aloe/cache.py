@@ -38,6 +38,7 @@ class CallCache:
         self.path = Path(path) if path else None
         self.hits = 0
         self.misses = 0
+        self._count = threading.Lock()  # engines may be called from many threads (aloe.trees' scheduler)
         self._local = threading.local()
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,8 @@ class CallCache:
 
     def get_many(self, keys: list[str]) -> dict[str, Any]:
         if not self.path or not keys:
-            self.misses += len(keys)
+            with self._count:
+                self.misses += len(keys)
             return {}
         found: dict[str, Any] = {}
         con = self._con()
@@ -74,8 +76,9 @@ class CallCache:
             for k, v in con.execute(q, chunk):
                 found[k] = json.loads(v)
         hits = sum(1 for k in keys if k in found)
-        self.hits += hits
-        self.misses += len(keys) - hits
+        with self._count:
+            self.hits += hits
+            self.misses += len(keys) - hits
         return found
 
     def put_many(self, items: dict[str, Any]) -> None:

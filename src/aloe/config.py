@@ -379,12 +379,22 @@ class TreesConfig(Common):
     disclosure_fallback: bool = param(True, help="append the catalogue phrasing when the simulated user did not convey the preference it was told to reveal")
     # the stage fails (no manifest; a rerun retries) when more trees than this share failed
     max_failed_share: float = param(0.1, help="the stage fails (no manifest; a rerun retries them) when more trees than this share failed", range=(0.0, 1.0))
+    # auto: each tree advances on its own as its answers arrive where every engine of the stage is an
+    # HTTP server (no barrier on one slow call); lockstep batches on local engines, which want batches
+    schedule: Literal["auto", "lockstep", "conversation"] = param("auto", help="\"auto\": \"conversation\" where every engine of the stage is an HTTP server, else \"lockstep\"; \"lockstep\": one batch per role per turn; \"conversation\": each tree advances as its own answers arrive")
     seed: int = param(0, help="seeds sampling and the branch choice", range=(0, 4294967295))
 
     def __post_init__(self):
         super().__post_init__()
         if self.pair_judge == "likelihood":
             exact_judge(self.role("judge"), "pair_judge")
+        if self.schedule == "conversation":
+            local = [r for r in ("simulator", "inferrer", "responder", "judge")
+                     if self.role(r).kind in ("transformers", "vllm") and not (r == "judge" and self.pair_judge == "rules")]
+            if local:
+                raise ConfigError(f"schedule: 'conversation' sends each tree's requests on their own, for HTTP "
+                                  f"servers; roles {', '.join(local)} run on a local engine, which wants batches: "
+                                  f"use schedule: auto or lockstep")
 
 
 @dataclass(frozen=True)

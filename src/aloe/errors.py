@@ -18,5 +18,10 @@ class BackendError(AloeError):
     """A backend could not be reached or refused a request for good."""
 
 
+class Unreachable(BackendError):
+    """Every request of a call failed to get any answer (refused connections, timeouts, 5xx to the
+    end): an outage, not one bad request."""
+
+
 class StageFailed(AloeError):
     """A stage's notebook failed while running (the CLI exits 1, not 2: the parameters were fine)."""

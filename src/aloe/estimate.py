@@ -14,6 +14,7 @@ Wall time is the ideal: calls x latency / concurrency, or the rate limits' floor
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import logging
@@ -57,6 +58,17 @@ class SizingBackend(ChatBackend):
         self.fill = fill
         self.tok = _tokenizer(cfg)
         self.counted_by = "tokenizer" if self.tok is not None else "characters / 4"
+        self.seen: list[str] = []  # every prompt so far, sorted: the longest shared prefix is a neighbour's
+        self.prefix_tokens = 0.0  # input tokens in a prefix some earlier prompt of this engine began with
+
+    def _repeated(self, messages, tokens: int) -> None:
+        """Count the share of this prompt that an earlier prompt already began with (what a
+        provider's prompt cache could serve), in proportion to its characters."""
+        text = "".join(f"\x1e{m.get('role')}\x1f{m.get('content') or ''}" for m in messages)
+        i = bisect.bisect_left(self.seen, text)
+        best = max((_shared(text, self.seen[j]) for j in (i - 1, i) if 0 <= j < len(self.seen)), default=0)
+        self.prefix_tokens += tokens * best / max(1, len(text))
+        self.seen.insert(i, text)
 
     def _count(self, messages) -> int:
         if self.tok is not None:
@@ -88,6 +100,7 @@ class SizingBackend(ChatBackend):
         for r in requests:
             text, n = self._reply(r)
             p = self._count(r.messages)
+            self._repeated(r.messages, p)
             self.prompt_tokens += p
             self.generated_tokens += n
             out.append(Completion(text, finish_reason="length", completion_tokens=n, prompt_tokens=p))
@@ -96,7 +109,9 @@ class SizingBackend(ChatBackend):
     def _score(self, requests: list[ProbRequest]) -> list[CandidateLogprobs]:
         out = []
         for r in requests:
-            self.prompt_tokens += self._count(r.messages) + max(len(c.split()) for c in r.candidates)
+            p = self._count(r.messages)
+            self._repeated(r.messages, p)
+            self.prompt_tokens += p + max(len(c.split()) for c in r.candidates)
             self.generated_tokens += 0 if self.kind in LOCAL_KINDS else 1  # a server answers one token
             # the first candidate a little ahead, whatever the order: a pair judge asked in both orders
             # then contradicts itself, and the judging takes its longest route (the fallbacks run)
@@ -106,6 +121,19 @@ class SizingBackend(ChatBackend):
                                           for i, c in enumerate(r.candidates)},
                                          tokens={c: max(1, len(c.split())) for c in r.candidates}))
         return out
+
+
+def _shared(a: str, b: str) -> int:
+    """Length of the common prefix of two strings."""
+    n = min(len(a), len(b))
+    lo, hi = 0, n
+    while lo < hi:  # binary search on equal prefixes: long prompts compare in C, not char by char
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @dataclasses.dataclass
@@ -120,10 +148,12 @@ class Line:
     cost_usd: float | None
     seconds: float | None
     counted_by: str
+    prefix_tokens: float = 0.0  # input tokens in a prefix an earlier prompt of the engine began with
 
 
 def _scale(rows: list[dict], factor: float) -> list[dict]:
-    return [{**r, **{k: r[k] * factor for k in ("calls", "prompt_tokens", "completion_tokens")}} for r in rows]
+    return [{**r, **{k: r[k] * factor for k in ("calls", "prompt_tokens", "completion_tokens", "prefix_tokens")}}
+            for r in rows]
 
 
 def _engines(exp: Experiment, stage: str, roles: tuple[str, ...], fill: float,
@@ -144,7 +174,8 @@ def _rows(given: dict[str, SizingBackend], stage: str) -> list[dict]:
         if e.sent:
             out.append({"stage": stage, "role": ", ".join(r for r, g in given.items() if g is e), "model": e.model_id,
                         "kind": e.kind, "calls": e.sent, "prompt_tokens": e.prompt_tokens,
-                        "completion_tokens": e.generated_tokens, "counted_by": e.counted_by, "config": e.config})
+                        "completion_tokens": e.generated_tokens, "counted_by": e.counted_by, "config": e.config,
+                        "prefix_tokens": e.prefix_tokens})
     return out
 
 
@@ -228,7 +259,7 @@ def estimate(exp: Experiment, sample: int = 8, fill: float = 1.0, latency_s: flo
             if bc.tpm:
                 seconds = max(seconds, (r["prompt_tokens"] + r["completion_tokens"]) / bc.tpm * 60)
         lines.append(Line(r["stage"], r["role"], r["model"], r["kind"], r["calls"], r["prompt_tokens"],
-                          r["completion_tokens"], cost, seconds, r["counted_by"]))
+                          r["completion_tokens"], cost, seconds, r["counted_by"], r["prefix_tokens"]))
     return lines
 
 
@@ -251,12 +282,18 @@ def table(lines: list[Line], latency_s: float, fill: float) -> str:
     def t(s):
         return "local" if s is None else fmt_duration(s)
 
-    head = ["stage", "role", "model", "kind", "calls", "input tokens", "output tokens", "cost", "time"]
-    body = [[ln.stage, ln.role, ln.model, ln.kind, n(ln.calls), n(ln.prompt_tokens), n(ln.completion_tokens),
-             fmt_usd(ln.cost_usd), t(ln.seconds)] for ln in lines]
+    def share(part, whole):
+        return f"{part / whole:.0%}" if whole else "-"
+
+    head = ["stage", "role", "model", "kind", "calls", "input tokens", "repeated prefix", "output tokens", "cost",
+            "time"]
+    body = [[ln.stage, ln.role, ln.model, ln.kind, n(ln.calls), n(ln.prompt_tokens),
+             share(ln.prefix_tokens, ln.prompt_tokens), n(ln.completion_tokens), fmt_usd(ln.cost_usd), t(ln.seconds)]
+            for ln in lines]
     costs = [ln.cost_usd for ln in lines]
     total_cost = None if any(v is None for v in costs) else sum(costs)
     body.append(["total", "", "", "", n(sum(ln.calls for ln in lines)), n(sum(ln.prompt_tokens for ln in lines)),
+                 share(sum(ln.prefix_tokens for ln in lines), sum(ln.prompt_tokens for ln in lines)),
                  n(sum(ln.completion_tokens for ln in lines)), fmt_usd(total_cost),
                  t(sum(ln.seconds or 0 for ln in lines)) if any(ln.seconds for ln in lines) else "local"])
     widths = [max(len(str(row[i])) for row in [head] + body) for i in range(len(head))]
@@ -264,6 +301,7 @@ def table(lines: list[Line], latency_s: float, fill: float) -> str:
     out = [fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*row) for row in body]
     counted = sorted({ln.counted_by for ln in lines})
     out.append(f"Replies at {fill:.0%} of their cap (an upper bound on output tokens); input tokens counted by "
-               f"{' and '.join(counted) or 'nothing'}; time: calls x {latency_s:g} s / concurrency, or the rate "
+               f"{' and '.join(counted) or 'nothing'}; repeated prefix: the share of input tokens that an earlier "
+               f"prompt of the same engine began with (what a provider's prompt cache can serve); time: calls x {latency_s:g} s / concurrency, or the rate "
                f"limits' floor; local engines cost nothing but time. Training makes no model calls.")
     return "\n".join(out)

@@ -41,6 +41,12 @@ class Paths:
     def trees(self) -> Path:
         return self.root / "trees" / "trees.jsonl"
 
+    @property
+    def tree_steps(self) -> Path:
+        """Each finished tree turn, appended as it happens when trees advance one by one (the
+        scheduled path); folded into trees.jsonl when the stage finishes."""
+        return self.root / "trees" / "trees.steps.jsonl"
+
     def export(self, name: str) -> Path:
         """A TRL export: sft_preferred, sft_rejected or dpo (aloe.variants.EXPORTS)."""
         return self.root / "trees" / f"{name}.jsonl"
@@ -101,7 +107,7 @@ def stage_inputs(stage: str, cfg) -> list[tuple[str, Path]]:
     if stage == "personas":
         return [("personas", p.growth), ("personas", p.growth_rounds)]
     if stage == "trees":
-        return [("personas", p.pairs), ("trees", p.trees)]
+        return [("personas", p.pairs), ("trees", p.trees), ("trees", p.tree_steps)]
     if stage == "train":
         variants = needed(cfg.variants)
         return ([("trees", p.export(VARIANTS[v].data)) for v in variants]

@@ -35,6 +35,7 @@ import collections
 import json
 import logging
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -45,8 +46,8 @@ from aloe.config import TreesConfig
 from aloe.conversation import clean_user_message, dialogue_text, judge_persona, likelihood_prompts, simulator_messages
 from aloe.cost import progress_line, with_cost
 from aloe.disclosure import revealed_curve
-from aloe.errors import AloeError
-from aloe.io import read_jsonl, write_jsonl, write_manifest
+from aloe.errors import AloeError, Unreachable
+from aloe.io import JsonlAppender, read_jsonl, write_jsonl, write_manifest
 from aloe.judging import (
     Judged,
     LikelihoodJudged,
@@ -210,28 +211,56 @@ def _load_existing(path: Path, prov: dict) -> dict[str, dict]:
     existing = read_jsonl(path, allow_torn_tail=True)
     if not existing:
         return {}
-    old = existing[0].get("provenance", {})
+    _same_settings(path, existing[0].get("provenance", {}), prov)
+    return {t["id"]: t for t in existing}
+
+
+def _same_settings(path: Path, old: dict, prov: dict) -> None:
     diff = [k for k in _RESUME_KEYS if old.get(k) != prov.get(k)]
     if diff:
         raise AloeError(
             f"{path}: made with different settings ({', '.join(diff)}: "
             f"{', '.join(f'{old.get(k)!r} -> {prov.get(k)!r}' for k in diff)}); "
             f"delete {path.parent} to start over, or restore the old settings to resume")
-    return {t["id"]: t for t in existing}
 
 
 @stage_guard("trees")
 def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) -> dict:
     """Grow one tree per training persona; ``roles`` gives the simulator, inferrer, responder
-    and judge (one backend plays all four when a single backend is passed). Turn by turn, every
-    live tree goes through the same steps together (one batch per role): the user speaks, the
-    inferrer states what was revealed, the responder replies with and without that hint, and the
-    judge labels the node; every finished turn is on disk before the next starts."""
+    and judge (one backend plays all four when a single backend is passed). Each turn the user
+    speaks, the inferrer states what was revealed, the responder replies with and without that
+    hint, and the judge labels the node. On local engines every live tree goes through a turn
+    together (one batch per role; the turn is on disk before the next starts); on HTTP servers
+    each tree advances on its own as its answers arrive (``schedule``), each finished turn on disk
+    at once. The same seeds give the same trees either way."""
     started = time.time()
     roles = as_roles(roles, roles_used(cfg))
     trees, prov, resumed = _open_trees(cfg, roles)
     stats = {"judge_calls": 0, "judge_unusable": 0, "judge_text": 0}
     bar = _progress(cfg.turns * len(trees), resumed, progress)
+    mode = schedule_of(cfg, roles)
+    log.info("trees: %s schedule", mode)
+    if mode == "conversation":
+        _grow_each(cfg, roles, trees, prov, stats, bar, started, resumed)
+    else:
+        _grow_lockstep(cfg, roles, trees, stats, bar, started, resumed)
+    bar.close()
+    return _finish(cfg, roles, [t.rec for t in trees], prov, resumed, stats, started)
+
+
+def schedule_of(cfg: TreesConfig, roles: Roles) -> str:
+    """``cfg.schedule``, with "auto" resolved: each tree on its own where every engine the stage
+    uses is an HTTP server, lockstep batches otherwise."""
+    if cfg.schedule != "auto":
+        return cfg.schedule
+    engines = [roles[r] for r in roles_used(cfg)]
+    return "conversation" if engines and all(e.kind == "openai" for e in engines) else "lockstep"
+
+
+def _grow_lockstep(cfg: TreesConfig, roles: Roles, trees: list[_Tree], stats: dict, bar, started: float,
+                   resumed: int) -> None:
+    """Turn by turn, every live tree together: one batch per role; the turn is on disk before the
+    next starts."""
     for turn in range(1, cfg.turns + 1):
         active = [t for t in trees if t.live and len(t.rec["turns"]) == turn - 1]
         if not active:
@@ -245,8 +274,93 @@ def run(cfg: TreesConfig, roles: Roles | ChatBackend, *, progress: bool = True) 
         done = sum(len(t.rec["turns"]) for t in trees)
         log.info(progress_line("trees", done, cfg.turns * len(trees), done - resumed, started,
                                sum(1 for t in trees if t.rec.get("failed")), roles.usage(), cfg.prices))
-    bar.close()
-    return _finish(cfg, roles, [t.rec for t in trees], prov, resumed, stats, started)
+
+
+def _turn_of_one(cfg: TreesConfig, roles: Roles, t: _Tree, turn: int, stats: dict) -> None:
+    """One tree's turn, on its own: the same steps as a lockstep turn, for a batch of one."""
+    said, disclosed = _user_turn(cfg, roles, [t], turn)
+    step = _infer(cfg, roles, said, disclosed, turn) if said else []
+    judged_in = _respond(cfg, roles, step, turn) if step else []
+    if judged_in:
+        _judge_nodes(cfg, roles, judged_in, disclosed, turn, stats)
+
+
+def _grow_each(cfg: TreesConfig, roles: Roles, trees: list[_Tree], prov: dict, stats: dict, bar, started: float,
+               resumed: int) -> None:
+    """The scheduled path: up to ``workers`` trees in progress, each advancing as its own answers
+    arrive, so one slow call holds up only its tree. Every finished turn is appended to
+    ``trees.steps.jsonl`` at once. An outage (``workers`` trees in a row find no server) stops the
+    stage; Ctrl-C stops starting new steps, lets those under way finish for a bounded time, and
+    raises."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed, wait
+
+    todo = [t for t in trees if t.live and len(t.rec["turns"]) < cfg.turns]
+    workers = _workers(cfg, roles)
+    shared = {"lock": threading.Lock(), "stop": threading.Event(), "outage": 0, "error": None, "logged": 0.0}
+    new_file = not cfg.paths.tree_steps.exists()
+    with JsonlAppender(cfg.paths.tree_steps) as steps:
+        if new_file:
+            steps.append({"provenance": prov})
+
+        def grow(t: _Tree) -> None:
+            for turn in range(len(t.rec["turns"]) + 1, cfg.turns + 1):
+                if shared["stop"].is_set():
+                    return
+                own = dict.fromkeys(stats, 0)
+                try:
+                    _turn_of_one(cfg, roles, t, turn, own)
+                except Unreachable as e:
+                    t.fail(turn, "server", str(e))
+                    with shared["lock"]:
+                        shared["outage"] += 1
+                        shared["error"] = e
+                        if shared["outage"] >= workers:
+                            shared["stop"].set()
+                    return  # not recorded: a rerun tries this turn again
+                with shared["lock"]:
+                    shared["outage"] = 0
+                    for k, v in own.items():
+                        stats[k] += v
+                    steps.append({"id": t.rec["id"], "failed": t.rec["failed"]} if t.rec["failed"] else
+                                 {"id": t.rec["id"], "node": t.rec["turns"][-1]})
+                    bar.update(0 if t.rec["failed"] else 1)
+                    _log_progress(cfg, roles, trees, started, resumed, shared)
+                if t.rec["failed"]:
+                    return
+
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tree")
+        futures = [pool.submit(grow, t) for t in todo]
+        try:
+            for f in as_completed(futures):
+                f.result()
+        except BaseException:
+            shared["stop"].set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            wait(futures, timeout=30.0)  # the steps under way finish and are kept
+            raise
+        finally:
+            pool.shutdown(wait=False)
+            write_jsonl(cfg.paths.trees, [t.rec for t in trees])  # the steps, folded in
+    cfg.paths.tree_steps.unlink(missing_ok=True)
+    if shared["stop"].is_set() and shared["error"] is not None:
+        raise shared["error"]
+
+
+def _workers(cfg: TreesConfig, roles: Roles) -> int:
+    """How many trees are in progress at once: enough to keep every engine's servers busy (each
+    engine's own limit, ``max_concurrency`` per server, still holds)."""
+    engines = {id(roles[r]): roles[r] for r in roles_used(cfg)}
+    return max(1, sum(getattr(e, "workers", 1) for e in engines.values()))
+
+
+def _log_progress(cfg: TreesConfig, roles: Roles, trees: list[_Tree], started: float, resumed: int,
+                  shared: dict, every_s: float = 30.0) -> None:
+    now = time.time()
+    done = sum(len(t.rec["turns"]) for t in trees)
+    if now - shared["logged"] >= every_s or done == cfg.turns * len(trees):
+        shared["logged"] = now
+        log.info(progress_line("trees", done, cfg.turns * len(trees), done - resumed, started,
+                               sum(1 for t in trees if t.rec.get("failed")), roles.usage(), cfg.prices))
 
 
 def _open_trees(cfg: TreesConfig, roles: Roles) -> tuple[list[_Tree], dict, int]:
@@ -261,14 +375,16 @@ def _open_trees(cfg: TreesConfig, roles: Roles) -> tuple[list[_Tree], dict, int]
                         f"stages.personas.preferences (e.g. [2, 4]) and rerun the personas stage")
     pairs = spread(pairs, cfg.n_personas, cfg.seed)  # not the first few profiles' pairs
     prov = provenance(cfg, roles)
-    existing = _load_existing(paths.trees, prov)
+    existing = _fold_steps(_load_existing(paths.trees, prov), paths.tree_steps, prov)
     trees = []
     for p in pairs:
         tid = f"tree-{p['id']}"
-        rec = existing.get(tid) or {
-            "id": tid, "persona_id": p["id"], "profile_id": p.get("profile_id"),
-            "personality_id": p.get("personality_id"), "profile": p["profile"], "personality": p["personality"],
-            "preferences": p.get("preferences") or [], "provenance": prov, "turns": [], "failed": None}
+        rec = existing.get(tid)
+        if rec is None or rec.get("_partial"):  # new, or known only from the steps log
+            rec = {"id": tid, "persona_id": p["id"], "profile_id": p.get("profile_id"),
+                   "personality_id": p.get("personality_id"), "profile": p["profile"], "personality": p["personality"],
+                   "preferences": p.get("preferences") or [], "provenance": prov,
+                   "turns": (rec or {}).get("turns", []), "failed": (rec or {}).get("failed")}
         rec["turns"] = [t for t in rec["turns"] if t["turn"] <= cfg.turns]
         if rec.get("failed"):  # a failure is not data: the failed turn is tried again, the done ones kept
             rec["retried"] = rec.get("retried", 0) + 1
@@ -277,7 +393,33 @@ def _open_trees(cfg: TreesConfig, roles: Roles) -> tuple[list[_Tree], dict, int]
     resumed = sum(len(t.rec["turns"]) for t in trees)
     if resumed:
         log.info("resuming: %d turns of %d trees already done", resumed, len(trees))
+    if paths.tree_steps.exists():  # folded in: trees.jsonl now holds every step, and the log starts over
+        write_jsonl(paths.trees, [t.rec for t in trees])
+        paths.tree_steps.unlink()
     return trees, prov, resumed
+
+
+def _fold_steps(existing: dict[str, dict], path: Path, prov: dict) -> dict[str, dict]:
+    """``existing`` trees with the turns the scheduled path appended to ``path`` since (each step
+    applies once, in order: a node that is its tree's next turn, or the failure of that turn,
+    which _open_trees then retries)."""
+    if not path.exists():
+        return existing
+    lines = read_jsonl(path, allow_torn_tail=True)
+    if not lines:
+        return existing
+    _same_settings(path, lines[0].get("provenance", {}), prov)
+    for line in lines[1:]:
+        tid = line.get("id")
+        rec = existing.get(tid)
+        if rec is None:  # a tree that trees.jsonl does not hold yet: _open_trees completes its record
+            rec = existing[tid] = {"id": tid, "turns": [], "failed": None, "_partial": True}
+        node, failed = line.get("node"), line.get("failed")
+        if node is not None and node.get("turn") == len(rec["turns"]) + 1:
+            rec["turns"].append(node)
+        elif failed is not None and failed.get("turn") == len(rec["turns"]) + 1:
+            rec["failed"] = failed
+    return existing
 
 
 def _sampling(cfg: TreesConfig) -> Sampling:

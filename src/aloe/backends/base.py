@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -177,6 +178,8 @@ class ChatBackend(ABC):
         self.from_cache = 0  # requests answered from the cache
         self.cached_prompt_tokens = 0  # the tokens those cached answers cost when they were made
         self.cached_completion_tokens = 0
+        # conversations scheduled one by one (aloe.trees) call one engine from many threads
+        self._book_lock = threading.Lock()
 
     # -- cache keys
     def key_identity(self) -> dict:
@@ -228,22 +231,25 @@ class ChatBackend(ABC):
         for i in todo:
             uniq.setdefault(keys[i], i)
         fresh = self._fresh(self._generate, [requests[i] for i in uniq.values()], list(uniq), lambda c: c.ok)
-        self.sent += len(uniq)
-        self.from_cache += len(requests) - len(todo)
         by_key = dict(zip(uniq.keys(), fresh))
         out = []
-        for k in keys:
-            if k in found:
-                self.cached_prompt_tokens += found[k].get("prompt_tokens") or 0  # what this answer once cost
-                self.cached_completion_tokens += found[k].get("completion_tokens") or 0
-                out.append(Completion(**{**found[k], "cached": True}))
-            else:
-                c = by_key[k]
-                if not c.ok:
-                    self.failures += 1
-                out.append(c)
-        log.info("%s chat: %d requests, %d cached, %d generated, %d failed", self.kind, len(requests),
-                 len(requests) - len(todo), len(uniq), sum(1 for c in fresh if not c.ok))
+        with self._book_lock:
+            self.sent += len(uniq)
+            self.from_cache += len(requests) - len(todo)
+            for k in keys:
+                if k in found:
+                    self.cached_prompt_tokens += found[k].get("prompt_tokens") or 0  # what this answer once cost
+                    self.cached_completion_tokens += found[k].get("completion_tokens") or 0
+                    out.append(Completion(**{**found[k], "cached": True}))
+                else:
+                    c = by_key[k]
+                    if not c.ok:
+                        self.failures += 1
+                    out.append(c)
+        # one line per batch; the one- and two-request calls of scheduled conversations only in debug
+        log.log(logging.INFO if len(requests) > 2 else logging.DEBUG,
+                "%s chat: %d requests, %d cached, %d generated, %d failed", self.kind, len(requests),
+                len(requests) - len(todo), len(uniq), sum(1 for c in fresh if not c.ok))
         return out
 
     def logprobs(self, requests: Sequence[ProbRequest]) -> list[CandidateLogprobs]:
@@ -254,8 +260,9 @@ class ChatBackend(ABC):
             if k not in found:
                 uniq.setdefault(k, i)
         fresh = self._fresh(self._score, [requests[i] for i in uniq.values()], list(uniq), lambda c: c.error is None)
-        self.sent += len(uniq)
-        self.from_cache += sum(1 for k in keys if k in found)
+        with self._book_lock:
+            self.sent += len(uniq)
+            self.from_cache += sum(1 for k in keys if k in found)
         by_key = dict(zip(uniq.keys(), fresh))
         out = []
         for k in keys:

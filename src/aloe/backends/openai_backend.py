@@ -38,7 +38,7 @@ import httpx
 from aloe.backends.base import CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest, match_candidates
 from aloe.backends.http_safety import check_settings, redact_url
 from aloe.cache import CallCache
-from aloe.errors import BackendError, ConfigError
+from aloe.errors import BackendError, ConfigError, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,8 @@ class OpenAIBackend(ChatBackend):
         self.client = httpx.Client(timeout=timeout_s, headers=headers,
                                    limits=httpx.Limits(max_connections=max_concurrency * len(self.base_urls)))
         self.workers = max_concurrency * len(self.base_urls)  # max_concurrency applies to each server
+        # ... however many threads call this engine at once (aloe.trees schedules trees one by one)
+        self._slots = {u: threading.BoundedSemaphore(max_concurrency) for u in self.base_urls}
         self.server_model: str | None = None  # what the server says it serves under served_model (check())
 
     def key_identity(self) -> dict:
@@ -249,8 +251,9 @@ class OpenAIBackend(ChatBackend):
             self.limiter.acquire(_tokens(payload))
             wait = None
             try:
-                r = self.client.post(f"{url}/chat/completions", json=payload,
-                                     timeout=min(self.timeout_s, remaining))
+                with self._slots[url]:
+                    r = self.client.post(f"{url}/chat/completions", json=payload,
+                                         timeout=min(self.timeout_s, remaining))
                 if r.status_code == 200:
                     self.pool.ok(url)
                     try:
@@ -464,5 +467,5 @@ def _raise_if_all_unreachable(results, urls) -> None:
     (refused connections, timeouts, 5xx to the end) is an outage, and stops the stage."""
     errors = [r.error for r in results]
     if errors and all(e and e.startswith(UNREACHABLE) for e in errors):
-        raise BackendError(f"cannot reach the OpenAI-compatible server at {', '.join(redact_url(u) for u in urls)}: "
+        raise Unreachable(f"cannot reach the OpenAI-compatible server at {', '.join(redact_url(u) for u in urls)}: "
                            f"all {len(errors)} requests failed; first: {errors[0][len(UNREACHABLE):]}")
