@@ -33,7 +33,7 @@ def _fixed_prefs(pairs, items):
 
 def responder(req):
     """Hinted replies (the hint names the revealed preferences) keep them; plain ones break them."""
-    system = req.messages[0]["content"]
+    system = " ".join(m["content"] for m in req.messages if m["role"] == "system")
     if "What you know about this user" in system:
         return GOOD if "They asked:" in system else BAD
     return BAD if system.startswith("You are a friendly assistant chatting") else "I had a long day at work."

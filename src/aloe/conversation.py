@@ -33,16 +33,16 @@ def clean_user_message(text: str) -> str:
 def simulator_messages(profile: str, personality: str, history: list[dict], directive: str | None = None) -> list[dict]:
     """Messages for the user simulator. It plays the *user*, so roles are flipped:
     its own earlier lines are 'assistant', the assistant's replies are 'user'. ``directive``
-    (aloe.preferences.plan_turn): what this message is to get across, added to the system prompt."""
+    (aloe.preferences.plan_turn): what this message is to get across, a system message after the
+    conversation (the persona and the conversation so far stay a prefix a provider can cache)."""
     p = prompts.get("user_simulator")
-    system = p.render("system", profile=profile, personality=personality)
-    if directive:
-        system += "\n" + p.render("brief", directive=directive)
-    msgs = [{"role": "system", "content": system}]
+    msgs = [{"role": "system", "content": p.render("system", profile=profile, personality=personality)}]
     if not history:
         msgs.append({"role": "user", "content": p.render("opening")})
     for m in history:
         msgs.append({"role": "assistant" if m["role"] == "user" else "user", "content": m["content"]})
+    if directive:
+        msgs.append({"role": "system", "content": p.render("brief", directive=directive)})
     return msgs
 
 

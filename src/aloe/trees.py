@@ -470,9 +470,14 @@ def _respond(cfg: TreesConfig, roles: Roles, step: list, turn: int) -> list:
     plain, hinted = prompts.get("responder_plain"), prompts.get("responder_hinted")
 
     def request(t, m, hint):
-        system = hinted.render("system", hint=hint) if hint is not None else plain.render("system")
-        return ChatRequest([{"role": "system", "content": system}, *history_of(t.rec), {"role": "user", "content": m}],
-                           _sampling(cfg), sample_index=turn, prompt_version=hinted.tag if hint is not None else plain.tag)
+        # the hint changes every turn: it comes after the conversation, which stays a cacheable prefix
+        if hint is None:
+            head, tail, tag = plain.render("system"), [], plain.tag
+        else:
+            head, tail, tag = hinted.render("system"), [{"role": "system", "content": hinted.render("hint", hint=hint)}], \
+                hinted.tag
+        return ChatRequest([{"role": "system", "content": head}, *history_of(t.rec), *tail,
+                            {"role": "user", "content": m}], _sampling(cfg), sample_index=turn, prompt_version=tag)
 
     replies = roles["responder"].chat([request(t, m, h) for t, m, inf in step for h in (inf["hint"], None)])
     judged_in = []
