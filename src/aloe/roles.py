@@ -19,6 +19,7 @@ memory, one server pool.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Iterable, Iterator
 
@@ -38,6 +39,7 @@ class Roles(Mapping):
         self._by_config: dict[BackendConfig, ChatBackend] = {}
         self._given = dict(engines or {})  # engines handed in ready-made (tests, one-backend callers)
         self._released: list[dict] = []  # usage of engines closed before the stage ended
+        self._opening = threading.Lock()  # trees scheduled one by one ask for engines from many threads
 
     @classmethod
     def single(cls, backend: ChatBackend, names: Iterable[str] = ROLES) -> "Roles":
@@ -50,10 +52,11 @@ class Roles(Mapping):
         if role not in self.configs:
             raise KeyError(f"role {role!r} was not opened for this stage (opened: {', '.join(self)})")
         cfg = self.configs[role]
-        if cfg not in self._by_config:
-            log.info("opening %s engine for role %s: %s", cfg.kind, role, cfg.model)
-            self._by_config[cfg] = open_backend(cfg, self.cache_path)
-        return self._by_config[cfg]
+        with self._opening:
+            if cfg not in self._by_config:
+                log.info("opening %s engine for role %s: %s", cfg.kind, role, cfg.model)
+                self._by_config[cfg] = open_backend(cfg, self.cache_path)
+            return self._by_config[cfg]
 
     def __iter__(self) -> Iterator[str]:
         return iter(dict.fromkeys([*self._given, *self.configs]))
