@@ -225,3 +225,8 @@ def test_glance_with_the_exact_judge_and_the_control():
     assert lines[-1].startswith("Can I trust it? Yes: the rules judge is exact")
     (row,) = disclosure_rows(metrics)
     assert row["conveyed in its own words"] == "4 (0.40)" and row["kept by turn 1"] == "0.50"
+    # a trusted judge and nothing separated: the page says the run detects no difference, in words
+    null = {"models": {"base": {"avg": 2.0}, "sft_preferred": {"avg": 2.0, "vs_base": ctl, "vs_sft_rejected": ctl}}}
+    last = glance(null, {"fit": True, "exact": True}, self_judged=False)
+    assert last[-2].startswith("Can I trust it? Yes") and "detects no difference" in last[-1]
+    assert "detects no difference" not in " ".join(lines)

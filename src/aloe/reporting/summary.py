@@ -367,7 +367,21 @@ def glance(metrics: dict | None, card: dict | None, self_judged: bool) -> list[s
     can = fit is True and not self_judged
     lines.append(f"Can I trust it? {'Yes' if can else 'No'}: {trust}."
                  + ("" if can else " This run shows nothing about which model aligns better."))
+    if can and not _any_separated(metrics):
+        lines.append("The judge can be trusted, but no paired interval above excludes 0: this run detects no "
+                     "difference between the models, and could only have seen one at least as large as each "
+                     "line's smallest detectable effect.")
     return lines
+
+
+def _any_separated(metrics: dict) -> bool:
+    """Whether some model's paired difference to base (or to the control) has an interval that excludes 0."""
+    for s in metrics["models"].values():
+        for d in (s.get("vs_base"), s.get("vs_sft_rejected")):
+            lo, hi = (d or {}).get("avg_diff_ci_low"), (d or {}).get("avg_diff_ci_high")
+            if lo is not None and hi is not None and (lo > 0 or hi < 0):
+                return True
+    return False
 
 
 def _paired_line(what: str, ref: str, d: dict) -> str:
