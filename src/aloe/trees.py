@@ -41,6 +41,7 @@ from pathlib import Path
 
 from aloe import preferences, prompts
 from aloe.backends import ChatBackend, ChatRequest, Sampling
+from aloe.backends.base import quiet_calls
 from aloe.cards import dataset_card
 from aloe.config import TreesConfig
 from aloe.conversation import clean_user_message, dialogue_text, judge_persona, likelihood_prompts, simulator_messages
@@ -295,46 +296,18 @@ def _grow_each(cfg: TreesConfig, roles: Roles, trees: list[_Tree], prov: dict, s
     from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 
     todo = [t for t in trees if t.live and len(t.rec["turns"]) < cfg.turns]
-    workers = _workers(cfg, roles)
-    shared = {"lock": threading.Lock(), "stop": threading.Event(), "outage": 0, "error": None, "logged": 0.0}
     new_file = not cfg.paths.tree_steps.exists()
     with JsonlAppender(cfg.paths.tree_steps) as steps:
         if new_file:
             steps.append({"provenance": prov})
-
-        def grow(t: _Tree) -> None:
-            for turn in range(len(t.rec["turns"]) + 1, cfg.turns + 1):
-                if shared["stop"].is_set():
-                    return
-                own = dict.fromkeys(stats, 0)
-                try:
-                    _turn_of_one(cfg, roles, t, turn, own)
-                except Unreachable as e:
-                    t.fail(turn, "server", str(e))
-                    with shared["lock"]:
-                        shared["outage"] += 1
-                        shared["error"] = e
-                        if shared["outage"] >= workers:
-                            shared["stop"].set()
-                    return  # not recorded: a rerun tries this turn again
-                with shared["lock"]:
-                    shared["outage"] = 0
-                    for k, v in own.items():
-                        stats[k] += v
-                    steps.append({"id": t.rec["id"], "failed": t.rec["failed"]} if t.rec["failed"] else
-                                 {"id": t.rec["id"], "node": t.rec["turns"][-1]})
-                    bar.update(0 if t.rec["failed"] else 1)
-                    _log_progress(cfg, roles, trees, started, resumed, shared)
-                if t.rec["failed"]:
-                    return
-
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tree")
-        futures = [pool.submit(grow, t) for t in todo]
+        run = _Scheduled(cfg, roles, trees, stats, bar, started, resumed, steps)
+        pool = ThreadPoolExecutor(max_workers=run.workers, thread_name_prefix="tree")
+        futures = [pool.submit(run.grow, t) for t in todo]
         try:
             for f in as_completed(futures):
                 f.result()
         except BaseException:
-            shared["stop"].set()
+            run.stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
             wait(futures, timeout=30.0)  # the steps under way finish and are kept
             raise
@@ -342,8 +315,58 @@ def _grow_each(cfg: TreesConfig, roles: Roles, trees: list[_Tree], prov: dict, s
             pool.shutdown(wait=False)
             write_jsonl(cfg.paths.trees, [t.rec for t in trees])  # the steps, folded in
     cfg.paths.tree_steps.unlink(missing_ok=True)
-    if shared["stop"].is_set() and shared["error"] is not None:
-        raise shared["error"]
+    if run.stop.is_set() and run.error is not None:
+        raise run.error
+
+
+class _Scheduled:
+    """What the trees scheduled one by one share: the stage's counters, the steps log, the stop
+    flag, and the count of trees in a row that found no server (an outage at ``workers``)."""
+
+    def __init__(self, cfg: TreesConfig, roles: Roles, trees: list[_Tree], stats: dict, bar, started: float,
+                 resumed: int, steps: JsonlAppender):
+        self.cfg, self.roles, self.trees, self.stats, self.bar = cfg, roles, trees, stats, bar
+        self.started, self.resumed, self.steps = started, resumed, steps
+        self.workers = _workers(cfg, roles)
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.outage, self.error, self.logged = 0, None, 0.0
+
+    def grow(self, t: _Tree) -> None:
+        """One tree's remaining turns, one after the other, each recorded as it finishes."""
+        with quiet_calls():
+            for turn in range(len(t.rec["turns"]) + 1, self.cfg.turns + 1):
+                if self.stop.is_set() or not self._turn(t, turn) or t.rec["failed"]:
+                    return
+
+    def _turn(self, t: _Tree, turn: int) -> bool:
+        own = dict.fromkeys(self.stats, 0)
+        try:
+            _turn_of_one(self.cfg, self.roles, t, turn, own)
+        except Unreachable as e:
+            t.fail(turn, "server", str(e))  # not recorded: a rerun tries this turn again
+            with self.lock:
+                self.outage, self.error = self.outage + 1, e
+                if self.outage >= self.workers:
+                    self.stop.set()
+            return False
+        with self.lock:
+            self.outage = 0
+            for k, v in own.items():
+                self.stats[k] += v
+            self.steps.append({"id": t.rec["id"], "failed": t.rec["failed"]} if t.rec["failed"] else
+                              {"id": t.rec["id"], "node": t.rec["turns"][-1]})
+            self.bar.update(0 if t.rec["failed"] else 1)
+            self._progress()
+        return True
+
+    def _progress(self, every_s: float = 30.0) -> None:
+        now, total = time.time(), self.cfg.turns * len(self.trees)
+        done = sum(len(t.rec["turns"]) for t in self.trees)
+        if now - self.logged >= every_s or done == total:
+            self.logged = now
+            log.info(progress_line("trees", done, total, done - self.resumed, self.started,
+                                   sum(1 for t in self.trees if t.rec.get("failed")), self.roles.usage(),
+                                   self.cfg.prices))
 
 
 def _workers(cfg: TreesConfig, roles: Roles) -> int:
@@ -351,16 +374,6 @@ def _workers(cfg: TreesConfig, roles: Roles) -> int:
     engine's own limit, ``max_concurrency`` per server, still holds)."""
     engines = {id(roles[r]): roles[r] for r in roles_used(cfg)}
     return max(1, sum(getattr(e, "workers", 1) for e in engines.values()))
-
-
-def _log_progress(cfg: TreesConfig, roles: Roles, trees: list[_Tree], started: float, resumed: int,
-                  shared: dict, every_s: float = 30.0) -> None:
-    now = time.time()
-    done = sum(len(t.rec["turns"]) for t in trees)
-    if now - shared["logged"] >= every_s or done == cfg.turns * len(trees):
-        shared["logged"] = now
-        log.info(progress_line("trees", done, cfg.turns * len(trees), done - resumed, started,
-                               sum(1 for t in trees if t.rec.get("failed")), roles.usage(), cfg.prices))
 
 
 def _open_trees(cfg: TreesConfig, roles: Roles) -> tuple[list[_Tree], dict, int]:

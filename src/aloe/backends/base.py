@@ -14,6 +14,7 @@ that dooms every request (server unreachable, bad API key) raises BackendError.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -24,6 +25,18 @@ from typing import Sequence
 from aloe.cache import CallCache, cache_key
 
 log = logging.getLogger(__name__)
+_calls = threading.local()
+
+
+@contextlib.contextmanager
+def quiet_calls():
+    """In this thread, log each call at debug level: conversations scheduled one by one make
+    thousands of one-request calls, and their stage logs its own progress lines instead."""
+    _calls.quiet = True
+    try:
+        yield
+    finally:
+        _calls.quiet = False
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -246,8 +259,8 @@ class ChatBackend(ABC):
                     if not c.ok:
                         self.failures += 1
                     out.append(c)
-        # one line per batch; the one- and two-request calls of scheduled conversations only in debug
-        log.log(logging.INFO if len(requests) > 2 else logging.DEBUG,
+        # one line per batch; the small calls of conversations scheduled one by one only in debug
+        log.log(logging.DEBUG if getattr(_calls, "quiet", False) else logging.INFO,
                 "%s chat: %d requests, %d cached, %d generated, %d failed", self.kind, len(requests),
                 len(requests) - len(todo), len(uniq), sum(1 for c in fresh if not c.ok))
         return out
