@@ -29,6 +29,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class LoopbackServer:
+    """A real HTTP server on 127.0.0.1 that serves ``handler`` from a daemon thread; ``url`` is its
+    OpenAI-style base URL (ending in /v1). Subclasses build their handler and call start()."""
+
+    def start(self, handler) -> None:
+        import http.server
+        import threading
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def start_llama_server(port: int) -> subprocess.Popen:
     from aloe.models import gguf_path, resolve_model
 

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import free_port
+from conftest import LoopbackServer
 
 from aloe.backends import ChatRequest, ProbRequest, Sampling, open_backend
 from aloe.cache import CallCache
@@ -32,7 +32,7 @@ GOOD_TOP = {"token": "3", "logprob": -0.2, "top_logprobs": [{"token": "3", "logp
                                                             {"token": "4", "logprob": -1.9}]}
 
 
-class FaultServer:
+class FaultServer(LoopbackServer):
     """Answers POSTs from ``faults`` first (each: a status code, or a dict with status, body
     (bytes or JSON), headers, delay), then healthily; ``always`` maps a request's last message
     to a fault given on every try. Records every request's Authorization header."""
@@ -83,13 +83,7 @@ class FaultServer:
                 with srv.lock:
                     srv.answered += 1
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.start(Handler)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import free_port
+from conftest import LoopbackServer
 
 import aloe.personas
 import aloe.trees
@@ -35,7 +35,7 @@ REPLIES = [
 ]
 
 
-class EchoServer:
+class EchoServer(LoopbackServer):
     """An OpenAI-compatible server whose answer is a function of the request alone (messages and
     seed), after a random delay, so answers arrive in a different order on every run. ``hold``:
     requests whose text contains this string wait until ``release`` is set."""
@@ -74,14 +74,11 @@ class EchoServer:
                 with srv.lock:
                     srv.answered += 1
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.start(Handler)
 
     def close(self):
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 @pytest.fixture
