@@ -108,6 +108,13 @@ class CallCache:
                     raise
                 log.warning("cache write retry after %s", e)
                 time.sleep(0.5 * (attempt + 1))
+            except BaseException:  # Ctrl-C mid-commit: leave no transaction open (the caller stores it again)
+                if con.in_transaction:
+                    try:
+                        con.execute("ROLLBACK")
+                    except sqlite3.OperationalError:
+                        pass
+                raise
 
     def __len__(self) -> int:
         if not self.path:

@@ -336,6 +336,7 @@ class OpenAIBackend(ChatBackend):
         (KeyboardInterrupt) stops sending new requests at once, waits up to ``interrupt_grace_s``
         for those in flight (their answers are kept) and raises it again."""
         out: list = [None] * len(items)
+        kept: set[int] = set()  # results handed to ``done`` (a Ctrl-C inside ``done`` leaves one out)
         pool = ThreadPoolExecutor(max_workers=self.workers)
         futures = {pool.submit(fn, item): i for i, item in enumerate(items)}
         try:
@@ -344,6 +345,7 @@ class OpenAIBackend(ChatBackend):
                 out[i] = f.result()
                 if done is not None:
                     done(i, out[i])
+                    kept.add(i)
         except _Fatal as e:
             pool.shutdown(wait=False, cancel_futures=True)
             raise BackendError(str(e)) from None
@@ -354,7 +356,7 @@ class OpenAIBackend(ChatBackend):
                         self.interrupt_grace_s, sum(not f.done() for f in running))
             finished, _ = wait(running, timeout=self.interrupt_grace_s)
             for f in finished:
-                if done is not None and out[futures[f]] is None and f.exception() is None:
+                if done is not None and futures[f] not in kept and f.exception() is None:
                     done(futures[f], f.result())
             raise
         pool.shutdown(wait=True)
