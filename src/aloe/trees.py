@@ -272,9 +272,14 @@ def _grow_lockstep(cfg: TreesConfig, roles: Roles, trees: list[_Tree], stats: di
         _judge_nodes(cfg, roles, judged_in, disclosed, turn, stats)
         write_jsonl(cfg.paths.trees, [t.rec for t in trees])  # checkpoint: this turn is on disk
         bar.update(len(judged_in))
-        done = sum(len(t.rec["turns"]) for t in trees)
-        log.info(progress_line("trees", done, cfg.turns * len(trees), done - resumed, started,
-                               sum(1 for t in trees if t.rec.get("failed")), roles.usage(), cfg.prices))
+        _log_progress(cfg, roles, trees, started, resumed)
+
+
+def _log_progress(cfg: TreesConfig, roles: Roles, trees: list[_Tree], started: float, resumed: int) -> None:
+    """The progress line: done and total, rate, time left, failures, cost so far."""
+    done = sum(len(t.rec["turns"]) for t in trees)
+    log.info(progress_line("trees", done, cfg.turns * len(trees), done - resumed, started,
+                           sum(1 for t in trees if t.rec.get("failed")), roles.usage(), cfg.prices))
 
 
 def _turn_of_one(cfg: TreesConfig, roles: Roles, t: _Tree, turn: int, stats: dict) -> None:
@@ -360,13 +365,12 @@ class _Scheduled:
         return True
 
     def _progress(self, every_s: float = 30.0) -> None:
-        now, total = time.time(), self.cfg.turns * len(self.trees)
-        done = sum(len(t.rec["turns"]) for t in self.trees)
-        if now - self.logged >= every_s or done == total:
+        """The progress line every ``every_s`` seconds, and at the last turn."""
+        now = time.time()
+        last = all(len(t.rec["turns"]) == self.cfg.turns for t in self.trees)
+        if now - self.logged >= every_s or last:
             self.logged = now
-            log.info(progress_line("trees", done, total, done - self.resumed, self.started,
-                                   sum(1 for t in self.trees if t.rec.get("failed")), self.roles.usage(),
-                                   self.cfg.prices))
+            _log_progress(self.cfg, self.roles, self.trees, self.started, self.resumed)
 
 
 def _workers(cfg: TreesConfig, roles: Roles) -> int:
@@ -487,8 +491,8 @@ def _respond(cfg: TreesConfig, roles: Roles, step: list, turn: int) -> list:
         if hint is None:
             head, tail, tag = plain.render("system"), [], plain.tag
         else:
-            head, tail, tag = hinted.render("system"), [{"role": "system", "content": hinted.render("hint", hint=hint)}], \
-                hinted.tag
+            head, tag = hinted.render("system"), hinted.tag
+            tail = [{"role": "system", "content": hinted.render("hint", hint=hint)}]
         return ChatRequest([{"role": "system", "content": head}, *history_of(t.rec), *tail,
                             {"role": "user", "content": m}], _sampling(cfg), sample_index=turn, prompt_version=tag)
 
@@ -512,7 +516,7 @@ def _judge_nodes(cfg: TreesConfig, roles: Roles, judged_in: list, disclosed: dic
     elif cfg.pair_judge != "rules":
         jreqs = [r for t, m, _, a, b in judged_in for r in pair_requests(t.rec, m, a, b)]
         verdicts = ask(roles["judge"], jreqs, parse_choice, method=cfg.judge_method,
-                         retries=cfg.judge_retries, require_all=True)
+                       retries=cfg.judge_retries, require_all=True)
         pointwise = _pointwise(cfg, roles["judge"], judged_in, verdicts)
     for i, (t, m, inf, a, b) in enumerate(judged_in):
         cands = [{"id": "a", "text": a, "hinted": True}, {"id": "b", "text": b, "hinted": False}]
@@ -620,7 +624,7 @@ def _pointwise(cfg: TreesConfig, backend: ChatBackend, judged_in: list, verdicts
     replies = [Reply(judged_in[i][0].rec, history_of(judged_in[i][0].rec), judged_in[i][1], reply)
                for i in todo for reply in judged_in[i][3:5]]
     got = ask(backend, rubric_requests(replies, "paper"), parse_score_choice, method=cfg.judge_method,
-                retries=cfg.judge_retries)
+              retries=cfg.judge_retries)
     return {i: (expected_score(got[2 * k]), expected_score(got[2 * k + 1])) for k, i in enumerate(todo)}
 
 

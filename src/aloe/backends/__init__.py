@@ -81,13 +81,12 @@ def open_backend(cfg: BackendConfig | dict, cache_path: str | None = None) -> Ch
         from aloe.config import build
 
         cfg = build(BackendConfig, cfg, "backend")
-    check_settings(cfg)
     return BACKENDS[cfg.kind](cfg, CallCache(cache_path))
 
 
 def check_settings(cfg: BackendConfig, where: str = "") -> None:
-    """The engines' own rules for their settings, before one opens (``aloe check`` calls this for
-    every role): today the HTTP engine's URL and key rules (:mod:`aloe.backends.http_safety`).
+    """The engines' own rules for their settings, for ``aloe check`` before anything opens (the HTTP
+    engine applies the same rules itself when it opens: :mod:`aloe.backends.http_safety`).
     ``where`` (e.g. ``"roles.judge."``) prefixes the key in the message."""
     if cfg.base_url is not None or cfg.api_key_env is not None:
         from aloe.backends.http_safety import check_settings as http_settings
@@ -98,7 +97,6 @@ def check_settings(cfg: BackendConfig, where: str = "") -> None:
 def probe(cfg: BackendConfig) -> None:
     """Before a run: a served model answers and accepts the key (one quick request, no retries);
     a local engine has nothing to probe here. Raises BackendError naming the server."""
-    if cfg.kind == "openai":
-        check_settings(cfg)
+    if cfg.kind == "openai":  # the engine applies its URL and key rules as it opens
         engine = _openai(cfg, None, timeout_s=min(cfg.timeout_s, 10.0), max_retries=0)
         engine.close()

@@ -62,7 +62,7 @@ def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None
     parts = [f"<h1>{_e(cfg.title)}</h1><p>{_e(exp.description)}</p>",
              f"<p>Parameter file <code>{_e(exp.path)}</code>; commit <code>{_e(git_commit())}</code>; "
              f"page written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>"]
-    parts += _judge_sections(cfg, card)
+    parts += _judge_sections(cfg, metrics, card)
     if metrics:
         parts += _result_sections(cfg, metrics)
     parts.append("<h2>What this run shows and cannot show</h2><ul>"
@@ -90,11 +90,12 @@ def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None
     return reports_dir / "index.html"
 
 
-def _judge_sections(cfg, card: dict | None) -> list[str]:
-    """At a glance, who played which role, and whether the judge can rank models."""
+def _judge_sections(cfg, metrics: dict | None, card: dict | None) -> list[str]:
+    """At a glance (the lines 05_report shows, from what the page already read), who played which
+    role, and whether the judge can rank models."""
     sj = rep.self_judging(cfg)
-    parts = ['<h2>At a glance</h2><ul class="glance">' + "".join(f"<li>{_e(x)}</li>" for x in rep.at_a_glance(cfg))
-             + "</ul>"]
+    found = rep.glance(metrics, card, bool(sj))
+    parts = ['<h2>At a glance</h2><ul class="glance">' + "".join(f"<li>{_e(x)}</li>" for x in found) + "</ul>"]
     if sj:
         parts.append(f'<p class="box">{_e(sj)}</p>')
     parts.append("<h2>Who played which role</h2>" + _table(rep.role_table(cfg), ["role", "does", "model",
