@@ -20,9 +20,10 @@ test: $(VENV)/.stamp-test lint
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; a run that tests nothing is a failure" >&2; exit 1; fi; \
 	exit $$rc
 
-# The tests that load no model and run no notebook: the quick loop while editing (make test runs all).
+# The unit tier (no model, server, child process or notebook): the quick loop while editing.
+# make test runs every tier (unit, integration, e2e; tests/conftest.py).
 test-fast: $(VENV)/.stamp-test lint
-	$(PY) -m pytest -m "not slow and not gpu and not network" -q $(PYTEST_ARGS)
+	$(PY) -m pytest -m unit -q $(PYTEST_ARGS)
 
 # The package's import layers (pyproject.toml [tool.importlinter]) and ruff's small rule set.
 lint: $(VENV)/.stamp-test

@@ -39,7 +39,8 @@ class LoopbackServer:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # a short poll: shutdown() waits up to one interval (0.5 s by default), at every test's end
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -102,7 +103,13 @@ def tiny_model(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """A test that loads a real model or starts a real server is slow (make test-fast skips it)."""
+    """Three tiers: ``e2e`` runs the Papermill pipeline (``aloe run``); ``integration`` loads a real
+    model, starts a real server or child processes; ``unit`` is the rest (``make test-fast``).
+    A test that uses the embedded model or a server is integration whatever it says."""
     for item in items:
-        if {"smollm", "tiny_model", "llama_server"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.slow)
+        tiers = {m.name for m in item.iter_markers()} & {"e2e", "integration", "gpu", "network"}
+        if not tiers and {"smollm", "tiny_model", "llama_server"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+            tiers.add("integration")
+        if not tiers:
+            item.add_marker(pytest.mark.unit)

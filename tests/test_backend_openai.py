@@ -13,7 +13,7 @@ from conftest import free_port
 from aloe.backends import ChatRequest, ProbRequest, Sampling, open_backend
 from aloe.errors import BackendError, ConfigError
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 class FaultyProxy:
@@ -61,7 +61,7 @@ class FaultyProxy:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def close(self):
         self.server.shutdown()

@@ -5,7 +5,7 @@ import pytest
 from aloe.backends import ChatRequest, ProbRequest, Sampling
 from aloe.cache import CallCache
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 QS = ["What is the capital of France?", "Name a yellow fruit and say why monkeys like it.", "Say hi.",
       "Count from one to five in words, please, slowly and carefully."]

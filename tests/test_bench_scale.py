@@ -12,7 +12,7 @@ import sys
 import pytest
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 def test_a_killed_scheduled_run_loses_at_most_the_calls_in_flight_and_resumes_to_the_same_trees(tmp_path):

@@ -52,7 +52,7 @@ class ModelServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()
@@ -119,7 +119,7 @@ def test_a_pool_serving_different_models_is_refused(servers):
         http_backend([a.url, b.url], None)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_dtype_is_part_of_the_key(smollm):
     from aloe.backends.transformers_backend import TransformersBackend
     from aloe.models import hf_location, resolve_model

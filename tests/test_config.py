@@ -65,7 +65,7 @@ def run_cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "aloe", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-@pytest.mark.slow  # runs aloe or a pipeline in a subprocess
+@pytest.mark.integration  # runs aloe or a pipeline in a subprocess
 def test_cli_user_errors_exit_2_without_traceback(tmp_path):
     bad = write(tmp_path, "stages:\n  trees:\n    turnz: 3\n")
     r = run_cli("run", str(bad))

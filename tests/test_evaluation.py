@@ -75,13 +75,15 @@ def test_missing_judgments_are_excluded_and_counted():
     assert s["al"][1]["n"] == 0 and s["ir"] is None
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_protocol_on_the_embedded_model(tmp_path, smollm):
     import aloe.evaluation
 
     _eval_pairs(tmp_path / "t")
+    # the judge card at its smallest (its full size is e2e's): this test is the protocol's
+    card = JudgeCardConfig(max_replies=4, k1_messages=1, max_k2_pairs=4, n_boot=50)
     cfg = EvaluateConfig(experiment="t", data_root=str(tmp_path), n_personas=2, turns=2, max_new_tokens=16,
-                         models=("base", "oracle", "reminder"), n_boot=100, score_judge="history")
+                         models=("base", "oracle", "reminder"), n_boot=100, score_judge="history", judge_card=card)
     seen = []
     real = smollm.chat
 
@@ -117,7 +119,7 @@ def test_protocol_on_the_embedded_model(tmp_path, smollm):
     assert read_json(out / "manifest.json")["counts"]["judgments"] == 12
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_evaluation_resumes_after_a_crash(tmp_path, smollm):
     import aloe.evaluation
     from aloe.cache import CallCache

@@ -58,7 +58,7 @@ def test_filter_grows_past_initial_capacity():
     assert [f.nearest(vecs[i])[0] for i in (0, 63, 64, 199)] == ["0", "63", "64", "199"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_growth_with_real_model_resumes_exactly(smollm, tmp_path):
     """Two rounds in one go == one round, 'crash', rerun to two rounds (same seed and cache)."""
     from aloe.cache import CallCache

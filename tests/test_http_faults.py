@@ -207,7 +207,7 @@ def test_the_key_never_reaches_errors_or_records(server, tmp_path, monkeypatch):
         "latin-1")
 
 
-@pytest.mark.slow  # runs aloe or a pipeline in a subprocess
+@pytest.mark.e2e  # runs `aloe run` (the Papermill pipeline) in a subprocess
 def test_a_planted_key_appears_in_no_file_a_run_writes(server, tmp_path):
     """A whole run (personas, trees, evaluation) through the HTTP backend with a canary key; the
     server also echoes the key back in one error body. Then every file the run wrote (data,
@@ -257,7 +257,7 @@ def aloe_io():
     return aloe.io
 
 
-@pytest.mark.slow  # runs aloe or a pipeline in a subprocess
+@pytest.mark.integration  # runs aloe or a pipeline in a subprocess
 def test_an_outage_mid_stage_fails_it_and_a_healthy_rerun_equals_an_uninterrupted_run(tmp_path):
     """Trees over HTTP: the server goes down (503 to every try) during turn 2; the stage fails
     with nothing written as done; rerun against the healthy server, it ends as a run that never
@@ -310,7 +310,7 @@ def _cached(path) -> int:
         con.close()
 
 
-@pytest.mark.slow  # runs aloe or a pipeline in a subprocess
+@pytest.mark.integration  # runs aloe or a pipeline in a subprocess
 def test_a_sigkill_mid_batch_loses_at_most_the_calls_in_flight(server, tmp_path):
     import os
     import signal

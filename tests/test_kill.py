@@ -1,6 +1,6 @@
 """Kill tests: SIGKILL the real stages at chosen points, rerun, compare with an uninterrupted run.
 
-Personas, trees and evaluation run their real code in a subprocess on the scripted engine, whose
+Personas, trees and evaluation run their real code in a child process on the scripted engine, whose
 answers depend only on the request (so every run can give the same outputs) and which kills its
 own process at its n-th call (``ALOE_SCRIPTED_KILL_AFTER``): three points per stage, drawn with a
 fixed seed over the calls an uninterrupted run makes. Training runs TRL on a tiny model and is
@@ -10,30 +10,19 @@ equal the uninterrupted run's: the same ids and counts, the same content.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
+import types
 
 import pytest
 
 from aloe.io import read_json, read_jsonl
 
-pytestmark = pytest.mark.slow
-
-DRIVER = """
-import sys
-from aloe.backends.scripted import ScriptedBackend, calls_made
-from aloe.config import load_experiment
-import aloe.personas, aloe.trees, aloe.evaluation
-exp, stage = load_experiment(sys.argv[1]), sys.argv[2]
-run = {"personas": aloe.personas.run, "trees": aloe.trees.run, "evaluate": aloe.evaluation.run}[stage]
-run(exp.stages[stage], ScriptedBackend("s"))
-print("calls", calls_made())
-"""
+pytestmark = pytest.mark.integration
 
 PARAMS = """experiment: k
 data_root: {root}/data
@@ -48,15 +37,57 @@ stages:
 """
 
 
+# Each run is a fresh process forked from a server that has imported aloe, torch and MiniLM's
+# library once (about 10 s per process otherwise): the kill is a real SIGKILL of a real process.
+_FORK = multiprocessing.get_context("forkserver")
+_FORK.set_forkserver_preload(["aloe.personas", "aloe.trees", "aloe.evaluation", "aloe.backends.scripted",
+                              "aloe.embedding", "sentence_transformers", "aloe.training", "trl", "peft"])
+
+
+def _to(log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+
+
+def _run_stage(params: str, stage: str, kill_after: int | None, log: str) -> None:
+    """The child: run one stage on the scripted engine, its output to ``log``, then print its calls."""
+    _to(log)
+    os.environ.pop("ALOE_SCRIPTED_KILL_AFTER", None)
+    if kill_after:
+        os.environ["ALOE_SCRIPTED_KILL_AFTER"] = str(kill_after)
+    import aloe.evaluation
+    import aloe.personas
+    import aloe.trees
+    from aloe.backends.scripted import ScriptedBackend, calls_made
+    from aloe.config import load_experiment
+
+    run = {"personas": aloe.personas.run, "trees": aloe.trees.run, "evaluate": aloe.evaluation.run}[stage]
+    run(load_experiment(params).stages[stage], ScriptedBackend("s"))
+    print("calls", calls_made(), flush=True)
+
+
+def _train(root: str, model: str, sft: dict, log: str) -> None:
+    """The child: LoRA SFT of ``model`` for sft's max_steps, checkpointing every step (test_training.FAST)."""
+    _to(log)
+    import aloe.training
+    from aloe.config import TrainConfig
+
+    cfg = TrainConfig(experiment="t", data_root=root, roles={"policy": {"model": model}}, variants=("sft_preferred",),
+                      sft=sft)
+    print(aloe.training.run(cfg)["sft_preferred"]["global_step"], flush=True)
+
+
 def _stage(root, stage, kill_after=None):
     params = root / "p.yaml"
     if not params.exists():
         params.write_text(PARAMS.format(root=root))
-    env = {k: v for k, v in os.environ.items() if k != "ALOE_SCRIPTED_KILL_AFTER"}
-    if kill_after:
-        env["ALOE_SCRIPTED_KILL_AFTER"] = str(kill_after)
-    return subprocess.run([sys.executable, "-c", DRIVER, str(params), stage], env=env, capture_output=True,
-                          text=True, timeout=600)
+    log = root / f"{stage}-{kill_after or 'full'}.log"
+    proc = _FORK.Process(target=_run_stage, args=(str(params), stage, kill_after, str(log)))
+    proc.start()
+    proc.join(600)
+    out = log.read_text() if log.exists() else ""
+    return types.SimpleNamespace(returncode=proc.exitcode, stdout=out, stderr=out)
 
 
 def _outputs(root, stage):
@@ -109,18 +140,19 @@ def test_sigkill_during_training_then_rerun_finishes_the_same_steps(tiny_model, 
 
     straight = tmp_path / "straight"
     _setup(straight, _rows(8))
-    driver = ("import sys\nfrom aloe.config import TrainConfig\nimport aloe.training\n"
-              "cfg = TrainConfig(experiment='t', data_root=sys.argv[1], roles={'policy': {'model': sys.argv[2]}}, "
-              f"variants=('sft_preferred',), sft={{**{FAST!r}, 'max_steps': 6}})\n"
-              "print(aloe.training.run(cfg)['sft_preferred']['global_step'])\n")
 
     def train(root):
-        return subprocess.Popen([sys.executable, "-c", driver, str(root), tiny_model], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = _FORK.Process(target=_train, args=(str(root), tiny_model, {**FAST, "max_steps": 6},
+                                                  str(root / "train.log")))
+        proc.start()
+        return proc
 
-    p = train(straight)
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-2000:]
+    def finish(proc, root):
+        proc.join(600)
+        return proc.exitcode, (root / "train.log").read_text()
+
+    code, log = finish(train(straight), straight)
+    assert code == 0, log[-2000:]
     want = read_json(straight / "t" / "train" / "sft_preferred" / "metrics.json")
     rng = random.Random(0)
     for after in (1, 3, 5):
@@ -128,15 +160,14 @@ def test_sigkill_during_training_then_rerun_finishes_the_same_steps(tiny_model, 
         _setup(root, _rows(8))
         ckpts = root / "t" / "train" / "sft_preferred" / "checkpoints"
         p = train(root)
-        while p.poll() is None and not (ckpts / f"checkpoint-{after}").exists():
+        while p.is_alive() and not (ckpts / f"checkpoint-{after}").exists():
             time.sleep(0.02)
         time.sleep(rng.uniform(0, 0.3))  # anywhere from mid-save of that checkpoint to the next step
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        assert not (root / "t" / "train" / "sft_preferred" / "done.json").exists() or p.returncode == 0
-        p = train(root)
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, (after, err[-2000:])
+        p.kill()  # SIGKILL
+        p.join()
+        assert not (root / "t" / "train" / "sft_preferred" / "done.json").exists() or p.exitcode == 0
+        code, log = finish(train(root), root)
+        assert code == 0, (after, log[-2000:])
         got = read_json(root / "t" / "train" / "sft_preferred" / "metrics.json")
         assert got["global_step"] == want["global_step"] == 6 and got["rows"] == want["rows"]
         losses = {e["step"]: e["loss"] for e in got["log_history"] if "loss" in e}

@@ -13,7 +13,7 @@ def test_registry_has_paper_models():
                    "qwen2-7b": "Qwen/Qwen2-7B-Instruct", "olmo-7b": "allenai/OLMo-7B-0724-Instruct-hf"}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_converted_folder_loads_saves_and_matches_gguf(tmp_path):
     """The converted folder is plain HF (no GGUF quantizer marker): it saves, reloads, trains."""
     import torch

@@ -61,3 +61,21 @@ def test_benchmark_seeds_are_far_from_training_seeds_by_the_filter_measure():
     for train, evals in (("profiles", "eval_profiles"), ("personalities", "eval_personalities")):
         sim = emb.encode(load_seeds(evals)) @ emb.encode(load_seeds(train)).T
         assert sim.max() <= 0.6, (evals, float(sim.max()))
+
+
+def test_disclosure_embeds_each_text_on_its_own_and_remembers_it():
+    """A text's vector never depends on the texts beside it (no padding), so the disclosure measure
+    gives the same numbers whatever order the conversations arrive in; repeats are not re-embedded."""
+    import numpy as np
+
+    from aloe.disclosure import revealed_curve
+    from aloe.embedding import Embedder
+
+    emb = Embedder()
+    texts = ["I keep a vegetarian kitchen.", "Short answers, please: I read them between meetings at work.", "ok"]
+    alone = np.stack([emb.encode([t])[0] for t in texts])
+    assert np.array_equal(emb.encode_each(texts), alone)
+    assert np.array_equal(emb.encode_each(texts[::-1]), alone[::-1])
+    assert emb.texts_embedded == 2 * len(texts)  # the second call embedded nothing
+    curve = revealed_curve("I keep a vegetarian kitchen.", "I am calm.", ["I keep a vegetarian kitchen.", "ok"], 0.6, emb)
+    assert [r["revealed"] for r in curve] == [0.5, 0.5]

@@ -54,7 +54,7 @@ def test_a_stage_launched_directly_is_refused_while_another_holds_the_experiment
     assert cfg.paths.manifest("personas").exists()
 
 
-@pytest.mark.slow  # runs aloe or a pipeline in a subprocess
+@pytest.mark.e2e  # runs `aloe run` (the Papermill pipeline) in a subprocess
 def test_two_runs_on_one_experiment_the_second_is_refused_the_first_unharmed(tmp_path):
     f = _params(tmp_path, "lock-test")
     lock = tmp_path / "data" / "lock-test" / ".lock"

@@ -9,9 +9,6 @@ an API key.
 
 import ast
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from conftest import REPO
@@ -191,21 +188,26 @@ def test_runs_inject_every_field_so_notebook_defaults_never_leak(tmp_path):
     assert exp.parameters_for("evaluate")["judge_card"]["compare"] == []
 
 
-@pytest.mark.slow  # aloe check in a subprocess
 @pytest.mark.skipif(not OFFICIAL.exists(), reason=f"official ALOE files not present at {OFFICIAL}")
 @pytest.mark.parametrize("name", ["paper", "paper-open"])
-def test_paper_files_check_without_an_api_key(tmp_path, name):
+def test_paper_files_check_without_an_api_key(tmp_path, name, monkeypatch, capsys):
+    from aloe.cli import main
+
     # where the README tells users to put the official files: data/aloe-official/
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "aloe-official").symlink_to(OFFICIAL)
-    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    r = subprocess.run([sys.executable, "-m", "aloe", "check", str(REPO / "parameters" / f"{name}.yaml")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+    def check(cwd):  # `aloe check` as a user types it, in this process (its imports are the suite's)
+        monkeypatch.chdir(cwd)
+        code = main(["check", str(REPO / "parameters" / f"{name}.yaml")])
+        return code, capsys.readouterr().err
+
+    code, err = check(tmp_path)
+    assert code == 0, err
     # and without the files, the check names the folder
-    r = subprocess.run([sys.executable, "-m", "aloe", "check", str(REPO / "parameters" / f"{name}.yaml")],
-                       cwd=tmp_path / "data", env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "official_dir: data/aloe-official: folder not found" in r.stderr
+    code, err = check(tmp_path / "data")
+    assert code == 2 and "official_dir: data/aloe-official: folder not found" in err
 
 
 def test_paper_yaml_is_the_papers_configuration():

@@ -16,7 +16,7 @@ def _help(path):
                                       text=True, timeout=300)
 
 
-@pytest.mark.slow  # runs aloe or a pipeline in a subprocess
+@pytest.mark.integration  # runs aloe or a pipeline in a subprocess
 def test_every_script_imports_and_answers_help():
     assert len(SCRIPTS) >= 10
     with ThreadPoolExecutor(max_workers=4) as pool:

@@ -197,7 +197,7 @@ def test_checkpoints_of_other_settings_are_not_resumed_and_evaluation_needs_fini
     assert trained_path(ecfg, "sft_preferred").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_accelerate_launch_two_cpu_processes(tiny_model, tmp_path):
     _setup(tmp_path, _rows(8))
     params = tmp_path / "p.yaml"

@@ -131,7 +131,7 @@ def _write_pairs(root, n=2):
     write_jsonl(root / "personas" / "pairs.jsonl", make_pairs(profiles, personalities, 1, 0, "train"))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_kill_and_resume_equals_uninterrupted(tmp_path, smollm):
     """Real embedded model, 2 personas x 2 turns: a crash in turn 2 loses nothing and the
     resumed run ends with exactly the trees of an uninterrupted run."""

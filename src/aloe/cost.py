@@ -21,6 +21,14 @@ def usd(prompt_tokens: float, completion_tokens: float, price: Price) -> float:
     return (prompt_tokens * price.input + completion_tokens * price.output) / 1e6
 
 
+def prefix_discount(prefix_tokens: float, price: Price | None) -> float:
+    """USD a provider's prompt cache takes off when it serves ``prefix_tokens`` input tokens at the
+    cached price instead of the list price (0 with no price or no cached price)."""
+    if price is None or price.cached_input is None:
+        return 0.0
+    return prefix_tokens * max(0.0, price.input - price.cached_input) / 1e6
+
+
 def row_cost(row: Mapping, prices: Mapping[str, Price]) -> tuple[float | None, float | None]:
     """(cost of the calls sent, cost the call cache saved) of one usage row; (0, 0) on a local
     engine, (None, None) for a served model with no price."""

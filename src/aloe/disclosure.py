@@ -22,7 +22,7 @@ def facts(text: str) -> list[str]:
 
 def _best(emb: Embedder, fact_emb: np.ndarray, text: str) -> np.ndarray:
     """Per fact, its best cosine with any sentence of ``text``."""
-    return (fact_emb @ emb.encode(facts(text) or [text]).T).max(axis=1)
+    return (fact_emb @ emb.encode_each(facts(text) or [text]).T).max(axis=1)
 
 
 def revealed_curve(profile: str, personality: str, user_messages: list[str], threshold: float,
@@ -34,7 +34,7 @@ def revealed_curve(profile: str, personality: str, user_messages: list[str], thr
     fs = facts(profile) + facts(personality)
     if not fs:
         return [{"facts": 0, "revealed": None} for _ in user_messages]
-    fe = emb.encode(fs)
+    fe = emb.encode_each(fs)
     best, out = None, []
     for k, msg in enumerate(user_messages):
         said = _best(emb, fe, msg) if msg else np.full(len(fs), -1.0)

@@ -25,7 +25,7 @@ from pathlib import Path
 from aloe.backends.base import CandidateLogprobs, ChatBackend, ChatRequest, Completion, ProbRequest
 from aloe.cache import CallCache
 from aloe.config import BackendConfig, Experiment
-from aloe.cost import LOCAL_KINDS, fmt_duration, fmt_usd, row_cost
+from aloe.cost import LOCAL_KINDS, fmt_duration, fmt_usd, prefix_discount, row_cost
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ class Line:
     seconds: float | None
     counted_by: str
     prefix_tokens: float = 0.0  # input tokens in a prefix an earlier prompt of the engine began with
+    cached_cost_usd: float | None = None  # cost if the provider's cache served every repeated prefix
 
 
 def _scale(rows: list[dict], factor: float) -> list[dict]:
@@ -250,7 +251,10 @@ def estimate(exp: Experiment, sample: int = 8, fill: float = 1.0, latency_s: flo
     lines = []
     for r in measure(exp, sample, fill):
         bc = r["config"]
-        cost, _ = row_cost(r, exp.stages[r["stage"]].prices)
+        prices = exp.stages[r["stage"]].prices
+        cost, _ = row_cost(r, prices)
+        cached = None if cost is None else cost - (0.0 if r["kind"] in LOCAL_KINDS else
+                                                   prefix_discount(r["prefix_tokens"], prices.get(r["model"])))
         seconds = None
         if r["kind"] not in LOCAL_KINDS:
             seconds = r["calls"] * latency_s / _concurrency(bc)
@@ -259,7 +263,7 @@ def estimate(exp: Experiment, sample: int = 8, fill: float = 1.0, latency_s: flo
             if bc.tpm:
                 seconds = max(seconds, (r["prompt_tokens"] + r["completion_tokens"]) / bc.tpm * 60)
         lines.append(Line(r["stage"], r["role"], r["model"], r["kind"], r["calls"], r["prompt_tokens"],
-                          r["completion_tokens"], cost, seconds, r["counted_by"], r["prefix_tokens"]))
+                          r["completion_tokens"], cost, seconds, r["counted_by"], r["prefix_tokens"], cached))
     return lines
 
 
@@ -286,15 +290,18 @@ def table(lines: list[Line], latency_s: float, fill: float) -> str:
         return f"{part / whole:.0%}" if whole else "-"
 
     head = ["stage", "role", "model", "kind", "calls", "input tokens", "repeated prefix", "output tokens", "cost",
-            "time"]
+            "cost, prefix cached", "time"]
     body = [[ln.stage, ln.role, ln.model, ln.kind, n(ln.calls), n(ln.prompt_tokens),
-             share(ln.prefix_tokens, ln.prompt_tokens), n(ln.completion_tokens), fmt_usd(ln.cost_usd), t(ln.seconds)]
+             share(ln.prefix_tokens, ln.prompt_tokens), n(ln.completion_tokens), fmt_usd(ln.cost_usd),
+             fmt_usd(ln.cached_cost_usd), t(ln.seconds)]
             for ln in lines]
     costs = [ln.cost_usd for ln in lines]
     total_cost = None if any(v is None for v in costs) else sum(costs)
+    cached = [ln.cached_cost_usd for ln in lines]
+    total_cached = None if any(v is None for v in cached) else sum(cached)
     body.append(["total", "", "", "", n(sum(ln.calls for ln in lines)), n(sum(ln.prompt_tokens for ln in lines)),
                  share(sum(ln.prefix_tokens for ln in lines), sum(ln.prompt_tokens for ln in lines)),
-                 n(sum(ln.completion_tokens for ln in lines)), fmt_usd(total_cost),
+                 n(sum(ln.completion_tokens for ln in lines)), fmt_usd(total_cost), fmt_usd(total_cached),
                  t(sum(ln.seconds or 0 for ln in lines)) if any(ln.seconds for ln in lines) else "local"])
     widths = [max(len(str(row[i])) for row in [head] + body) for i in range(len(head))]
     fmt = "  ".join("{:<%d}" % w for w in widths)
@@ -302,6 +309,8 @@ def table(lines: list[Line], latency_s: float, fill: float) -> str:
     counted = sorted({ln.counted_by for ln in lines})
     out.append(f"Replies at {fill:.0%} of their cap (an upper bound on output tokens); input tokens counted by "
                f"{' and '.join(counted) or 'nothing'}; repeated prefix: the share of input tokens that an earlier "
-               f"prompt of the same engine began with (what a provider's prompt cache can serve); time: calls x {latency_s:g} s / concurrency, or the rate "
+               f"prompt of the same engine began with (what a provider's prompt cache can serve); cost, prefix cached: the cost if the provider served "
+               f"every repeated prefix at the file's cached_input price (a floor: providers cache only long prefixes, "
+               f"e.g. from 1,024 tokens, and only while warm); time: calls x {latency_s:g} s / concurrency, or the rate "
                f"limits' floor; local engines cost nothing but time. Training makes no model calls.")
     return "\n".join(out)

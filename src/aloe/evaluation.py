@@ -376,8 +376,10 @@ def _converse(cfg: EvaluateConfig, roles: Roles, pairs: list[dict], progress: bo
         trained_usage.append({"roles": [f"under test: {model}"], "kind": under_test.kind, "model": model,
                               **under_test.usage()})
         under_test.close()
+        local = under_test.kind in ("transformers", "vllm")
         del under_test
-        gc.collect()
+        if local:  # the weights' memory back before the next model loads
+            gc.collect()
     return repeats_of, under_test_of, timings, trained_usage
 
 

@@ -198,9 +198,9 @@ def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBa
     filt = DiversityFilter(s.threshold)
     texts: dict[str, str] = {}
     pool: list[dict] = []
-    for b, e in zip(blocked, embedder.encode([b["text"] for b in blocked])):
+    for b, e in zip(blocked, embedder.encode_batch([b["text"] for b in blocked])):
         filt.add(b["id"], e)
-    for rec, e in zip(seeds, embedder.encode([r["text"] for r in seeds])):
+    for rec, e in zip(seeds, embedder.encode_batch([r["text"] for r in seeds])):
         nn, sim = filt.nearest(e)
         filt.add(rec["id"], e)
         texts[rec["id"]] = rec["text"]

@@ -29,8 +29,7 @@ from aloe.yamlfile import load_yaml, short
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-REGISTRY_PATH = Path(os.environ.get("ALOE_MODELS_REGISTRY", REPO_ROOT / "parameters" / "models.yaml"))
-_FROM_ENV = "ALOE_MODELS_REGISTRY" in os.environ
+DEFAULT_REGISTRY = REPO_ROOT / "parameters" / "models.yaml"
 # a Hugging Face hub id: org/name, each part a plain name (no "..", no path tricks)
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 # The converted fp32 folder is ~540 MB; ask for margin (temp copy + tokenizer files).
@@ -55,12 +54,18 @@ def models_dir() -> Path:
     return Path(os.environ.get("ALOE_MODELS_DIR", REPO_ROOT / "models"))
 
 
+def registry_path() -> Path:
+    """The model registry: ALOE_MODELS_REGISTRY when set (read at each use), else parameters/models.yaml."""
+    return Path(os.environ.get("ALOE_MODELS_REGISTRY") or DEFAULT_REGISTRY)
+
+
 def load_registry(path: str | Path | None = None) -> dict[str, dict]:
-    path = Path(path or REGISTRY_PATH)
+    from_env = ", from ALOE_MODELS_REGISTRY" if path is None and os.environ.get("ALOE_MODELS_REGISTRY") else ""
+    path = Path(path or registry_path())
     try:
         data = load_yaml(path, "model registry") or {}
     except ConfigError as e:
-        raise ConfigError(f"{e} (the model registry{', from ALOE_MODELS_REGISTRY' if _FROM_ENV else ''})") from None
+        raise ConfigError(f"{e} (the model registry{from_env})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of model name to settings")
     for name, entry in data.items():
@@ -95,7 +100,7 @@ def resolve_model(name: str, revision: str | None = None, registry: str | Path |
     if _HUB_ID.fullmatch(name) and ".." not in name:
         return ModelSpec(name, "hf", hf_id=name, revision=revision)
     raise ConfigError(
-        f"unknown model {short(name)}: not in {REGISTRY_PATH.name} and not an existing model folder or a "
+        f"unknown model {short(name)}: not in {Path(registry or registry_path()).name} and not an existing model folder or a "
         f"Hugging Face id (org/name); known names: {', '.join(reg)}"
     )
 

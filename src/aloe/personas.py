@@ -80,12 +80,12 @@ def _grow_pools(cfg: PersonasConfig, backend, source: str, texts: tuple[list, li
                 eval_pers: list[dict]) -> tuple[dict, dict, list[dict]]:
     """The training pools of profiles and personalities: seeds, grown where the target exceeds them
     (the benchmark items blocked); with why each stopped and the rounds' log."""
-    from aloe.embedding import Embedder
+    from aloe.embedding import shared_embedder
     from aloe.growth import GrowthSettings, grow_pool
 
     eval_ids = {r["id"] for r in eval_prof + eval_pers}
     stops, rounds_log, pools = {}, [], {}
-    embedder = Embedder()  # also annotates seeds with their nearest neighbour when nothing grows
+    embedder = shared_embedder()  # also annotates seeds with their nearest neighbour when nothing grows
     for kind, kind_texts, target, blocked in (("profile", texts[0], cfg.target_profiles, eval_prof),
                                               ("personality", texts[1], cfg.target_personalities, eval_pers)):
         seeds = [r for r in pool_records(kind_texts, kind, source, "train") if r["id"] not in eval_ids]

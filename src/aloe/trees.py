@@ -314,7 +314,9 @@ def _grow_each(cfg: TreesConfig, roles: Roles, trees: list[_Tree], prov: dict, s
         except BaseException:
             run.stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
-            wait(futures, timeout=30.0)  # the steps under way finish and are kept
+            # the steps under way finish and are kept; a cancelled future never counts as done for
+            # wait(), so waiting on it would always take the whole grace time
+            wait([f for f in futures if not f.cancelled()], timeout=30.0)
             raise
         finally:
             pool.shutdown(wait=False)

@@ -1,7 +1,7 @@
 """A catalogue of bad inputs, tried the way a new user would meet them, and how aloe answers.
 
-    python scripts/bad_inputs.py            # counts: tried / clear / traceback / accepted / unclear
-    python scripts/bad_inputs.py -v         # also one line per case
+    .venv/bin/python tests/bad_inputs.py      # counts: tried / clear / traceback / accepted / unclear
+    .venv/bin/python tests/bad_inputs.py -v   # also one line per case
 
 Each case is a parameter file (or a CLI call, or an environment setting) that must be refused
 with one clear message: exit code 2, no traceback, at most three lines, naming what is wrong
@@ -10,9 +10,9 @@ with one clear message: exit code 2, no traceback, at most three lines, naming w
 - traceback: a raw Python exception escaped;
 - accepted: exit 0, the bad input taken as valid;
 - unclear: refused, but with the wrong exit code, a long message, or one that names nothing.
-``tests/test_bad_inputs.py`` runs the same catalogue and requires every case to be clear.
-Cases run in-process through ``aloe.cli.main`` (fast: one import of TRL for all), except
-those that set an environment variable read at import, which run as a subprocess.
+This file is the catalogue (the data, ``CASES``) and its runner; ``tests/test_bad_inputs.py`` runs the same catalogue and requires every case to be clear.
+Cases run in-process through ``aloe.cli.main`` (fast: one import of TRL for all), with any
+environment variable a case sets put in place for that call only.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import subprocess
 import sys
 import tempfile
 import traceback
@@ -201,31 +200,30 @@ def run_case(case, tmp: Path) -> dict:
         f.write_bytes(data.encode() if isinstance(data, str) else data)
     (tmp / "binary.yaml").write_bytes(b"\x00\xff" * 100)
     args = [a.replace("{file}", str(f)).replace("{tmp}", str(tmp)) for a in argv]
-    if env:
-        full_env = {**os.environ, **{k: v.replace("{tmp}", str(tmp)).replace("{binary}", str(tmp / "binary.yaml"))
-                                      for k, v in env.items()},
-                    "PYTHONPATH": str(REPO / "src")}
-        r = subprocess.run([sys.executable, "-m", "aloe", *args], capture_output=True, text=True, env=full_env,
-                           cwd=tmp, timeout=300)
-        rc, err, crashed = r.returncode, r.stderr, "Traceback (most recent call last)" in r.stderr
-    else:
-        from aloe.cli import main
+    from aloe.cli import main
 
-        err_buf, crashed = io.StringIO(), False
-        old = os.getcwd()
-        os.chdir(tmp)
-        try:
-            with contextlib.redirect_stderr(err_buf), contextlib.redirect_stdout(io.StringIO()):
-                try:
-                    rc = main(args)
-                except SystemExit as e:  # argparse
-                    rc = e.code if isinstance(e.code, int) else 1
-                except BaseException:  # noqa: BLE001 - this is what we count
-                    crashed, rc = True, None
-                    err_buf.write(traceback.format_exc())
-        finally:
-            os.chdir(old)
-        err = err_buf.getvalue()
+    err_buf, crashed = io.StringIO(), False
+    old, saved = os.getcwd(), {k: os.environ.get(k) for k in env}
+    os.chdir(tmp)
+    os.environ.update({k: v.replace("{tmp}", str(tmp)).replace("{binary}", str(tmp / "binary.yaml"))
+                       for k, v in env.items()})  # aloe reads its variables at each use, not at import
+    try:
+        with contextlib.redirect_stderr(err_buf), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                rc = main(args)
+            except SystemExit as e:  # argparse
+                rc = e.code if isinstance(e.code, int) else 1
+            except BaseException:  # noqa: BLE001 - this is what we count
+                crashed, rc = True, None
+                err_buf.write(traceback.format_exc())
+    finally:
+        os.chdir(old)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    err = err_buf.getvalue()
     message = "\n".join(line for line in err.splitlines() if not line.startswith(("INFO", "WARNING")))
     if crashed:
         verdict = "traceback"
