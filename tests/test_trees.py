@@ -268,3 +268,27 @@ def test_the_manifest_counts_each_engine_s_calls_and_tokens(tmp_path, caplog):
     assert "trees: 2/4 done" in caplog.text and "trees: 4/4 done" in caplog.text and "cost so far $0.00" in caplog.text
     aloe.trees.run(cfg, ScriptedBackend(texts=lambda r: "A reply of five words."), progress=False)
     assert read_json(cfg.paths.manifest("trees"))["usage"][0]["calls"] == 0  # resumed: nothing asked again
+
+
+def test_tree_summary_frames_for_the_notebook():
+    """02_trees' tables come from aloe.reporting.summary (hand-worked values on two trees)."""
+    import pandas as pd
+
+    import aloe.trees
+    from aloe.reporting import summary
+
+    def node(turn, verdict, by, revealed, recovered, hinted):
+        return {"turn": turn, "verdict": verdict, "decided_by": by, "preferred_is_hinted": hinted,
+                "consistent": True, "p_hinted": None, "judgments": [{"method": "rules"}], "user": "a b c",
+                "candidates": [{"hinted": True, "text": "x y"}, {"hinted": False, "text": "z"}],
+                "disclosure": {"revealed": revealed, "recovered": recovered}}
+
+    trees = [{"id": "t1", "turns": [node(1, "preferred", "rules", 0.5, 0.0, True), node(2, "tie", None, 1.0, 0.5, None)]},
+             {"id": "t2", "turns": [node(1, "preferred", "rules", 0.0, 0.5, False), node(2, "tie", None, 0.5, 0.5, None)]}]
+    nodes = pd.DataFrame(aloe.trees.node_table(trees))
+    verdicts = summary.tree_verdicts(nodes)["nodes"].to_dict()
+    assert verdicts[("preferred", "rules")] == 2 and sum(verdicts.values()) == 4
+    curve = summary.tree_disclosure(nodes)
+    assert curve.loc[1].tolist() == [0.25, 0.25] and curve.loc[2].tolist() == [0.75, 0.5]
+    turns = summary.tree_turns(nodes)
+    assert turns.loc[1, "labelled"] == 2 and turns.loc[1, "hinted_preferred"] == 0.5 and turns.loc[2, "labelled"] == 0

@@ -292,6 +292,17 @@ def tree_turns(nodes):
     return per_turn
 
 
+def tree_verdicts(nodes):
+    """How the trees' nodes were decided: nodes per verdict and deciding route (none where tied)."""
+    return nodes.groupby(["verdict", "decided_by"], dropna=False).size().rename("nodes").to_frame()
+
+
+def tree_disclosure(nodes):
+    """Per turn, the mean share of the persona's facts the user has revealed so far and the inference
+    step has recovered (trees.node_table's ``revealed`` and ``recovered``)."""
+    return nodes.groupby("turn")[["revealed", "recovered"]].mean()
+
+
 # ---------------------------------------------------------------- rows the page and 05_report share
 
 def headline_rows(metrics: dict) -> list[dict]:
