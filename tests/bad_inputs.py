@@ -24,6 +24,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "src") not in sys.path:
@@ -203,12 +204,13 @@ def run_case(case, tmp: Path) -> dict:
     from aloe.cli import main
 
     err_buf, crashed = io.StringIO(), False
-    old, saved = os.getcwd(), {k: os.environ.get(k) for k in env}
+    # aloe reads its variables at each use, not at import: set for this call only
+    env = {k: v.replace("{tmp}", str(tmp)).replace("{binary}", str(tmp / "binary.yaml")) for k, v in env.items()}
+    old = os.getcwd()
     os.chdir(tmp)
-    os.environ.update({k: v.replace("{tmp}", str(tmp)).replace("{binary}", str(tmp / "binary.yaml"))
-                       for k, v in env.items()})  # aloe reads its variables at each use, not at import
     try:
-        with contextlib.redirect_stderr(err_buf), contextlib.redirect_stdout(io.StringIO()):
+        with mock.patch.dict(os.environ, env), contextlib.redirect_stderr(err_buf), \
+                contextlib.redirect_stdout(io.StringIO()):
             try:
                 rc = main(args)
             except SystemExit as e:  # argparse
@@ -218,11 +220,6 @@ def run_case(case, tmp: Path) -> dict:
                 err_buf.write(traceback.format_exc())
     finally:
         os.chdir(old)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     err = err_buf.getvalue()
     message = "\n".join(line for line in err.splitlines() if not line.startswith(("INFO", "WARNING")))
     if crashed:

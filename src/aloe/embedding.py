@@ -33,7 +33,6 @@ class Embedder:
         return np.asarray(self.model.encode(texts, batch_size=64, normalize_embeddings=True,
                                             show_progress_bar=False), dtype=np.float32)
 
-
     def encode_batch(self, texts: list[str]) -> np.ndarray:
         """encode, remembered per whole batch: for batches that come back unchanged (a pool's seeds and
         the benchmark items, embedded by every personas run in a process), the very same vectors."""
