@@ -279,38 +279,47 @@ def priced(exp: Experiment) -> bool:
     return False
 
 
+def _n(x) -> str:
+    return f"{round(x):,}"
+
+
+def _t(s) -> str:
+    return "local" if s is None else fmt_duration(s)
+
+
+def _share(part, whole) -> str:
+    return f"{part / whole:.0%}" if whole else "-"
+
+
+def _sum_or_none(values: list):
+    return None if any(v is None for v in values) else sum(values)
+
+
+def _total_row(lines: list[Line]) -> list[str]:
+    prompt = sum(ln.prompt_tokens for ln in lines)
+    return ["total", "", "", "", _n(sum(ln.calls for ln in lines)), _n(prompt),
+            _share(sum(ln.prefix_tokens for ln in lines), prompt), _n(sum(ln.completion_tokens for ln in lines)),
+            fmt_usd(_sum_or_none([ln.cost_usd for ln in lines])),
+            fmt_usd(_sum_or_none([ln.cached_cost_usd for ln in lines])),
+            _t(sum(ln.seconds or 0 for ln in lines)) if any(ln.seconds for ln in lines) else "local"]
+
+
 def table(lines: list[Line], latency_s: float, fill: float) -> str:
-    def n(x):
-        return f"{round(x):,}"
-
-    def t(s):
-        return "local" if s is None else fmt_duration(s)
-
-    def share(part, whole):
-        return f"{part / whole:.0%}" if whole else "-"
-
     head = ["stage", "role", "model", "kind", "calls", "input tokens", "repeated prefix", "output tokens", "cost",
             "cost, prefix cached", "time"]
-    body = [[ln.stage, ln.role, ln.model, ln.kind, n(ln.calls), n(ln.prompt_tokens),
-             share(ln.prefix_tokens, ln.prompt_tokens), n(ln.completion_tokens), fmt_usd(ln.cost_usd),
-             fmt_usd(ln.cached_cost_usd), t(ln.seconds)]
-            for ln in lines]
-    costs = [ln.cost_usd for ln in lines]
-    total_cost = None if any(v is None for v in costs) else sum(costs)
-    cached = [ln.cached_cost_usd for ln in lines]
-    total_cached = None if any(v is None for v in cached) else sum(cached)
-    body.append(["total", "", "", "", n(sum(ln.calls for ln in lines)), n(sum(ln.prompt_tokens for ln in lines)),
-                 share(sum(ln.prefix_tokens for ln in lines), sum(ln.prompt_tokens for ln in lines)),
-                 n(sum(ln.completion_tokens for ln in lines)), fmt_usd(total_cost), fmt_usd(total_cached),
-                 t(sum(ln.seconds or 0 for ln in lines)) if any(ln.seconds for ln in lines) else "local"])
+    body = [[ln.stage, ln.role, ln.model, ln.kind, _n(ln.calls), _n(ln.prompt_tokens),
+             _share(ln.prefix_tokens, ln.prompt_tokens), _n(ln.completion_tokens), fmt_usd(ln.cost_usd),
+             fmt_usd(ln.cached_cost_usd), _t(ln.seconds)]
+            for ln in lines] + [_total_row(lines)]
     widths = [max(len(str(row[i])) for row in [head] + body) for i in range(len(head))]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     out = [fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*row) for row in body]
     counted = sorted({ln.counted_by for ln in lines})
     out.append(f"Replies at {fill:.0%} of their cap (an upper bound on output tokens); input tokens counted by "
                f"{' and '.join(counted) or 'nothing'}; repeated prefix: the share of input tokens that an earlier "
-               f"prompt of the same engine began with (what a provider's prompt cache can serve); cost, prefix cached: the cost if the provider served "
-               f"every repeated prefix at the file's cached_input price (a floor: providers cache only long prefixes, "
-               f"e.g. from 1,024 tokens, and only while warm); time: calls x {latency_s:g} s / concurrency, or the rate "
-               f"limits' floor; local engines cost nothing but time. Training makes no model calls.")
+               f"prompt of the same engine began with (what a provider's prompt cache can serve); cost, prefix "
+               f"cached: the cost if the provider served every repeated prefix at the file's cached_input price (a "
+               f"floor: providers cache only long prefixes, e.g. from 1,024 tokens, and only while warm); time: "
+               f"calls x {latency_s:g} s / concurrency, or the rate limits' floor; local engines cost nothing but "
+               f"time. Training makes no model calls.")
     return "\n".join(out)

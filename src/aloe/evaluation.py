@@ -288,6 +288,47 @@ def _rejudge(cfg: EvaluateConfig, judge_engine: ChatBackend, convs: list[dict], 
              sum(score is not None for score, _ in got))
 
 
+def _check_inputs(cfg: EvaluateConfig, pairs: list[dict], trained) -> None:
+    """Fail before any conversation: the rules judge without checkable preferences, or a missing
+    trained model."""
+    if cfg.score_judge == "rules" and not all(p.get("preferences") for p in pairs):
+        raise AloeError("evaluate: judge 'rules' needs benchmark personas with checkable preferences; set "
+                        "stages.personas.preferences (e.g. [2, 4]), or stages.evaluate.preferences with official_dir")
+    for m in cfg.models:
+        if m not in BASELINES and trained is None:
+            trained_path(cfg, m)
+
+
+def _card(cfg: EvaluateConfig, roles: Roles, pairs: list[dict], repeats_of: dict) -> dict | None:
+    """The judge card on repeat 0's conversations, written beside the metrics (None when disabled)."""
+    if not cfg.judge_card.enabled:
+        return None
+    card = judge_card.build(cfg, roles, pairs, {m: reps[0] for m, reps in repeats_of.items()})
+    write_json(cfg.paths.judge_card, _jsonable(card))
+    return card
+
+
+def _result(cfg: EvaluateConfig, roles: Roles, pairs: list[dict], repeats_of: dict, metrics: dict,
+            card: dict | None, under_test_of: dict, timings: dict) -> dict:
+    """metrics.json: per-model metrics, the judge's fit, disclosure, the roles and the timings."""
+    described = roles.describe()
+    if cfg.score_judge == "rules":
+        described["judge"] = preferences.judge_description()
+    every = {m: [c for cs in reps for c in cs] for m, reps in repeats_of.items()}
+    return {"turns": cfg.turns, "personas": len(pairs), "judge": cfg.score_judge, "protocol": cfg.protocol,
+            "judge_fit": card["fit"] if card else None, "models": metrics,
+            "repeats": cfg.repeats,
+            "disclosure": disclosure(cfg, every),
+            "preference_disclosure": preference_disclosure(every),
+            "rules": rules_beside(cfg, repeats_of) if cfg.score_judge != "rules" else None,
+            "roles": {r: described[r] for r in ROLES if r in described
+                      and (r != "responder" or (card and not card.get("exact")))},
+            "under_test": under_test_of,
+            "seconds_per_model": timings,
+            "turns_per_second": {m: round(len(pairs) * cfg.turns / s, 4) if s else None
+                                 for m, s in timings.items()}}
+
+
 @stage_guard("evaluate")
 def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = True,
         trained: Callable[[str], ChatBackend] | None = None) -> dict:
@@ -298,46 +339,22 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
     started = time.time()
     roles = as_roles(roles, REQUIRED)
     pairs = benchmark_pairs(cfg)
-    if cfg.score_judge == "rules" and not all(p.get("preferences") for p in pairs):
-        raise AloeError("evaluate: judge 'rules' needs benchmark personas with checkable preferences; set "
-                        "stages.personas.preferences (e.g. [2, 4]), or stages.evaluate.preferences with official_dir")
-    for m in cfg.models:  # fail before any conversation if a trained model is missing
-        if m not in BASELINES and trained is None:
-            trained_path(cfg, m)
+    _check_inputs(cfg, pairs, trained)
     repeats_of, under_test_of, timings, trained_usage = _converse(cfg, roles, pairs, progress,
                                                                   trained or (lambda m: _open_trained(cfg, m)))
     _check_failures(cfg, {f"{m} (repeat {r})": cs for m, reps in repeats_of.items() for r, cs in enumerate(reps)})
     metrics = _metrics(cfg, repeats_of)
-    convs_of = {m: reps[0] for m, reps in repeats_of.items()}  # the judge card reads repeat 0
-    card = None
-    if cfg.judge_card.enabled:
-        card = judge_card.build(cfg, roles, pairs, convs_of)
-        write_json(cfg.paths.judge_card, _jsonable(card))
+    card = _card(cfg, roles, pairs, repeats_of)
     for model in cfg.models:  # trained variants' model cards gain this run's numbers
         if model not in BASELINES and trained is None:
             write_model_card(cfg.paths, cfg.experiment, model,
                              {**metrics[model], "judge_fit": bool(card and card["fit"])})
     rows = _write_transcripts(cfg, repeats_of)
-    described = roles.describe()
-    if cfg.score_judge == "rules":
-        described["judge"] = preferences.judge_description()
-    every = {m: [c for cs in reps for c in cs] for m, reps in repeats_of.items()}
-    result = {"turns": cfg.turns, "personas": len(pairs), "judge": cfg.score_judge, "protocol": cfg.protocol,
-              "judge_fit": card["fit"] if card else None, "models": metrics,
-              "repeats": cfg.repeats,
-              "disclosure": disclosure(cfg, every),
-              "preference_disclosure": preference_disclosure(every),
-              "rules": rules_beside(cfg, repeats_of) if cfg.score_judge != "rules" else None,
-              "roles": {r: described[r] for r in ROLES if r in described
-                        and (r != "responder" or (card and not card.get("exact")))},
-              "under_test": under_test_of,
-              "seconds_per_model": timings,
-              "turns_per_second": {m: round(len(pairs) * cfg.turns / s, 4) if s else None
-                                   for m, s in timings.items()}}
+    result = _result(cfg, roles, pairs, repeats_of, metrics, card, under_test_of, timings)
     write_json(cfg.paths.eval_metrics, _jsonable(result))
     counts = {"personas": len(pairs), "turns": cfg.turns, "models": len(cfg.models), "judgments": len(rows),
               "missing": sum(r["score"] is None for r in rows),
-              "conversation_turns": sum(len(c["turns"]) for cs in every.values() for c in cs),
+              "conversation_turns": sum(len(c["turns"]) for reps in repeats_of.values() for cs in reps for c in cs),
               **roles.cache_stats()}
     write_manifest(cfg.paths.stage("evaluate"), stage="evaluate", parameters=cfg, started=started,
                    roles=result["roles"], models={"under_test": under_test_of}, counts=counts,

@@ -187,6 +187,25 @@ def _saturated(rounds: list[dict], s: GrowthSettings) -> bool:
     return offered == 0 or accepted / offered < s.saturation_floor
 
 
+def _start_pool(seeds: list[dict], blocked: list[dict], replay: list[dict], embedder: Embedder,
+                filt: DiversityFilter, texts: dict[str, str]) -> list[dict]:
+    """The pool before a new round: the blocked items in the filter only, then the seeds (with their
+    nearest neighbour), then the items finished rounds accepted (replayed from the state file)."""
+    pool: list[dict] = []
+    for b, e in zip(blocked, embedder.encode_batch([b["text"] for b in blocked])):
+        filt.add(b["id"], e)
+    for rec, e in zip(seeds, embedder.encode_batch([r["text"] for r in seeds])):
+        nn, sim = filt.nearest(e)
+        filt.add(rec["id"], e)
+        texts[rec["id"]] = rec["text"]
+        pool.append({**rec, "nearest_id": nn, "nearest_sim": None if nn is None else round(sim, 4)})
+    for rec, e in zip(replay, embedder.encode([a["text"] for a in replay])):
+        filt.add(rec["id"], e)
+        texts[rec["id"]] = rec["text"]
+        pool.append(rec)
+    return pool
+
+
 def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBackend, embedder: Embedder,
               s: GrowthSettings, state_path: Path) -> tuple[list[dict], list[dict], str]:
     """Grow the pool of one kind; returns (pool records, round logs, why it stopped).
@@ -197,21 +216,9 @@ def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBa
     """
     filt = DiversityFilter(s.threshold)
     texts: dict[str, str] = {}
-    pool: list[dict] = []
-    for b, e in zip(blocked, embedder.encode_batch([b["text"] for b in blocked])):
-        filt.add(b["id"], e)
-    for rec, e in zip(seeds, embedder.encode_batch([r["text"] for r in seeds])):
-        nn, sim = filt.nearest(e)
-        filt.add(rec["id"], e)
-        texts[rec["id"]] = rec["text"]
-        pool.append({**rec, "nearest_id": nn, "nearest_sim": None if nn is None else round(sim, 4)})
     fp = round_settings(kind, s, backend, seeds, blocked)
     rounds = _finished_rounds(kind, s, fp, state_path)
-    replay = [a for r in rounds for a in r["accepted"]]
-    for rec, e in zip(replay, embedder.encode([a["text"] for a in replay])):
-        filt.add(rec["id"], e)
-        texts[rec["id"]] = rec["text"]
-        pool.append(rec)
+    pool = _start_pool(seeds, blocked, [a for r in rounds for a in r["accepted"]], embedder, filt, texts)
     stop = "round limit"
     with JsonlAppender(state_path) as log:
         for rnd in range(len(rounds) + 1, s.max_rounds + 1):

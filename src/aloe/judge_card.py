@@ -161,30 +161,23 @@ def _messages_for_k1(convs_of: dict[str, list[dict]], pairs: list[dict], per_per
     return out
 
 
-def known_tailored(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, list[dict]]) -> dict:
-    """K1: tailored vs plain replies written by a model that is not the judge's."""
-    card_cfg = cfg.judge_card
-    writer, role, independent = k1_writer(cfg, roles)
-    judge = _engine(roles, "judge")
-    other = mismatched(pairs)
-    items = [(p, h, m) for p, h, m in _messages_for_k1(convs_of, pairs, card_cfg.k1_messages) if p["id"] in other]
+def _k1_requests(items: list[tuple], samp: Sampling) -> list[ChatRequest]:
+    """Two requests per (persona, history, message): the oracle's prompt (tailored) then the plain one."""
     oracle, plain = prompts.get("responder_oracle"), prompts.get("responder_plain")
-    samp = Sampling(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     reqs = []
     for p, h, m in items:
         profile, personality = judge_persona(p)
-        reqs.append(ChatRequest([{"role": "system", "content": oracle.render("system", profile=profile,
-                                                                             personality=personality)},
-                                 *h, {"role": "user", "content": m}], samp, prompt_version=oracle.tag))
+        system = oracle.render("system", profile=profile, personality=personality)
+        reqs.append(ChatRequest([{"role": "system", "content": system}, *h, {"role": "user", "content": m}],
+                                samp, prompt_version=oracle.tag))
         reqs.append(ChatRequest([{"role": "system", "content": plain.render("system")}, *h,
                                  {"role": "user", "content": m}], samp, prompt_version=plain.tag))
-    got = writer.chat(reqs) if reqs else []
-    ok = [(p, h, m, got[2 * i].text.strip(), got[2 * i + 1].text.strip()) for i, (p, h, m) in enumerate(items)
-          if got[2 * i].ok and got[2 * i + 1].ok and got[2 * i].text.strip() and got[2 * i + 1].text.strip()]
-    replies = []
-    for p, h, m, tail, pl in ok:
-        replies += [Reply(p, h, m, tail), Reply(other[p["id"]], h, m, tail), Reply(p, h, m, pl)]
-    scores = [s for s, _ in score_replies(cfg, judge, replies)]
+    return reqs
+
+
+def _k1_tally(ok: list[tuple], scores: list, n_boot: int, seed: int) -> tuple[dict, dict]:
+    """Discrimination (own vs mismatched) and tailored (tailored vs plain) rates from the judge's
+    scores, three per usable item: own, mismatched, plain."""
     disc, tail_w, disc_gap, tail_gap, groups_d, groups_t = [], [], [], [], [], []
     for i, (p, *_rest) in enumerate(ok):
         own, mis, pla = scores[3 * i: 3 * i + 3]
@@ -196,8 +189,25 @@ def known_tailored(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict
             tail_w.append(win(own, pla))
             tail_gap.append(own - pla)
             groups_t.append(p["id"])
-    d = _rate(disc, disc_gap, groups_d, card_cfg.n_boot, cfg.seed)
-    t = _rate(tail_w, tail_gap, groups_t, card_cfg.n_boot, cfg.seed + 1)
+    return _rate(disc, disc_gap, groups_d, n_boot, seed), _rate(tail_w, tail_gap, groups_t, n_boot, seed + 1)
+
+
+def known_tailored(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, list[dict]]) -> dict:
+    """K1: tailored vs plain replies written by a model that is not the judge's."""
+    card_cfg = cfg.judge_card
+    writer, role, independent = k1_writer(cfg, roles)
+    judge = _engine(roles, "judge")
+    other = mismatched(pairs)
+    items = [(p, h, m) for p, h, m in _messages_for_k1(convs_of, pairs, card_cfg.k1_messages) if p["id"] in other]
+    reqs = _k1_requests(items, Sampling(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed))
+    got = writer.chat(reqs) if reqs else []
+    ok = [(p, h, m, got[2 * i].text.strip(), got[2 * i + 1].text.strip()) for i, (p, h, m) in enumerate(items)
+          if got[2 * i].ok and got[2 * i + 1].ok and got[2 * i].text.strip() and got[2 * i + 1].text.strip()]
+    replies = []
+    for p, h, m, tail, pl in ok:
+        replies += [Reply(p, h, m, tail), Reply(other[p["id"]], h, m, tail), Reply(p, h, m, pl)]
+    scores = [s for s, _ in score_replies(cfg, judge, replies)]
+    d, t = _k1_tally(ok, scores, card_cfg.n_boot, cfg.seed)
     return {"discrimination": d, "tailored": t, "writer": {"role": role, **writer.describe()},
             "independent": independent, "calls": {"writer": len(reqs), "judge": len(replies)},
             "why": ("the writer (" + role + ") is a different model from the judge" if independent else
@@ -262,62 +272,80 @@ def rules_agreement(convs_of: dict[str, list[dict]]) -> dict:
     return {"spearman": spearman([a for a, _ in both], [b for _, b in both]), "n": len(both)}
 
 
-def build(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, list[dict]]) -> dict:
-    """The judge card of one evaluation run (see the module docstring). ``roles``: the stage's Roles
-    (judge, policy, and for K1 the responder), or one backend that plays every role."""
-    card_cfg = cfg.judge_card
-    thresholds = {"min_discrimination": card_cfg.min_discrimination, "min_tailored": card_cfg.min_tailored,
-                  "min_preference": card_cfg.min_preference, "max_length_corr": card_cfg.max_length_corr,
-                  "ci_above": 0.5, "min_gap": card_cfg.min_gap}
-    if cfg.score_judge == "rules":
-        k2 = known_preferences(cfg, None, pairs, convs_of, "rules")
-        reasons = [] if k2["value"] in (None, 1.0) else [
-            f"the rules judge preferred a violating edit in {1 - k2['value']:.0%} of K2 pairs: an edit or a checker "
-            f"is wrong (a bug, not a property of the judge)"]
-        return {"judge": "rules", "judge_model": preferences.judge_description(),
-                "exact": True, "independent": True, "fit": not reasons, "reasons": reasons,
-                "thresholds": thresholds,
-                "known_answers": {"K1": {"value": None, "n": 0, "counts": False,
-                                         "why": "the rules judge reads only the checkable preferences"},
-                                  "K2": {**k2, "counts": True}},
-                "persona_discrimination": None, "persona_discrimination_ci_low": None,
-                "persona_discrimination_ci_high": None, "n_discrimination": 0,
-                "why": "exact: each checkable preference is checked by a program, so the score is known, not "
-                       "estimated; it measures only what the checkable preferences cover"}
-    judge = _engine(roles, "judge")
-    indep = independence(cfg, roles)
-    k1 = known_tailored(cfg, roles, pairs, convs_of)
-    k2 = known_preferences(cfg, judge, pairs, convs_of)
-    info = run_reply_checks(cfg, judge, pairs, convs_of)
+def _thresholds(card_cfg) -> dict:
+    return {"min_discrimination": card_cfg.min_discrimination, "min_tailored": card_cfg.min_tailored,
+            "min_preference": card_cfg.min_preference, "max_length_corr": card_cfg.max_length_corr,
+            "ci_above": 0.5, "min_gap": card_cfg.min_gap}
 
+
+def _rules_card(cfg: EvaluateConfig, pairs: list[dict], convs_of: dict[str, list[dict]]) -> dict:
+    """The exact judge's card: K2 runs as a check of the edits and checkers, K1 does not apply."""
+    k2 = known_preferences(cfg, None, pairs, convs_of, "rules")
+    reasons = [] if k2["value"] in (None, 1.0) else [
+        f"the rules judge preferred a violating edit in {1 - k2['value']:.0%} of K2 pairs: an edit or a checker "
+        f"is wrong (a bug, not a property of the judge)"]
+    return {"judge": "rules", "judge_model": preferences.judge_description(),
+            "exact": True, "independent": True, "fit": not reasons, "reasons": reasons,
+            "thresholds": _thresholds(cfg.judge_card),
+            "known_answers": {"K1": {"value": None, "n": 0, "counts": False,
+                                     "why": "the rules judge reads only the checkable preferences"},
+                              "K2": {**k2, "counts": True}},
+            "persona_discrimination": None, "persona_discrimination_ci_low": None,
+            "persona_discrimination_ci_high": None, "n_discrimination": 0,
+            "why": "exact: each checkable preference is checked by a program, so the score is known, not "
+                   "estimated; it measures only what the checkable preferences cover"}
+
+
+def _k1_reasons(k1: dict, card_cfg) -> list[str]:
+    """Why K1 fails, if it counts (its writer is independent of the judge)."""
+    if not k1["independent"]:
+        return []
+    d, t = k1["discrimination"], k1["tailored"]
     reasons = []
-    if not indep["value"]:
-        reasons.append(indep["why"] + "; its card cannot pass")
-    if k1["independent"]:
-        d, t = k1["discrimination"], k1["tailored"]
-        if d["value"] is None:
-            reasons.append("K1 could not be measured (no usable tailored replies or scores)")
-        else:
-            reasons += _shortfall("K1: the tailored reply scores higher under its own persona than a mismatched one",
-                                  d["value"], d["ci_low"], d["ci_high"], card_cfg.min_discrimination)
-            if d["gap_ci_low"] is not None and d["gap_ci_low"] <= card_cfg.min_gap:
-                reasons.append(f"K1: the persona moves the score by {d['gap']:+.3f} points on average (own minus "
-                               f"mismatched), interval [{d['gap_ci_low']:+.3f}, {d['gap_ci_high']:+.3f}] not above "
-                               f"{card_cfg.min_gap:g}")
-        if t["value"] is not None:
-            reasons += _shortfall("K1: tailored beats plain under the own persona", t["value"], t["ci_low"],
-                                  t["ci_high"], card_cfg.min_tailored)
+    if d["value"] is None:
+        reasons.append("K1 could not be measured (no usable tailored replies or scores)")
+    else:
+        reasons += _shortfall("K1: the tailored reply scores higher under its own persona than a mismatched one",
+                              d["value"], d["ci_low"], d["ci_high"], card_cfg.min_discrimination)
+        if d["gap_ci_low"] is not None and d["gap_ci_low"] <= card_cfg.min_gap:
+            reasons.append(f"K1: the persona moves the score by {d['gap']:+.3f} points on average (own minus "
+                           f"mismatched), interval [{d['gap_ci_low']:+.3f}, {d['gap_ci_high']:+.3f}] not above "
+                           f"{card_cfg.min_gap:g}")
+    if t["value"] is not None:
+        reasons += _shortfall("K1: tailored beats plain under the own persona", t["value"], t["ci_low"],
+                              t["ci_high"], card_cfg.min_tailored)
+    return reasons
+
+
+def _fit_reasons(indep: dict, k1: dict, k2: dict, length_corr, card_cfg) -> list[str]:
+    """Every reason the card fails; an empty list is a pass."""
+    reasons = [] if indep["value"] else [indep["why"] + "; its card cannot pass"]
+    reasons += _k1_reasons(k1, card_cfg)
     if k2["value"] is not None:
         reasons += _shortfall("K2: a reply that keeps a revealed preference beats its violating edit",
                               k2["value"], k2["ci_low"], k2["ci_high"], card_cfg.min_preference)
     if not k1["independent"] and k2["value"] is None:
         reasons.append("no known-answer check counts (K1 not independent, K2 not measurable)")
-    lc = info["length_corr"]
-    if lc is not None and abs(lc) > card_cfg.max_length_corr:
-        reasons.append(f"scores follow reply length (Spearman {lc:+.2f}, limit ±{card_cfg.max_length_corr:.2f})")
+    if length_corr is not None and abs(length_corr) > card_cfg.max_length_corr:
+        reasons.append(f"scores follow reply length (Spearman {length_corr:+.2f}, "
+                       f"limit ±{card_cfg.max_length_corr:.2f})")
+    return reasons
+
+
+def build(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, list[dict]]) -> dict:
+    """The judge card of one evaluation run (see the module docstring). ``roles``: the stage's Roles
+    (judge, policy, and for K1 the responder), or one backend that plays every role."""
+    if cfg.score_judge == "rules":
+        return _rules_card(cfg, pairs, convs_of)
+    judge = _engine(roles, "judge")
+    indep = independence(cfg, roles)
+    k1 = known_tailored(cfg, roles, pairs, convs_of)
+    k2 = known_preferences(cfg, judge, pairs, convs_of)
+    info = run_reply_checks(cfg, judge, pairs, convs_of)
+    reasons = _fit_reasons(indep, k1, k2, info["length_corr"], cfg.judge_card)
     calls = k1["calls"]["writer"] + k1["calls"]["judge"] + k2["calls"]["judge"] + info.pop("calls")
     return {"judge": cfg.score_judge, "judge_model": judge.describe(), "exact": False, "independent": indep["value"],
-            "independence": indep, "fit": not reasons, "reasons": reasons, "thresholds": thresholds,
+            "independence": indep, "fit": not reasons, "reasons": reasons, "thresholds": _thresholds(cfg.judge_card),
             "known_answers": {"K1": {**k1, "counts": k1["independent"]}, "K2": {**k2, "counts": k2["value"] is not None}},
             "rules_agreement": rules_agreement(convs_of),
             "calls": calls, **info}
@@ -375,58 +403,60 @@ def _shortfall(what: str, value: float, lo: float, hi: float, minimum: float) ->
     return []
 
 
-def card_rows(card: dict) -> list[dict]:
-    """The card as a readable table: check, value, interval, n, what is needed."""
-    th = card["thresholds"]
+def _row(check: str, value=None, interval: str = "", n=None, needed: str = "(information)") -> dict:
+    return {"check": check, "value": value, "interval": interval, "n": n, "needed": needed}
 
-    def fmt(v):
-        return None if v is None else round(v, 3)
 
-    def rate_row(check, r, needed):
-        gap = (f" gap {r['gap']:+.2f} {_ci(r.get('gap_ci_low'), r.get('gap_ci_high'))}"
-               if r.get("gap") is not None else "")
-        return {"check": check, "value": fmt(r.get("value")), "interval": _ci(r.get("ci_low"), r.get("ci_high")) + gap,
-                "n": r.get("n", 0), "needed": needed}
+def _fmt(v):
+    return None if v is None else round(v, 3)
 
-    ka = card["known_answers"]
+
+def _rate_row(check: str, r: dict, needed: str) -> dict:
+    gap = f" gap {r['gap']:+.2f} {_ci(r.get('gap_ci_low'), r.get('gap_ci_high'))}" if r.get("gap") is not None else ""
+    return _row(check, _fmt(r.get("value")), _ci(r.get("ci_low"), r.get("ci_high")) + gap, r.get("n", 0), needed)
+
+
+def _known_answer_rows(card: dict) -> list[dict]:
+    th, ka = card["thresholds"], card["known_answers"]
     k1, k2 = ka["K1"], ka["K2"]
-    rows = [{"check": "independent: the judge is not the policy", "value": card["independent"], "interval": "",
-             "n": None, "needed": "true"}]
-    if card.get("exact"):
-        rows.append({"check": "exact: scored by a program (aloe.preferences)", "value": True, "interval": "", "n": None,
-                     "needed": "(the rules judge)"})
+    rows = []
     if "discrimination" in k1:
         counts = "" if k1["counts"] else " (does not count: " + k1["why"] + ")"
-        rows.append(rate_row("K1 own persona above a mismatched one, tailored reply", k1["discrimination"],
-                             f">= {th['min_discrimination']}, CI above 0.5, gap CI above {th['min_gap']:g}{counts}"))
-        rows.append(rate_row("K1 tailored above plain, own persona", k1["tailored"],
-                             f">= {th['min_tailored']}, CI above 0.5{counts}"))
+        rows.append(_rate_row("K1 own persona above a mismatched one, tailored reply", k1["discrimination"],
+                              f">= {th['min_discrimination']}, CI above 0.5, gap CI above {th['min_gap']:g}{counts}"))
+        rows.append(_rate_row("K1 tailored above plain, own persona", k1["tailored"],
+                              f">= {th['min_tailored']}, CI above 0.5{counts}"))
     else:
-        rows.append({"check": "K1 tailored pairs", "value": None, "interval": "", "n": 0, "needed": k1["why"]})
-    rows.append(rate_row("K2 keeps a revealed preference above its violating edit", k2,
-                         f">= {th['min_preference']}, CI above 0.5" if k2.get("value") is not None else k2["why"]))
-    for pid, v in (k2.get("by_preference") or {}).items():
-        rows.append({"check": f"K2 ... {pid}", "value": fmt(v["value"]), "interval": "", "n": v["n"],
-                     "needed": "(information)"})
-    if card.get("exact"):
-        return rows
-    ra = card.get("rules_agreement") or {}
-    rows.append({"check": "agreement with the rules judge on the run's replies (Spearman)",
-                 "value": fmt(ra.get("spearman")), "interval": "", "n": ra.get("n", 0), "needed": "(information)"})
-    rows.append({"check": "(a) run's replies: own persona above a mismatched one", "value": fmt(card["persona_discrimination"]),
-                 "interval": _ci(card["persona_discrimination_ci_low"], card["persona_discrimination_ci_high"]),
-                 "n": card["n_discrimination"], "needed": "(information: how much persona the replies carry)"})
-    rows += [{"check": f"(a) ... on {m}'s replies", "value": fmt(v["value"]), "interval": "", "n": v["n"],
-              "needed": "(information)"} for m, v in card.get("persona_discrimination_by_model", {}).items()]
-    pc = card["position_consistency"]
-    rows += [{"check": "(c) pair judge: both orders agree", "value": fmt(pc["value"]), "interval": "", "n": pc["n"],
-              "needed": "(information) " + pc["why"]},
-             {"check": "(d) score vs reply length (Spearman)", "value": fmt(card["length_corr"]), "interval": "",
-              "n": card["n_length"], "needed": f"|r| <= {th['max_length_corr']}"},
-             {"check": "(e) re-judge stability", "value": None, "interval": "", "n": 0, "needed": card["rejudge"]["why"]}]
-    for kind, a in card["agreement"].items():
-        rows.append({"check": f"(f) agreement with the {kind} judge (Spearman)", "value": fmt(a["spearman"]),
-                     "interval": "", "n": a["n"], "needed": "(information)"})
-    rows.append({"check": "cost of this card", "value": card.get("calls"), "interval": "", "n": None,
-                 "needed": "(calls: K1 writer and judge, K2, (a), (f))"})
+        rows.append(_row("K1 tailored pairs", n=0, needed=k1["why"]))
+    rows.append(_rate_row("K2 keeps a revealed preference above its violating edit", k2,
+                          f">= {th['min_preference']}, CI above 0.5" if k2.get("value") is not None else k2["why"]))
+    rows += [_row(f"K2 ... {pid}", _fmt(v["value"]), n=v["n"]) for pid, v in (k2.get("by_preference") or {}).items()]
     return rows
+
+
+def _run_reply_rows(card: dict) -> list[dict]:
+    th, ra, pc = card["thresholds"], card.get("rules_agreement") or {}, card["position_consistency"]
+    rows = [_row("agreement with the rules judge on the run's replies (Spearman)", _fmt(ra.get("spearman")),
+                 n=ra.get("n", 0)),
+            _row("(a) run's replies: own persona above a mismatched one", _fmt(card["persona_discrimination"]),
+                 _ci(card["persona_discrimination_ci_low"], card["persona_discrimination_ci_high"]),
+                 card["n_discrimination"], "(information: how much persona the replies carry)")]
+    rows += [_row(f"(a) ... on {m}'s replies", _fmt(v["value"]), n=v["n"])
+             for m, v in card.get("persona_discrimination_by_model", {}).items()]
+    rows += [_row("(c) pair judge: both orders agree", _fmt(pc["value"]), n=pc["n"], needed="(information) " + pc["why"]),
+             _row("(d) score vs reply length (Spearman)", _fmt(card["length_corr"]), n=card["n_length"],
+                  needed=f"|r| <= {th['max_length_corr']}"),
+             _row("(e) re-judge stability", n=0, needed=card["rejudge"]["why"])]
+    rows += [_row(f"(f) agreement with the {kind} judge (Spearman)", _fmt(a["spearman"]), n=a["n"])
+             for kind, a in card["agreement"].items()]
+    rows.append(_row("cost of this card", card.get("calls"), needed="(calls: K1 writer and judge, K2, (a), (f))"))
+    return rows
+
+
+def card_rows(card: dict) -> list[dict]:
+    """The card as a readable table: check, value, interval, n, what is needed."""
+    rows = [_row("independent: the judge is not the policy", card["independent"], needed="true")]
+    if card.get("exact"):
+        rows.append(_row("exact: scored by a program (aloe.preferences)", True, needed="(the rules judge)"))
+    rows += _known_answer_rows(card)
+    return rows if card.get("exact") else rows + _run_reply_rows(card)

@@ -117,33 +117,25 @@ class Judged:
         return out
 
 
-def ask(backend, requests: Sequence[ProbRequest], parse: Callable[[str | None], str | None], *,
-          method: str = "auto", retries: int = 2, max_tokens: int = 8, require_all: bool = False) -> list[Judged]:
-    """Ask a judge; read probabilities where the backend gives them, else parse text.
+def _from_logprobs(lps: list, requests: Sequence[ProbRequest], method: str, require_all: bool) -> list:
+    """Each request's judgment from its log-probabilities; None where text must decide instead."""
+    out: list[Judged | None] = []
+    for lp, req in zip(lps, requests):
+        seen = {c for c, v in lp.logprobs.items() if v is not None}
+        if lp.ok and (not require_all or seen == set(req.candidates)):
+            out.append(Judged("logprobs", lp.probabilities(), logprobs=lp.logprobs,
+                              missing=[c for c in req.candidates if c not in seen] or None))
+        elif method == "logprobs":
+            out.append(Judged("none", None, logprobs=lp.logprobs,
+                              error=lp.error or f"log-probabilities cover {sorted(seen)} of {list(req.candidates)}"))
+        else:
+            out.append(None)
+    return out
 
-    ``method``: "logprobs" (probabilities only), "text" (parse only) or "auto"
-    (probabilities, falling back to text for any request whose probabilities are
-    unusable). Text is parsed strictly and retried up to ``retries`` more times with
-    sampling; a request that still has no usable answer comes back with method
-    "none". ``require_all``: a probability judgment counts only when every
-    candidate was observed (a pair judge needs both "1" and "2").
-    """
-    n = len(requests)
-    out: list[Judged | None] = [None] * n
-    lps: list = [None] * n
-    if method in ("auto", "logprobs"):
-        lps = backend.logprobs(list(requests))
-        for i, lp in enumerate(lps):
-            seen = {c for c, v in lp.logprobs.items() if v is not None}
-            usable = lp.ok and (not require_all or seen == set(requests[i].candidates))
-            if usable:
-                out[i] = Judged("logprobs", lp.probabilities(), logprobs=lp.logprobs,
-                                missing=[c for c in requests[i].candidates if c not in seen] or None)
-            elif method == "logprobs":
-                out[i] = Judged("none", None, logprobs=lp.logprobs,
-                                error=lp.error or f"log-probabilities cover {sorted(seen)} of "
-                                                  f"{list(requests[i].candidates)}")
-    todo = [i for i in range(n) if out[i] is None]
+
+def _from_text(backend, requests: Sequence[ProbRequest], parse, todo: list[int], lps: list, out: list,
+               retries: int, max_tokens: int) -> None:
+    """Fill ``out[i]`` for each ``i`` in ``todo`` by parsing text: greedy first, then sampled retries."""
     raws: dict[int, list[str]] = {i: [] for i in todo}
     for attempt in range(retries + 1):
         if not todo:
@@ -165,6 +157,26 @@ def ask(backend, requests: Sequence[ProbRequest], parse: Callable[[str | None], 
     for i in todo:
         out[i] = Judged("none", None, raws[i], lps[i].logprobs if lps[i] is not None else None,
                         f"no parsable answer in {retries + 1} tries")
+
+
+def ask(backend, requests: Sequence[ProbRequest], parse: Callable[[str | None], str | None], *,
+          method: str = "auto", retries: int = 2, max_tokens: int = 8, require_all: bool = False) -> list[Judged]:
+    """Ask a judge; read probabilities where the backend gives them, else parse text.
+
+    ``method``: "logprobs" (probabilities only), "text" (parse only) or "auto"
+    (probabilities, falling back to text for any request whose probabilities are
+    unusable). Text is parsed strictly and retried up to ``retries`` more times with
+    sampling; a request that still has no usable answer comes back with method
+    "none". ``require_all``: a probability judgment counts only when every
+    candidate was observed (a pair judge needs both "1" and "2").
+    """
+    n = len(requests)
+    out: list[Judged | None] = [None] * n
+    lps: list = [None] * n
+    if method in ("auto", "logprobs"):
+        lps = backend.logprobs(list(requests))
+        out = _from_logprobs(lps, requests, method, require_all)
+    _from_text(backend, requests, parse, [i for i in range(n) if out[i] is None], lps, out, retries, max_tokens)
     return out  # type: ignore[return-value]
 
 

@@ -262,56 +262,81 @@ _IMPERIAL_OF = [(r"\bkilomet(re|er)s\b", "miles"), (r"\bkilomet(re|er)\b", "mile
                 (r"\bml\b", "fl oz"), (r"\bm\b", "ft"), (r"\bg\b", "oz")]
 
 
+def _say_again(item: dict, params: dict, reply: str) -> str:
+    out = reply
+    while out and words(out) <= params["max_words"]:
+        out = f"{out} {reply}"  # the reply said again: the length doubled (or more)
+    return out
+
+
+def _unlist(item: dict, params: dict, reply: str) -> str:
+    items = [re.sub(r"^\s*(?:[-*•·‣▪]|\d{1,3}[.)])\s+", "", ln).strip() for ln in reply.splitlines()]
+    return " ".join(x.rstrip(".;") + ";" if i < len(items) - 1 and _LIST_ITEM.match(ln) else x
+                    for i, (x, ln) in enumerate(zip(items, reply.splitlines())) if x)
+
+
+def _drop_last_question(item: dict, params: dict, reply: str) -> str | None:
+    i = reply.rstrip().rfind("?")
+    return reply.rstrip()[:i] + "." if i >= 0 else None
+
+
+def _exclaim(item: dict, params: dict, reply: str) -> str:
+    r = reply.rstrip()
+    return r[:-1] + "!" if r.endswith(".") else r + "!"
+
+
+def _contract(item: dict, params: dict, reply: str) -> str:
+    for pat, rep in _CONTRACT:
+        if re.search(pat, reply):
+            return re.sub(pat, rep, reply, count=1)
+    return "Here's my suggestion: " + reply.lstrip()
+
+
+def _drop_name(item: dict, params: dict, reply: str) -> str:
+    name = re.escape(item["name"])
+    out = re.sub(rf",?\s*\b{name}\b\s*,?", " ", reply, flags=re.IGNORECASE)
+    out = re.sub(r"\s+([.,!?])", r"\1", re.sub(r"[ \t]+", " ", out)).strip()
+    return out[:1].upper() + out[1:]
+
+
+def _add_meat(item: dict, params: dict, reply: str) -> str:
+    swap = re.subn(r"\b(tofu|tempeh|lentils?|chickpeas?|beans|mushrooms?|vegetables|veggies|paneer|halloumi|"
+                   r"eggplant|aubergine)\b", "chicken", reply, count=1, flags=re.IGNORECASE)
+    return swap[0] if swap[1] else reply.rstrip() + " Add some grilled chicken."
+
+
+def _imperial(item: dict, params: dict, reply: str) -> str:
+    out = reply
+    for pat, rep in _IMPERIAL_OF:
+        out, n = re.subn(pat, rep, out, count=1, flags=re.IGNORECASE if pat != r"°C" else 0)
+        if n:
+            break
+    return out
+
+
+# check -> a minimal edit of a reply that satisfies it, meant to violate it (violate() verifies)
+_EDITS = {
+    "max_words": _say_again,
+    "list": _unlist,
+    "no_questions": lambda item, params, reply: reply.rstrip() + " What do you think?",
+    "ends_question": _drop_last_question,
+    "no_emoji": lambda item, params, reply: reply.rstrip() + " 🙂",
+    "no_exclamation": _exclaim,
+    "no_contractions": _contract,
+    "answer_first": lambda item, params, reply: "Great question. " + reply.lstrip(),
+    "uses_name": _drop_name,
+    "vegetarian": _add_meat,
+    "budget": lambda item, params, reply: _CHEAP.sub(lambda m: _PRICEY.get(m.group(0).lower(), "expensive"), reply),
+    "metric": _imperial,
+}
+
+
 def violate(item: dict, reply: str) -> str | None:
     """A minimal edit of ``reply`` (which satisfies ``item``) that violates it, or None when no such
     edit applies. The result is checked: what comes back violates the preference."""
-    pid = item["id"]
-    p = catalogue()[pid]
-    out: str | None = None
-    if p.check == "max_words":
-        out = reply
-        while out and words(out) <= p.params["max_words"]:
-            out = f"{out} {reply}"  # the reply said again: the length doubled (or more)
-    elif p.check == "list":
-        items = [re.sub(r"^\s*(?:[-*•·‣▪]|\d{1,3}[.)])\s+", "", ln).strip() for ln in reply.splitlines()]
-        out = " ".join(x.rstrip(".;") + ";" if i < len(items) - 1 and _LIST_ITEM.match(ln) else x
-                       for i, (x, ln) in enumerate(zip(items, reply.splitlines())) if x)
-    elif p.check == "no_questions":
-        out = reply.rstrip() + " What do you think?"
-    elif p.check == "ends_question":
-        i = reply.rstrip().rfind("?")
-        out = reply.rstrip()[:i] + "." if i >= 0 else None
-    elif p.check == "no_emoji":
-        out = reply.rstrip() + " 🙂"
-    elif p.check == "no_exclamation":
-        r = reply.rstrip()
-        out = r[:-1] + "!" if r.endswith(".") else r + "!"
-    elif p.check == "no_contractions":
-        for pat, rep in _CONTRACT:
-            if re.search(pat, reply):
-                out = re.sub(pat, rep, reply, count=1)
-                break
-        else:
-            out = "Here's my suggestion: " + reply.lstrip()
-    elif p.check == "answer_first":
-        out = "Great question. " + reply.lstrip()
-    elif p.check == "uses_name":
-        name = re.escape(item["name"])
-        out = re.sub(rf",?\s*\b{name}\b\s*,?", " ", reply, flags=re.IGNORECASE)
-        out = re.sub(r"\s+([.,!?])", r"\1", re.sub(r"[ \t]+", " ", out)).strip()
-        out = out[:1].upper() + out[1:]
-    elif p.check == "vegetarian":
-        swap = re.subn(r"\b(tofu|tempeh|lentils?|chickpeas?|beans|mushrooms?|vegetables|veggies|paneer|halloumi|"
-                       r"eggplant|aubergine)\b", "chicken", reply, count=1, flags=re.IGNORECASE)
-        out = swap[0] if swap[1] else reply.rstrip() + " Add some grilled chicken."
-    elif p.check == "budget":
-        out = _CHEAP.sub(lambda m: _PRICEY.get(m.group(0).lower(), "expensive"), reply)
-    elif p.check == "metric":
-        out = reply
-        for pat, rep in _IMPERIAL_OF:
-            out, n = re.subn(pat, rep, out, count=1, flags=re.IGNORECASE if pat != r"°C" else 0)
-            if n:
-                break
+    p = catalogue()[item["id"]]
+    edit = _EDITS.get(p.check)
+    out = edit(item, p.params, reply) if edit is not None else None
     if out is None or out == reply or check(item, out) != VIOLATED:
         return None
     return out

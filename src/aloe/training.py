@@ -175,15 +175,56 @@ def policy_identity(cfg: TrainConfig) -> dict:
     return {"kind": policy.kind, "model": model_id, "revision": revision}
 
 
-def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbacks=None,
-                  policy: dict | None = None) -> dict:
-    """Train one variant from ``base_location``; returns its metrics (also on disk)."""
+def _rows(data_file: Path):
+    """The variant's training rows as a datasets.Dataset, with the node ids dropped."""
     from datasets import load_dataset
+
+    dataset = load_dataset("json", data_files=str(data_file), split="train")
+    if len(dataset) == 0:
+        raise AloeError(f"{data_file}: no rows to train on (every node was a tie, dropped or unusable?)")
+    return dataset.remove_columns([c for c in dataset.column_names if c == "id"])
+
+
+def _trainer(cfg: TrainConfig, variant: str, dataset, base_location: str, fp: str, callbacks):
+    """TRL's SFT or DPO trainer for one variant, with LoRA where configured."""
     from peft import LoraConfig
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     kind = VARIANTS[variant].kind
+    args_cls, trainer_cls = (SFTConfig, SFTTrainer) if kind == "sft" else (DPOConfig, DPOTrainer)
+    defaults, user = (SFT_DEFAULTS, cfg.sft) if kind == "sft" else (DPO_DEFAULTS, cfg.dpo)
+    args = args_cls(output_dir=str(cfg.paths.checkpoints(variant)),
+                    **{**defaults, "seed": cfg.seed, **_device_args(), **user})
+    model, tok = _load(base_location)
+    peft_config = LoraConfig(**{**LORA_DEFAULTS, **cfg.peft}) if cfg.lora else None
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                          peft_config=peft_config, callbacks=[_mark_complete(fp), *(callbacks or [])])
+    return trainer, tok
+
+
+def _variant_metrics(cfg: TrainConfig, variant: str, trainer, result, rows: int, base_location: str,
+                     last: str | None, wall: float, policy: dict | None) -> dict:
+    kind = VARIANTS[variant].kind
+    defaults, user = (SFT_DEFAULTS, cfg.sft) if kind == "sft" else (DPO_DEFAULTS, cfg.dpo)
+    return {
+        "variant": variant, "kind": kind, "base": base_location, "policy": policy or policy_identity(cfg),
+        "started_from": VARIANTS[variant].start_from or "policy", "rows": rows, "lora": cfg.lora,
+        "global_step": trainer.state.global_step, "resumed_from": last,
+        "world_size": trainer.accelerator.num_processes,
+        "train_runtime_s": round(wall, 2),
+        "seconds_per_step": round(wall / max(1, trainer.state.global_step - _step_of(last)), 3),
+        "peak_rss_mb": round(_peak_rss_mb(), 1), "train_loss": result.training_loss,
+        "recipe": {"lora": cfg.lora, "peft": {**LORA_DEFAULTS, **cfg.peft} if cfg.lora else None,
+                   kind: {**defaults, **user}},
+        "log_history": trainer.state.log_history,
+    }
+
+
+def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbacks=None,
+                  policy: dict | None = None) -> dict:
+    """Train one variant from ``base_location``; returns its metrics (also on disk)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     paths = cfg.paths
     data_file = paths.export(VARIANTS[variant].data)
     if not data_file.exists():
@@ -195,39 +236,18 @@ def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbac
         return read_json(paths.train_metrics(variant))
     done.unlink(missing_ok=True)  # the model on disk is not this one: evaluation must not load it
     usable_checkpoints(paths.checkpoints(variant), fp)
-    dataset = load_dataset("json", data_files=str(data_file), split="train")
-    if len(dataset) == 0:
-        raise AloeError(f"{data_file}: no rows to train on (every node was a tie, dropped or unusable?)")
-    dataset = dataset.remove_columns([c for c in dataset.column_names if c == "id"])
-    user = cfg.sft if kind == "sft" else cfg.dpo
-    args_cls, trainer_cls = (SFTConfig, SFTTrainer) if kind == "sft" else (DPOConfig, DPOTrainer)
-    defaults = SFT_DEFAULTS if kind == "sft" else DPO_DEFAULTS
-    args = args_cls(output_dir=str(paths.checkpoints(variant)), **{**defaults, "seed": cfg.seed, **_device_args(), **user})
-    model, tok = _load(base_location)
-    peft_config = LoraConfig(**{**LORA_DEFAULTS, **cfg.peft}) if cfg.lora else None
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                          peft_config=peft_config, callbacks=[_mark_complete(fp), *(callbacks or [])])
+    dataset = _rows(data_file)
+    trainer, tok = _trainer(cfg, variant, dataset, base_location, fp, callbacks)
     last = get_last_checkpoint(str(paths.checkpoints(variant))) if paths.checkpoints(variant).exists() else None
     if last:
         log.info("%s: resuming from %s", variant, last)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=last)
-    wall = time.time() - started
-    acc = trainer.accelerator
-    metrics = {
-        "variant": variant, "kind": kind, "base": base_location, "policy": policy or policy_identity(cfg),
-        "started_from": VARIANTS[variant].start_from or "policy", "rows": len(dataset), "lora": cfg.lora,
-        "global_step": trainer.state.global_step, "resumed_from": last, "world_size": acc.num_processes,
-        "train_runtime_s": round(wall, 2),
-        "seconds_per_step": round(wall / max(1, trainer.state.global_step - _step_of(last)), 3),
-        "peak_rss_mb": round(_peak_rss_mb(), 1), "train_loss": result.training_loss,
-        "recipe": {"lora": cfg.lora, "peft": {**LORA_DEFAULTS, **cfg.peft} if cfg.lora else None,
-                   kind: {**defaults, **user}},
-        "log_history": trainer.state.log_history,
-    }
-    if acc.is_main_process:
+    metrics = _variant_metrics(cfg, variant, trainer, result, len(dataset), base_location, last,
+                               time.time() - started, policy)
+    if trainer.accelerator.is_main_process:
         _save_variant(cfg, variant, trainer, tok, metrics, fp)
-    acc.wait_for_everyone()
+    trainer.accelerator.wait_for_everyone()
     return metrics
 
 

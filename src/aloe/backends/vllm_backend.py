@@ -202,43 +202,53 @@ class VLLMBackend(ChatBackend):
         exact = [i for i in live if max(ntok[i].values()) > 1]
         topk = [i for i in live if i not in set(exact)]
         if topk:
-            params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, logprobs=self.top_logprobs)
-            outs = self._chat_each([list(requests[i].messages) for i in topk], params)
-            for i, o in zip(topk, outs):
-                if isinstance(o, Exception):
-                    results[i] = CandidateLogprobs({c: None for c in requests[i].candidates},
-                                                   error=f"vLLM refused the request: {type(o).__name__}: {o}")
-                    continue
-                step = (o.outputs[0].logprobs or [{}])[0]
-                top: dict[str, float] = {}
-                for lp in step.values():  # two ids may decode to the same text: sum, not overwrite
-                    if lp.decoded_token is not None:
-                        prev = top.get(lp.decoded_token)
-                        top[lp.decoded_token] = lp.logprob if prev is None else _logaddexp(prev, lp.logprob)
-                results[i] = CandidateLogprobs(match_candidates(top, requests[i].candidates), exact=False)
+            self._score_topk(requests, topk, results)
         if exact:  # every candidate of every such request in one batch
-            template = {"add_generation_prompt": False, "continue_final_message": True}
-            got: dict[int, dict[str, tuple[float, int] | str]] = {i: {} for i in exact}
-            pairs = []
-            for i in exact:
-                for c in requests[i].candidates:
-                    msgs = list(requests[i].messages) + [{"role": "assistant", "content": c}]
-                    why = self._too_long(self._prompt_len(msgs, **template))
-                    if why:
-                        got[i][c] = why
-                    else:
-                        pairs.append((i, c, msgs))
-            params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
-            outs = self._chat_each([m for _, _, m in pairs], params, **template) if pairs else []
-            for (i, c, _), o in zip(pairs, outs):
-                got[i][c] = self._reply_logprob(c, o, lens[i], tok)
-            for i in exact:
-                errors = [v for v in got[i].values() if isinstance(v, str)]
-                cands = requests[i].candidates
-                results[i] = (CandidateLogprobs({c: None for c in cands}, error=errors[0]) if errors else
-                              CandidateLogprobs({c: got[i][c][0] for c in cands}, exact=True,
-                                                tokens={c: got[i][c][1] for c in cands}))
+            self._score_exact(requests, exact, lens, tok, results)
         return results  # type: ignore[return-value]
+
+    def _score_topk(self, requests: list[ProbRequest], topk: list[int], results: list) -> None:
+        """One-token candidates: the next token's top-k list, ids that decode to the same text summed."""
+        params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, logprobs=self.top_logprobs)
+        outs = self._chat_each([list(requests[i].messages) for i in topk], params)
+        for i, o in zip(topk, outs):
+            if isinstance(o, Exception):
+                results[i] = CandidateLogprobs({c: None for c in requests[i].candidates},
+                                               error=f"vLLM refused the request: {type(o).__name__}: {o}")
+                continue
+            step = (o.outputs[0].logprobs or [{}])[0]
+            top: dict[str, float] = {}
+            for lp in step.values():  # two ids may decode to the same text: sum, not overwrite
+                if lp.decoded_token is not None:
+                    prev = top.get(lp.decoded_token)
+                    top[lp.decoded_token] = lp.logprob if prev is None else _logaddexp(prev, lp.logprob)
+            results[i] = CandidateLogprobs(match_candidates(top, requests[i].candidates), exact=False)
+
+    def _score_exact(self, requests: list[ProbRequest], exact: list[int], lens: list[int], tok,
+                     results: list) -> None:
+        """Whole-reply candidates: each appended as the assistant's message, its prompt
+        log-probabilities summed; a candidate over the context fails its request with the reason."""
+        template = {"add_generation_prompt": False, "continue_final_message": True}
+        got: dict[int, dict[str, tuple[float, int] | str]] = {i: {} for i in exact}
+        pairs = []
+        for i in exact:
+            for c in requests[i].candidates:
+                msgs = list(requests[i].messages) + [{"role": "assistant", "content": c}]
+                why = self._too_long(self._prompt_len(msgs, **template))
+                if why:
+                    got[i][c] = why
+                else:
+                    pairs.append((i, c, msgs))
+        params = self._vllm.SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        outs = self._chat_each([m for _, _, m in pairs], params, **template) if pairs else []
+        for (i, c, _), o in zip(pairs, outs):
+            got[i][c] = self._reply_logprob(c, o, lens[i], tok)
+        for i in exact:
+            errors = [v for v in got[i].values() if isinstance(v, str)]
+            cands = requests[i].candidates
+            results[i] = (CandidateLogprobs({c: None for c in cands}, error=errors[0]) if errors else
+                          CandidateLogprobs({c: got[i][c][0] for c in cands}, exact=True,
+                                            tokens={c: got[i][c][1] for c in cands}))
 
     @staticmethod
     def _reply_logprob(reply: str, o, without: int, tok) -> tuple[float, int] | str:

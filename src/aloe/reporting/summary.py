@@ -109,13 +109,8 @@ def training_summary(cfg: ReportConfig) -> list[dict]:
     return rows
 
 
-def findings(cfg: ReportConfig) -> list[str]:
-    """'What this run shows and what it cannot show', written from the numbers."""
+def _tree_findings(ds: dict) -> list[str]:
     out = []
-    warning = self_judging(cfg)
-    if warning:
-        out.append(f"**{warning}**")
-    ds = dataset_summary(cfg)
     if ds["orders_agree"] is not None:
         out.append(f"The pair judge's two orders agreed on {ds['orders_agree']:.0%} of the {ds['nodes']} tree nodes"
                    + (": its 1-or-2 answers follow position, not content, so those labels came from each reply's "
@@ -123,18 +118,12 @@ def findings(cfg: ReportConfig) -> list[str]:
     if ds["hinted_preferred"] is not None:
         out.append(f"Of {ds['labelled_nodes']} labelled nodes, the judge preferred the hinted reply in "
                    f"{ds['hinted_preferred']:.0%} (50% is what a coin would give).")
-    metrics = evaluation_metrics(cfg)
-    if not metrics:
-        return out + ["No evaluation results yet."]
-    ms = metrics["models"]
-    n = metrics["personas"]
-    out.append(f"Evaluation protocol: {metrics.get('protocol', 'aloe')} "
-               + ("(the paper's: no system prompt for the model under test, its own default sampling, "
-                  "2048-token cap)." if metrics.get("protocol") == "paper" else
-                  "(ours: a short system prompt and greedy decoding for every model under test)."))
-    card = judge_card(cfg)
-    fit = bool(card and card["fit"])
-    out.append(judge_verdict(card))
+    return out
+
+
+def _comparison_findings(ms: dict, n: int, fit: bool) -> list[str]:
+    """Each model against base (paired), and whether the oracle clears base at all."""
+    out = []
     for m, s in ms.items():
         vs = s.get("vs_base")
         if not vs or vs["avg_diff"] is None:
@@ -156,6 +145,11 @@ def findings(cfg: ReportConfig) -> list[str]:
             out.append(f"The oracle (told the persona) does not score above base with {n} personas: the benchmark "
                        f"cannot tell a model that knows the user from one that does not at this size, so the other "
                        f"models' differences are not evidence either.")
+    return out
+
+
+def _trend_findings(ms: dict) -> list[str]:
+    out = []
     for m, s in ms.items():
         if s.get("ir") is None:
             out.append(f"{m}: IR undefined (fewer than 2 turns, or a turn without a usable judgment).")
@@ -168,6 +162,25 @@ def findings(cfg: ReportConfig) -> list[str]:
     if missing:
         out.append(f"{missing} judgments were unusable and are excluded (each mean's n says where).")
     return out
+
+
+def findings(cfg: ReportConfig) -> list[str]:
+    """'What this run shows and what it cannot show', written from the numbers."""
+    warning = self_judging(cfg)
+    out = [f"**{warning}**"] if warning else []
+    out += _tree_findings(dataset_summary(cfg))
+    metrics = evaluation_metrics(cfg)
+    if not metrics:
+        return out + ["No evaluation results yet."]
+    out.append(f"Evaluation protocol: {metrics.get('protocol', 'aloe')} "
+               + ("(the paper's: no system prompt for the model under test, its own default sampling, "
+                  "2048-token cap)." if metrics.get("protocol") == "paper" else
+                  "(ours: a short system prompt and greedy decoding for every model under test)."))
+    card = judge_card(cfg)
+    out.append(judge_verdict(card))
+    ms = metrics["models"]
+    return (out + _comparison_findings(ms, metrics["personas"], bool(card and card["fit"]))
+            + _trend_findings(ms))
 
 
 def judge_card(cfg: ReportConfig) -> dict | None:
