@@ -25,10 +25,12 @@ test: $(VENV)/.stamp-test lint
 test-fast: $(VENV)/.stamp-test lint
 	$(PY) -m pytest -m unit -q $(PYTEST_ARGS)
 
-# The package's import layers (pyproject.toml [tool.importlinter]) and ruff's small rule set.
+# The package's import layers (pyproject.toml [tool.importlinter]), ruff's small rule set, and the
+# formatting (`ruff format src tests scripts` fixes it).
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
 
 setup: $(VENV)/.stamp-base $(VENV)/.stamp-teacher
 setup-test: $(VENV)/.stamp-test

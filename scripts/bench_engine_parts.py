@@ -53,6 +53,7 @@ def timed(fn):
 
 def with_attr(fn, obj, name, value):
     """fn, run with obj.name set to value for the call (restored afterwards)."""
+
     def run():
         old = getattr(obj, name)
         setattr(obj, name, value)
@@ -60,6 +61,7 @@ def with_attr(fn, obj, name, value):
             return fn()
         finally:
             setattr(obj, name, old)
+
     return run
 
 
@@ -103,28 +105,51 @@ def main() -> None:
         ids, mask = backend._pad_left(seqs)
         torch.manual_seed(seed % (2**63))
         with torch.inference_mode():
-            backend.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=True,
-                                   temperature=temperature, top_p=top_p, top_k=None,
-                                   pad_token_id=backend.tokenizer.pad_token_id)
+            backend.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_tokens,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=None,
+                pad_token_id=backend.tokenizer.pad_token_id,
+            )
         return [None] * len(seqs)
 
     def generate():
         return backend._generate(responders)
 
     _, t_inverse, _, t_multinomial = alternate(
-        generate, with_attr(generate, backend, "_generate_batch", multinomial_batch), args.repeats)
+        generate, with_attr(generate, backend, "_generate_batch", multinomial_batch), args.repeats
+    )
     report = {
         "timing": f"best of {args.repeats}, alternating",
-        "args": vars(args), "trees_settings": settings, "batch_size": backend.batch_size,
-        "judge": {"prompts": len(judge_reqs), "tokens_whole": tokens, "tokens_shared": shared_tokens,
-                  "seconds_whole": t_whole, "seconds_shared": t_shared, "max_abs_logprob_difference": round(diff, 4)},
-        "responders": {"requests": len(responders), "seconds_inverse_cdf": t_inverse,
-                       "seconds_multinomial": t_multinomial},
+        "args": vars(args),
+        "trees_settings": settings,
+        "batch_size": backend.batch_size,
+        "judge": {
+            "prompts": len(judge_reqs),
+            "tokens_whole": tokens,
+            "tokens_shared": shared_tokens,
+            "seconds_whole": t_whole,
+            "seconds_shared": t_shared,
+            "max_abs_logprob_difference": round(diff, 4),
+        },
+        "responders": {
+            "requests": len(responders),
+            "seconds_inverse_cdf": t_inverse,
+            "seconds_multinomial": t_multinomial,
+        },
     }
-    print(f"judge: {len(judge_reqs)} prompts, {tokens} -> {shared_tokens} tokens encoded; "
-          f"{t_whole} s whole vs {t_shared} s shared (max |logprob difference| {diff:.3f}, bf16)")
-    print(f"responders: {len(responders)} requests; sampling by inverse CDF {t_inverse} s vs "
-          f"torch.multinomial {t_multinomial} s")
+    print(
+        f"judge: {len(judge_reqs)} prompts, {tokens} -> {shared_tokens} tokens encoded; "
+        f"{t_whole} s whole vs {t_shared} s shared (max |logprob difference| {diff:.3f}, bf16)"
+    )
+    print(
+        f"responders: {len(responders)} requests; sampling by inverse CDF {t_inverse} s vs "
+        f"torch.multinomial {t_multinomial} s"
+    )
     write_json(Path("data/bench/bench_engine_parts.json"), report)
     print(json.dumps(report))
 

@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.6)
     args = ap.parse_args()
     texts = candidates(Path(args.pool_dir))
-    seeds, cands = texts[:5], texts[5:5 + args.n]
+    seeds, cands = texts[:5], texts[5 : 5 + args.n]
     emb = Embedder()
     emb.encode(["warm-up"])
     d1, t1 = ours(emb, seeds, cands, args.threshold)
@@ -69,9 +69,21 @@ def main() -> None:
     # the 3,310-candidate case: the text pool cycled with a numbered suffix (distinct strings)
     big = [f"{texts[i % len(texts)]} (variant {i // len(texts)})" for i in range(args.big)]
     _, t3 = ours(emb, seeds, big, args.threshold)
-    print(json.dumps({"candidates": len(cands), "ours_s": round(t1, 2), "naive_s": round(t2, 2),
-                      "ratio": round(t2 / t1, 1), "same_decisions": d1 == d2, "accepted": sum(d1),
-                      "big_candidates": len(big), "big_ours_s": round(t3, 2)}, indent=2))
+    print(
+        json.dumps(
+            {
+                "candidates": len(cands),
+                "ours_s": round(t1, 2),
+                "naive_s": round(t2, 2),
+                "ratio": round(t2 / t1, 1),
+                "same_decisions": d1 == d2,
+                "accepted": sum(d1),
+                "big_candidates": len(big),
+                "big_ours_s": round(t3, 2),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -46,12 +46,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("the a to and of you it is that for on with as this be at your I can my we are have or not but "
-         "what so if do about like more some would time just get make when how think good need know want "
-         "people day work home help try maybe really one also new first way day week plan idea small step").split()
+WORDS = (
+    "the a to and of you it is that for on with as this be at your I can my we are have or not but "
+    "what so if do about like more some would time just get make when how think good need know want "
+    "people day work home help try maybe really one also new first way day week plan idea small step"
+).split()
 
 
 # --------------------------------------------------------------------------- the provider
+
 
 def serve(args) -> None:
     """One fake provider (``--serve PORT``): answers as described above; logs "time key" per answer."""
@@ -60,7 +63,7 @@ def serve(args) -> None:
     keys = open(args.keys_file, "a", buffering=1, encoding="utf-8")
     rng = random.Random()
     sigma = 0.6
-    mu = math.log(args.mean_ms / 1000) - sigma ** 2 / 2  # lognormal with this mean
+    mu = math.log(args.mean_ms / 1000) - sigma**2 / 2  # lognormal with this mean
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -71,7 +74,11 @@ def serve(args) -> None:
         def _send(self, code: int, body: dict, headers: dict | None = None) -> None:
             data = json.dumps(body).encode()
             self.send_response(code)
-            for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}.items():
+            for k, v in {
+                "Content-Type": "application/json",
+                "Content-Length": str(len(data)),
+                **(headers or {}),
+            }.items():
                 self.send_header(k, v)
             self.end_headers()
             self.wfile.write(data)
@@ -103,9 +110,14 @@ def serve(args) -> None:
                 p = 0.05 + 0.9 * (h % 1000) / 1000
                 first, second = ("1", "2") if p >= 0.5 else ("2", "1")
                 top = [{"token": "1", "logprob": math.log(p)}, {"token": "2", "logprob": math.log(1 - p)}]
-                choice = {"index": 0, "message": {"role": "assistant", "content": first}, "finish_reason": "stop",
-                          "logprobs": {"content": [{"token": first, "logprob": max(t["logprob"] for t in top),
-                                                    "top_logprobs": top}]}}
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": first},
+                    "finish_reason": "stop",
+                    "logprobs": {
+                        "content": [{"token": first, "logprob": max(t["logprob"] for t in top), "top_logprobs": top}]
+                    },
+                }
                 n = 1
             else:
                 cap = int(req.get("max_tokens") or 64)
@@ -127,6 +139,7 @@ def serve(args) -> None:
 
 # --------------------------------------------------------------------------- one trees run
 
+
 def _pairs(root: Path, n: int, official: Path | None) -> None:
     """``n`` training personas: the official pool's where it is given, else the project's seeds
     made distinct per persona (a load test needs distinct prompts, not new people)."""
@@ -135,8 +148,7 @@ def _pairs(root: Path, n: int, official: Path | None) -> None:
 
     if official is not None:
         profiles = pool_records(read_aloe_pool(official / "profile.jsonl"), "profile", "imported", "train")
-        personalities = pool_records(read_aloe_pool(official / "personality.jsonl"), "personality", "imported",
-                                     "train")
+        personalities = pool_records(read_aloe_pool(official / "personality.jsonl"), "personality", "imported", "train")
     else:
         profiles = pool_records(load_seeds("profiles"), "profile", "seed", "train")
         personalities = pool_records(load_seeds("personalities"), "personality", "seed", "train")
@@ -161,12 +173,31 @@ def client(args) -> None:
     root = Path(args.client)
     if not (root / "b" / "personas" / "pairs.jsonl").exists():
         _pairs(root, args.trees, Path(args.official) if args.official else None)
-    settings = {k: v for k, v in load_experiment(REPO / "parameters" / "paper.yaml").raw_sections["trees"].items()
-                if k not in ("n_personas", "turns")}
-    backend = {"kind": "openai", "model": args.model, "base_url": args.urls.split(","),
-               "max_concurrency": args.concurrency, "timeout_s": 2.0, "max_retries": 8, "top_logprobs": 20}
-    cfg = stage_config("trees", experiment="b", data_root=str(root), cache_path=str(root / "cache.sqlite"),
-                       backend=backend, n_personas=args.trees, turns=args.turns, schedule=args.path, **settings)
+    settings = {
+        k: v
+        for k, v in load_experiment(REPO / "parameters" / "paper.yaml").raw_sections["trees"].items()
+        if k not in ("n_personas", "turns")
+    }
+    backend = {
+        "kind": "openai",
+        "model": args.model,
+        "base_url": args.urls.split(","),
+        "max_concurrency": args.concurrency,
+        "timeout_s": 2.0,
+        "max_retries": 8,
+        "top_logprobs": 20,
+    }
+    cfg = stage_config(
+        "trees",
+        experiment="b",
+        data_root=str(root),
+        cache_path=str(root / "cache.sqlite"),
+        backend=backend,
+        n_personas=args.trees,
+        turns=args.turns,
+        schedule=args.path,
+        **settings,
+    )
     roles = open_roles(cfg, aloe.trees.ROLES)
     for e in roles.engines():  # the provider's time is compressed: so are the client's waits
         e.backoff_base_s, e.backoff_max_s = 0.05, 0.8
@@ -188,13 +219,23 @@ def client(args) -> None:
     started = time.time()
     counts = aloe.trees.run(cfg, roles, progress=False)
     wall = time.time() - started
-    print(json.dumps({"wall_s": round(wall, 2), "grow_s": round(wall - spent.get("finish_s", 0.0), 2),
-                      "finish_s": round(spent.get("finish_s", 0.0), 2), "nodes": counts["turns"],
-                      "failed_trees": counts["failed_trees"], "resumed_turns": counts["resumed_turns"],
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+    print(
+        json.dumps(
+            {
+                "wall_s": round(wall, 2),
+                "grow_s": round(wall - spent.get("finish_s", 0.0), 2),
+                "finish_s": round(spent.get("finish_s", 0.0), 2),
+                "nodes": counts["turns"],
+                "failed_trees": counts["failed_trees"],
+                "resumed_turns": counts["resumed_turns"],
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            }
+        )
+    )
 
 
 # --------------------------------------------------------------------------- the orchestra
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -207,11 +248,28 @@ class Servers:
         self.procs, self.urls, self.keys = [], [], []
         for i in range(args.servers):
             port, keys = _free_port(), work / f"keys-{i}-{time.time_ns()}.log"
-            argv = [sys.executable, __file__, "--serve", str(port), "--keys-file", str(keys),
-                    "--mean-ms", str(args.mean_ms), "--tail", str(args.tail), "--tail-x", str(args.tail_x),
-                    "--burst-every", str(args.burst_every), "--hang-at", str(args.hang_at),
-                    "--hang-s", str(args.hang_s), "--model", args.model] + (["--hang"] if i == args.servers - 1
-                                                                         and args.hang_s > 0 else [])
+            argv = [
+                sys.executable,
+                __file__,
+                "--serve",
+                str(port),
+                "--keys-file",
+                str(keys),
+                "--mean-ms",
+                str(args.mean_ms),
+                "--tail",
+                str(args.tail),
+                "--tail-x",
+                str(args.tail_x),
+                "--burst-every",
+                str(args.burst_every),
+                "--hang-at",
+                str(args.hang_at),
+                "--hang-s",
+                str(args.hang_s),
+                "--model",
+                args.model,
+            ] + (["--hang"] if i == args.servers - 1 and args.hang_s > 0 else [])
             self.procs.append(subprocess.Popen(argv))
             self.urls.append(f"http://127.0.0.1:{port}/v1")
             self.keys.append(keys)
@@ -252,9 +310,24 @@ def _wait_up(url: str) -> None:
 
 
 def _client_argv(args, folder: Path, urls: list[str], path: str) -> list[str]:
-    return [sys.executable, __file__, "--client", str(folder), "--urls", ",".join(urls), "--path", path,
-            "--trees", str(args.trees), "--turns", str(args.turns), "--concurrency", str(args.concurrency),
-            "--model", args.model] + (["--official", str(args.official)] if args.official else [])
+    return [
+        sys.executable,
+        __file__,
+        "--client",
+        str(folder),
+        "--urls",
+        ",".join(urls),
+        "--path",
+        path,
+        "--trees",
+        str(args.trees),
+        "--turns",
+        str(args.turns),
+        "--concurrency",
+        str(args.concurrency),
+        "--model",
+        args.model,
+    ] + (["--official", str(args.official)] if args.official else [])
 
 
 def _run_client(argv: list[str]) -> dict:
@@ -272,8 +345,10 @@ def _view(folder: Path) -> list:
     from aloe.io import read_jsonl
 
     keep = ("turn", "user", "verdict", "preferred", "rejected", "followed_text")
-    return sorted((t["id"], [{k: n.get(k) for k in keep} for n in t["turns"]])
-                  for t in read_jsonl(folder / "b" / "trees" / "trees.jsonl"))
+    return sorted(
+        (t["id"], [{k: n.get(k) for k in keep} for n in t["turns"]])
+        for t in read_jsonl(folder / "b" / "trees" / "trees.jsonl")
+    )
 
 
 def bench_path(args, work: Path, path: str) -> dict:
@@ -287,9 +362,17 @@ def bench_path(args, work: Path, path: str) -> dict:
         servers.close()
     mean = st["latency"] / max(1, st["answered"])
     ideal = st["answered"] * mean / slots
-    out = {"path": path, **res, "calls": st["answered"], "http_429": st["r429"], "hung_requests": st["hung"],
-           "mean_latency_ms": round(mean * 1000, 1), "ideal_s": round(ideal, 2),
-           "utilisation": round(ideal / res["grow_s"], 3), "bytes_written": _bytes(whole)}
+    out = {
+        "path": path,
+        **res,
+        "calls": st["answered"],
+        "http_429": st["r429"],
+        "hung_requests": st["hung"],
+        "mean_latency_ms": round(mean * 1000, 1),
+        "ideal_s": round(ideal, 2),
+        "utilisation": round(ideal / res["grow_s"], 3),
+        "bytes_written": _bytes(whole),
+    }
     if args.kill:
         out.update(kill_and_resume(args, work, path, st["answered"], whole))
     return out
@@ -301,8 +384,12 @@ def kill_and_resume(args, work: Path, path: str, calls: int, whole: Path) -> dic
     servers = Servers(args, work)
     try:
         folder = work / f"{path}-killed"
-        proc = subprocess.Popen(_client_argv(args, folder, servers.urls, path), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, cwd=REPO)
+        proc = subprocess.Popen(
+            _client_argv(args, folder, servers.urls, path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=REPO,
+        )
         share = random.Random(args.seed).uniform(0.2, 0.7)
         started = time.time()
         while len(servers.answered()) < share * calls and proc.poll() is None:
@@ -316,9 +403,16 @@ def kill_and_resume(args, work: Path, path: str, calls: int, whole: Path) -> dic
         after = [(t, k) for t, k in servers.answered() if t >= restart]
         again = {k for _, k in after} & before
         fresh = [t for t, k in after if k not in before]
-        return {"killed_at_s": round(at, 1), "killed_at_share": round(share, 2), "answered_before_kill": len(before), "lost_calls": len(again),
-                "resume_s": round(min(fresh) - restart, 2) if fresh else None, "rerun_wall_s": res["wall_s"],
-                "resumed_turns": res["resumed_turns"], "resumed_equals_uninterrupted": _view(folder) == _view(whole)}
+        return {
+            "killed_at_s": round(at, 1),
+            "killed_at_share": round(share, 2),
+            "answered_before_kill": len(before),
+            "lost_calls": len(again),
+            "resume_s": round(min(fresh) - restart, 2) if fresh else None,
+            "rerun_wall_s": res["wall_s"],
+            "resumed_turns": res["resumed_turns"],
+            "resumed_equals_uninterrupted": _view(folder) == _view(whole),
+        }
     finally:
         servers.close()
 
@@ -337,8 +431,11 @@ def main() -> None:
     ap.add_argument("--hang-s", type=float, default=8.0, help="how long the last server hangs (0: never)")
     ap.add_argument("--paths", default="conversation,lockstep")
     ap.add_argument("--kill", action="store_true", help="also SIGKILL a run at a random moment and resume it")
-    ap.add_argument("--official", default=None, help="the official pools' folder (default: ../shared/aloe-official "
-                                                     "where it exists, else this project's seeds)")
+    ap.add_argument(
+        "--official",
+        default=None,
+        help="the official pools' folder (default: ../shared/aloe-official where it exists, else this project's seeds)",
+    )
     ap.add_argument("--model", default="gpt-4o-mini-2024-07-18")
     ap.add_argument("--seed", type=int, default=0, help="seeds the moment of the kill")
     ap.add_argument("--out", default="data/bench/bench_scale.json")
@@ -361,8 +458,11 @@ def main() -> None:
         results = [bench_path(args, work, p) for p in args.paths.split(",")]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = {"args": {k: v for k, v in vars(args).items() if v is not None and k not in ("serve", "client")},
-              "machine": {"cpus": os.cpu_count()}, "results": results}
+    report = {
+        "args": {k: v for k, v in vars(args).items() if v is not None and k not in ("serve", "client")},
+        "machine": {"cpus": os.cpu_count()},
+        "results": results,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     for r in results:

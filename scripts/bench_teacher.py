@@ -28,16 +28,35 @@ from aloe.records import load_seeds
 def workload(n_chat: int, n_score: int):
     profiles, personalities = load_seeds("eval_profiles"), load_seeds("eval_personalities")
     sim = prompts.get("user_simulator")
-    chats = [ChatRequest(simulator_messages(profiles[i % 20], personalities[i % 5], []),
-                         Sampling(temperature=0.7, max_tokens=64, seed=i), prompt_version=sim.tag)
-             for i in range(n_chat)]
+    chats = [
+        ChatRequest(
+            simulator_messages(profiles[i % 20], personalities[i % 5], []),
+            Sampling(temperature=0.7, max_tokens=64, seed=i),
+            prompt_version=sim.tag,
+        )
+        for i in range(n_chat)
+    ]
     rubric = prompts.get("judge_score")
-    scores = [ProbRequest([{"role": "system", "content": rubric.render("system")},
-                           {"role": "user", "content": rubric.render(
-                               "user", profile=profiles[i % 20], personality=personalities[i % 5],
-                               message="I spent the morning fixing my bike.",
-                               reply="Nice! Was it the brakes again? I hope you got out for a ride after.")}],
-                          SCORES, prompt_version=rubric.tag) for i in range(n_score)]
+    scores = [
+        ProbRequest(
+            [
+                {"role": "system", "content": rubric.render("system")},
+                {
+                    "role": "user",
+                    "content": rubric.render(
+                        "user",
+                        profile=profiles[i % 20],
+                        personality=personalities[i % 5],
+                        message="I spent the morning fixing my bike.",
+                        reply="Nice! Was it the brakes again? I hope you got out for a ride after.",
+                    ),
+                },
+            ],
+            SCORES,
+            prompt_version=rubric.tag,
+        )
+        for i in range(n_score)
+    ]
     return chats, scores
 
 
@@ -48,8 +67,13 @@ def timed(backend, chats, scores) -> dict:
     lps = backend.logprobs(scores)
     t2 = time.time()
     tokens = sum(c.completion_tokens or 0 for c in out)
-    return {"chat_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2), "tokens": tokens,
-            "chat_ok": sum(c.ok for c in out), "score_ok": sum(s.ok for s in lps)}
+    return {
+        "chat_s": round(t1 - t0, 2),
+        "score_s": round(t2 - t1, 2),
+        "tokens": tokens,
+        "chat_ok": sum(c.ok for c in out),
+        "score_ok": sum(s.ok for s in lps),
+    }
 
 
 def free_port() -> int:
@@ -80,9 +104,25 @@ def main() -> None:
 
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
-    proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path(resolve_model(args.model))),
-                             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048",
-                             "--model_alias", args.model], stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf_path(resolve_model(args.model))),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--model_alias",
+            args.model,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
     try:
         for _ in range(240):
             try:
@@ -90,19 +130,25 @@ def main() -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.5)
-        srv = open_backend({"kind": "openai", "model": args.model, "base_url": f"http://127.0.0.1:{port}/v1",
-                            "max_concurrency": 1}, None)
+        srv = open_backend(
+            {"kind": "openai", "model": args.model, "base_url": f"http://127.0.0.1:{port}/v1", "max_concurrency": 1},
+            None,
+        )
         timed(srv, chats[:2], scores[:2])
         results["llama.cpp server"] = timed(srv, chats, scores)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     for engine, r in results.items():
-        print(f"{engine:>17}: {args.chats} chats {r['chat_s']:7.2f} s ({r['tokens']} tokens), "
-              f"{args.scores} scores {r['score_s']:7.2f} s")
+        print(
+            f"{engine:>17}: {args.chats} chats {r['chat_s']:7.2f} s ({r['tokens']} tokens), "
+            f"{args.scores} scores {r['score_s']:7.2f} s"
+        )
     tf_r, ll_r = results["transformers"], results["llama.cpp server"]
-    print(f"llama.cpp / transformers: chats {ll_r['chat_s'] / tf_r['chat_s']:.2f}x the time, "
-          f"scores {ll_r['score_s'] / tf_r['score_s']:.2f}x the time")
+    print(
+        f"llama.cpp / transformers: chats {ll_r['chat_s'] / tf_r['chat_s']:.2f}x the time, "
+        f"scores {ll_r['score_s'] / tf_r['score_s']:.2f}x the time"
+    )
     write_json(Path(f"data/bench/bench_teacher_{args.model}.json"), {"args": vars(args), "results": results})
 
 

@@ -84,13 +84,24 @@ def main() -> None:
         t = time.perf_counter()
         counts = run_trees(engine, settings, args.personas, args.turns)
         wall = time.perf_counter() - t
-        results[mode] = {"wall_s": round(wall, 2), "turns": counts["turns"],
-                         "turns_per_s": round(counts["turns"] / wall, 4)}
-        print(f"{mode:9s} {counts['turns']} conversation-turns in {wall:7.1f} s = "
-              f"{counts['turns'] / wall:.3f} turns/s", flush=True)
+        results[mode] = {
+            "wall_s": round(wall, 2),
+            "turns": counts["turns"],
+            "turns_per_s": round(counts["turns"] / wall, 4),
+        }
+        print(
+            f"{mode:9s} {counts['turns']} conversation-turns in {wall:7.1f} s = {counts['turns'] / wall:.3f} turns/s",
+            flush=True,
+        )
     ratio = results["lockstep"]["turns_per_s"] / results["naive"]["turns_per_s"]
     print(f"ratio lockstep / naive: {ratio:.2f}x")
-    report = {"args": vars(args), "trees_settings": settings, "backend": backend.describe(), **results, "ratio": round(ratio, 2)}
+    report = {
+        "args": vars(args),
+        "trees_settings": settings,
+        "backend": backend.describe(),
+        **results,
+        "ratio": round(ratio, 2),
+    }
     write_json(Path("data/bench/bench_trees.json"), report)
     print(json.dumps(report))
 

@@ -45,8 +45,13 @@ def main() -> None:
     args = ap.parse_args()
 
     root = Path(args.root)
-    pairs = make_pairs(pool_records(load_seeds("eval_profiles"), "profile", "seed", "eval"),
-                       pool_records(load_seeds("eval_personalities"), "personality", "seed", "eval"), 5, 0, "eval")
+    pairs = make_pairs(
+        pool_records(load_seeds("eval_profiles"), "profile", "seed", "eval"),
+        pool_records(load_seeds("eval_personalities"), "personality", "seed", "eval"),
+        5,
+        0,
+        "eval",
+    )
     pairs = assign(pairs, (2, 3), 0, "ours")
     results = []
     for judge in args.judges:
@@ -54,11 +59,20 @@ def main() -> None:
             name = f"{judge}-{kind}"
             write_jsonl(root / name / "personas" / "pairs.jsonl", pairs)
             cfg = stage_config(
-                "evaluate", experiment=name, data_root=str(root), cache_path=str(root / "cache.sqlite"),
+                "evaluate",
+                experiment=name,
+                data_root=str(root),
+                cache_path=str(root / "cache.sqlite"),
                 backend={"kind": "transformers", "model": args.simulator, "batch_size": 16},
                 roles={"judge": {"model": judge}, "policy": {"model": args.policy, "batch_size": 32}},
-                n_personas=args.personas, turns=args.turns, max_new_tokens=args.max_new_tokens,
-                models=["base", "oracle"], score_judge=kind, n_boot=1000, judge_card={"n_boot": 1000})
+                n_personas=args.personas,
+                turns=args.turns,
+                max_new_tokens=args.max_new_tokens,
+                models=["base", "oracle"],
+                score_judge=kind,
+                n_boot=1000,
+                judge_card={"n_boot": 1000},
+            )
             engines = open_roles(cfg, aloe.evaluation.ROLES)
             judging = {"s": 0.0}
             real = engines["judge"].logprobs
@@ -76,19 +90,30 @@ def main() -> None:
             card = json.loads(cfg.paths.judge_card.read_text())
             vs = metrics["models"]["oracle"]["vs_base"]
             k1, k2 = card["known_answers"]["K1"], card["known_answers"]["K2"]
-            row = {"judge": judge, "kind": kind, "fit": card["fit"], "independent": card["independent"],
-                   "k1_writer": k1["writer"]["model"], "k1_counts": k1["counts"],
-                   "k1_discrimination": k1["discrimination"], "k1_tailored": k1["tailored"],
-                   "k2": {k: k2.get(k) for k in ("value", "ci_low", "ci_high", "n", "gap")},
-                   "rules_agreement": card.get("rules_agreement"), "card_calls": card.get("calls"),
-                   "discrimination": card["persona_discrimination"],
-                   "length_corr": card["length_corr"], "oracle_minus_base": vs["avg_diff"],
-                   "oracle_minus_base_ci": [vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]],
-                   "persona_gap": card.get("persona_gap"),
-                   "discrimination_by_model": {m: round(v["value"], 3) for m, v in
-                                               card.get("persona_discrimination_by_model", {}).items()},
-                   "judge_seconds": round(judging["s"], 1), "wall_seconds": round(time.time() - t0, 1),
-                   "reasons": card["reasons"]}
+            row = {
+                "judge": judge,
+                "kind": kind,
+                "fit": card["fit"],
+                "independent": card["independent"],
+                "k1_writer": k1["writer"]["model"],
+                "k1_counts": k1["counts"],
+                "k1_discrimination": k1["discrimination"],
+                "k1_tailored": k1["tailored"],
+                "k2": {k: k2.get(k) for k in ("value", "ci_low", "ci_high", "n", "gap")},
+                "rules_agreement": card.get("rules_agreement"),
+                "card_calls": card.get("calls"),
+                "discrimination": card["persona_discrimination"],
+                "length_corr": card["length_corr"],
+                "oracle_minus_base": vs["avg_diff"],
+                "oracle_minus_base_ci": [vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]],
+                "persona_gap": card.get("persona_gap"),
+                "discrimination_by_model": {
+                    m: round(v["value"], 3) for m, v in card.get("persona_discrimination_by_model", {}).items()
+                },
+                "judge_seconds": round(judging["s"], 1),
+                "wall_seconds": round(time.time() - t0, 1),
+                "reasons": card["reasons"],
+            }
             results.append(row)
             print(json.dumps(row), flush=True)
             engines.close()
@@ -103,14 +128,18 @@ def main() -> None:
             return "-"
         return f"{r['value']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] n={r['n']}"
 
-    print("\n| judge | kind | independent | K1 writer | K1 own > mismatched | K1 tailored > plain | K2 keeps > edit | "
-          "rules agreement | card | judging s |")
+    print(
+        "\n| judge | kind | independent | K1 writer | K1 own > mismatched | K1 tailored > plain | K2 keeps > edit | "
+        "rules agreement | card | judging s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ra = (r["rules_agreement"] or {}).get("spearman")
-        print(f"| {r['judge']} | {r['kind']} | {r['independent']} | {r['k1_writer']}{'' if r['k1_counts'] else ' (no)'} | "
-              f"{rate(r['k1_discrimination'])} | {rate(r['k1_tailored'])} | {rate(r['k2'])} | "
-              f"{'-' if ra is None else f'{ra:+.2f}'} | {'pass' if r['fit'] else 'fail'} | {r['judge_seconds']} |")
+        print(
+            f"| {r['judge']} | {r['kind']} | {r['independent']} | {r['k1_writer']}{'' if r['k1_counts'] else ' (no)'} | "
+            f"{rate(r['k1_discrimination'])} | {rate(r['k1_tailored'])} | {rate(r['k2'])} | "
+            f"{'-' if ra is None else f'{ra:+.2f}'} | {'pass' if r['fit'] else 'fail'} | {r['judge_seconds']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,11 @@ def main() -> None:
         real = {k: sum(u[k] for u in used) for k in ("calls", "prompt_tokens", "completion_tokens")}
         est = {k: round(sum(r[k] for r in rows if r["stage"] == stage)) for k in real}
         tokens = (real["prompt_tokens"] + real["completion_tokens"], est["prompt_tokens"] + est["completion_tokens"])
-        out[stage] = {"used": real, "estimated": est,
-                      "tokens_ratio": round(tokens[1] / tokens[0], 3) if tokens[0] else None}
+        out[stage] = {
+            "used": real,
+            "estimated": est,
+            "tokens_ratio": round(tokens[1] / tokens[0], 3) if tokens[0] else None,
+        }
     print(json.dumps(out, indent=2))
 
 

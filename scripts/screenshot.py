@@ -17,9 +17,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # The closed network refuses Chromium's background connections; these flags stop it trying.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--force-device-scale-factor=1"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+]
 
 
 def screenshot(page: Path, out: Path, width: int = 1280, height: int = 1000) -> Path:
@@ -30,8 +39,14 @@ def screenshot(page: Path, out: Path, width: int = 1280, height: int = 1000) -> 
         raise SystemExit(f"screenshot: {page} not found; run `aloe run` or `aloe report` first")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:
-        cmd = [browser, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-               f"--screenshot={out.resolve()}", page.resolve().as_uri()]
+        cmd = [
+            browser,
+            *FLAGS,
+            f"--user-data-dir={profile}",
+            f"--window-size={width},{height}",
+            f"--screenshot={out.resolve()}",
+            page.resolve().as_uri(),
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if r.returncode != 0 or not out.exists() or out.stat().st_size == 0:
         raise SystemExit(f"screenshot: Chromium failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")

@@ -19,9 +19,11 @@ from aloe.personas import load_seeds, read_aloe_pool
 
 def report(emb: Embedder, name: str, train: list[str], evals: list[str], threshold: float) -> None:
     sim = emb.encode(evals) @ emb.encode(train).T
-    print(f"{name:28s} train {len(train):4d} eval {len(evals):3d}  max {sim.max():.3f}  "
-          f"pairs > {threshold}: {int((sim > threshold).sum()):4d}  "
-          f"eval items with a train item > {threshold}: {(sim.max(axis=1) > threshold).mean():.0%}")
+    print(
+        f"{name:28s} train {len(train):4d} eval {len(evals):3d}  max {sim.max():.3f}  "
+        f"pairs > {threshold}: {int((sim > threshold).sum()):4d}  "
+        f"eval items with a train item > {threshold}: {(sim.max(axis=1) > threshold).mean():.0%}"
+    )
 
 
 def main() -> None:
@@ -35,8 +37,13 @@ def main() -> None:
     d = Path(args.official)
     if d.exists():
         for kind in ("profile", "personality"):
-            report(emb, f"official: {kind}", read_aloe_pool(d / f"{kind}.jsonl"),
-                   read_aloe_pool(d / f"{kind}_eval.jsonl"), args.threshold)
+            report(
+                emb,
+                f"official: {kind}",
+                read_aloe_pool(d / f"{kind}.jsonl"),
+                read_aloe_pool(d / f"{kind}_eval.jsonl"),
+                args.threshold,
+            )
     else:
         print(f"(official pools not found at {d})")
 

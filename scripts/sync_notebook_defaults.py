@@ -56,8 +56,9 @@ def _fields(cls):
 
 def parameters_cell(stage: str, params: dict) -> str:
     """A stage notebook's parameters cell: one ``name = value  # help`` line per field."""
-    return "\n".join(f"{f.name} = {literal(params[f.name])}  # {f.metadata['help']}"
-                     for f in _fields(STAGE_CONFIGS[stage]))
+    return "\n".join(
+        f"{f.name} = {literal(params[f.name])}  # {f.metadata['help']}" for f in _fields(STAGE_CONFIGS[stage])
+    )
 
 
 def _default(f) -> str:
@@ -80,8 +81,9 @@ def _table(cls, skip=()) -> list[str]:
             continue
         rng = f.metadata.get("range")
         allowed = f"{_num(rng[0])} to {_num(rng[1])}" if rng else _type_name(hints[f.name])
-        rows.append(f"| `{f.name}` | {_default(f)} | {allowed.replace('|', '/')} | "
-                    f"{f.metadata['help'].replace('|', '/')} |")
+        rows.append(
+            f"| `{f.name}` | {_default(f)} | {allowed.replace('|', '/')} | {f.metadata['help'].replace('|', '/')} |"
+        )
     return rows
 
 
@@ -92,15 +94,25 @@ def _num(x) -> str:
 def parameters_doc() -> str:
     """docs/parameters.md: every key a parameter file may set, by section."""
     common = {f.name for f in dataclasses.fields(Common)}  # every stage's top-level keys
-    out = ["# Parameters", "",
-           "Every key a parameter file may set, generated from the one declaration of each "
-           "(`aloe.config.param`) by `python scripts/sync_notebook_defaults.py`; a test fails when this "
-           "page drifts. Ranges are inclusive. Back to the [README](../README.md).", "",
-           "## Top level", ""]
+    out = [
+        "# Parameters",
+        "",
+        "Every key a parameter file may set, generated from the one declaration of each "
+        "(`aloe.config.param`) by `python scripts/sync_notebook_defaults.py`; a test fails when this "
+        "page drifts. Ranges are inclusive. Back to the [README](../README.md).",
+        "",
+        "## Top level",
+        "",
+    ]
     out += _table(Common)
-    out += ["", "## `backend` and each role under `roles`", "",
-            "A role's mapping is merged over `backend`; a role that names another `model` does not inherit "
-            "`revision` or `served_model`.", ""]
+    out += [
+        "",
+        "## `backend` and each role under `roles`",
+        "",
+        "A role's mapping is merged over `backend`; a role that names another `model` does not inherit "
+        "`revision` or `served_model`.",
+        "",
+    ]
     out += _table(BackendConfig)
     for stage in STAGES:
         out += ["", f"## `stages.{stage}`", ""]
@@ -137,8 +149,12 @@ if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("params", nargs="?", default=str(REPO / "parameters" / "default.yaml"),
-                    help="the parameter file whose values become the notebooks' defaults")
+    ap.add_argument(
+        "params",
+        nargs="?",
+        default=str(REPO / "parameters" / "default.yaml"),
+        help="the parameter file whose values become the notebooks' defaults",
+    )
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 when anything drifted")
     args = ap.parse_args()
     changed = drift(Path(args.params), write=not args.check)

@@ -30,10 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
-BASE = ("experiment: bad\ndata_root: {tmp}/data\ncache_path: {tmp}/cache.sqlite\n"
-        "backend: {kind: transformers, model: smollm2-135m}\n")
-OPENAI = ("experiment: bad\ndata_root: {tmp}/data\ncache_path: {tmp}/cache.sqlite\n"
-          "backend: {kind: openai, model: m, base_url: {url}}\n")
+BASE = (
+    "experiment: bad\ndata_root: {tmp}/data\ncache_path: {tmp}/cache.sqlite\n"
+    "backend: {kind: transformers, model: smollm2-135m}\n"
+)
+OPENAI = (
+    "experiment: bad\ndata_root: {tmp}/data\ncache_path: {tmp}/cache.sqlite\n"
+    "backend: {kind: openai, model: m, base_url: {url}}\n"
+)
 
 
 def _stage(stage: str, body: str) -> str:
@@ -47,7 +51,10 @@ def _bomb() -> str:
         cur = chr(ord("a") + i)
         lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
     # nine levels of nine: 9**9 (387 million) values once expanded, from a dozen lines
-    return "\n".join(lines) + "\nexperiment: bad\nbackend:\n  kind: transformers\n  model: smollm2-135m\n  batch_size: *i\n"
+    return (
+        "\n".join(lines)
+        + "\nexperiment: bad\nbackend:\n  kind: transformers\n  model: smollm2-135m\n  batch_size: *i\n"
+    )
 
 
 # Data files a run reads, damaged: bytes that are not UTF-8, a line that is not JSON.
@@ -65,26 +72,44 @@ CASES: list[tuple] = [
     ("duplicate top-level key", BASE + "experiment: other\n", ["check", "{file}"], "experiment", {}),
     ("duplicate nested key", _stage("trees", "turns: 2\nturns: 3"), ["check", "{file}"], "turns", {}),
     ("non-string key in sft", _stage("train", "sft: {1: 2}"), ["check", "{file}"], "key", {}),
-    ("20,000-deep nested list", BASE + "description: " + "[" * 20000 + "]" * 20000 + "\n",
-     ["check", "{file}"], "deep", {}),
+    (
+        "20,000-deep nested list",
+        BASE + "description: " + "[" * 20000 + "]" * 20000 + "\n",
+        ["check", "{file}"],
+        "deep",
+        {},
+    ),
     ("alias bomb", _bomb(), ["check", "{file}"], "alias", {}),
     ("recursive alias", BASE + "roles: &r {judge: *r}\n", ["check", "{file}"], "recursive", {}),
     ("experiment '..'", BASE.replace("experiment: bad", "experiment: '..'"), ["check", "{file}"], "experiment", {}),
     ("experiment '.'", BASE.replace("experiment: bad", "experiment: '.'"), ["check", "{file}"], "experiment", {}),
-    ("experiment too long", BASE.replace("experiment: bad", "experiment: " + "x" * 300), ["check", "{file}"],
-     "experiment", {}),
-    ("experiment with NUL", BASE.replace("experiment: bad", 'experiment: "a\\0b"'), ["check", "{file}"],
-     "experiment", {}),
-    ("experiment with a slash", BASE.replace("experiment: bad", "experiment: a/b"), ["check", "{file}"],
-     "experiment", {}),
-    ("experiment is a number", BASE.replace("experiment: bad", "experiment: 5"), ["check", "{file}"],
-     "experiment", {}),
+    (
+        "experiment too long",
+        BASE.replace("experiment: bad", "experiment: " + "x" * 300),
+        ["check", "{file}"],
+        "experiment",
+        {},
+    ),
+    (
+        "experiment with NUL",
+        BASE.replace("experiment: bad", 'experiment: "a\\0b"'),
+        ["check", "{file}"],
+        "experiment",
+        {},
+    ),
+    (
+        "experiment with a slash",
+        BASE.replace("experiment: bad", "experiment: a/b"),
+        ["check", "{file}"],
+        "experiment",
+        {},
+    ),
+    ("experiment is a number", BASE.replace("experiment: bad", "experiment: 5"), ["check", "{file}"], "experiment", {}),
     ("stages is a list", BASE + "stages: []\n", ["check", "{file}"], "stages", {}),
     ("prices is a list", BASE + "prices: [1, 2]\n", ["check", "{file}"], "prices", {}),
     ("negative price", BASE + "prices: {m: {input: -1, output: 1}}\n", ["check", "{file}"], "prices.m.input", {}),
     ("price with a typo", BASE + "prices: {m: {inptu: 1, output: 1}}\n", ["check", "{file}"], "input", {}),
-    ("int8 on vLLM", BASE + "roles: {policy: {kind: vllm, model: m, dtype: int8}}\n", ["check", "{file}"],
-     "int8", {}),
+    ("int8 on vLLM", BASE + "roles: {policy: {kind: vllm, model: m, dtype: int8}}\n", ["check", "{file}"], "int8", {}),
     ("stage is false", BASE + "stages: {trees: false}\n", ["check", "{file}"], "stages.trees", {}),
     ("stage is a list", BASE + "stages: {trees: []}\n", ["check", "{file}"], "stages.trees", {}),
     ("unknown top-level key", BASE + "stagse: {}\n", ["check", "{file}"], "stagse", {}),
@@ -94,98 +119,240 @@ CASES: list[tuple] = [
     ("base_url ftp://", OPENAI.replace("{url}", "ftp://example.org/v1"), ["check", "{file}"], "base_url", {}),
     ("base_url not a URL", OPENAI.replace("{url}", "'not a url'"), ["check", "{file}"], "base_url", {}),
     ("base_url list of empty strings", OPENAI.replace("{url}", '["", ""]'), ["check", "{file}"], "base_url", {}),
-    ("credentials in base_url", OPENAI.replace("{url}", "'http://user:hunter2@127.0.0.1:9/v1'"),
-     ["check", "{file}"], "credentials", {}),
-    ("key over plain http to a remote host",
-     OPENAI.replace("{url}", "'http://example.org/v1', api_key_env: OPENAI_API_KEY"), ["check", "{file}"],
-     "api_key_env", {}),
-    ("api_key_env not a variable name", OPENAI.replace("{url}", "'https://example.org/v1', api_key_env: 'A B'"),
-     ["check", "{file}"], "api_key_env", {}),
+    (
+        "credentials in base_url",
+        OPENAI.replace("{url}", "'http://user:hunter2@127.0.0.1:9/v1'"),
+        ["check", "{file}"],
+        "credentials",
+        {},
+    ),
+    (
+        "key over plain http to a remote host",
+        OPENAI.replace("{url}", "'http://example.org/v1', api_key_env: OPENAI_API_KEY"),
+        ["check", "{file}"],
+        "api_key_env",
+        {},
+    ),
+    (
+        "api_key_env not a variable name",
+        OPENAI.replace("{url}", "'https://example.org/v1', api_key_env: 'A B'"),
+        ["check", "{file}"],
+        "api_key_env",
+        {},
+    ),
     ("unknown model name", BASE.replace("smollm2-135m", "no-such-model-xyz"), ["check", "{file}"], "model", {}),
     ("model path ../../..", BASE.replace("smollm2-135m", "'../../..'"), ["check", "{file}"], "model", {}),
-    ("missing official_dir", _stage("personas", "source: official\nofficial_dir: /nonexistent/aloe"),
-     ["check", "{file}"], "official_dir", {}),
-    ("sft learning_rate: fast", _stage("train", "sft: {learning_rate: fast}"), ["check", "{file}"],
-     "learning_rate", {}),
-    ("sft learning_rate: 1e-4 (YAML text)", _stage("train", "sft: {learning_rate: 1e-4}"), ["check", "{file}"],
-     "learning_rate", {}),
+    (
+        "missing official_dir",
+        _stage("personas", "source: official\nofficial_dir: /nonexistent/aloe"),
+        ["check", "{file}"],
+        "official_dir",
+        {},
+    ),
+    (
+        "sft learning_rate: fast",
+        _stage("train", "sft: {learning_rate: fast}"),
+        ["check", "{file}"],
+        "learning_rate",
+        {},
+    ),
+    (
+        "sft learning_rate: 1e-4 (YAML text)",
+        _stage("train", "sft: {learning_rate: 1e-4}"),
+        ["check", "{file}"],
+        "learning_rate",
+        {},
+    ),
     ("sft max_steps: -5", _stage("train", "sft: {max_steps: -5}"), ["check", "{file}"], "max_steps", {}),
     ("sft hub_token", _stage("train", "sft: {hub_token: hf_abc}"), ["check", "{file}"], "hub_token", {}),
     ("peft r: sixteen", _stage("train", "peft: {r: sixteen}"), ["check", "{file}"], "peft.r", {}),
     ("variants: []", _stage("train", "variants: []"), ["check", "{file}"], "variants", {}),
     ("models: []", _stage("evaluate", "models: []"), ["check", "{file}"], "models", {}),
-    ("max_retries: -1", BASE.replace("model: smollm2-135m}", "model: smollm2-135m, max_retries: -1}"),
-     ["check", "{file}"], "max_retries", {}),
-    ("gpu_memory_utilization: 5", BASE.replace("model: smollm2-135m}", "model: smollm2-135m, "
-                                               "gpu_memory_utilization: 5}"), ["check", "{file}"],
-     "gpu_memory_utilization", {}),
-    ("timeout_s: .nan", BASE.replace("model: smollm2-135m}", "model: smollm2-135m, timeout_s: .nan}"),
-     ["check", "{file}"], "timeout_s", {}),
+    (
+        "max_retries: -1",
+        BASE.replace("model: smollm2-135m}", "model: smollm2-135m, max_retries: -1}"),
+        ["check", "{file}"],
+        "max_retries",
+        {},
+    ),
+    (
+        "gpu_memory_utilization: 5",
+        BASE.replace("model: smollm2-135m}", "model: smollm2-135m, gpu_memory_utilization: 5}"),
+        ["check", "{file}"],
+        "gpu_memory_utilization",
+        {},
+    ),
+    (
+        "timeout_s: .nan",
+        BASE.replace("model: smollm2-135m}", "model: smollm2-135m, timeout_s: .nan}"),
+        ["check", "{file}"],
+        "timeout_s",
+        {},
+    ),
     ("temperature: -1", _stage("trees", "temperature: -1"), ["check", "{file}"], "temperature", {}),
     ("temperature: .nan", _stage("trees", "temperature: .nan"), ["check", "{file}"], "temperature", {}),
     ("temperature: .inf", _stage("trees", "temperature: .inf"), ["check", "{file}"], "temperature", {}),
-    ("evaluate n_personas above the benchmark", _stage("evaluate", "n_personas: 1000"), ["check", "{file}"],
-     "n_personas", {}),
+    (
+        "evaluate n_personas above the benchmark",
+        _stage("evaluate", "n_personas: 1000"),
+        ["check", "{file}"],
+        "n_personas",
+        {},
+    ),
     ("turns: 1000000000", _stage("trees", "turns: 1000000000"), ["check", "{file}"], "turns", {}),
     ("n_boot: 10**15", _stage("evaluate", "n_boot: 1000000000000000"), ["check", "{file}"], "n_boot", {}),
-    ("batch_size: 0", BASE.replace("model: smollm2-135m}", "model: smollm2-135m, batch_size: 0}"),
-     ["check", "{file}"], "batch_size", {}),
-    ("batch_size: true", BASE.replace("model: smollm2-135m}", "model: smollm2-135m, batch_size: true}"),
-     ["check", "{file}"], "batch_size", {}),
+    (
+        "batch_size: 0",
+        BASE.replace("model: smollm2-135m}", "model: smollm2-135m, batch_size: 0}"),
+        ["check", "{file}"],
+        "batch_size",
+        {},
+    ),
+    (
+        "batch_size: true",
+        BASE.replace("model: smollm2-135m}", "model: smollm2-135m, batch_size: true}"),
+        ["check", "{file}"],
+        "batch_size",
+        {},
+    ),
     ("unknown backend kind", BASE.replace("kind: transformers", "kind: tgi"), ["check", "{file}"], "kind", {}),
     ("unknown role", BASE + "roles: {juge: {model: smollm2-135m}}\n", ["check", "{file}"], "juge", {}),
-    ("likelihood judge on an HTTP server",
-     OPENAI.replace("{url}", "'http://127.0.0.1:9/v1'") + "stages: {evaluate: {score_judge: likelihood}}\n",
-     ["check", "{file}"], "likelihood", {}),
+    (
+        "likelihood judge on an HTTP server",
+        OPENAI.replace("{url}", "'http://127.0.0.1:9/v1'") + "stages: {evaluate: {score_judge: likelihood}}\n",
+        ["check", "{file}"],
+        "likelihood",
+        {},
+    ),
     ("threshold: 1.5", _stage("personas", "threshold: 1.5"), ["check", "{file}"], "threshold", {}),
     ("preferences: [4, 2]", _stage("personas", "preferences: [4, 2]"), ["check", "{file}"], "preferences", {}),
     ("preferences: [2, 9]", _stage("personas", "preferences: [2, 9]"), ["check", "{file}"], "preferences", {}),
-    ("evaluate preferences without official_dir", _stage("evaluate", "preferences: [2, 4]"), ["check", "{file}"],
-     "preferences", {}),
+    (
+        "evaluate preferences without official_dir",
+        _stage("evaluate", "preferences: [2, 4]"),
+        ["check", "{file}"],
+        "preferences",
+        {},
+    ),
     ("unknown judge kind", _stage("trees", "pair_judge: rule"), ["check", "{file}"], "pair_judge", {}),
     ("trees.judge, the old name", _stage("trees", "judge: rules"), ["check", "{file}"], "pair_judge", {}),
     ("evaluate.judge, the old name", _stage("evaluate", "judge: rules"), ["check", "{file}"], "score_judge", {}),
     ("seed: -1", _stage("trees", "seed: -1"), ["check", "{file}"], "seed", {}),
-    ("max_new_tokens: 10**9", _stage("trees", "max_new_tokens: 1000000000"), ["check", "{file}"],
-     "max_new_tokens", {}),
+    ("max_new_tokens: 10**9", _stage("trees", "max_new_tokens: 1000000000"), ["check", "{file}"], "max_new_tokens", {}),
     ("unknown evaluated model", _stage("evaluate", "models: [base, gpt]"), ["check", "{file}"], "models", {}),
     ("lora: 'yes'", _stage("train", "lora: 'yes'"), ["check", "{file}"], "lora", {}),
-    ("evaluates a variant never trained", _stage("evaluate", "models: [base, dpo]"), ["check", "{file}"],
-     "dpo", {}),
-    ("data_root is a list", BASE.replace("data_root: {tmp}/data", "data_root: [a, b]"), ["check", "{file}"],
-     "data_root", {}),
-    ("data_root under a file", BASE.replace("data_root: {tmp}/data", "data_root: {tmp}/binary.yaml/data"),
-     ["check", "{file}"], "data_root", {}),
-    ("cache_path is a folder", BASE.replace("cache_path: {tmp}/cache.sqlite", "cache_path: {tmp}"),
-     ["check", "{file}"], "cache_path", {}),
-    ("cache_path is /dev/null", BASE.replace("cache_path: {tmp}/cache.sqlite", "cache_path: /dev/null"),
-     ["check", "{file}"], "cache_path", {}),
-    ("cache_path is a YAML file", BASE.replace("cache_path: {tmp}/cache.sqlite", "cache_path: {tmp}/params.yaml"),
-     ["check", "{file}"], "cache_path", {}),
-    ("data_root is /proc/self", BASE.replace("data_root: {tmp}/data", "data_root: /proc/self"), ["check", "{file}"],
-     "data_root", {}),
-    ("key in a base_url query string", OPENAI.replace("{url}", "'http://127.0.0.1:9/v1?api_key=sk-abcdefgh12345'"),
-     ["check", "{file}"], "base_url", {}),
-    ("pairs.jsonl with bytes that are not UTF-8", BASE, ["run", "{file}", "--only", "trees"], "pairs.jsonl: line 2",
-     {}, {PAIRS: NOT_UTF8}),
-    ("pairs.jsonl with a line that is not JSON", BASE, ["run", "{file}", "--only", "trees"], "pairs.jsonl: line 2",
-     {}, {PAIRS: NOT_JSON}),
-    ("conversations with bytes that are not UTF-8", BASE, ["run", "{file}", "--only", "evaluate"],
-     "base.jsonl: line 2", {}, {CONVS: NOT_UTF8}),
+    ("evaluates a variant never trained", _stage("evaluate", "models: [base, dpo]"), ["check", "{file}"], "dpo", {}),
+    (
+        "data_root is a list",
+        BASE.replace("data_root: {tmp}/data", "data_root: [a, b]"),
+        ["check", "{file}"],
+        "data_root",
+        {},
+    ),
+    (
+        "data_root under a file",
+        BASE.replace("data_root: {tmp}/data", "data_root: {tmp}/binary.yaml/data"),
+        ["check", "{file}"],
+        "data_root",
+        {},
+    ),
+    (
+        "cache_path is a folder",
+        BASE.replace("cache_path: {tmp}/cache.sqlite", "cache_path: {tmp}"),
+        ["check", "{file}"],
+        "cache_path",
+        {},
+    ),
+    (
+        "cache_path is /dev/null",
+        BASE.replace("cache_path: {tmp}/cache.sqlite", "cache_path: /dev/null"),
+        ["check", "{file}"],
+        "cache_path",
+        {},
+    ),
+    (
+        "cache_path is a YAML file",
+        BASE.replace("cache_path: {tmp}/cache.sqlite", "cache_path: {tmp}/params.yaml"),
+        ["check", "{file}"],
+        "cache_path",
+        {},
+    ),
+    (
+        "data_root is /proc/self",
+        BASE.replace("data_root: {tmp}/data", "data_root: /proc/self"),
+        ["check", "{file}"],
+        "data_root",
+        {},
+    ),
+    (
+        "key in a base_url query string",
+        OPENAI.replace("{url}", "'http://127.0.0.1:9/v1?api_key=sk-abcdefgh12345'"),
+        ["check", "{file}"],
+        "base_url",
+        {},
+    ),
+    (
+        "pairs.jsonl with bytes that are not UTF-8",
+        BASE,
+        ["run", "{file}", "--only", "trees"],
+        "pairs.jsonl: line 2",
+        {},
+        {PAIRS: NOT_UTF8},
+    ),
+    (
+        "pairs.jsonl with a line that is not JSON",
+        BASE,
+        ["run", "{file}", "--only", "trees"],
+        "pairs.jsonl: line 2",
+        {},
+        {PAIRS: NOT_JSON},
+    ),
+    (
+        "conversations with bytes that are not UTF-8",
+        BASE,
+        ["run", "{file}", "--only", "evaluate"],
+        "base.jsonl: line 2",
+        {},
+        {CONVS: NOT_UTF8},
+    ),
     ("check on a folder", None, ["check", "{tmp}"], "folder", {}),
     ("check on a missing file", None, ["check", "{tmp}/missing.yaml"], "not found", {}),
     ("run --only an unknown stage", BASE, ["run", "{file}", "--only", "nope"], "--only", {}),
-    ("run with the key variable unset",
-     OPENAI.replace("{url}", "'http://127.0.0.1:9/v1', api_key_env: ALOE_TEST_UNSET_KEY"),
-     ["run", "{file}", "--only", "trees"], "ALOE_TEST_UNSET_KEY", {}),
-    ("run against a server that is down", OPENAI.replace("{url}", "'http://127.0.0.1:9/v1'"),
-     ["run", "{file}", "--only", "trees"], "127.0.0.1:9", {}),
-    ("run with vLLM on a machine without a GPU", BASE.replace("kind: transformers", "kind: vllm"),
-     ["run", "{file}", "--only", "trees"], "GPU", {}),
-    ("binary ALOE_MODELS_REGISTRY", BASE, ["check", "{file}"], "ALOE_MODELS_REGISTRY",
-     {"ALOE_MODELS_REGISTRY": "{binary}"}),
-    ("missing ALOE_MODELS_REGISTRY file", BASE, ["check", "{file}"], "registry",
-     {"ALOE_MODELS_REGISTRY": "{tmp}/no-registry.yaml"}),
+    (
+        "run with the key variable unset",
+        OPENAI.replace("{url}", "'http://127.0.0.1:9/v1', api_key_env: ALOE_TEST_UNSET_KEY"),
+        ["run", "{file}", "--only", "trees"],
+        "ALOE_TEST_UNSET_KEY",
+        {},
+    ),
+    (
+        "run against a server that is down",
+        OPENAI.replace("{url}", "'http://127.0.0.1:9/v1'"),
+        ["run", "{file}", "--only", "trees"],
+        "127.0.0.1:9",
+        {},
+    ),
+    (
+        "run with vLLM on a machine without a GPU",
+        BASE.replace("kind: transformers", "kind: vllm"),
+        ["run", "{file}", "--only", "trees"],
+        "GPU",
+        {},
+    ),
+    (
+        "binary ALOE_MODELS_REGISTRY",
+        BASE,
+        ["check", "{file}"],
+        "ALOE_MODELS_REGISTRY",
+        {"ALOE_MODELS_REGISTRY": "{binary}"},
+    ),
+    (
+        "missing ALOE_MODELS_REGISTRY file",
+        BASE,
+        ["check", "{file}"],
+        "registry",
+        {"ALOE_MODELS_REGISTRY": "{tmp}/no-registry.yaml"},
+    ),
 ]
 
 
@@ -209,8 +376,11 @@ def run_case(case, tmp: Path) -> dict:
     old = os.getcwd()
     os.chdir(tmp)
     try:
-        with mock.patch.dict(os.environ, env), contextlib.redirect_stderr(err_buf), \
-                contextlib.redirect_stdout(io.StringIO()):
+        with (
+            mock.patch.dict(os.environ, env),
+            contextlib.redirect_stderr(err_buf),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
             try:
                 rc = main(args)
             except SystemExit as e:  # argparse

@@ -54,9 +54,24 @@ def start_llama_server(port: int) -> subprocess.Popen:
     # stderr to a file, not a pipe: llama.cpp logs enough to fill a pipe and block
     log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
-         "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2-135m"],
-        stdout=subprocess.DEVNULL, stderr=log)
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--model_alias",
+            "smollm2-135m",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
     import httpx
 
     deadline = time.time() + 120
@@ -90,9 +105,18 @@ def tiny_model(tmp_path_factory):
     from aloe.models import hf_location, resolve_model
 
     tok = AutoTokenizer.from_pretrained(hf_location(resolve_model("smollm2-135m")))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )
     import torch
 
     torch.manual_seed(0)

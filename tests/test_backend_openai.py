@@ -55,8 +55,9 @@ class FaultyProxy:
                     return self._send(401, b'{"error": {"message": "invalid api key"}}')
                 if fault:
                     return self._send(fault, b'{"error": {"message": "injected fault"}}')
-                r = httpx.post(proxy.upstream + self.path, content=body,
-                               headers={"Content-Type": "application/json"}, timeout=120)
+                r = httpx.post(
+                    proxy.upstream + self.path, content=body, headers={"Content-Type": "application/json"}, timeout=120
+                )
                 self._send(r.status_code, r.content)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
@@ -75,8 +76,10 @@ def backend(url, tmp_path=None, **kw):
     return b
 
 
-REQS = [ChatRequest([{"role": "user", "content": q}], Sampling(max_tokens=12, seed=1))
-        for q in ("What is the capital of France?", "Say hi.", "Name a colour.", "Name an animal.")]
+REQS = [
+    ChatRequest([{"role": "user", "content": q}], Sampling(max_tokens=12, seed=1))
+    for q in ("What is the capital of France?", "Say hi.", "Name a colour.", "Name an animal.")
+]
 
 
 def test_chat_against_real_server(llama_server, tmp_path):
@@ -93,8 +96,10 @@ def test_chat_against_real_server(llama_server, tmp_path):
 
 def test_logprobs_against_real_server(llama_server):
     b = backend(llama_server)
-    r = ProbRequest([{"role": "user", "content": "Pick a number from 1 to 5. Answer with one digit only."}],
-                    ("1", "2", "3", "4", "5"))
+    r = ProbRequest(
+        [{"role": "user", "content": "Pick a number from 1 to 5. Answer with one digit only."}],
+        ("1", "2", "3", "4", "5"),
+    )
     lp = b.logprobs([r])[0]
     assert lp.ok and not lp.exact
     seen = {c: v for c, v in lp.logprobs.items() if v is not None}

@@ -7,8 +7,12 @@ from aloe.cache import CallCache
 
 pytestmark = pytest.mark.integration
 
-QS = ["What is the capital of France?", "Name a yellow fruit and say why monkeys like it.", "Say hi.",
-      "Count from one to five in words, please, slowly and carefully."]
+QS = [
+    "What is the capital of France?",
+    "Name a yellow fruit and say why monkeys like it.",
+    "Say hi.",
+    "Count from one to five in words, please, slowly and carefully.",
+]
 
 
 def test_batched_generation_is_order_preserving(smollm):
@@ -22,15 +26,18 @@ def test_batched_generation_is_order_preserving(smollm):
 
 
 def test_sampling_is_seeded(smollm):
-    r = ChatRequest([{"role": "user", "content": "Invent a name for a cat."}],
-                    Sampling(temperature=1.0, max_tokens=8, seed=3))
+    r = ChatRequest(
+        [{"role": "user", "content": "Invent a name for a cat."}], Sampling(temperature=1.0, max_tokens=8, seed=3)
+    )
     a, b = smollm.chat([r])[0].text, smollm.chat([r])[0].text
     assert a == b
 
 
 def test_probability_call_exact_and_order_preserving(smollm):
-    msgs = [[{"role": "user", "content": f"Rate from 1 to 5 how polite this is: '{t}'. Answer with one digit."}]
-            for t in ("Thank you so much!", "Go away.", "Hello.")]
+    msgs = [
+        [{"role": "user", "content": f"Rate from 1 to 5 how polite this is: '{t}'. Answer with one digit."}]
+        for t in ("Thank you so much!", "Go away.", "Hello.")
+    ]
     reqs = [ProbRequest(m, ("1", "2", "3", "4", "5")) for m in msgs]
     batch = smollm.logprobs(reqs)
     for r, got in zip(reqs, batch):
@@ -97,16 +104,27 @@ def test_shared_prefix_scoring_equals_separate_scoring(smollm):
     the scores equal scoring every prompt on its own (fp32)."""
     from aloe.backends.transformers_backend import prefix_groups
 
-    persona = ("The user: a 52-year-old beekeeper in rural Wales who sings in a choir and restores old "
-               "tractors with her son. Warm, blunt and impatient with jargon.")
-    replies = ["Lovely! Which tractor are you restoring at the moment?",
-               "Beekeeping requires careful attention to hive health, seasonal cycles and regulations.",
-               "Ha, choirs and tractors, what a mix."]
-    msgs = [[{"role": "system", "content": "You judge which of two replies suits a specific user better."},
-             {"role": "user", "content": f"{persona}\nReply 1: \"{a}\"\nReply 2: \"{b}\"\nAnswer with 1 or 2."}]
-            for a, b in ((replies[0], replies[1]), (replies[1], replies[0]), (replies[2], replies[0]))]
+    persona = (
+        "The user: a 52-year-old beekeeper in rural Wales who sings in a choir and restores old "
+        "tractors with her son. Warm, blunt and impatient with jargon."
+    )
+    replies = [
+        "Lovely! Which tractor are you restoring at the moment?",
+        "Beekeeping requires careful attention to hive health, seasonal cycles and regulations.",
+        "Ha, choirs and tractors, what a mix.",
+    ]
+    msgs = [
+        [
+            {"role": "system", "content": "You judge which of two replies suits a specific user better."},
+            {"role": "user", "content": f'{persona}\nReply 1: "{a}"\nReply 2: "{b}"\nAnswer with 1 or 2.'},
+        ]
+        for a, b in ((replies[0], replies[1]), (replies[1], replies[0]), (replies[2], replies[0]))
+    ]
     reqs = [ProbRequest(m, ("1", "2")) for m in msgs]
-    reqs += [ProbRequest(msgs[0], ("1", "the second one")), ProbRequest([{"role": "user", "content": "Say 1."}], ("1", "2"))]
+    reqs += [
+        ProbRequest(msgs[0], ("1", "the second one")),
+        ProbRequest([{"role": "user", "content": "Say 1."}], ("1", "2")),
+    ]
     seqs = [smollm._prompt_ids(r.messages) for r in reqs]
     groups = prefix_groups(seqs, smollm.min_shared_prefix, smollm.batch_size)
     assert any(len(members) > 1 and shared > 40 for shared, members in groups)  # sharing really happens
@@ -157,8 +175,13 @@ def test_inverse_cdf_sampler_draws_from_the_tempered_top_p_distribution():
 def test_shared_prefix_scoring_of_multi_token_candidates(smollm):
     """Candidates of several tokens are appended to the prompt, so prompt + candidate
     sequences share the whole prompt: each must still read its own positions."""
-    msgs = [{"role": "user", "content": "Which of the two replies suits a retired farmer from Kerry who loves "
-                                        "hurling and hates small talk better? Answer first or second."}]
+    msgs = [
+        {
+            "role": "user",
+            "content": "Which of the two replies suits a retired farmer from Kerry who loves "
+            "hurling and hates small talk better? Answer first or second.",
+        }
+    ]
     reqs = [ProbRequest(msgs, ("first", "second reply", "the third one")), ProbRequest(msgs, ("1", "2"))]
     _assert_sharing_changes_nothing(smollm, reqs)
 

@@ -90,15 +90,18 @@ def make_stand_in(max_model_len: int = 4096, mangle: bool = False, dup_ids: bool
             share = kw.get("gpu_memory_utilization", 0.9)
             if calls["gpu_held"] + share > 1.0 + 1e-9:
                 # vLLM's own check when another engine still holds memory
-                raise ValueError(f"Free memory on device cuda:0 ({1 - calls['gpu_held']:.2f}) is less than desired "
-                                 f"GPU memory utilization ({share:.2f})")
+                raise ValueError(
+                    f"Free memory on device cuda:0 ({1 - calls['gpu_held']:.2f}) is less than desired "
+                    f"GPU memory utilization ({share:.2f})"
+                )
             calls["gpu_held"] += share
             calls["init"] = kw
             self.tok = Tokenizer()
             self.max_logprobs = kw.get("max_logprobs", 20)
             self.llm_engine = types.SimpleNamespace(
                 engine_core=EngineCore(share),
-                model_config=types.SimpleNamespace(max_model_len=kw.get("max_model_len") or max_model_len))
+                model_config=types.SimpleNamespace(max_model_len=kw.get("max_model_len") or max_model_len),
+            )
 
         def get_tokenizer(self):
             return self.tok
@@ -106,22 +109,37 @@ def make_stand_in(max_model_len: int = 4096, mangle: bool = False, dup_ids: bool
         def get_default_sampling_params(self):
             raise AssertionError("the adapter resolves the model's defaults itself")
 
-        def chat(self, messages, sampling_params=None, use_tqdm=True, add_generation_prompt=True,
-                 continue_final_message=False):
+        def chat(
+            self,
+            messages,
+            sampling_params=None,
+            use_tqdm=True,
+            add_generation_prompt=True,
+            continue_final_message=False,
+        ):
             calls["chat"].append((messages, sampling_params))
             calls.setdefault("continue", []).append(continue_final_message)
             limit = self.llm_engine.model_config.max_model_len
-            prompts = [self.tok.apply_chat_template(m, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                                    continue_final_message=continue_final_message)["input_ids"]
-                       for m in messages]
+            prompts = [
+                self.tok.apply_chat_template(
+                    m,
+                    tokenize=True,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                )["input_ids"]
+                for m in messages
+            ]
             for i, ids in enumerate(prompts):  # rendering the batch: one bad request fails the call
                 sp = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
                 if len(ids) >= limit:
-                    raise ValueError(f"The decoder prompt (length {len(ids)}) is longer than the maximum model "
-                                     f"length of {limit}.")
+                    raise ValueError(
+                        f"The decoder prompt (length {len(ids)}) is longer than the maximum model length of {limit}."
+                    )
                 if (sp.kw.get("logprobs") or 0) > self.max_logprobs:
-                    raise ValueError(f"Requested sample logprobs of {sp.kw['logprobs']}, which is greater than "
-                                     f"max allowed: {self.max_logprobs}")
+                    raise ValueError(
+                        f"Requested sample logprobs of {sp.kw['logprobs']}, which is greater than "
+                        f"max allowed: {self.max_logprobs}"
+                    )
             outs = []
             for i, (m, ids) in enumerate(zip(messages, prompts)):
                 sp = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
@@ -129,10 +147,17 @@ def make_stand_in(max_model_len: int = 4096, mangle: bool = False, dup_ids: bool
                     # each token of the continued assistant message has log-probability -0.1 x its
                     # position in that message; every other token -9
                     n = len(self.tok(m[-1]["content"])["input_ids"])
-                    lps = [None] + [{t: FakeLogprob(-9.0, 1, "x")} for t in ids[1:len(ids) - n]]
-                    lps += [{t: FakeLogprob(-0.1 * (j + 1), 1, "x")} for j, t in enumerate(ids[len(ids) - n:])]
-                    outs.append(types.SimpleNamespace(prompt_token_ids=ids, prompt_logprobs=lps, outputs=[
-                        types.SimpleNamespace(text="", token_ids=[], finish_reason="length", logprobs=None)]))
+                    lps = [None] + [{t: FakeLogprob(-9.0, 1, "x")} for t in ids[1 : len(ids) - n]]
+                    lps += [{t: FakeLogprob(-0.1 * (j + 1), 1, "x")} for j, t in enumerate(ids[len(ids) - n :])]
+                    outs.append(
+                        types.SimpleNamespace(
+                            prompt_token_ids=ids,
+                            prompt_logprobs=lps,
+                            outputs=[
+                                types.SimpleNamespace(text="", token_ids=[], finish_reason="length", logprobs=None)
+                            ],
+                        )
+                    )
                     continue
                 if sp.kw.get("logprobs"):
                     lp = {1: FakeLogprob(-0.1, 1, "4"), 2: FakeLogprob(-2.5, 2, " 5"), 3: FakeLogprob(-4.0, 3, "The")}
@@ -140,8 +165,9 @@ def make_stand_in(max_model_len: int = 4096, mangle: bool = False, dup_ids: bool
                         lp[4] = FakeLogprob(-0.1, 4, "4")  # another id, the same text
                     comp = types.SimpleNamespace(text="4", token_ids=[1], finish_reason="length", logprobs=[lp])
                 else:
-                    comp = types.SimpleNamespace(text=f" reply to {m[-1]['content']} ", token_ids=[7, 8, 9],
-                                                 finish_reason="stop", logprobs=None)
+                    comp = types.SimpleNamespace(
+                        text=f" reply to {m[-1]['content']} ", token_ids=[7, 8, 9], finish_reason="stop", logprobs=None
+                    )
                 outs.append(types.SimpleNamespace(outputs=[comp]))
             return outs
 
@@ -154,19 +180,24 @@ def test_vllm_adapter_with_stand_in(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "vllm", mod)
     from aloe.backends import open_backend
 
-    b = open_backend({"kind": "vllm", "model": "qwen2-7b", "tensor_parallel_size": 4, "max_model_len": 4096},
-                     str(tmp_path / "c.sqlite"))
+    b = open_backend(
+        {"kind": "vllm", "model": "qwen2-7b", "tensor_parallel_size": 4, "max_model_len": 4096},
+        str(tmp_path / "c.sqlite"),
+    )
     assert calls["init"]["model"] == "Qwen/Qwen2-7B-Instruct"
     assert calls["init"]["tensor_parallel_size"] == 4 and calls["init"]["max_model_len"] == 4096
     assert calls["init"]["dtype"] == "auto"
-    reqs = [ChatRequest([{"role": "user", "content": q}], Sampling(temperature=0.7, max_tokens=5, seed=2),
-                        sample_index=i) for i, q in enumerate(["a", "b", "c"])]
+    reqs = [
+        ChatRequest([{"role": "user", "content": q}], Sampling(temperature=0.7, max_tokens=5, seed=2), sample_index=i)
+        for i, q in enumerate(["a", "b", "c"])
+    ]
     out = b.chat(reqs)
     assert [c.text for c in out] == ["reply to a", "reply to b", "reply to c"]
     msgs, params = calls["chat"][0]
     assert [m[-1]["content"] for m in msgs] == ["a", "b", "c"]
-    assert [p.kw for p in params] == [{"temperature": 0.7, "top_p": 1.0, "max_tokens": 5, "seed": 2000 + i}
-                                      for i in range(3)]
+    assert [p.kw for p in params] == [
+        {"temperature": 0.7, "top_p": 1.0, "max_tokens": 5, "seed": 2000 + i} for i in range(3)
+    ]
     lp = b.logprobs([ProbRequest([{"role": "user", "content": "rate"}], ("1", "2", "3", "4", "5"))])[0]
     assert lp.logprobs["4"] == pytest.approx(-0.1) and lp.logprobs["5"] == pytest.approx(-2.5)
     assert lp.logprobs["1"] is None and not lp.exact
@@ -181,7 +212,9 @@ def test_vllm_adapter_with_stand_in(monkeypatch, tmp_path):
     assert params.kw == {"temperature": 0.0, "max_tokens": 1, "prompt_logprobs": 0}
     # the paper protocol's "model default" sampling: resolved from the generation config (none here,
     # offline: greedy, as the transformers engine does), with our cap and seed
-    b.chat([ChatRequest([{"role": "user", "content": "d"}], Sampling(temperature=None, top_p=None, max_tokens=7, seed=3))])
+    b.chat(
+        [ChatRequest([{"role": "user", "content": "d"}], Sampling(temperature=None, top_p=None, max_tokens=7, seed=3))]
+    )
     _, params = calls["chat"][-1]
     assert params[0].kw == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 7, "seed": 3000}
     assert calls["init"]["tokenizer_mode"] == "hf" and calls["init"]["max_logprobs"] == 20
@@ -262,12 +295,19 @@ def test_the_models_default_sampling_is_the_same_on_both_engines(monkeypatch, tm
     v = VLLMBackend(str(folder), "m", "r")
     t = TransformersBackend.__new__(TransformersBackend)
     t.model = types.SimpleNamespace(generation_config=GenerationConfig.from_pretrained(folder))
-    assert v.default_sampling() == t.default_sampling() == {
-        "do_sample": True, "temperature": 0.6, "top_p": 0.9, "ignored": {"top_k": 20, "repetition_penalty": 1.05}}
+    assert (
+        v.default_sampling()
+        == t.default_sampling()
+        == {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "ignored": {"top_k": 20, "repetition_penalty": 1.05}}
+    )
     s = Sampling(temperature=None, top_p=None, max_tokens=9, seed=1)
     resolved = t._resolve_sampling(s)
     assert v._params(ChatRequest([{"role": "user", "content": "x"}], s)).kw == {
-        "temperature": resolved.temperature, "top_p": resolved.top_p, "max_tokens": 9, "seed": 1000}
+        "temperature": resolved.temperature,
+        "top_p": resolved.top_p,
+        "max_tokens": 9,
+        "seed": 1000,
+    }
     assert dataclasses.replace(resolved, temperature=None, top_p=None) == s
     (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.6}))  # do_sample false: greedy
     v.close()
@@ -316,9 +356,13 @@ def test_vllm_real_engine_on_gpu(tmp_path):
     from aloe.backends import open_backend
 
     b = open_backend({"kind": "vllm", "model": "smollm2-135m", "gpu_memory_utilization": 0.3}, None)
-    out = b.chat([ChatRequest([{"role": "user", "content": "What is the capital of France?"}], Sampling(max_tokens=10))])
+    out = b.chat(
+        [ChatRequest([{"role": "user", "content": "What is the capital of France?"}], Sampling(max_tokens=10))]
+    )
     assert out[0].ok and out[0].text
-    lp = b.logprobs([ProbRequest([{"role": "user", "content": "Say a digit from 1 to 5."}], ("1", "2", "3", "4", "5"))])[0]
+    lp = b.logprobs(
+        [ProbRequest([{"role": "user", "content": "Say a digit from 1 to 5."}], ("1", "2", "3", "4", "5"))]
+    )[0]
     assert lp.ok
     # the likelihood judge's exact path: a whole reply's log-probability from prompt log-probabilities,
     # its token count measured on the rendered prompt and checked by decoding
@@ -331,8 +375,9 @@ def test_vllm_real_engine_on_gpu(tmp_path):
         assert e.chat([ChatRequest([{"role": "user", "content": "Hi"}], Sampling(max_tokens=4))])[0].ok
         e.close()
     # one over-long prompt fails alone; the rest of the batch answers
-    e = open_backend({"kind": "vllm", "model": "smollm2-135m", "gpu_memory_utilization": 0.5, "max_model_len": 128},
-                     None)
+    e = open_backend(
+        {"kind": "vllm", "model": "smollm2-135m", "gpu_memory_utilization": 0.5, "max_model_len": 128}, None
+    )
     texts = ["Hi", "word " * 400, "Hello"]
     out = e.chat([ChatRequest([{"role": "user", "content": t}], Sampling(max_tokens=4)) for t in texts])
     assert [c.ok for c in out] == [True, False, True] and "max_model_len" in out[1].error

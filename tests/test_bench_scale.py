@@ -17,10 +17,37 @@ pytestmark = pytest.mark.integration
 
 def test_a_killed_scheduled_run_loses_at_most_the_calls_in_flight_and_resumes_to_the_same_trees(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_scale.py"), "--trees", "24", "--turns", "3",
-                        "--servers", "2", "--concurrency", "4", "--mean-ms", "10", "--hang-at", "0.5", "--hang-s", "1.5",
-                        "--burst-every", "3", "--paths", "conversation", "--kill", "--out", str(out)],
-                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench_scale.py"),
+            "--trees",
+            "24",
+            "--turns",
+            "3",
+            "--servers",
+            "2",
+            "--concurrency",
+            "4",
+            "--mean-ms",
+            "10",
+            "--hang-at",
+            "0.5",
+            "--hang-s",
+            "1.5",
+            "--burst-every",
+            "3",
+            "--paths",
+            "conversation",
+            "--kill",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (res,) = json.loads(out.read_text())["results"]
     assert res["nodes"] == 72 and res["failed_trees"] == 0

@@ -16,8 +16,12 @@ class Counting(ChatBackend):
 
     def _generate(self, requests):
         self.seen += requests
-        return [Completion(None, error="boom") if "FAIL" in r.messages[-1]["content"]
-                else Completion(f"echo:{r.messages[-1]['content']}:{r.sampling.seed}") for r in requests]
+        return [
+            Completion(None, error="boom")
+            if "FAIL" in r.messages[-1]["content"]
+            else Completion(f"echo:{r.messages[-1]['content']}:{r.sampling.seed}")
+            for r in requests
+        ]
 
     def _score(self, requests):
         self.seen += requests
@@ -39,8 +43,11 @@ def test_key_covers_everything_that_changes_the_answer(tmp_path):
         replace(base, sampling=Sampling(temperature=0.7, max_tokens=10, seed=2)),
         replace(base, sample_index=1),
         replace(base, prompt_version="p@v2"),
-        ChatRequest([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}], base.sampling,
-                    prompt_version="p@v1"),
+        ChatRequest(
+            [{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}],
+            base.sampling,
+            prompt_version="p@v1",
+        ),
     ]
     keys = {b.chat_key(base)} | {b.chat_key(v) for v in variants}
     assert len(keys) == 1 + len(variants)

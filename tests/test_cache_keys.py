@@ -38,17 +38,26 @@ class ModelServer:
                 self.wfile.write(body)
 
             def do_GET(self):
-                self._send({"object": "list", "data": [{"id": k, **({"root": v} if v else {})}
-                                                        for k, v in models.items()]})
+                self._send(
+                    {"object": "list", "data": [{"id": k, **({"root": v} if v else {})} for k, v in models.items()]}
+                )
 
             def do_POST(self):
                 json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.posts += 1
                 top = [{"token": "1", "logprob": -0.1}, {"token": "2", "logprob": -2.0}]
-                self._send({"choices": [{"message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop",
-                                         "logprobs": {"content": [{"token": "1", "logprob": -0.1,
-                                                                   "top_logprobs": top}]}}],
-                            "usage": {"completion_tokens": 1}})
+                self._send(
+                    {
+                        "choices": [
+                            {
+                                "message": {"role": "assistant", "content": "ok"},
+                                "finish_reason": "stop",
+                                "logprobs": {"content": [{"token": "1", "logprob": -0.1, "top_logprobs": top}]},
+                            }
+                        ],
+                        "usage": {"completion_tokens": 1},
+                    }
+                )
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -124,8 +133,9 @@ def test_dtype_is_part_of_the_key(smollm):
     from aloe.backends.transformers_backend import TransformersBackend
     from aloe.models import hf_location, resolve_model
 
-    bf16 = TransformersBackend(hf_location(resolve_model("smollm2-135m")), smollm.model_id, smollm.revision, None,
-                               dtype="bfloat16")
+    bf16 = TransformersBackend(
+        hf_location(resolve_model("smollm2-135m")), smollm.model_id, smollm.revision, None, dtype="bfloat16"
+    )
     assert (smollm.dtype_used, bf16.dtype_used) == ("float32", "bfloat16")
     assert smollm.chat_key(REQ) != bf16.chat_key(REQ) and smollm.prob_key(PROB) != bf16.prob_key(PROB)
     assert bf16.describe()["compute_dtype"] == "bfloat16"

@@ -21,19 +21,34 @@ def test_committed_parameter_files_are_valid(name):
     assert exp.name == name and set(exp.stages) == {"personas", "trees", "train", "evaluate", "report"}
 
 
-@pytest.mark.parametrize("text,match", [
-    ("stages:\n  trees:\n    turns: [1\n", r"exp.yaml: line \d+, column \d+: invalid YAML"),
-    ("stages:\n  trees:\n    turnz: 3\n", r"exp.yaml: stages.trees: unknown key 'turnz' \(did you mean 'turns'\?\); allowed keys:"),
-    ("stages:\n  trees:\n    turns: three\n", r"exp.yaml: stages.trees.turns: expected an integer, got 'three'"),
-    ("stages:\n  trees:\n    turns: 0\n", r"stages.trees.turns: 0 is out of range; allowed 1 to 100"),
-    ("stages:\n  evaluation: {}\n", r"unknown stage 'evaluation'; allowed stages: personas, trees, train, evaluate, report"),
-    ("backend:\n  kind: tgi\n", r"exp.yaml: backend.kind: 'tgi' is not allowed; allowed: one of 'transformers', 'openai', 'vllm'"),
-    ("backend:\n  kind: openai\n", r"backend.base_url: required when kind is 'openai'"),
-    ("backends: {}\n", r"unknown top-level key 'backends' \(did you mean 'backend'\?\)"),
-    ("stages:\n  train:\n    variants: [sft_best]\n", r"stages.train.variants\[0\]: 'sft_best' is not allowed; allowed: one of 'sft_preferred'"),
-    ("stages:\n  trees:\n    backend: {}\n", r"stages.trees.backend: 'backend' is set at the top level"),
-    ("- a\n- b\n", r"expected a mapping at the top level"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("stages:\n  trees:\n    turns: [1\n", r"exp.yaml: line \d+, column \d+: invalid YAML"),
+        (
+            "stages:\n  trees:\n    turnz: 3\n",
+            r"exp.yaml: stages.trees: unknown key 'turnz' \(did you mean 'turns'\?\); allowed keys:",
+        ),
+        ("stages:\n  trees:\n    turns: three\n", r"exp.yaml: stages.trees.turns: expected an integer, got 'three'"),
+        ("stages:\n  trees:\n    turns: 0\n", r"stages.trees.turns: 0 is out of range; allowed 1 to 100"),
+        (
+            "stages:\n  evaluation: {}\n",
+            r"unknown stage 'evaluation'; allowed stages: personas, trees, train, evaluate, report",
+        ),
+        (
+            "backend:\n  kind: tgi\n",
+            r"exp.yaml: backend.kind: 'tgi' is not allowed; allowed: one of 'transformers', 'openai', 'vllm'",
+        ),
+        ("backend:\n  kind: openai\n", r"backend.base_url: required when kind is 'openai'"),
+        ("backends: {}\n", r"unknown top-level key 'backends' \(did you mean 'backend'\?\)"),
+        (
+            "stages:\n  train:\n    variants: [sft_best]\n",
+            r"stages.train.variants\[0\]: 'sft_best' is not allowed; allowed: one of 'sft_preferred'",
+        ),
+        ("stages:\n  trees:\n    backend: {}\n", r"stages.trees.backend: 'backend' is set at the top level"),
+        ("- a\n- b\n", r"expected a mapping at the top level"),
+    ],
+)
 def test_bad_parameter_files(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load_experiment(write(tmp_path, text))
@@ -47,7 +62,10 @@ def test_notebook_side_uses_same_checks():
 
 
 def test_unknown_model_lists_known_names(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown model 'smollm9'.*known names: smollm2-135m, llama3-8b, mistral-7b, qwen2-7b, olmo-7b"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown model 'smollm9'.*known names: smollm2-135m, llama3-8b, mistral-7b, qwen2-7b, olmo-7b",
+    ):
         resolve_model("smollm9")
     assert resolve_model("llama3-8b").hf_id == "meta-llama/Meta-Llama-3-8B-Instruct"
     assert resolve_model("olmo-7b").hf_id == "allenai/OLMo-7B-0724-Instruct-hf"
@@ -103,8 +121,11 @@ def test_runner_rejects_key_missing_from_notebook(tmp_path):
 def test_evaluating_an_untrained_variant_is_refused_up_front(tmp_path):
     p = tmp_path / "x.yaml"
     p.write_text("stages:\n  train:\n    variants: [sft_preferred]\n  evaluate:\n    models: [base, dpo]\n")
-    with pytest.raises(ConfigError, match=r"stages.evaluate.models: 'dpo' is never trained; add it to "
-                                          r"stages.train.variants \(now \['sft_preferred'\]\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stages.evaluate.models: 'dpo' is never trained; add it to "
+        r"stages.train.variants \(now \['sft_preferred'\]\)",
+    ):
         load_experiment(p)
     p.write_text("stages:\n  train:\n    variants: [sft_then_dpo]\n  evaluate:\n    models: [sft_preferred]\n")
     assert load_experiment(p).stages["evaluate"].models == ("sft_preferred",)

@@ -5,8 +5,16 @@ import pytest
 from aloe.config import ConfigError, Price, load_experiment
 from aloe.cost import fmt_usd, row_cost, with_cost
 
-ROW = {"kind": "openai", "model": "gpt-x", "calls": 3, "cached_calls": 2, "prompt_tokens": 2_000_000,
-       "completion_tokens": 500_000, "cached_prompt_tokens": 1_000_000, "cached_completion_tokens": 100_000}
+ROW = {
+    "kind": "openai",
+    "model": "gpt-x",
+    "calls": 3,
+    "cached_calls": 2,
+    "prompt_tokens": 2_000_000,
+    "completion_tokens": 500_000,
+    "cached_prompt_tokens": 1_000_000,
+    "cached_completion_tokens": 100_000,
+}
 
 
 def test_cost_is_tokens_times_the_list_price_and_the_cache_saving_is_counted_apart():
@@ -57,5 +65,6 @@ def test_a_progress_line_says_done_rate_time_left_failures_and_cost():
 
     line = progress_line("trees", 5, 10, 5, time.time() - 60, 1, [ROW], {"gpt-x": Price(input=0.15, output=0.60)})
     assert line.startswith("trees: 5/10 done, 5.0/min, about 1.0 min left, 1 failed, cost so far $0.60")
-    assert progress_line("x", 0, 4, 0, time.time(), 0, [ROW], {}).endswith("unknown left, 0 failed, cost so far "
-                                                                        "unknown (no price)")
+    assert progress_line("x", 0, 4, 0, time.time(), 0, [ROW], {}).endswith(
+        "unknown left, 0 failed, cost so far unknown (no price)"
+    )

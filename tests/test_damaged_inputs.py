@@ -17,11 +17,15 @@ from aloe.io import JsonlAppender, read_json, read_jsonl, write_json, write_text
 
 # --------------------------------------------------------------------------- bytes that are not UTF-8
 
+
 def test_bytes_that_are_not_utf8_name_file_line_and_byte(tmp_path):
     f = tmp_path / "trees.jsonl"
     f.write_bytes(b'{"a": 1}\n{"b": "x\xff"}\n')
-    with pytest.raises(AloeError, match=r"trees\.jsonl: line 2, byte 9: not UTF-8 text \(byte 0xff\); "
-                                        r"the file is damaged: restore it"):
+    with pytest.raises(
+        AloeError,
+        match=r"trees\.jsonl: line 2, byte 9: not UTF-8 text \(byte 0xff\); "
+        r"the file is damaged: restore it",
+    ):
         read_jsonl(f)
     j = tmp_path / "m.json"
     j.write_bytes(b'{\n"a": "\xfe"}\n')
@@ -52,15 +56,25 @@ def test_the_runner_error_path_never_raises_again(tmp_path, monkeypatch, capsys)
 
 # --------------------------------------------------------------------------- checked before anything is spent
 
+
 def test_a_damaged_trees_file_fails_evaluation_before_any_call_and_keeps_the_manifest(tmp_path):
     import aloe.evaluation
     from aloe.backends.scripted import ScriptedBackend
 
     root = tmp_path / "exp"
     _personas(root)
-    cfg = stage_config("evaluate", experiment="rel", data_root=str(root), cache_path=str(root / "c.sqlite"),
-                       backend={"kind": "scripted", "model": "s"}, n_personas=2, turns=1, models=["base"],
-                       score_judge="likelihood", n_boot=20)
+    cfg = stage_config(
+        "evaluate",
+        experiment="rel",
+        data_root=str(root),
+        cache_path=str(root / "c.sqlite"),
+        backend={"kind": "scripted", "model": "s"},
+        n_personas=2,
+        turns=1,
+        models=["base"],
+        score_judge="likelihood",
+        n_boot=20,
+    )
     cfg.paths.trees.parent.mkdir(parents=True)
     cfg.paths.trees.write_bytes(b'{"id": "tree-1", "turns": []}\n{"id": "tree-2", "turns": [\xff]}\n')
     write_json(cfg.paths.manifest("evaluate"), {"stage": "evaluate"})
@@ -76,8 +90,10 @@ def test_a_run_checks_the_files_its_stages_read_except_those_an_earlier_stage_re
     from aloe.runner import check_data_files
 
     params = tmp_path / "p.yaml"
-    params.write_text(f"experiment: x\ndata_root: {tmp_path / 'data'}\ncache_path: {tmp_path / 'c.sqlite'}\n"
-                      "backend: {kind: scripted, model: s}\n")
+    params.write_text(
+        f"experiment: x\ndata_root: {tmp_path / 'data'}\ncache_path: {tmp_path / 'c.sqlite'}\n"
+        "backend: {kind: scripted, model: s}\n"
+    )
     exp = load_experiment(params)
     pairs = exp.stages["trees"].paths.pairs
     pairs.parent.mkdir(parents=True)
@@ -88,6 +104,7 @@ def test_a_run_checks_the_files_its_stages_read_except_those_an_earlier_stage_re
 
 
 # --------------------------------------------------------------------------- a model's revision
+
 
 def test_a_model_folder_revision_depends_on_what_it_computes_with_not_on_cards_or_times(tmp_path):
     from aloe.models import _folder_fingerprint
@@ -110,6 +127,7 @@ def test_a_model_folder_revision_depends_on_what_it_computes_with_not_on_cards_o
 
 
 # --------------------------------------------------------------------------- keys in URLs
+
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8000/v1?api_key=sk-abcdefgh123", "http://h/v1#key=sk-abcdefgh1"])
 def test_a_key_in_a_base_url_query_or_fragment_is_refused_without_echoing_it(url):
@@ -134,9 +152,11 @@ def test_aloe_check_names_the_role_whose_url_is_unsafe(tmp_path):
     from aloe.cli import main
 
     f = tmp_path / "p.yaml"
-    f.write_text("experiment: x\nbackend: {kind: transformers, model: smollm2-135m}\n"
-                 "roles: {judge: {kind: openai, model: m, base_url: 'http://example.org/v1', "
-                 "api_key_env: OPENAI_API_KEY}}\n")
+    f.write_text(
+        "experiment: x\nbackend: {kind: transformers, model: smollm2-135m}\n"
+        "roles: {judge: {kind: openai, model: m, base_url: 'http://example.org/v1', "
+        "api_key_env: OPENAI_API_KEY}}\n"
+    )
     with pytest.raises(ConfigError, match=r"p.yaml: roles.judge.api_key_env: the key would be sent over plain http"):
         from aloe.config import load_experiment
         from aloe.runner import check_experiment
@@ -146,6 +166,7 @@ def test_aloe_check_names_the_role_whose_url_is_unsafe(tmp_path):
 
 
 # --------------------------------------------------------------------------- caches and full disks
+
 
 def test_a_cache_path_that_is_not_a_database_names_the_file(tmp_path):
     from aloe.cache import CallCache
@@ -194,6 +215,7 @@ def test_a_full_disk_under_the_call_cache_names_the_cache(tmp_path, monkeypatch)
 
 
 # --------------------------------------------------------------------------- a killed run's leftovers
+
 
 def test_kernel_connection_files_live_in_the_experiment_and_the_next_run_removes_them(tmp_path):
     import tempfile

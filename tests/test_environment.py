@@ -68,12 +68,34 @@ def test_gpu_constraints_resolve(tmp_path):
         pytest.skip(f"PyPI unreachable: {e}")
     out = tmp_path / "gpu-resolved.txt"
     uv = Path(sys.executable).with_name("uv")
-    r = subprocess.run([str(uv), "pip", "compile", str(REPO / "pyproject.toml"), "--extra", "vllm",
-                        "-c", str(REPO / "constraints/gpu.txt"), "--python-version", "3.11",
-                        "--python-platform", "x86_64-manylinux_2_28", "--no-header", "--quiet",
-                        "--cache-dir", str(tmp_path / "uv-cache"), "-o", str(out)],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            str(uv),
+            "pip",
+            "compile",
+            str(REPO / "pyproject.toml"),
+            "--extra",
+            "vllm",
+            "-c",
+            str(REPO / "constraints/gpu.txt"),
+            "--python-version",
+            "3.11",
+            "--python-platform",
+            "x86_64-manylinux_2_28",
+            "--no-header",
+            "--quiet",
+            "--cache-dir",
+            str(tmp_path / "uv-cache"),
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    got = dict(line.split("==", 1) for line in out.read_text().splitlines() if "==" in line and not line.startswith(" "))
+    got = dict(
+        line.split("==", 1) for line in out.read_text().splitlines() if "==" in line and not line.startswith(" ")
+    )
     got = {canonicalize_name(k): v.split()[0] for k, v in got.items()}
     assert got["vllm"] == "0.33.0" and got["torch"] == "2.14.0" and got["transformers"].startswith("5.20")

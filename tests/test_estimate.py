@@ -1,6 +1,5 @@
 """`aloe estimate`: calls, tokens, cost and time before a run, with no key and no network."""
 
-
 import pytest
 from conftest import REPO
 
@@ -50,8 +49,9 @@ def test_estimate_runs_the_stages_code_without_a_server_and_prices_the_served_ro
 def test_a_sample_is_scaled_to_the_file_s_size(tmp_path):
     small, _ = _exp(tmp_path, 4)
     large, _ = _exp(tmp_path, 8)
-    calls = {n: sum(r["calls"] for r in measure(e, sample=4) if r["stage"] == "trees")
-             for n, e in ((4, small), (8, large))}
+    calls = {
+        n: sum(r["calls"] for r in measure(e, sample=4) if r["stage"] == "trees") for n, e in ((4, small), (8, large))
+    }
     assert calls[8] == pytest.approx(2 * calls[4])
 
 

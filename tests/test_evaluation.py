@@ -44,8 +44,9 @@ def test_benchmark_pairs_spread_over_profiles_and_personalities(tmp_path):
 def test_official_eval_files_give_100_personas(tmp_path):
     from aloe.evaluation import benchmark_pairs
 
-    pairs = benchmark_pairs(EvaluateConfig(experiment="t", data_root=str(tmp_path), n_personas=100,
-                                           official_dir=str(OFFICIAL)))
+    pairs = benchmark_pairs(
+        EvaluateConfig(experiment="t", data_root=str(tmp_path), n_personas=100, official_dir=str(OFFICIAL))
+    )
     assert len(pairs) == 100
     assert len({p["profile"] for p in pairs}) == 20 and len({p["personality"] for p in pairs}) == 5
 
@@ -55,8 +56,9 @@ def test_score_judge_from_messy_text_with_retries():
 
     reqs = [ProbRequest([{"role": "user", "content": f"rate {i}"}], tuple("12345")) for i in range(3)]
     # request 0: "Score: 4" at once; 1: prose, then "**2**"; 2: garbage every time
-    be = Scripted(["Score: 4", "I'd say it's pretty good, maybe 4 or 5?", "nope",
-                   "**2**", "<|im_end|>", "5 stars!!! 10/10"])
+    be = Scripted(
+        ["Score: 4", "I'd say it's pretty good, maybe 4 or 5?", "nope", "**2**", "<|im_end|>", "5 stars!!! 10/10"]
+    )
     got = ask(be, reqs, parse_score_choice, retries=2)
     assert got[0].method == "text" and got[0].probs["4"] == 1.0 and got[0].raw == ["Score: 4"]
     assert got[1].method == "text" and got[1].probs["2"] == 1.0 and len(got[1].raw) == 2
@@ -82,8 +84,17 @@ def test_protocol_on_the_embedded_model(tmp_path, smollm):
     _eval_pairs(tmp_path / "t")
     # the judge card at its smallest (its full size is e2e's): this test is the protocol's
     card = JudgeCardConfig(max_replies=4, k1_messages=1, max_k2_pairs=4, n_boot=50)
-    cfg = EvaluateConfig(experiment="t", data_root=str(tmp_path), n_personas=2, turns=2, max_new_tokens=16,
-                         models=("base", "oracle", "reminder"), n_boot=100, score_judge="history", judge_card=card)
+    cfg = EvaluateConfig(
+        experiment="t",
+        data_root=str(tmp_path),
+        n_personas=2,
+        turns=2,
+        max_new_tokens=16,
+        models=("base", "oracle", "reminder"),
+        n_boot=100,
+        score_judge="history",
+        judge_card=card,
+    )
     seen = []
     real = smollm.chat
 
@@ -125,8 +136,16 @@ def test_evaluation_resumes_after_a_crash(tmp_path, smollm):
     from aloe.cache import CallCache
 
     _eval_pairs(tmp_path / "t")
-    cfg = EvaluateConfig(experiment="t", data_root=str(tmp_path), n_personas=2, turns=2, max_new_tokens=12,
-                         models=("base",), n_boot=50, judge_card=JudgeCardConfig(enabled=False))
+    cfg = EvaluateConfig(
+        experiment="t",
+        data_root=str(tmp_path),
+        n_personas=2,
+        turns=2,
+        max_new_tokens=12,
+        models=("base",),
+        n_boot=50,
+        judge_card=JudgeCardConfig(enabled=False),
+    )
     smollm.cache = CallCache(str(tmp_path / "cache.sqlite"))
     real, calls = smollm.logprobs, {"n": 0}
 
@@ -160,13 +179,26 @@ def test_repeats_over_simulator_seeds_are_pooled_per_persona(tmp_path):
     from aloe.evaluation import pooled_scores
 
     # pooling: the mean of the repeats that scored a turn; the persona stays one unit
-    reps = [[{"persona_id": "p", "turns": [{"turn": 1, "score": 2.0}, {"turn": 2, "score": None}]}],
-            [{"persona_id": "p", "turns": [{"turn": 1, "score": 4.0}, {"turn": 2, "score": 3.0}]}]]
+    reps = [
+        [{"persona_id": "p", "turns": [{"turn": 1, "score": 2.0}, {"turn": 2, "score": None}]}],
+        [{"persona_id": "p", "turns": [{"turn": 1, "score": 4.0}, {"turn": 2, "score": 3.0}]}],
+    ]
     assert pooled_scores(reps) == {"p": {1: 3.0, 2: 3.0}}
     _eval_pairs(tmp_path / "r")
-    cfg = stage_config("evaluate", experiment="r", data_root=str(tmp_path), cache_path=str(tmp_path / "c.sqlite"),
-                       backend={"kind": "scripted", "model": "s"}, n_personas=3, turns=2, models=["base"],
-                       score_judge="likelihood", repeats=2, n_boot=50, judge_card={"enabled": False})
+    cfg = stage_config(
+        "evaluate",
+        experiment="r",
+        data_root=str(tmp_path),
+        cache_path=str(tmp_path / "c.sqlite"),
+        backend={"kind": "scripted", "model": "s"},
+        n_personas=3,
+        turns=2,
+        models=["base"],
+        score_judge="likelihood",
+        repeats=2,
+        n_boot=50,
+        judge_card={"enabled": False},
+    )
     out = aloe.evaluation.run(cfg, ScriptedBackend())
     first = read_jsonl(cfg.paths.conversations("base"))
     second = read_jsonl(cfg.paths.conversations("base", 1))

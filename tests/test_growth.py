@@ -4,25 +4,40 @@ import pytest
 from aloe.growth import DiversityFilter, kind_ok, split_items
 
 
-@pytest.mark.parametrize("reply,want", [
-    ("Here are 3 new profiles:\n1. She is a 30-year-old baker.\n2) He is 41 and drives a bus.\n3: They are 20.\n\nI hope these help!",
-     ["She is a 30-year-old baker.", "He is 41 and drives a bus.", "They are 20."]),
-    ("- She is a nurse.\n* He is a pilot\n  who loves jazz.\n• She is 60.",
-     ["She is a nurse.", "He is a pilot who loves jazz.", "She is 60."]),
-    ('Sure! Here you go:\n\n"She is a 25-year-old poet."\n\n"He is a 52-year-old miner."',
-     ["She is a 25-year-old poet.", "He is a 52-year-old miner."]),
-    ("Profile 1: She is a chef.\nProfile 2: He is a monk.", ["She is a chef.", "He is a monk."]),
-    ("She is a dentist.\nHe is a sailor.", ["She is a dentist.", "He is a sailor."]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "reply,want",
+    [
+        (
+            "Here are 3 new profiles:\n1. She is a 30-year-old baker.\n2) He is 41 and drives a bus.\n3: They are 20.\n\nI hope these help!",
+            ["She is a 30-year-old baker.", "He is 41 and drives a bus.", "They are 20."],
+        ),
+        (
+            "- She is a nurse.\n* He is a pilot\n  who loves jazz.\n• She is 60.",
+            ["She is a nurse.", "He is a pilot who loves jazz.", "She is 60."],
+        ),
+        (
+            'Sure! Here you go:\n\n"She is a 25-year-old poet."\n\n"He is a 52-year-old miner."',
+            ["She is a 25-year-old poet.", "He is a 52-year-old miner."],
+        ),
+        ("Profile 1: She is a chef.\nProfile 2: He is a monk.", ["She is a chef.", "He is a monk."]),
+        ("She is a dentist.\nHe is a sailor.", ["She is a dentist.", "He is a sailor."]),
+        ("", []),
+    ],
+)
 def test_split_items(reply, want):
     assert split_items(reply) == want
 
 
 def test_kind_filter():
     assert kind_ok("profile", "She is a 34-year-old nurse who lives in Leeds with two cats.", 20, 300) is None
-    assert kind_ok("profile", "She is kind and gentle and always very warm to all people.", 20, 300) == "no facts (not a profile)"
-    assert kind_ok("personality", "They are 34 years old and cheerful in every conversation.", 20, 300) == "has facts (not a personality)"
+    assert (
+        kind_ok("profile", "She is kind and gentle and always very warm to all people.", 20, 300)
+        == "no facts (not a profile)"
+    )
+    assert (
+        kind_ok("personality", "They are 34 years old and cheerful in every conversation.", 20, 300)
+        == "has facts (not a personality)"
+    )
     assert kind_ok("personality", "Too short.", 20, 300) == "too short"
     assert kind_ok("personality", "x" * 400, 20, 300) == "too long"
 
@@ -71,8 +86,15 @@ def test_growth_with_real_model_resumes_exactly(smollm, tmp_path):
     emb = Embedder()
     smollm.cache = CallCache(tmp_path / "cache.sqlite")
     try:
-        s2 = GrowthSettings(target=100, items_per_round=5, requests_per_round=2, max_rounds=2,
-                            max_new_tokens=160, min_chars=40, threshold=0.8)
+        s2 = GrowthSettings(
+            target=100,
+            items_per_round=5,
+            requests_per_round=2,
+            max_rounds=2,
+            max_new_tokens=160,
+            min_chars=40,
+            threshold=0.8,
+        )
         full, rounds, stop = grow_pool("profile", seeds, blocked, smollm, emb, s2, tmp_path / "a.jsonl")
         assert stop == "round limit" and [r["round"] for r in rounds] == [1, 2]
         assert all(r["candidates"] >= r["offered"] >= len(r["accepted"]) for r in rounds)

@@ -28,8 +28,11 @@ def _chat_body(text="a fine reply", logprobs=None) -> dict:
     return {"choices": [choice], "usage": {"completion_tokens": 3}}
 
 
-GOOD_TOP = {"token": "3", "logprob": -0.2, "top_logprobs": [{"token": "3", "logprob": -0.2},
-                                                            {"token": "4", "logprob": -1.9}]}
+GOOD_TOP = {
+    "token": "3",
+    "logprob": -0.2,
+    "top_logprobs": [{"token": "3", "logprob": -0.2}, {"token": "4", "logprob": -1.9}],
+}
 
 
 class FaultServer(LoopbackServer):
@@ -74,10 +77,14 @@ class FaultServer(LoopbackServer):
                     body = fault.get("body", {"error": {"message": "injected fault"}})
                     if not isinstance(body, bytes):
                         body = json.dumps(body).encode()
-                    return self._send(fault.get("status", 200), body,
-                                      {"Content-Type": "application/json", **fault.get("headers", {})})
-                good = _chat_body(logprobs=GOOD_TOP) if req.get("logprobs") else \
-                    _chat_body(f"reply to {req['messages'][-1]['content']}")
+                    return self._send(
+                        fault.get("status", 200), body, {"Content-Type": "application/json", **fault.get("headers", {})}
+                    )
+                good = (
+                    _chat_body(logprobs=GOOD_TOP)
+                    if req.get("logprobs")
+                    else _chat_body(f"reply to {req['messages'][-1]['content']}")
+                )
                 time.sleep(srv.delay)
                 self._send(200, json.dumps(good).encode(), {"Content-Type": "application/json"})
                 with srv.lock:
@@ -151,8 +158,11 @@ def test_logprobs_that_are_not_log_probabilities_are_failures(server, tmp_path, 
 
 
 def test_a_top_k_list_without_any_candidate_is_not_an_answer(server, tmp_path):
-    top = {"token": "Hello", "logprob": -0.1, "top_logprobs": [{"token": "Hello", "logprob": -0.1},
-                                                               {"token": "The", "logprob": -2.5}]}
+    top = {
+        "token": "Hello",
+        "logprob": -0.1,
+        "top_logprobs": [{"token": "Hello", "logprob": -0.1}, {"token": "The", "logprob": -2.5}],
+    }
     server.always = {"score 0": {"body": _chat_body(logprobs=top)}}
     cache = str(tmp_path / "c.sqlite")
     out = backend(server.url, cache).logprobs(SCORE[:2])
@@ -204,7 +214,8 @@ def test_the_key_never_reaches_errors_or_records(server, tmp_path, monkeypatch):
     assert server.seen_auth[-1] == f"Bearer {CANARY}"  # it was sent (loopback http is allowed) ...
     assert CANARY not in out[0].error and "***" in out[0].error  # ... and never recorded
     assert CANARY not in json.dumps(b.describe()) and CANARY not in (tmp_path / "c.sqlite").read_bytes().decode(
-        "latin-1")
+        "latin-1"
+    )
 
 
 @pytest.mark.e2e  # runs `aloe run` (the Papermill pipeline) in a subprocess
@@ -224,8 +235,8 @@ def test_a_planted_key_appears_in_no_file_a_run_writes(server, tmp_path):
     name = "canary-run"
     params = tmp_path / f"{name}.yaml"
     params.write_text(f"""experiment: {name}
-data_root: {tmp_path / 'data'}
-cache_path: {tmp_path / 'cache.sqlite'}
+data_root: {tmp_path / "data"}
+cache_path: {tmp_path / "cache.sqlite"}
 backend: {{kind: openai, model: m, base_url: '{server.url}', api_key_env: ALOE_CANARY_KEY, max_retries: 1}}
 stages:
   personas: {{target_profiles: 4, target_personalities: 4}}
@@ -236,8 +247,26 @@ stages:
     reports = REPO / "reports" / name
     shutil.rmtree(reports, ignore_errors=True)
     env = {**os.environ, "ALOE_CANARY_KEY": CANARY}
-    r = subprocess.run([sys.executable, "-m", "aloe", "run", str(params), "--only", "personas", "--only", "trees",
-                        "--only", "evaluate"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aloe",
+            "run",
+            str(params),
+            "--only",
+            "personas",
+            "--only",
+            "trees",
+            "--only",
+            "evaluate",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert server.seen_auth and all(a == f"Bearer {CANARY}" for a in server.seen_auth)  # it was used ...
     assert CANARY not in r.stdout + r.stderr
@@ -245,8 +274,9 @@ stages:
     assert len(written) > 20 and any(p.suffix == ".ipynb" for p in written)
     leaks = [str(p) for p in written if CANARY.encode() in p.read_bytes()]
     assert leaks == []  # ... and written nowhere
-    failed = [t["failed"] for t in aloe_io().read_jsonl(tmp_path / "data" / name / "trees" / "trees.jsonl")
-              if t["failed"]]
+    failed = [
+        t["failed"] for t in aloe_io().read_jsonl(tmp_path / "data" / name / "trees" / "trees.jsonl") if t["failed"]
+    ]
     assert failed and "***" in failed[0]["error"]  # the echoed key, redacted where the failure is recorded
     shutil.rmtree(reports, ignore_errors=True)
 
@@ -274,11 +304,26 @@ def test_an_outage_mid_stage_fails_it_and_a_healthy_rerun_equals_an_uninterrupte
         try:
             root = tmp_path / name
             common = dict(experiment="o", data_root=str(root), cache_path=str(root / "c.sqlite"))
-            aloe.personas.run(stage_config("personas", **common, backend={"kind": "scripted", "model": "s"},
-                                           target_profiles=4, target_personalities=4), ScriptedBackend())
+            aloe.personas.run(
+                stage_config(
+                    "personas",
+                    **common,
+                    backend={"kind": "scripted", "model": "s"},
+                    target_profiles=4,
+                    target_personalities=4,
+                ),
+                ScriptedBackend(),
+            )
             http = {"kind": "openai", "model": "m", "base_url": srv.url, "max_retries": 1, "max_concurrency": 2}
-            cfg = stage_config("trees", **common, backend=http, n_personas=3, turns=2, pair_judge="likelihood",
-                               roles={"judge": {"kind": "scripted", "model": "j"}})
+            cfg = stage_config(
+                "trees",
+                **common,
+                backend=http,
+                n_personas=3,
+                turns=2,
+                pair_judge="likelihood",
+                roles={"judge": {"kind": "scripted", "model": "j"}},
+            )
             from aloe.roles import open_roles
 
             if name == "outage":
@@ -291,14 +336,17 @@ def test_an_outage_mid_stage_fails_it_and_a_healthy_rerun_equals_an_uninterrupte
                 srv.faults = []
             counts = aloe.trees.run(cfg, open_roles(cfg, aloe.trees.ROLES))
             assert counts["trees"] == 3 and counts["failed_trees"] == 0 and counts["turns"] == 6
-            got[name] = [(t["id"], [(n["turn"], n["user"], n.get("preferred")) for n in t["turns"]])
-                         for t in read_jsonl(cfg.paths.trees)]
+            got[name] = [
+                (t["id"], [(n["turn"], n["user"], n.get("preferred")) for n in t["turns"]])
+                for t in read_jsonl(cfg.paths.trees)
+            ]
         finally:
             srv.close()
     assert got["outage"] == got["straight"]
 
 
 # --------------------------------------------------------------------------- every answer kept as it arrives
+
 
 def _cached(path) -> int:
     import sqlite3
@@ -321,12 +369,14 @@ def test_a_sigkill_mid_batch_loses_at_most_the_calls_in_flight(server, tmp_path)
 
     server.delay = 0.05
     cache = tmp_path / "c.sqlite"
-    code = (f"import sys; sys.path.insert(0, {str(REPO / 'src')!r})\n"
-            "from aloe.backends import ChatRequest, Sampling, open_backend\n"
-            f"b = open_backend({{'kind': 'openai', 'model': 'm', 'base_url': {server.url!r}, 'max_concurrency': 4}}, "
-            f"{str(cache)!r})\n"
-            "print('sending', flush=True)\n"
-            "b.chat([ChatRequest([{'role': 'user', 'content': f'q{i}'}], Sampling(max_tokens=8)) for i in range(600)])\n")
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO / 'src')!r})\n"
+        "from aloe.backends import ChatRequest, Sampling, open_backend\n"
+        f"b = open_backend({{'kind': 'openai', 'model': 'm', 'base_url': {server.url!r}, 'max_concurrency': 4}}, "
+        f"{str(cache)!r})\n"
+        "print('sending', flush=True)\n"
+        "b.chat([ChatRequest([{'role': 'user', 'content': f'q{i}'}], Sampling(max_tokens=8)) for i in range(600)])\n"
+    )
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "sending"
     deadline = time.time() + 60
@@ -350,7 +400,7 @@ def test_ctrl_c_stops_new_requests_and_keeps_the_answers_in_flight(server, tmp_p
     import signal
 
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (another test may
-    server.delay = 0.05                                                 # have left SIGINT ignored)
+    server.delay = 0.05  # have left SIGINT ignored)
     cache = tmp_path / "c.sqlite"
     b = backend(server.url, str(cache), max_concurrency=4)
     threading.Timer(0.6, _thread.interrupt_main).start()  # Ctrl-C, 0.6 s into the batch
@@ -364,6 +414,7 @@ def test_ctrl_c_stops_new_requests_and_keeps_the_answers_in_flight(server, tmp_p
 
 
 # --------------------------------------------------------------------------- rate limits and a pool
+
 
 def test_the_limiter_holds_requests_and_tokens_per_minute_within_ten_percent(server):
     b = backend(server.url, max_concurrency=8, rpm=1200)  # 20 requests a second

@@ -15,8 +15,13 @@ from aloe.records import load_seeds, make_pairs, pool_records
 
 
 def _pairs():
-    return make_pairs(pool_records(load_seeds("eval_profiles")[:6], "profile", "seed", "eval"),
-                      pool_records(load_seeds("eval_personalities")[:3], "personality", "seed", "eval"), 3, 0, "eval")
+    return make_pairs(
+        pool_records(load_seeds("eval_profiles")[:6], "profile", "seed", "eval"),
+        pool_records(load_seeds("eval_personalities")[:3], "personality", "seed", "eval"),
+        3,
+        0,
+        "eval",
+    )
 
 
 def _marker(pair):
@@ -30,10 +35,24 @@ def _convs(pairs, score_of):
         turns = []
         for k in (1, 2):
             reply = " ".join(_marker(p)) + f" (turn {k})"
-            turns.append({"turn": k, "user": f"hello {k}", "reply": reply, "score": score_of(p, reply),
-                          "judge": {"method": "logprobs"}})
-        convs.append({"model": "base", "persona_id": p["id"], "profile": p["profile"],
-                      "personality": p["personality"], "turns": turns})
+            turns.append(
+                {
+                    "turn": k,
+                    "user": f"hello {k}",
+                    "reply": reply,
+                    "score": score_of(p, reply),
+                    "judge": {"method": "logprobs"},
+                }
+            )
+        convs.append(
+            {
+                "model": "base",
+                "persona_id": p["id"],
+                "profile": p["profile"],
+                "personality": p["personality"],
+                "turns": turns,
+            }
+        )
     return convs
 
 
@@ -51,12 +70,18 @@ def ignores_persona(req):
 
 
 def _cfg(tmp_path, **card):
-    return EvaluateConfig(experiment="t", data_root=str(tmp_path), n_personas=18, turns=2,
-                          judge_card=JudgeCardConfig(**{"max_replies": 100, "n_boot": 200, **card}))
+    return EvaluateConfig(
+        experiment="t",
+        data_root=str(tmp_path),
+        n_personas=18,
+        turns=2,
+        judge_card=JudgeCardConfig(**{"max_replies": 100, "n_boot": 200, **card}),
+    )
 
 
-@pytest.mark.parametrize("judge_fn,own_score,expected,gap", [(reads_persona, 5.0, 1.0, 4.0),
-                                                            (ignores_persona, 3.0, 0.5, 0.0)])
+@pytest.mark.parametrize(
+    "judge_fn,own_score,expected,gap", [(reads_persona, 5.0, 1.0, 4.0), (ignores_persona, 3.0, 0.5, 0.0)]
+)
 def test_discrimination_on_the_runs_replies_is_information(tmp_path, judge_fn, own_score, expected, gap):
     """(a) on the run's own replies is measured and shown, but no longer decides fit: a card with no
     known answer that counts (the judge is every role here, and no persona has checkable
@@ -86,8 +111,17 @@ def test_mismatched_personas_differ_in_profile_and_personality():
 def test_length_bias_fails_the_card(tmp_path):
     """A judge whose score is the reply's length: perfectly length-biased, and refused for it."""
     pairs = _pairs()[:6]
-    by_len = ScriptedBackend("judge", logprobs=lambda r: {c: (0.0 if c == str(min(5, len(
-        r.messages[-1]["content"].split('The reply: "')[1].split()) // 3 + 1)) else -30.0) for c in r.candidates})
+    by_len = ScriptedBackend(
+        "judge",
+        logprobs=lambda r: {
+            c: (
+                0.0
+                if c == str(min(5, len(r.messages[-1]["content"].split('The reply: "')[1].split()) // 3 + 1))
+                else -30.0
+            )
+            for c in r.candidates
+        },
+    )
     convs = _convs(pairs, lambda p, r: float(min(5, len(r.split()) // 3 + 1)))
     for i, c in enumerate(convs):
         c["turns"][0]["reply"] += " extra words" * i
@@ -105,11 +139,19 @@ def test_a_position_biased_pair_judge_shows_agreement_zero(tmp_path):
             return {"1": math.log(0.9), "2": math.log(0.1)}
         return {c: -1.6 for c in req.candidates}
 
-    train = make_pairs(pool_records(load_seeds("profiles")[:3], "profile", "seed", "train"),
-                       pool_records(load_seeds("personalities"), "personality", "seed", "train"), 1, 0, "train")
+    train = make_pairs(
+        pool_records(load_seeds("profiles")[:3], "profile", "seed", "train"),
+        pool_records(load_seeds("personalities"), "personality", "seed", "train"),
+        1,
+        0,
+        "train",
+    )
     write_jsonl(tmp_path / "t" / "personas" / "pairs.jsonl", train)
-    aloe.trees.run(TreesConfig(experiment="t", data_root=str(tmp_path), n_personas=3, turns=2),
-                   ScriptedBackend("biased", logprobs=position), progress=False)
+    aloe.trees.run(
+        TreesConfig(experiment="t", data_root=str(tmp_path), n_personas=3, turns=2),
+        ScriptedBackend("biased", logprobs=position),
+        progress=False,
+    )
     pc = jc.position_consistency(_cfg(tmp_path))
     assert pc["value"] == 0.0 and pc["n"] == 6
 
@@ -139,15 +181,18 @@ def test_likelihood_ratio_equals_a_hand_computation(tiny_model):
     (a, n), (p, _) = by_hand(aware), by_hand(plain)
     assert got.tokens == n and got.llr == pytest.approx((a - p) / n, abs=1e-4)
     assert got.aware == pytest.approx(a, abs=1e-4) and got.plain == pytest.approx(p, abs=1e-4)
-    assert likelihood_score(0.0, 0.1) == 3.0 and likelihood_score(0.1, 0.1) == pytest.approx(1 + 4 / (1 + math.e ** -1))
+    assert likelihood_score(0.0, 0.1) == 3.0 and likelihood_score(0.1, 0.1) == pytest.approx(1 + 4 / (1 + math.e**-1))
 
 
 def test_likelihood_judge_refuses_top_k_servers(tmp_path):
     from aloe.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"judge: 'likelihood' needs a reply's exact log-likelihood.*'openai'"):
-        EvaluateConfig(experiment="t", score_judge="likelihood",
-                       roles={"judge": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}})
+        EvaluateConfig(
+            experiment="t",
+            score_judge="likelihood",
+            roles={"judge": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1"}},
+        )
     # and a backend that only has next-token top-k lists gives a missing judgment, never a number
     top_k = ScriptedBackend("srv", logprobs=lambda r: {c: -1.0 for c in r.candidates})
     top_k._score_orig = top_k._score
@@ -159,6 +204,7 @@ def test_likelihood_judge_refuses_top_k_servers(tmp_path):
         return out
 
     top_k._score = not_exact
-    (j,) = likelihood_ratios(top_k, [([{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}], "x y")],
-                             "t@v1")
+    (j,) = likelihood_ratios(
+        top_k, [([{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}], "x y")], "t@v1"
+    )
     assert j.llr is None and "top-k" in j.error

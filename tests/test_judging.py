@@ -23,11 +23,24 @@ def test_unusable_judgment_is_missing():
     assert expected_score(CandidateLogprobs({c: None for c in "12345"}, error="HTTP 500")) is None
 
 
-@pytest.mark.parametrize("text,want", [
-    ("4", 4), (" 5.", 5), ("Score: 3", 3), ("**2**", 2), ("4/5", 4), ("rating = 1", 1),
-    ("", None), (None, None), ("6", None), ("I'd say 4 or 5", None), ("45", None), ("four", None),
-    ("The reply is good. 4", None),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("4", 4),
+        (" 5.", 5),
+        ("Score: 3", 3),
+        ("**2**", 2),
+        ("4/5", 4),
+        ("rating = 1", 1),
+        ("", None),
+        (None, None),
+        ("6", None),
+        ("I'd say 4 or 5", None),
+        ("45", None),
+        ("four", None),
+        ("The reply is good. 4", None),
+    ],
+)
 def test_parse_score_strict(text, want):
     assert parse_score(text) == want
 
@@ -63,5 +76,9 @@ def test_a_judgment_says_which_candidates_the_engine_did_not_report():
     assert got.method == "logprobs" and got.missing == ["1", "2", "3"]
     assert got.to_json()["missing"] == ["1", "2", "3"]
     full = ScriptedBackend(logprobs=lambda r: {c: -1.0 for c in "12345"})
-    assert "missing" not in ask(full, [ProbRequest([{"role": "user", "content": "x"}], tuple("12345"))],
-                                  parse_score_choice)[0].to_json()
+    assert (
+        "missing"
+        not in ask(full, [ProbRequest([{"role": "user", "content": "x"}], tuple("12345"))], parse_score_choice)[
+            0
+        ].to_json()
+    )

@@ -40,8 +40,19 @@ stages:
 # Each run is a fresh process forked from a server that has imported aloe, torch and MiniLM's
 # library once (about 10 s per process otherwise): the kill is a real SIGKILL of a real process.
 _FORK = multiprocessing.get_context("forkserver")
-_FORK.set_forkserver_preload(["aloe.personas", "aloe.trees", "aloe.evaluation", "aloe.backends.scripted",
-                              "aloe.embedding", "sentence_transformers", "aloe.training", "trl", "peft"])
+_FORK.set_forkserver_preload(
+    [
+        "aloe.personas",
+        "aloe.trees",
+        "aloe.evaluation",
+        "aloe.backends.scripted",
+        "aloe.embedding",
+        "sentence_transformers",
+        "aloe.training",
+        "trl",
+        "peft",
+    ]
+)
 
 
 def _to(log: str) -> None:
@@ -73,8 +84,9 @@ def _train(root: str, model: str, sft: dict, log: str) -> None:
     import aloe.training
     from aloe.config import TrainConfig
 
-    cfg = TrainConfig(experiment="t", data_root=root, roles={"policy": {"model": model}}, variants=("sft_preferred",),
-                      sft=sft)
+    cfg = TrainConfig(
+        experiment="t", data_root=root, roles={"policy": {"model": model}}, variants=("sft_preferred",), sft=sft
+    )
     print(aloe.training.run(cfg)["sft_preferred"]["global_step"], flush=True)
 
 
@@ -98,8 +110,10 @@ def _outputs(root, stage):
         trees = [{k: v for k, v in t.items() if k != "provenance"} for t in read_jsonl(d / "trees.jsonl")]
         return {"trees": trees, **{f: (d / f).read_text() for f in ("dpo.jsonl", "sft_preferred.jsonl")}}
     metrics = read_json(d / "metrics.json")
-    convs = {m: [{k: v for k, v in c.items() if k != "settings"} for c in read_jsonl(d / "conversations" / f"{m}.jsonl")]
-             for m in ("base", "oracle")}
+    convs = {
+        m: [{k: v for k, v in c.items() if k != "settings"} for c in read_jsonl(d / "conversations" / f"{m}.jsonl")]
+        for m in ("base", "oracle")
+    }
     return {"models": metrics["models"], "convs": convs, "card": read_json(d / "judge_card.json")["fit"]}
 
 
@@ -142,8 +156,9 @@ def test_sigkill_during_training_then_rerun_finishes_the_same_steps(tiny_model, 
     _setup(straight, _rows(8))
 
     def train(root):
-        proc = _FORK.Process(target=_train, args=(str(root), tiny_model, {**FAST, "max_steps": 6},
-                                                  str(root / "train.log")))
+        proc = _FORK.Process(
+            target=_train, args=(str(root), tiny_model, {**FAST, "max_steps": 6}, str(root / "train.log"))
+        )
         proc.start()
         return proc
 

@@ -8,9 +8,12 @@ from aloe.models import ensure_local_model, gguf_path, hf_location, model_identi
 
 def test_registry_has_paper_models():
     ids = {n: resolve_model(n).hf_id for n in ("llama3-8b", "mistral-7b", "qwen2-7b", "olmo-7b")}
-    assert ids == {"llama3-8b": "meta-llama/Meta-Llama-3-8B-Instruct",
-                   "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3",
-                   "qwen2-7b": "Qwen/Qwen2-7B-Instruct", "olmo-7b": "allenai/OLMo-7B-0724-Instruct-hf"}
+    assert ids == {
+        "llama3-8b": "meta-llama/Meta-Llama-3-8B-Instruct",
+        "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3",
+        "qwen2-7b": "Qwen/Qwen2-7B-Instruct",
+        "olmo-7b": "allenai/OLMo-7B-0724-Instruct-hf",
+    }
 
 
 @pytest.mark.integration
@@ -83,8 +86,15 @@ def _fake_parts(tmp_path, monkeypatch, chunks):
         (d / f"part{n:02d}.bin").write_bytes(data)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     blob = b"".join(chunks)
-    parts = {"package": "fake-part{n}", "module": "fakepart_{n}", "version": "1.0", "parts": len(chunks),
-             "part_file": "data/part{n:02d}.bin", "size": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    parts = {
+        "package": "fake-part{n}",
+        "module": "fakepart_{n}",
+        "version": "1.0",
+        "parts": len(chunks),
+        "part_file": "data/part{n:02d}.bin",
+        "size": len(blob),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
     return ModelSpec("fake", "gguf-parts", parts=parts), blob
 
 

@@ -1,4 +1,3 @@
-
 import pytest
 from conftest import REPO
 
@@ -24,8 +23,10 @@ def test_read_aloe_pool_quirks(tmp_path):
 def test_official_pools_count():
     # As published: profile.jsonl has 330 non-blank lines, one of which (line 6) holds two
     # JSON strings glued together -> 331 profiles; profile_eval.jsonl has no final newline.
-    counts = {f: len(read_aloe_pool(OFFICIAL / f"{f}.jsonl"))
-              for f in ("profile", "personality", "profile_eval", "personality_eval")}
+    counts = {
+        f: len(read_aloe_pool(OFFICIAL / f"{f}.jsonl"))
+        for f in ("profile", "personality", "profile_eval", "personality_eval")
+    }
     assert counts == {"profile": 331, "personality": 71, "profile_eval": 20, "personality_eval": 7}
     evals = read_aloe_pool(OFFICIAL / "profile_eval.jsonl")
     pers = read_aloe_pool(OFFICIAL / "personality_eval.jsonl")[:5]
@@ -77,5 +78,7 @@ def test_disclosure_embeds_each_text_on_its_own_and_remembers_it():
     assert np.array_equal(emb.encode_each(texts), alone)
     assert np.array_equal(emb.encode_each(texts[::-1]), alone[::-1])
     assert emb.texts_embedded == 2 * len(texts)  # the second call embedded nothing
-    curve = revealed_curve("I keep a vegetarian kitchen.", "I am calm.", ["I keep a vegetarian kitchen.", "ok"], 0.6, emb)
+    curve = revealed_curve(
+        "I keep a vegetarian kitchen.", "I am calm.", ["I keep a vegetarian kitchen.", "ok"], 0.6, emb
+    )
     assert [r["revealed"] for r in curve] == [0.5, 0.5]

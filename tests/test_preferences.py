@@ -16,8 +16,17 @@ def item(pid):
 def test_catalogue_has_the_preferences_the_issue_names():
     form = {p for p, v in CAT.items.items() if v.kind == "form"}
     content = {p for p, v in CAT.items.items() if v.kind == "content"}
-    assert {"short", "bullets", "no_questions", "ends_question", "no_emoji", "no_exclamation", "formal",
-            "answer_first", "name"} <= form
+    assert {
+        "short",
+        "bullets",
+        "no_questions",
+        "ends_question",
+        "no_emoji",
+        "no_exclamation",
+        "formal",
+        "answer_first",
+        "name",
+    } <= form
     assert {"vegetarian", "budget", "metric"} <= content
     assert len(CAT.items) >= 12
 

@@ -21,16 +21,20 @@ from aloe.lock import ExperimentBusy, experiment_lock
 
 def _params(tmp_path, name):
     f = tmp_path / f"{name}.yaml"
-    f.write_text(f"experiment: {name}\ndata_root: {tmp_path / 'data'}\ncache_path: {tmp_path / 'c.sqlite'}\n"
-                 "backend: {kind: scripted, model: s}\n"
-                 "stages:\n  personas: {target_profiles: 3, target_personalities: 3}\n")
+    f.write_text(
+        f"experiment: {name}\ndata_root: {tmp_path / 'data'}\ncache_path: {tmp_path / 'c.sqlite'}\n"
+        "backend: {kind: scripted, model: s}\n"
+        "stages:\n  personas: {target_profiles: 3, target_personalities: 3}\n"
+    )
     return f
 
 
 def _hold_lock(root, seconds):
     """A separate process holding the experiment's lock, as a running `aloe run` would."""
-    code = (f"import time, aloe.lock\nwith aloe.lock.experiment_lock({str(root)!r}):\n"
-            f"    print('held', flush=True)\n    time.sleep({seconds})\n")
+    code = (
+        f"import time, aloe.lock\nwith aloe.lock.experiment_lock({str(root)!r}):\n"
+        f"    print('held', flush=True)\n    time.sleep({seconds})\n"
+    )
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
     return p
@@ -39,8 +43,13 @@ def _hold_lock(root, seconds):
 def test_a_stage_launched_directly_is_refused_while_another_holds_the_experiment(tmp_path):
     import aloe.personas
 
-    cfg = stage_config("personas", experiment="busy", data_root=str(tmp_path / "data"),
-                       cache_path=str(tmp_path / "c.sqlite"), backend={"kind": "scripted", "model": "s"})
+    cfg = stage_config(
+        "personas",
+        experiment="busy",
+        data_root=str(tmp_path / "data"),
+        cache_path=str(tmp_path / "c.sqlite"),
+        backend={"kind": "scripted", "model": "s"},
+    )
     holder = _hold_lock(cfg.paths.root, 60)
     try:
         with pytest.raises(ExperimentBusy, match=rf"experiment 'busy' is in use by pid {holder.pid} on .*started"):
@@ -80,8 +89,13 @@ def test_a_stage_removes_its_manifest_and_leftovers_when_it_starts(tmp_path):
     import aloe.trees
     from aloe.backends.scripted import ScriptedBackend
 
-    cfg = stage_config("trees", experiment="clean", data_root=str(tmp_path / "data"),
-                       cache_path=str(tmp_path / "c.sqlite"), backend={"kind": "scripted", "model": "s"})
+    cfg = stage_config(
+        "trees",
+        experiment="clean",
+        data_root=str(tmp_path / "data"),
+        cache_path=str(tmp_path / "c.sqlite"),
+        backend={"kind": "scripted", "model": "s"},
+    )
     stage_dir = cfg.paths.stage("trees")
     write_json(cfg.paths.manifest("trees"), {"stage": "trees", "counts": {"trees": 99}})
     leftover = stage_dir / ".trees.jsonl.abc123.tmp"
@@ -96,13 +110,30 @@ def test_lock_is_reentrant_for_the_notebooks_a_run_starts(tmp_path):
     with experiment_lock(tmp_path / "e") as path:
         assert os.environ["ALOE_LOCK"] == str(path)
         # a kernel started by the run inherits ALOE_LOCK and proceeds
-        r = subprocess.run([sys.executable, "-c", f"import aloe.lock\nwith aloe.lock.experiment_lock({str(tmp_path / 'e')!r}):"
-                            f"\n    print('ok')"], capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import aloe.lock\nwith aloe.lock.experiment_lock({str(tmp_path / 'e')!r}):\n    print('ok')",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.stdout.strip() == "ok", r.stderr
         # without it (another process), refused
         env = {k: v for k, v in os.environ.items() if k != "ALOE_LOCK"}
-        r = subprocess.run([sys.executable, "-c", f"import aloe.lock\nwith aloe.lock.experiment_lock({str(tmp_path / 'e')!r}):"
-                            f"\n    print('ok')"], capture_output=True, text=True, timeout=60, env=env)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import aloe.lock\nwith aloe.lock.experiment_lock({str(tmp_path / 'e')!r}):\n    print('ok')",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
         assert r.returncode != 0 and "ExperimentBusy" in r.stderr and f"pid {os.getpid()}" in r.stderr
     assert "ALOE_LOCK" not in os.environ
 
@@ -121,6 +152,7 @@ def test_atomically_written_files_get_the_usual_mode(tmp_path):
 
 # --------------------------------------------------------------------------- failures are never data
 
+
 def _deterministic(fail=lambda r: False):
     """Scripted answers that depend only on the request (so an interrupted and resumed run can
     be compared with an uninterrupted one), with ``fail(request)`` -> a failed call."""
@@ -138,16 +170,25 @@ def _personas(root):
     import aloe.personas
     from aloe.backends.scripted import ScriptedBackend
 
-    cfg = stage_config("personas", experiment="rel", data_root=str(root), cache_path=str(root / "c.sqlite"),
-                       backend={"kind": "scripted", "model": "s"}, target_profiles=4, target_personalities=4)
+    cfg = stage_config(
+        "personas",
+        experiment="rel",
+        data_root=str(root),
+        cache_path=str(root / "c.sqlite"),
+        backend={"kind": "scripted", "model": "s"},
+        target_profiles=4,
+        target_personalities=4,
+    )
     aloe.personas.run(cfg, ScriptedBackend())
 
 
 def _tree_view(path):
     from aloe.io import read_jsonl
 
-    return [(t["id"], [(n["turn"], n["user"], [c["text"] for c in n.get("candidates", [])]) for n in t["turns"]])
-            for t in read_jsonl(path)]
+    return [
+        (t["id"], [(n["turn"], n["user"], [c["text"] for c in n.get("candidates", [])]) for n in t["turns"]])
+        for t in read_jsonl(path)
+    ]
 
 
 def test_a_failed_tree_is_retried_on_resume_and_ends_as_an_uninterrupted_run(tmp_path):
@@ -158,13 +199,21 @@ def test_a_failed_tree_is_retried_on_resume_and_ends_as_an_uninterrupted_run(tmp
     for name in ("straight", "interrupted"):
         root = tmp_path / name
         _personas(root)
-        cfg = stage_config("trees", experiment="rel", data_root=str(root), cache_path=str(root / "c.sqlite"),
-                           backend={"kind": "scripted", "model": "s"}, n_personas=4, turns=2)
+        cfg = stage_config(
+            "trees",
+            experiment="rel",
+            data_root=str(root),
+            cache_path=str(root / "c.sqlite"),
+            backend={"kind": "scripted", "model": "s"},
+            n_personas=4,
+            turns=2,
+        )
         target = None
         if name == "interrupted":
             target = aloe.io.read_jsonl(cfg.paths.pairs)[0]["profile"]  # any persona: fail its user at turn 2
-            flaky = ScriptedBackend(texts=_deterministic(lambda r: r.prompt_version.startswith("user_simulator")
-                                                         and r.sample_index == 2))
+            flaky = ScriptedBackend(
+                texts=_deterministic(lambda r: r.prompt_version.startswith("user_simulator") and r.sample_index == 2)
+            )
             with pytest.raises(AloeError, match=r"trees: 4 of 4 trees failed, more than max_failed_share 0.1"):
                 aloe.trees.run(cfg, flaky)
             assert not cfg.paths.manifest("trees").exists()
@@ -186,14 +235,24 @@ def test_a_failed_evaluation_turn_is_retried_not_counted_done(tmp_path):
     for name in ("straight", "interrupted"):
         root = tmp_path / name
         _personas(root)
-        cfg = stage_config("evaluate", experiment="rel", data_root=str(root), cache_path=str(root / "c.sqlite"),
-                           backend={"kind": "scripted", "model": "s"}, n_personas=4, turns=2,
-                           models=["base", "oracle"], score_judge="likelihood", n_boot=50,
-                           judge_card={"enabled": False})
+        cfg = stage_config(
+            "evaluate",
+            experiment="rel",
+            data_root=str(root),
+            cache_path=str(root / "c.sqlite"),
+            backend={"kind": "scripted", "model": "s"},
+            n_personas=4,
+            turns=2,
+            models=["base", "oracle"],
+            score_judge="likelihood",
+            n_boot=50,
+            judge_card={"enabled": False},
+        )
         if name == "interrupted":
             # the model under test fails every reply at turn 2: not recorded, the stage fails
-            flaky = ScriptedBackend(texts=_deterministic(lambda r: r.prompt_version.startswith("responder_")
-                                                         and len(r.messages) > 3))
+            flaky = ScriptedBackend(
+                texts=_deterministic(lambda r: r.prompt_version.startswith("responder_") and len(r.messages) > 3)
+            )
             with pytest.raises(AloeError, match=r"8 of 8 conversations stopped before turn 2"):
                 aloe.evaluation.run(cfg, flaky)
             assert not cfg.paths.eval_metrics.exists() and not cfg.paths.manifest("evaluate").exists()
@@ -216,9 +275,18 @@ def test_conversations_made_with_other_settings_are_not_resumed(tmp_path, caplog
     from aloe.backends.scripted import ScriptedBackend
 
     _personas(tmp_path)
-    common = dict(experiment="rel", data_root=str(tmp_path), cache_path=str(tmp_path / "c.sqlite"),
-                  backend={"kind": "scripted", "model": "s"}, n_personas=2, turns=1, models=["base"],
-                  score_judge="likelihood", n_boot=50, judge_card={"enabled": False})
+    common = dict(
+        experiment="rel",
+        data_root=str(tmp_path),
+        cache_path=str(tmp_path / "c.sqlite"),
+        backend={"kind": "scripted", "model": "s"},
+        n_personas=2,
+        turns=1,
+        models=["base"],
+        score_judge="likelihood",
+        n_boot=50,
+        judge_card={"enabled": False},
+    )
     aloe.evaluation.run(stage_config("evaluate", **common), ScriptedBackend(texts=_deterministic()))
     # the same settings: resumed, nothing asked again
     same = ScriptedBackend(texts=_deterministic())
@@ -240,8 +308,11 @@ def _profiles_text(r):
 
     h = hashlib.sha256(json.dumps(r.messages).encode() + str(r.sample_index).encode()).hexdigest()
     jobs = ["baker", "pilot", "nurse", "welder", "botanist", "actuary", "drummer", "glassblower"]
-    return "\n".join(f"- I am a {40 + i} year old {jobs[(int(h[i], 16) + i) % len(jobs)]} from town {h[i:i + 6]} "
-                     f"who collects {h[i + 6:i + 12]} stamps and has {i} children." for i in range(5))
+    return "\n".join(
+        f"- I am a {40 + i} year old {jobs[(int(h[i], 16) + i) % len(jobs)]} from town {h[i : i + 6]} "
+        f"who collects {h[i + 6 : i + 12]} stamps and has {i} children."
+        for i in range(5)
+    )
 
 
 def test_growth_never_stores_a_round_with_failed_requests_and_replays_only_matching_rounds(tmp_path, caplog):
@@ -252,8 +323,7 @@ def test_growth_never_stores_a_round_with_failed_requests_and_replays_only_match
 
     seeds = pool_records(load_seeds("profiles")[:6], "profile", "seed", "train")
     emb, state = Embedder(), tmp_path / "rounds.jsonl"
-    s = GrowthSettings(target=100, items_per_round=5, requests_per_round=2, max_rounds=2, min_chars=40,
-                       threshold=0.95)
+    s = GrowthSettings(target=100, items_per_round=5, requests_per_round=2, max_rounds=2, min_chars=40, threshold=0.95)
     # every generation request fails: no round is written, the stage fails naming why
     down = ScriptedBackend(texts=lambda r: None)
     with pytest.raises(AloeError, match=r"round 1: 2 of 2 generation requests failed after 3 tries"):

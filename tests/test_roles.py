@@ -46,10 +46,20 @@ def _write(tmp_path, text, name="exp.yaml"):
 
 
 def _pairs(root):
-    train = make_pairs(pool_records(load_seeds("profiles")[:3], "profile", "seed", "train"),
-                       pool_records(load_seeds("personalities"), "personality", "seed", "train"), 1, 0, "train")
-    evals = make_pairs(pool_records(load_seeds("eval_profiles"), "profile", "seed", "eval"),
-                       pool_records(load_seeds("eval_personalities"), "personality", "seed", "eval"), 5, 0, "eval")
+    train = make_pairs(
+        pool_records(load_seeds("profiles")[:3], "profile", "seed", "train"),
+        pool_records(load_seeds("personalities"), "personality", "seed", "train"),
+        1,
+        0,
+        "train",
+    )
+    evals = make_pairs(
+        pool_records(load_seeds("eval_profiles"), "profile", "seed", "eval"),
+        pool_records(load_seeds("eval_personalities"), "personality", "seed", "eval"),
+        5,
+        0,
+        "eval",
+    )
     write_jsonl(root / "personas" / "pairs.jsonl", train + evals)
 
 
@@ -61,22 +71,32 @@ def test_roles_merge_over_backend(tmp_path):
     assert t.role("inferrer") == t.role("responder") == t.role("generator") == t.backend
     assert exp.stages["train"].base_model == "student"
     # a role that names another model does not inherit that model's revision or served name
-    p = _write(tmp_path, "backend: {kind: openai, base_url: 'http://127.0.0.1:9/v1', model: a, served_model: a-srv,"
-                         " revision: r1}\nroles:\n  judge: {model: b}\n  simulator: {max_concurrency: 2}\n", "m.yaml")
+    p = _write(
+        tmp_path,
+        "backend: {kind: openai, base_url: 'http://127.0.0.1:9/v1', model: a, served_model: a-srv,"
+        " revision: r1}\nroles:\n  judge: {model: b}\n  simulator: {max_concurrency: 2}\n",
+        "m.yaml",
+    )
     c = load_experiment(p).stages["evaluate"]
     assert (c.role("judge").served_model, c.role("judge").revision) == (None, None)
     assert (c.role("simulator").served_model, c.role("simulator").max_concurrency) == ("a-srv", 2)
 
 
-@pytest.mark.parametrize("text,match", [
-    ("roles:\n  judgee: {model: x}\n", r"roles: unknown role 'judgee' \(did you mean 'judge'\?\); allowed roles: "
-                                       r"generator, simulator, inferrer, responder, judge, policy"),
-    ("roles:\n  judge: {kind: tgi}\n", r"roles.judge.kind: 'tgi' is not allowed"),
-    ("roles:\n  judge: gpt-4o\n", r"roles.judge: expected a mapping of backend settings"),
-    ("roles:\n  judge: {kind: openai}\n", r"roles.judge.base_url: required when kind is 'openai'"),
-    ("roles:\n  policy: {batch_size: 0}\n", r"roles.policy.batch_size: 0 is out of range"),
-    ("stages:\n  train:\n    model: llama3-8b\n", r"stages.train.model: no longer a stage key; .*roles.policy"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        (
+            "roles:\n  judgee: {model: x}\n",
+            r"roles: unknown role 'judgee' \(did you mean 'judge'\?\); allowed roles: "
+            r"generator, simulator, inferrer, responder, judge, policy",
+        ),
+        ("roles:\n  judge: {kind: tgi}\n", r"roles.judge.kind: 'tgi' is not allowed"),
+        ("roles:\n  judge: gpt-4o\n", r"roles.judge: expected a mapping of backend settings"),
+        ("roles:\n  judge: {kind: openai}\n", r"roles.judge.base_url: required when kind is 'openai'"),
+        ("roles:\n  policy: {batch_size: 0}\n", r"roles.policy.batch_size: 0 is out of range"),
+        ("stages:\n  train:\n    model: llama3-8b\n", r"stages.train.model: no longer a stage key; .*roles.policy"),
+    ],
+)
 def test_bad_roles_are_refused(tmp_path, text, match):
     with pytest.raises(ConfigError, match=match):
         load_experiment(_write(tmp_path, text))
@@ -124,19 +144,34 @@ def test_each_role_reaches_its_engine(tmp_path):
     assert metrics["roles"]["judge"]["model"] == "judge"
 
     rows = aloe.reporting.summary.role_table(exp.stages["report"])
-    assert {(r["role"], r["model"]) for r in rows} >= {("simulator", "sim"), ("judge", "judge"),
-                                                       ("policy", "student"), ("inferrer", "teacher")}
+    assert {(r["role"], r["model"]) for r in rows} >= {
+        ("simulator", "sim"),
+        ("judge", "judge"),
+        ("policy", "student"),
+        ("inferrer", "teacher"),
+    }
     assert next(r for r in rows if r["role"] == "simulator")["stages"] == "trees, evaluate"
     assert aloe.reporting.summary.self_judging(exp.stages["report"]) is None
 
 
 def test_self_judging_is_flagged(tmp_path):
     same = {"kind": "transformers", "model": "smollm2-135m", "revision": "abc"}
-    ms = {"trees": {"roles": {"judge": same}}, "train": {"roles": {"policy": same}},
-          "evaluate": {"roles": {"judge": {**same, "revision": "other"}, "policy": {**same, "revision": "other"}}}}
+    ms = {
+        "trees": {"roles": {"judge": same}},
+        "train": {"roles": {"policy": same}},
+        "evaluate": {"roles": {"judge": {**same, "revision": "other"}, "policy": {**same, "revision": "other"}}},
+    }
     assert self_judging(ms) == ["trees", "evaluate"]
-    assert self_judging({"evaluate": {"roles": {"judge": {"model": "a", "revision": "1"},
-                                                "policy": {"model": "b", "revision": "1"}}}}) == []
+    assert (
+        self_judging(
+            {
+                "evaluate": {
+                    "roles": {"judge": {"model": "a", "revision": "1"}, "policy": {"model": "b", "revision": "1"}}
+                }
+            }
+        )
+        == []
+    )
     # in the report: the default layout, where one model plays every role
     root = tmp_path / "d"
     for stage, roles in (("trees", {"judge": same}), ("evaluate", {"judge": same, "policy": same})):

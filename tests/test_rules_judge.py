@@ -1,7 +1,6 @@
 """The exact ruler wired through the stages: the rules judge labels trees exactly, evaluation scores
 and records disclosure, the judge card is decided on known answers, and self-judging never passes."""
 
-
 import pytest
 
 import aloe.evaluation
@@ -42,8 +41,16 @@ def responder(req):
 def test_rules_judge_labels_trees_exactly(tmp_path):
     items = [{"id": "short"}, {"id": "no_emoji"}, {"id": "no_exclamation"}]
     write_jsonl(tmp_path / "t" / "personas" / "pairs.jsonl", _fixed_prefs(_pairs("train", 3, 3, None), items))
-    cfg = stage_config("trees", experiment="t", data_root=str(tmp_path), cache_path=str(tmp_path / "c.sqlite"),
-                       n_personas=3, turns=3, pair_judge="rules", max_new_tokens=8)
+    cfg = stage_config(
+        "trees",
+        experiment="t",
+        data_root=str(tmp_path),
+        cache_path=str(tmp_path / "c.sqlite"),
+        n_personas=3,
+        turns=3,
+        pair_judge="rules",
+        max_new_tokens=8,
+    )
     engine = ScriptedBackend("s", texts=responder)
     counts = aloe.trees.run(cfg, engine, progress=False)
     trees = read_jsonl(cfg.paths.trees)
@@ -74,24 +81,39 @@ def test_rules_judge_labels_trees_exactly(tmp_path):
 
 def test_rules_judge_needs_personas_with_preferences(tmp_path):
     write_jsonl(tmp_path / "t" / "personas" / "pairs.jsonl", _pairs("train", 2, 2, None))
-    cfg = stage_config("trees", experiment="t", data_root=str(tmp_path), cache_path=str(tmp_path / "c.sqlite"),
-                       pair_judge="rules")
+    cfg = stage_config(
+        "trees", experiment="t", data_root=str(tmp_path), cache_path=str(tmp_path / "c.sqlite"), pair_judge="rules"
+    )
     with pytest.raises(AloeError, match="checkable preferences.*stages.personas.preferences"):
         aloe.trees.run(cfg, ScriptedBackend(), progress=False)
 
 
 def _eval_cfg(tmp_path, **kw):
-    base = dict(experiment="e", data_root=str(tmp_path), cache_path=str(tmp_path / "c.sqlite"),
-                backend={"kind": "scripted", "model": "s"}, n_personas=6, turns=3, models=["base", "oracle"],
-                n_boot=100, max_new_tokens=16)
+    base = dict(
+        experiment="e",
+        data_root=str(tmp_path),
+        cache_path=str(tmp_path / "c.sqlite"),
+        backend={"kind": "scripted", "model": "s"},
+        n_personas=6,
+        turns=3,
+        models=["base", "oracle"],
+        n_boot=100,
+        max_new_tokens=16,
+    )
     return stage_config("evaluate", **{**base, **kw})
 
 
 def test_evaluation_with_the_rules_judge(tmp_path):
     write_jsonl(tmp_path / "e" / "personas" / "pairs.jsonl", _pairs("eval", 3, 3))
     cfg = _eval_cfg(tmp_path, score_judge="rules")
-    engine = ScriptedBackend("s", texts=lambda r: GOOD if "This is who the user is" in r.messages[0]["content"]
-                             else ("I want a quiet evening." if "role-playing" in r.messages[0]["content"] else BAD))
+    engine = ScriptedBackend(
+        "s",
+        texts=lambda r: (
+            GOOD
+            if "This is who the user is" in r.messages[0]["content"]
+            else ("I want a quiet evening." if "role-playing" in r.messages[0]["content"] else BAD)
+        ),
+    )
     out = aloe.evaluation.run(cfg, engine, progress=False)
     convs = read_jsonl(cfg.paths.conversations("base"))
     for c in convs:
@@ -102,7 +124,8 @@ def test_evaluation_with_the_rules_judge(tmp_path):
     assert card["exact"] and card["fit"] and card["independent"]
     assert card["known_answers"]["K1"]["counts"] is False
     assert out["preference_disclosure"]["base"]["scheduled"] == 6 * 3 - sum(
-        max(0, 3 - len(c["preferences"])) for c in convs)
+        max(0, 3 - len(c["preferences"])) for c in convs
+    )
     assert out["roles"]["judge"]["kind"] == "rules"
     import csv
 
@@ -119,13 +142,34 @@ def _convs(pairs):
     convs = []
     for p in pairs:
         reply = " ".join(p["profile"].split()[:6]) + "."  # quotes its persona and keeps both preferences
-        turns = [{"turn": k, "user": f"hello {k}. Please no emoji, and no exclamation marks.", "reply": reply,
-                  "score": 3.0, "judge": {"method": "logprobs"},
-                  "preferences": {"meant": None, "conveyed": None, "appended": False, "complaint": None,
-                                  "revealed": ["no_emoji", "no_exclamation"]},
-                  "rules": P.rules_score(p["preferences"], reply, ["no_emoji", "no_exclamation"])} for k in (1, 2)]
-        convs.append({"model": "base", "persona_id": p["id"], "profile": p["profile"], "preferences": p["preferences"],
-                      "personality": p["personality"], "turns": turns})
+        turns = [
+            {
+                "turn": k,
+                "user": f"hello {k}. Please no emoji, and no exclamation marks.",
+                "reply": reply,
+                "score": 3.0,
+                "judge": {"method": "logprobs"},
+                "preferences": {
+                    "meant": None,
+                    "conveyed": None,
+                    "appended": False,
+                    "complaint": None,
+                    "revealed": ["no_emoji", "no_exclamation"],
+                },
+                "rules": P.rules_score(p["preferences"], reply, ["no_emoji", "no_exclamation"]),
+            }
+            for k in (1, 2)
+        ]
+        convs.append(
+            {
+                "model": "base",
+                "persona_id": p["id"],
+                "profile": p["profile"],
+                "preferences": p["preferences"],
+                "personality": p["personality"],
+                "turns": turns,
+            }
+        )
     return convs
 
 
@@ -149,11 +193,23 @@ def writer(req):
 
 def test_card_decided_on_known_answers(tmp_path):
     pairs = _card_pairs()
-    cfg = _eval_cfg(tmp_path, n_personas=18, score_judge="paper", roles={"judge": {"model": "j"}},
-                    judge_card={"n_boot": 200, "k1_messages": 1})
-    roles = Roles({}, None, {"judge": ScriptedBackend("j", logprobs=reads_all),
-                             "responder": ScriptedBackend("w", texts=writer),
-                             "simulator": ScriptedBackend("w", texts=writer), "policy": ScriptedBackend("s")})
+    cfg = _eval_cfg(
+        tmp_path,
+        n_personas=18,
+        score_judge="paper",
+        roles={"judge": {"model": "j"}},
+        judge_card={"n_boot": 200, "k1_messages": 1},
+    )
+    roles = Roles(
+        {},
+        None,
+        {
+            "judge": ScriptedBackend("j", logprobs=reads_all),
+            "responder": ScriptedBackend("w", texts=writer),
+            "simulator": ScriptedBackend("w", texts=writer),
+            "policy": ScriptedBackend("s"),
+        },
+    )
     card = jc.build(cfg, roles, pairs, {"base": _convs(pairs)})
     k1, k2 = card["known_answers"]["K1"], card["known_answers"]["K2"]
     assert card["independent"] and k1["independent"] and k1["counts"]
@@ -169,10 +225,22 @@ def test_card_decided_on_known_answers(tmp_path):
 
 def test_a_blind_judge_fails_the_known_answers(tmp_path):
     pairs = _card_pairs()
-    cfg = _eval_cfg(tmp_path, n_personas=18, score_judge="paper", roles={"judge": {"model": "j"}},
-                    judge_card={"n_boot": 200, "k1_messages": 1})
-    roles = Roles({}, None, {"judge": ScriptedBackend("j", logprobs=lambda r: {c: -1.6 for c in r.candidates}),
-                             "responder": ScriptedBackend("w", texts=writer), "policy": ScriptedBackend("s")})
+    cfg = _eval_cfg(
+        tmp_path,
+        n_personas=18,
+        score_judge="paper",
+        roles={"judge": {"model": "j"}},
+        judge_card={"n_boot": 200, "k1_messages": 1},
+    )
+    roles = Roles(
+        {},
+        None,
+        {
+            "judge": ScriptedBackend("j", logprobs=lambda r: {c: -1.6 for c in r.candidates}),
+            "responder": ScriptedBackend("w", texts=writer),
+            "policy": ScriptedBackend("s"),
+        },
+    )
     card = jc.build(cfg, roles, pairs, {"base": _convs(pairs)})
     assert not card["fit"]
     assert any(r.startswith("K1: the tailored reply") for r in card["reasons"])
@@ -193,11 +261,24 @@ def test_self_judging_never_passes_the_card(tmp_path):
 
 def test_k1_is_written_by_another_role_when_the_responder_is_the_judge(tmp_path):
     pairs = _card_pairs()
-    cfg = _eval_cfg(tmp_path, n_personas=18, score_judge="paper", roles={"judge": {"model": "j"}},
-                    judge_card={"n_boot": 200, "k1_messages": 1})
+    cfg = _eval_cfg(
+        tmp_path,
+        n_personas=18,
+        score_judge="paper",
+        roles={"judge": {"model": "j"}},
+        judge_card={"n_boot": 200, "k1_messages": 1},
+    )
     judge = ScriptedBackend("j", logprobs=reads_all, texts=writer)
-    roles = Roles({}, None, {"judge": judge, "responder": judge, "simulator": ScriptedBackend("w", texts=writer),
-                             "policy": ScriptedBackend("s")})
+    roles = Roles(
+        {},
+        None,
+        {
+            "judge": judge,
+            "responder": judge,
+            "simulator": ScriptedBackend("w", texts=writer),
+            "policy": ScriptedBackend("s"),
+        },
+    )
     card = jc.build(cfg, roles, pairs, {"base": _convs(pairs)})
     assert card["known_answers"]["K1"]["writer"]["role"] == "simulator" and card["known_answers"]["K1"]["counts"]
 
@@ -242,9 +323,21 @@ def test_paper_yaml_still_validates():
 def test_k1_gap_must_clear_min_gap(tmp_path):
     """The same passing judge with min_gap at its own gap (4 points): a win rate of 1.0 is not enough."""
     pairs = _card_pairs()
-    cfg = _eval_cfg(tmp_path, n_personas=18, score_judge="paper", roles={"judge": {"model": "j"}},
-                    judge_card={"n_boot": 200, "k1_messages": 1, "min_gap": 4.0})
-    roles = Roles({}, None, {"judge": ScriptedBackend("j", logprobs=reads_all),
-                             "responder": ScriptedBackend("w", texts=writer), "policy": ScriptedBackend("s")})
+    cfg = _eval_cfg(
+        tmp_path,
+        n_personas=18,
+        score_judge="paper",
+        roles={"judge": {"model": "j"}},
+        judge_card={"n_boot": 200, "k1_messages": 1, "min_gap": 4.0},
+    )
+    roles = Roles(
+        {},
+        None,
+        {
+            "judge": ScriptedBackend("j", logprobs=reads_all),
+            "responder": ScriptedBackend("w", texts=writer),
+            "policy": ScriptedBackend("s"),
+        },
+    )
     card = jc.build(cfg, roles, pairs, {"base": _convs(pairs)})
     assert not card["fit"] and any(r.startswith("K1: the persona moves the score by +4.000") for r in card["reasons"])

@@ -16,8 +16,9 @@ def test_ci_pipeline_end_to_end(tmp_path):
     text = text.replace("data_root: data", f"data_root: {tmp_path / 'data'}")
     text = text.replace("cache_path: data/cache/llm.sqlite", f"cache_path: {tmp_path / 'cache.sqlite'}")
     params.write_text(text)
-    r = subprocess.run([sys.executable, "-m", "aloe", "run", str(params)], cwd=REPO, capture_output=True,
-                       text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "aloe", "run", str(params)], cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     data = tmp_path / "data" / "ci-e2e"
     for stage in ("personas", "trees", "train", "evaluate", "report"):
@@ -27,8 +28,9 @@ def test_ci_pipeline_end_to_end(tmp_path):
     personas = json.loads((data / "personas" / "manifest.json").read_text())["counts"]
     assert personas["train_pairs"] == personas["profiles"] == 20 and personas["eval_pairs"] == 100
     trees = json.loads((data / "trees" / "manifest.json").read_text())
-    assert {r: d["model"] for r, d in trees["roles"].items()} == {r: "smollm2-135m" for r in
-                                                                  ("simulator", "inferrer", "responder", "judge")}
+    assert {r: d["model"] for r, d in trees["roles"].items()} == {
+        r: "smollm2-135m" for r in ("simulator", "inferrer", "responder", "judge")
+    }
     assert trees["counts"]["dpo_rows"] == trees["counts"]["turns"] > 0
     train = json.loads((data / "train" / "manifest.json").read_text())
     assert train["counts"]["sft_preferred_steps"] == 2
@@ -50,8 +52,9 @@ def test_ci_pipeline_end_to_end(tmp_path):
         assert vs["avg_diff_ci_low"] <= vs["avg_diff"] <= vs["avg_diff_ci_high"]
     assert "vs_base" not in metrics["models"]["base"] and metrics["judge_fit"] == card["fit"]
     # one model plays every role: the report says it is self-judging
-    assert {r: d["model"] for r, d in metrics["roles"].items()} == {r: "smollm2-135m" for r in
-                                                                    ("simulator", "judge", "policy", "responder")}
+    assert {r: d["model"] for r, d in metrics["roles"].items()} == {
+        r: "smollm2-135m" for r in ("simulator", "judge", "policy", "responder")
+    }
     # a judge that is the policy is not independent, and its card cannot pass
     assert card["independent"] is False and card["fit"] is False
     assert card["known_answers"]["K1"]["counts"] is False
@@ -74,8 +77,13 @@ def test_ci_pipeline_end_to_end(tmp_path):
 
     before = (data / "evaluate" / "metrics.json").read_text()
     shutil.rmtree(data / "evaluate" / "conversations")
-    r = subprocess.run([sys.executable, "-m", "aloe", "run", str(params), "--only", "evaluate"], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "aloe", "run", str(params), "--only", "evaluate"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     counts = json.loads((data / "evaluate" / "manifest.json").read_text())["counts"]
     assert counts["cache_misses"] == 0 and counts["cache_hits"] > 0
@@ -103,11 +111,20 @@ def check_estimate_tracks_the_run(params, data):
 @pytest.mark.e2e
 def test_failed_stage_names_notebook(tmp_path):
     params = tmp_path / "ci-fail.yaml"
-    params.write_text((REPO / "parameters" / "ci.yaml").read_text().replace("experiment: ci", "experiment: ci-fail")
-                      .replace("data_root: data", f"data_root: {tmp_path / 'data'}"))
+    params.write_text(
+        (REPO / "parameters" / "ci.yaml")
+        .read_text()
+        .replace("experiment: ci", "experiment: ci-fail")
+        .replace("data_root: data", f"data_root: {tmp_path / 'data'}")
+    )
     # trees before personas: its input file does not exist yet
-    r = subprocess.run([sys.executable, "-m", "aloe", "run", str(params), "--only", "trees"], cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "aloe", "run", str(params), "--only", "trees"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 1
     assert "stage trees failed" in r.stderr and "pairs.jsonl: file not found" in r.stderr
     assert "02_trees.ipynb" in r.stderr
@@ -180,8 +197,13 @@ def check_shared_pages(reports, data):
 
     (reports / "index.html").unlink()
     shutil.rmtree(reports / "figures")
-    r = subprocess.run([sys.executable, "-m", "aloe", "report", str(data.parent.parent / "ci-e2e.yaml")], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "aloe", "report", str(data.parent.parent / "ci-e2e.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert parse(reports / "index.html").images and (reports / "figures" / "al_curves.svg").exists()
 
@@ -189,11 +211,13 @@ def check_shared_pages(reports, data):
 def test_glance_says_what_was_found_and_whether_to_trust_it():
     from aloe.reporting.summary import glance
 
-    metrics = {"models": {"base": {"avg": 2.0},
-                          "oracle": {"avg": 2.6, "vs_base": {"avg_diff": 0.6, "avg_diff_ci_low": 0.2,
-                                                             "avg_diff_ci_high": 0.9}},
-                          "dpo": {"avg": 1.9, "vs_base": {"avg_diff": -0.1, "avg_diff_ci_low": -0.3,
-                                                          "avg_diff_ci_high": 0.1}}}}
+    metrics = {
+        "models": {
+            "base": {"avg": 2.0},
+            "oracle": {"avg": 2.6, "vs_base": {"avg_diff": 0.6, "avg_diff_ci_low": 0.2, "avg_diff_ci_high": 0.9}},
+            "dpo": {"avg": 1.9, "vs_base": {"avg_diff": -0.1, "avg_diff_ci_low": -0.3, "avg_diff_ci_high": 0.1}},
+        }
+    }
     good = {"fit": True, "persona_discrimination": 0.8}
     lines = glance(metrics, good, self_judged=False)
     assert lines[0].startswith("oracle minus base") and lines[0].endswith("above base")
@@ -201,7 +225,9 @@ def test_glance_says_what_was_found_and_whether_to_trust_it():
     assert lines[-1].startswith("Can I trust it? Yes") and "shows nothing" not in lines[-1]
     for card, sj in ((good, True), ({"fit": False, "persona_discrimination": 0.55}, False), (None, False)):
         assert glance(metrics, card, self_judged=sj)[-1].startswith("Can I trust it? No")
-        assert glance(metrics, card, self_judged=sj)[-1].endswith("This run shows nothing about which model aligns better.")
+        assert glance(metrics, card, self_judged=sj)[-1].endswith(
+            "This run shows nothing about which model aligns better."
+        )
     assert "FAILED" in glance(metrics, {"fit": False, "persona_discrimination": 0.55}, False)[-1]
     assert glance(None, good, False) == ["No evaluation results yet: nothing to compare."]
 
@@ -211,12 +237,24 @@ def test_glance_with_the_exact_judge_and_the_control():
 
     vs = {"avg_diff": 0.3, "avg_diff_ci_low": 0.1, "avg_diff_ci_high": 0.5, "avg_diff_mde": 0.28}
     ctl = {"avg_diff": 0.05, "avg_diff_ci_low": -0.1, "avg_diff_ci_high": 0.2, "avg_diff_mde": 0.21}
-    metrics = {"models": {"base": {"avg": 2.0}, "sft_preferred": {"avg": 2.3, "vs_base": vs, "vs_sft_rejected": ctl}},
-               "preference_disclosure": {"base": {"scheduled": 10, "conveyed": 4, "rate": 0.4, "appended": 6,
-                                                  "complaints": 1,
-                                                  "per_turn": [{"turn": 1, "revealed": 1.0, "kept": 0.5, "n": 5}]}}}
+    metrics = {
+        "models": {"base": {"avg": 2.0}, "sft_preferred": {"avg": 2.3, "vs_base": vs, "vs_sft_rejected": ctl}},
+        "preference_disclosure": {
+            "base": {
+                "scheduled": 10,
+                "conveyed": 4,
+                "rate": 0.4,
+                "appended": 6,
+                "complaints": 1,
+                "per_turn": [{"turn": 1, "revealed": 1.0, "kept": 0.5, "n": 5}],
+            }
+        },
+    }
     lines = glance(metrics, {"fit": True, "exact": True}, self_judged=False)
-    assert lines[0] == "sft_preferred minus base, AVG (paired): +0.300 [+0.100, +0.500]: above base (smallest detectable: 0.280)"
+    assert (
+        lines[0]
+        == "sft_preferred minus base, AVG (paired): +0.300 [+0.100, +0.500]: above base (smallest detectable: 0.280)"
+    )
     assert lines[1].startswith("sft_preferred minus sft_rejected (the control") and "not separated" in lines[1]
     assert lines[-1].startswith("Can I trust it? Yes: the rules judge is exact")
     (row,) = disclosure_rows(metrics)

@@ -68,9 +68,14 @@ class EchoServer(LoopbackServer):
                     srv.release.wait(30)
                 time.sleep(random.random() * srv.max_delay_s)
                 text = REPLIES[int(hashlib.sha256(blob.encode()).hexdigest(), 16) % len(REPLIES)]
-                self._send({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                         "finish_reason": "stop"}],
-                            "usage": {"prompt_tokens": len(blob) // 4, "completion_tokens": len(text) // 4}})
+                self._send(
+                    {
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                        ],
+                        "usage": {"prompt_tokens": len(blob) // 4, "completion_tokens": len(text) // 4},
+                    }
+                )
                 with srv.lock:
                     srv.answered += 1
 
@@ -90,12 +95,21 @@ def echo():
 
 def _setup(root, url, schedule, n=6, turns=3, concurrency=4):
     common = dict(experiment="s", data_root=str(root), cache_path=str(root / "c.sqlite"))
-    aloe.personas.run(stage_config("personas", **common, backend={"kind": "scripted", "model": "s"},
-                                   target_profiles=6, target_personalities=6, preferences=[2, 3]),
-                      ScriptedBackend())
+    aloe.personas.run(
+        stage_config(
+            "personas",
+            **common,
+            backend={"kind": "scripted", "model": "s"},
+            target_profiles=6,
+            target_personalities=6,
+            preferences=[2, 3],
+        ),
+        ScriptedBackend(),
+    )
     http = {"kind": "openai", "model": "m", "base_url": url, "max_concurrency": concurrency, "max_retries": 1}
-    return stage_config("trees", **common, backend=http, n_personas=n, turns=turns, pair_judge="rules",
-                        schedule=schedule)
+    return stage_config(
+        "trees", **common, backend=http, n_personas=n, turns=turns, pair_judge="rules", schedule=schedule
+    )
 
 
 def _view(path):
@@ -120,13 +134,23 @@ def test_the_scheduled_path_grows_the_same_trees_as_the_lockstep_path(echo, tmp_
 def test_auto_schedules_conversations_only_where_every_engine_is_a_server(echo, tmp_path):
     cfg = _setup(tmp_path, echo.url, "auto")
     assert aloe.trees.schedule_of(cfg, open_roles(cfg, aloe.trees.ROLES)) == "conversation"
-    mixed = stage_config("trees", experiment="s", data_root=str(tmp_path), pair_judge="pair",
-                         backend={"kind": "openai", "model": "m", "base_url": echo.url},
-                         roles={"judge": {"kind": "scripted", "model": "j"}})
+    mixed = stage_config(
+        "trees",
+        experiment="s",
+        data_root=str(tmp_path),
+        pair_judge="pair",
+        backend={"kind": "openai", "model": "m", "base_url": echo.url},
+        roles={"judge": {"kind": "scripted", "model": "j"}},
+    )
     assert aloe.trees.schedule_of(mixed, open_roles(mixed, aloe.trees.ROLES)) == "lockstep"
     with pytest.raises(ConfigError, match="schedule: 'conversation'.*local engine"):
-        stage_config("trees", experiment="s", data_root=str(tmp_path), schedule="conversation",
-                     backend={"kind": "transformers", "model": "smollm2-135m"})
+        stage_config(
+            "trees",
+            experiment="s",
+            data_root=str(tmp_path),
+            schedule="conversation",
+            backend={"kind": "transformers", "model": "smollm2-135m"},
+        )
 
 
 def test_one_tree_whose_calls_hang_does_not_hold_up_the_others(echo, tmp_path):

@@ -12,8 +12,9 @@ SCRIPTS = sorted((REPO / "scripts").glob("*.py"))
 
 
 def _help(path):
-    return path.name, subprocess.run([sys.executable, str(path), "--help"], cwd=REPO, capture_output=True,
-                                      text=True, timeout=300)
+    return path.name, subprocess.run(
+        [sys.executable, str(path), "--help"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.integration  # runs aloe or a pipeline in a subprocess

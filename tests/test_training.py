@@ -20,9 +20,14 @@ def _rows(n=6):
     rows = []
     for i in range(n):
         prompt = [SYS, {"role": "user", "content": f"I just got back from my {i}th swim of the week."}]
-        rows.append({"id": f"r{i}", "prompt": prompt,
-                     "chosen": [{"role": "assistant", "content": "Nice! Cold water this time of year?"}],
-                     "rejected": [{"role": "assistant", "content": "Swimming is a sport done in water."}]})
+        rows.append(
+            {
+                "id": f"r{i}",
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": "Nice! Cold water this time of year?"}],
+                "rejected": [{"role": "assistant", "content": "Swimming is a sport done in water."}],
+            }
+        )
     return rows
 
 
@@ -30,18 +35,22 @@ def _setup(root, rows):
     trees = root / "t" / "trees"
     write_jsonl(trees / "dpo.jsonl", rows)
     for name, key in (("sft_preferred", "chosen"), ("sft_rejected", "rejected")):
-        write_jsonl(trees / f"{name}.jsonl", [{"id": r["id"], "prompt": r["prompt"], "completion": r[key]}
-                                             for r in rows])
+        write_jsonl(
+            trees / f"{name}.jsonl", [{"id": r["id"], "prompt": r["prompt"], "completion": r[key]} for r in rows]
+        )
 
 
-FAST = {"max_steps": 2, "max_length": 64, "per_device_train_batch_size": 2, "learning_rate": 1e-2,
-        "save_steps": 1}
+FAST = {"max_steps": 2, "max_length": 64, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "save_steps": 1}
 
 
 def _cfg(root, model, **kw):
     # the model trained is the policy role
-    return TrainConfig(experiment="t", data_root=str(root), roles={"policy": {"model": model}},
-                       **{"sft": FAST, "dpo": {**FAST, "beta": 0.1}, **kw})
+    return TrainConfig(
+        experiment="t",
+        data_root=str(root),
+        roles={"policy": {"model": model}},
+        **{"sft": FAST, "dpo": {**FAST, "beta": 0.1}, **kw},
+    )
 
 
 def _weights(path):
@@ -61,8 +70,9 @@ def test_unknown_trl_and_peft_keys_are_rejected(tmp_path):
         validate(TrainConfig(experiment="t", peft={"rank": 8}))
     with pytest.raises(ConfigError, match="output_dir: set by aloe"):
         validate(TrainConfig(experiment="t", sft={"output_dir": "/tmp/x"}))
-    validate(TrainConfig(experiment="t", sft={"max_length": 256, "learning_rate": 1e-5}, dpo={"beta": 0.9},
-                         peft={"r": 8}))
+    validate(
+        TrainConfig(experiment="t", sft={"max_length": 256, "learning_rate": 1e-5}, dpo={"beta": 0.9}, peft={"r": 8})
+    )
 
 
 def test_sft_format_trl_receives_puts_loss_on_the_reply_only(tiny_model, tmp_path):
@@ -76,9 +86,12 @@ def test_sft_format_trl_receives_puts_loss_on_the_reply_only(tiny_model, tmp_pat
     ds = load_dataset("json", data_files=str(tmp_path / "t" / "trees" / "sft_preferred.jsonl"), split="train")
     assert set(ds.column_names) == {"id", "prompt", "completion"}
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model), processing_class=tok,
-                         train_dataset=ds.remove_columns(["id"]),
-                         args=SFTConfig(output_dir=str(tmp_path / "o"), use_cpu=True, bf16=False, report_to="none"))
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model),
+        processing_class=tok,
+        train_dataset=ds.remove_columns(["id"]),
+        args=SFTConfig(output_dir=str(tmp_path / "o"), use_cpu=True, bf16=False, report_to="none"),
+    )
     row = trainer.train_dataset[0]
     # TRL 1.16 builds labels: -100 (no loss) on the prompt, the token ids on the reply
     mask = [int(label != -100) for label in row["labels"]]
@@ -111,8 +124,12 @@ def test_sft_trains_changes_weights_and_skips_when_done(tiny_model, tmp_path):
 
         mask = os.umask(0)
         os.umask(mask)
-        modes = {f.relative_to(out): f.stat().st_mode & 0o777 for d in ("adapter", "merged")
-                 for f in (out / d).rglob("*") if f.is_file()}
+        modes = {
+            f.relative_to(out): f.stat().st_mode & 0o777
+            for d in ("adapter", "merged")
+            for f in (out / d).rglob("*")
+            if f.is_file()
+        }
         assert any(str(f).endswith(".safetensors") for f in modes) and set(modes.values()) == {0o666 & ~mask}, modes
     manifest = read_json(tmp_path / "t" / "train" / "manifest.json")
     assert manifest["counts"]["sft_preferred_steps"] == 2
@@ -130,8 +147,7 @@ def test_dpo_and_sft_then_dpo_log_rewards(tiny_model, tmp_path):
     assert set(results) == {"dpo", "sft_preferred", "sft_then_dpo"}
     for v in ("dpo", "sft_then_dpo"):
         logged = [e for e in results[v]["log_history"] if "loss" in e]
-        assert logged and all(math.isfinite(e["rewards/margins"]) and 0 <= e["rewards/accuracies"] <= 1
-                              for e in logged)
+        assert logged and all(math.isfinite(e["rewards/margins"]) and 0 <= e["rewards/accuracies"] <= 1 for e in logged)
     assert results["sft_then_dpo"]["base"].endswith(os.path.join("sft_preferred", "merged"))
 
 
@@ -161,8 +177,7 @@ def test_resume_from_checkpoint_after_a_crash(tiny_model, tmp_path):
     assert not partial.exists()
 
 
-def test_checkpoints_of_other_settings_are_not_resumed_and_evaluation_needs_finished_training(tiny_model,
-                                                                                                tmp_path):
+def test_checkpoints_of_other_settings_are_not_resumed_and_evaluation_needs_finished_training(tiny_model, tmp_path):
     from transformers import TrainerCallback
 
     from aloe import training
@@ -183,8 +198,7 @@ def test_checkpoints_of_other_settings_are_not_resumed_and_evaluation_needs_fini
     # retraining with another learning rate is killed mid-way: its done.json is gone, so evaluation
     # refuses the merged folder on disk (the old model's), and the killed run's checkpoints
     # (other settings) are not what a run with the first settings resumes from
-    other = _cfg(tmp_path, tiny_model, variants=("sft_preferred",), sft={**FAST, "max_steps": 3,
-                                                                          "learning_rate": 5e-3})
+    other = _cfg(tmp_path, tiny_model, variants=("sft_preferred",), sft={**FAST, "max_steps": 3, "learning_rate": 5e-3})
     import shutil
 
     shutil.rmtree(tmp_path / "t" / "train" / "sft_preferred" / "checkpoints")
@@ -201,13 +215,35 @@ def test_checkpoints_of_other_settings_are_not_resumed_and_evaluation_needs_fini
 def test_accelerate_launch_two_cpu_processes(tiny_model, tmp_path):
     _setup(tmp_path, _rows(8))
     params = tmp_path / "p.yaml"
-    params.write_text(json.dumps({"experiment": "t", "data_root": str(tmp_path),
-                                  "roles": {"policy": {"model": tiny_model}},
-                                  "stages": {"train": {"variants": ["sft_preferred"], "sft": FAST}}}))
+    params.write_text(
+        json.dumps(
+            {
+                "experiment": "t",
+                "data_root": str(tmp_path),
+                "roles": {"policy": {"model": tiny_model}},
+                "stages": {"train": {"variants": ["sft_preferred"], "sft": FAST}},
+            }
+        )
+    )
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                        "-m", "aloe.training", str(params)], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "-m",
+            "aloe.training",
+            str(params),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "t" / "train" / "sft_preferred"
     m = read_json(out / "metrics.json")
@@ -245,15 +281,30 @@ def test_train_fine_tunes_the_policy_and_evaluation_loads_its_result(tiny_model,
     assert m["policy"]["model"] == str(Path(tiny_model).resolve()) and m["started_from"] == "policy"
     assert read_json(tmp_path / "t" / "train" / "manifest.json")["roles"]["policy"] == m["policy"]
 
-    evals = make_pairs(pool_records(load_seeds("eval_profiles")[:1], "profile", "seed", "eval"),
-                       pool_records(load_seeds("eval_personalities")[:1], "personality", "seed", "eval"), 1, 0, "eval")
+    evals = make_pairs(
+        pool_records(load_seeds("eval_profiles")[:1], "profile", "seed", "eval"),
+        pool_records(load_seeds("eval_personalities")[:1], "personality", "seed", "eval"),
+        1,
+        0,
+        "eval",
+    )
     write_jsonl(tmp_path / "t" / "personas" / "pairs.jsonl", evals)
-    cfg = EvaluateConfig(experiment="t", data_root=str(tmp_path), cache_path=str(tmp_path / "cache.sqlite"),
-                         n_personas=1, turns=1, max_new_tokens=4, n_boot=10,
-                         models=("sft_preferred", "base"), protocol="paper",
-                         roles={"simulator": {"kind": "scripted", "model": "sim"},
-                                "judge": {"kind": "scripted", "model": "judge"},
-                                "policy": {"model": tiny_model, "batch_size": 2}})
+    cfg = EvaluateConfig(
+        experiment="t",
+        data_root=str(tmp_path),
+        cache_path=str(tmp_path / "cache.sqlite"),
+        n_personas=1,
+        turns=1,
+        max_new_tokens=4,
+        n_boot=10,
+        models=("sft_preferred", "base"),
+        protocol="paper",
+        roles={
+            "simulator": {"kind": "scripted", "model": "sim"},
+            "judge": {"kind": "scripted", "model": "judge"},
+            "policy": {"model": tiny_model, "batch_size": 2},
+        },
+    )
     engines = open_roles(cfg, aloe.evaluation.ROLES)
     metrics = aloe.evaluation.run(cfg, engines, progress=False)
     assert metrics["under_test"]["base"]["model"] == str(Path(tiny_model).resolve())

@@ -19,17 +19,27 @@ SYS = "You are a friendly assistant."
 
 def _node(turn, user, preferred, rejected, followed, verdict="preferred"):
     text = {"preferred": preferred, "rejected": rejected}.get(followed) or preferred
-    return {"turn": turn, "user": user, "verdict": verdict, "preferred": preferred if verdict == "preferred" else None,
-            "rejected": rejected if verdict == "preferred" else None, "followed": followed, "followed_text": text}
+    return {
+        "turn": turn,
+        "user": user,
+        "verdict": verdict,
+        "preferred": preferred if verdict == "preferred" else None,
+        "rejected": rejected if verdict == "preferred" else None,
+        "followed": followed,
+        "followed_text": text,
+    }
 
 
 def test_export_rows_exact():
-    tree = {"id": "tree-x", "turns": [
-        _node(1, "u1", "p1", "r1", "rejected"),
-        _node(2, "u2", "p2", "r2", "preferred"),
-        _node(3, "u3", None, None, None, verdict="tie") | {"followed_text": "t3"},
-        _node(4, "u4", "p4", "r4", "preferred"),
-    ]}
+    tree = {
+        "id": "tree-x",
+        "turns": [
+            _node(1, "u1", "p1", "r1", "rejected"),
+            _node(2, "u2", "p2", "r2", "preferred"),
+            _node(3, "u3", None, None, None, verdict="tie") | {"followed_text": "t3"},
+            _node(4, "u4", "p4", "r4", "preferred"),
+        ],
+    }
     rows = export_rows([tree], SYS)
     s = {"role": "system", "content": SYS}
 
@@ -47,10 +57,12 @@ def test_export_rows_exact():
         {"id": "tree-x-t2", "prompt": p2, "chosen": [a("p2")], "rejected": [a("r2")]},
         {"id": "tree-x-t4", "prompt": p4, "chosen": [a("p4")], "rejected": [a("r4")]},
     ]
-    assert rows["sft_preferred"] == [{"id": r["id"], "prompt": r["prompt"], "completion": r["chosen"]}
-                                     for r in rows["dpo"]]
-    assert rows["sft_rejected"] == [{"id": r["id"], "prompt": r["prompt"], "completion": r["rejected"]}
-                                    for r in rows["dpo"]]
+    assert rows["sft_preferred"] == [
+        {"id": r["id"], "prompt": r["prompt"], "completion": r["chosen"]} for r in rows["dpo"]
+    ]
+    assert rows["sft_rejected"] == [
+        {"id": r["id"], "prompt": r["prompt"], "completion": r["rejected"]} for r in rows["dpo"]
+    ]
     # every prompt ends with that turn's own user message
     assert [r["prompt"][-1]["content"] for r in rows["dpo"]] == ["u1", "u2", "u4"]
 
@@ -101,9 +113,21 @@ def Scripted(texts):
     return ScriptedBackend(texts=texts, logprobs=False)
 
 
-@pytest.mark.parametrize("text,want", [("1", "1"), (" 2.", "2"), ("Reply 2", "2"), ("**1**", "1"),
-                                       ("Answer: 1", "1"), ("", None), ("1 or 2", None), ("Reply 1 is better", None),
-                                       ("3", None), ("12", None)])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("1", "1"),
+        (" 2.", "2"),
+        ("Reply 2", "2"),
+        ("**1**", "1"),
+        ("Answer: 1", "1"),
+        ("", None),
+        ("1 or 2", None),
+        ("Reply 1 is better", None),
+        ("3", None),
+        ("12", None),
+    ],
+)
 def test_parse_choice_strict(text, want):
     assert parse_choice(text) == want
 
@@ -179,8 +203,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, smollm):
         for n in t["turns"]:
             assert n["user"] and n["inferred"]["text"] and {c["hinted"] for c in n["candidates"]} == {True, False}
             assert [j["order"] for j in n["judgments"]] == [["a", "b"], ["b", "a"]]
-            assert all(j["method"] == "logprobs" and math.isclose(sum(j["probs"].values()), 1)
-                       for j in n["judgments"])
+            assert all(j["method"] == "logprobs" and math.isclose(sum(j["probs"].values()), 1) for j in n["judgments"])
             assert 0 <= n["disclosure"]["revealed"] <= 1 and 0 <= n["disclosure"]["recovered"] <= 1
     # exports load as the datasets TRL consumes
     from datasets import load_dataset
@@ -198,8 +221,10 @@ def test_resume_refuses_other_settings(tmp_path, smollm):
     _write_pairs(root / "t")
     cfg = TreesConfig(experiment="t", data_root=str(root), n_personas=1, turns=1, max_new_tokens=8)
     prov = aloe.trees.provenance(cfg, smollm)
-    write_jsonl(root / "t" / "trees" / "trees.jsonl", [{"id": "tree-x", "provenance": {**prov, "seed": 7},
-                                                         "turns": [], "failed": None}])
+    write_jsonl(
+        root / "t" / "trees" / "trees.jsonl",
+        [{"id": "tree-x", "provenance": {**prov, "seed": 7}, "turns": [], "failed": None}],
+    )
     with pytest.raises(AloeError, match=r"different settings \(seed: 7 -> 0\).*delete"):
         aloe.trees.run(dataclasses.replace(cfg), smollm, progress=False)
 
@@ -214,13 +239,20 @@ class OneFails(ChatBackend):
         self.bad = bad
 
     def _generate(self, requests):
-        return [Completion(text=None, error="HTTP 500: boom") if self.bad in r.messages[0]["content"]
-                and r.prompt_version.startswith("user_simulator") else Completion(text=f"Hello number {i}.")
-                for i, r in enumerate(requests)]
+        return [
+            Completion(text=None, error="HTTP 500: boom")
+            if self.bad in r.messages[0]["content"] and r.prompt_version.startswith("user_simulator")
+            else Completion(text=f"Hello number {i}.")
+            for i, r in enumerate(requests)
+        ]
 
     def _score(self, requests):
-        return [CandidateLogprobs({c: math.log(0.6 if c == "1" else 0.4 / max(1, len(r.candidates) - 1))
-                                   for c in r.candidates}) for r in requests]
+        return [
+            CandidateLogprobs(
+                {c: math.log(0.6 if c == "1" else 0.4 / max(1, len(r.candidates) - 1)) for c in r.candidates}
+            )
+            for r in requests
+        ]
 
 
 def test_a_failing_tree_is_recorded_and_the_others_go_on(tmp_path):
@@ -228,8 +260,9 @@ def test_a_failing_tree_is_recorded_and_the_others_go_on(tmp_path):
 
     _write_pairs(tmp_path / "t", n=3)
     pairs = read_jsonl(tmp_path / "t" / "personas" / "pairs.jsonl")
-    cfg = TreesConfig(experiment="t", data_root=str(tmp_path), n_personas=3, turns=2, max_new_tokens=8,
-                      inconsistent="average")
+    cfg = TreesConfig(
+        experiment="t", data_root=str(tmp_path), n_personas=3, turns=2, max_new_tokens=8, inconsistent="average"
+    )
     # one tree of three is more than the default max_failed_share (0.1): the stage fails, naming why
     with pytest.raises(AloeError, match=r"1 of 3 trees failed.*1 x user_simulator: HTTP 500: boom"):
         aloe.trees.run(cfg, OneFails(pairs[1]["profile"]), progress=False)
@@ -243,8 +276,9 @@ def test_a_failing_tree_is_recorded_and_the_others_go_on(tmp_path):
     assert bad["profile"] == pairs[1]["profile"]
     assert bad["failed"] == {"turn": 1, "role": "user_simulator", "error": "HTTP 500: boom"}
     assert sorted(len(t["turns"]) for t in trees) == [0, 2, 2]
-    assert counts["dpo_rows"] == 4 and not any(r["id"].startswith(bad["id"])
-                                               for r in read_jsonl(tmp_path / "t" / "trees" / "dpo.jsonl"))
+    assert counts["dpo_rows"] == 4 and not any(
+        r["id"].startswith(bad["id"]) for r in read_jsonl(tmp_path / "t" / "trees" / "dpo.jsonl")
+    )
 
 
 def test_the_manifest_counts_each_engine_s_calls_and_tokens(tmp_path, caplog):
@@ -256,8 +290,9 @@ def test_the_manifest_counts_each_engine_s_calls_and_tokens(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="aloe.trees")
 
     _write_pairs(tmp_path / "t", n=2)
-    cfg = TreesConfig(experiment="t", data_root=str(tmp_path), n_personas=2, turns=2, max_new_tokens=8,
-                      inconsistent="average")
+    cfg = TreesConfig(
+        experiment="t", data_root=str(tmp_path), n_personas=2, turns=2, max_new_tokens=8, inconsistent="average"
+    )
     engine = ScriptedBackend(texts=lambda r: "A reply of five words.")
     aloe.trees.run(cfg, engine, progress=False)
     (used,) = read_json(cfg.paths.manifest("trees"))["usage"]
@@ -278,13 +313,23 @@ def test_tree_summary_frames_for_the_notebook():
     from aloe.reporting import summary
 
     def node(turn, verdict, by, revealed, recovered, hinted):
-        return {"turn": turn, "verdict": verdict, "decided_by": by, "preferred_is_hinted": hinted,
-                "consistent": True, "p_hinted": None, "judgments": [{"method": "rules"}], "user": "a b c",
-                "candidates": [{"hinted": True, "text": "x y"}, {"hinted": False, "text": "z"}],
-                "disclosure": {"revealed": revealed, "recovered": recovered}}
+        return {
+            "turn": turn,
+            "verdict": verdict,
+            "decided_by": by,
+            "preferred_is_hinted": hinted,
+            "consistent": True,
+            "p_hinted": None,
+            "judgments": [{"method": "rules"}],
+            "user": "a b c",
+            "candidates": [{"hinted": True, "text": "x y"}, {"hinted": False, "text": "z"}],
+            "disclosure": {"revealed": revealed, "recovered": recovered},
+        }
 
-    trees = [{"id": "t1", "turns": [node(1, "preferred", "rules", 0.5, 0.0, True), node(2, "tie", None, 1.0, 0.5, None)]},
-             {"id": "t2", "turns": [node(1, "preferred", "rules", 0.0, 0.5, False), node(2, "tie", None, 0.5, 0.5, None)]}]
+    trees = [
+        {"id": "t1", "turns": [node(1, "preferred", "rules", 0.5, 0.0, True), node(2, "tie", None, 1.0, 0.5, None)]},
+        {"id": "t2", "turns": [node(1, "preferred", "rules", 0.0, 0.5, False), node(2, "tie", None, 0.5, 0.5, None)]},
+    ]
     nodes = pd.DataFrame(aloe.trees.node_table(trees))
     verdicts = summary.tree_verdicts(nodes)["nodes"].to_dict()
     assert verdicts[("preferred", "rules")] == 2 and sum(verdicts.values()) == 4

@@ -44,13 +44,17 @@ class CallCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 con = self._con()
-                con.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
-                            "created REAL NOT NULL)")
+                con.execute(
+                    "CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, value TEXT NOT NULL, "
+                    "created REAL NOT NULL)"
+                )
                 con.commit()
             except sqlite3.DatabaseError as e:
-                raise AloeError(f"{self.path}: cannot use it as the call cache ({e}); it must be a SQLite "
-                                f"database or a new file: set cache_path to another file, or move this one "
-                                f"away") from None
+                raise AloeError(
+                    f"{self.path}: cannot use it as the call cache ({e}); it must be a SQLite "
+                    f"database or a new file: set cache_path to another file, or move this one "
+                    f"away"
+                ) from None
 
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
@@ -71,7 +75,7 @@ class CallCache:
         con = self._con()
         uniq = list(dict.fromkeys(keys))
         for i in range(0, len(uniq), 500):
-            chunk = uniq[i:i + 500]
+            chunk = uniq[i : i + 500]
             q = f"SELECT key, value FROM calls WHERE key IN ({','.join('?' * len(chunk))})"
             for k, v in con.execute(q, chunk):
                 found[k] = json.loads(v)

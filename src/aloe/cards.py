@@ -17,7 +17,7 @@ from aloe.paths import Paths
 
 SCHEMAS = {
     "sft_preferred": "`id` (tree and turn), `prompt` (conversational messages: the history along the followed "
-                     "branch plus that turn's user message), `completion` (the preferred reply)",
+    "branch plus that turn's user message), `completion` (the preferred reply)",
     "sft_rejected": "as sft_preferred, with the rejected reply as `completion` (a control)",
     "dpo": "`id`, `prompt`, `chosen` (preferred reply), `rejected`",
 }
@@ -29,8 +29,10 @@ def params_file() -> str:
 
 
 def dataset_card(paths: Paths, experiment: str, counts: dict[str, int], provenance: dict) -> Path:
-    roles = "\n".join(f"| {r} | {d.get('model')} | {d.get('revision')} | {d.get('kind')} |"
-                      for r, d in provenance.get("roles", {}).items())
+    roles = "\n".join(
+        f"| {r} | {d.get('model')} | {d.get('revision')} | {d.get('kind')} |"
+        for r, d in provenance.get("roles", {}).items()
+    )
     prompts = ", ".join(f"`{v}`" for v in provenance.get("prompts", {}).values())
     files = "\n".join(f"| `{name}.jsonl` | {counts[name]} | {SCHEMAS[name]} |" for name in SCHEMAS)
     text = f"""# aloe preference conversations: {experiment}
@@ -50,8 +52,8 @@ Who played which role:
 |---|---|---|---|
 {roles}
 
-Judge: `{provenance.get('judge')}`; inference: `{provenance.get('inference')}`; branch policy:
-`{provenance.get('branch')}`; seed {provenance.get('seed')}; prompt versions: {prompts}.
+Judge: `{provenance.get("judge")}`; inference: `{provenance.get("inference")}`; branch policy:
+`{provenance.get("branch")}`; seed {provenance.get("seed")}; prompt versions: {prompts}.
 Parameter file: `{params_file()}`. Full settings: `manifest.json` beside this file.
 """
     out = paths.stage("trees") / "README.md"
@@ -59,26 +61,32 @@ Parameter file: `{params_file()}`. Full settings: `manifest.json` beside this fi
     return out
 
 
-def model_card(paths: Paths, experiment: str, variant: str, metrics: dict, recipe: dict,
-               evaluation: dict | None = None) -> str:
+def model_card(
+    paths: Paths, experiment: str, variant: str, metrics: dict, recipe: dict, evaluation: dict | None = None
+) -> str:
     policy = metrics.get("policy") or {}
     ev = ""
     if evaluation:
         vs = evaluation.get("vs_base") or {}
-        ev = (f"\n## Evaluation (ALOE, this run)\n\nAVG {evaluation['avg']:.3f}"
-              + (f", IR {evaluation['ir']:+.4f}" if evaluation.get("ir") is not None else "")
-              + (f"; minus base {vs['avg_diff']:+.3f} [{vs['avg_diff_ci_low']:+.3f}, {vs['avg_diff_ci_high']:+.3f}]"
-                 if vs.get("avg_diff") is not None else "")
-              + f". Judge card: {'passed' if evaluation.get('judge_fit') else 'not passed: these numbers are not evidence'}."
-              + " See `data/<experiment>/evaluate/metrics.json`.\n")
+        ev = (
+            f"\n## Evaluation (ALOE, this run)\n\nAVG {evaluation['avg']:.3f}"
+            + (f", IR {evaluation['ir']:+.4f}" if evaluation.get("ir") is not None else "")
+            + (
+                f"; minus base {vs['avg_diff']:+.3f} [{vs['avg_diff_ci_low']:+.3f}, {vs['avg_diff_ci_high']:+.3f}]"
+                if vs.get("avg_diff") is not None
+                else ""
+            )
+            + f". Judge card: {'passed' if evaluation.get('judge_fit') else 'not passed: these numbers are not evidence'}."
+            + " See `data/<experiment>/evaluate/metrics.json`.\n"
+        )
     return f"""# aloe {variant}: {experiment}
 
-Fine-tuned from the policy **{policy.get('model')}** (revision {policy.get('revision')}), starting from
-{metrics.get('started_from')}, with TRL ({metrics.get('kind')}) {'and LoRA (PEFT)' if metrics.get('lora') else '(full fine-tuning)'}.
+Fine-tuned from the policy **{policy.get("model")}** (revision {policy.get("revision")}), starting from
+{metrics.get("started_from")}, with TRL ({metrics.get("kind")}) {"and LoRA (PEFT)" if metrics.get("lora") else "(full fine-tuning)"}.
 
-- data: `{paths.export(_data_of(variant))}` ({metrics.get('rows')} rows)
+- data: `{paths.export(_data_of(variant))}` ({metrics.get("rows")} rows)
 - recipe: `{json.dumps(recipe, sort_keys=True, default=str)}`
-- {metrics.get('global_step')} steps, final training loss {metrics.get('train_loss')}, {metrics.get('world_size')} process(es)
+- {metrics.get("global_step")} steps, final training loss {metrics.get("train_loss")}, {metrics.get("world_size")} process(es)
 - parameter file: `{params_file()}`
 {ev}"""
 

@@ -19,16 +19,22 @@ def _parser() -> argparse.ArgumentParser:
     p_run = sub.add_parser("run", help="run an experiment's notebooks with Papermill")
     p_run.add_argument("params", help="parameter file, e.g. parameters/default.yaml")
     p_run.add_argument("-v", "--verbose", action="store_true", help="stream every cell's output")
-    p_run.add_argument("--only", action="append", metavar="STAGE",
-                       help="run only this stage (repeatable): personas, trees, train, evaluate, report")
+    p_run.add_argument(
+        "--only",
+        action="append",
+        metavar="STAGE",
+        help="run only this stage (repeatable): personas, trees, train, evaluate, report",
+    )
     p_check = sub.add_parser("check", help="validate a parameter file without running anything")
     p_check.add_argument("params")
-    p_est = sub.add_parser("estimate", help="calls, tokens, cost and time per stage and role, before a run "
-                                            "(no key, no network)")
+    p_est = sub.add_parser(
+        "estimate", help="calls, tokens, cost and time per stage and role, before a run (no key, no network)"
+    )
     p_est.add_argument("params")
     p_est.add_argument("--sample", type=int, default=8, help="personas run per stage, then scaled (default 8)")
-    p_est.add_argument("--fill", type=float, default=1.0,
-                       help="replies' length as a share of their cap (default 1.0: an upper bound)")
+    p_est.add_argument(
+        "--fill", type=float, default=1.0, help="replies' length as a share of their cap (default 1.0: an upper bound)"
+    )
     p_est.add_argument("--latency", type=float, default=5.0, help="seconds per served call (default 5)")
     p_report = sub.add_parser("report", help="rebuild the results page and figures from existing outputs")
     p_report.add_argument("params")

@@ -47,22 +47,28 @@ ROLE_DOCS = {
     "policy": "the student: fine-tuned by train; base, oracle and reminder in evaluation",
 }
 # which roles each stage plays (what `aloe check` resolves and `aloe run` preflights)
-STAGE_ROLES = {"personas": ("generator",), "trees": ("simulator", "inferrer", "responder", "judge"),
-               "train": ("policy",), "evaluate": ("simulator", "judge", "policy", "responder"), "report": ()}
+STAGE_ROLES = {
+    "personas": ("generator",),
+    "trees": ("simulator", "inferrer", "responder", "judge"),
+    "train": ("policy",),
+    "evaluate": ("simulator", "judge", "policy", "responder"),
+    "report": (),
+}
 # Settings that belong to one model: a role that names another model does not inherit them.
 _MODEL_BOUND = ("revision", "served_model")
 # Keys that moved: a clear message instead of "unknown key".
 RETIRED = {
     ("trees", "judge"): "renamed to `pair_judge` (same values: pair, likelihood, rules); the model that judges is "
-                        "the judge role (roles.judge)",
+    "the judge role (roles.judge)",
     ("evaluate", "judge"): "renamed to `score_judge` (same values: paper, history, likelihood, rules); the model "
-                           "that judges is the judge role (roles.judge)",
+    "that judges is the judge role (roles.judge)",
     ("train", "model"): "the model that train fine-tunes is the policy role: set `roles: {policy: {model: ...}}` "
-                        "at the top level (roles.policy)",
+    "at the top level (roles.policy)",
 }
 
 
 # --------------------------------------------------------------------------- validation
+
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -137,8 +143,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
     else:  # pragma: no cover - a programming error in a config class
         raise TypeError(f"unsupported config type {tp!r} at {where}")
-    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {short(value)} ({type(value).__name__})"
-                      f"{number_hint(value) if tp in (int, float) else ''}")
+    raise ConfigError(
+        f"{where}: expected {_type_name(tp)}, got {short(value)} ({type(value).__name__})"
+        f"{number_hint(value) if tp in (int, float) else ''}"
+    )
 
 
 def build(cls: type, data: dict, where: str) -> Any:
@@ -152,7 +160,9 @@ def build(cls: type, data: dict, where: str) -> Any:
         k = unknown[0]
         near = difflib.get_close_matches(str(k), fields, n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ConfigError(f"{where + ': ' if where else ''}unknown key {short(k)}{hint}; allowed keys: {', '.join(fields)}")
+        raise ConfigError(
+            f"{where + ': ' if where else ''}unknown key {short(k)}{hint}; allowed keys: {', '.join(fields)}"
+        )
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -160,15 +170,18 @@ def build(cls: type, data: dict, where: str) -> Any:
             kwargs[name] = _coerce(data[name], hints[name], key)
             _in_range(cls, name, kwargs[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where + ': ' if where else ''}missing required key {name!r} ({_type_name(hints[name])})")
+            raise ConfigError(
+                f"{where + ': ' if where else ''}missing required key {name!r} ({_type_name(hints[name])})"
+            )
     try:
         return cls(**kwargs)
     except ConfigError as e:  # __post_init__ checks name the key themselves
         raise ConfigError(f"{where}.{e}" if where else str(e)) from None
 
 
-def param(default: Any = dataclasses.MISSING, *, help: str, range: tuple[float, float] | None = None,
-          factory: Any = None) -> Any:
+def param(
+    default: Any = dataclasses.MISSING, *, help: str, range: tuple[float, float] | None = None, factory: Any = None
+) -> Any:
     """A parameter's one declaration: its default (or ``factory``), its allowed range (inclusive; a
     typo such as `turns: 1000000000` or `gpu_memory_utilization: 5` is refused before a run starts
     instead of running for days or failing deep inside an engine) and one line of help. Validation,
@@ -202,37 +215,64 @@ def _in_range(cls: type, name: str, value: Any, key: str) -> None:
 
 # --------------------------------------------------------------------------- configs
 
+
 @dataclass(frozen=True)
 class BackendConfig:
     """Which engine answers LLM calls. One shape for all three kinds."""
 
     # scripted: canned deterministic answers (aloe.backends.scripted), for tests and dry runs
-    kind: Literal["transformers", "openai", "vllm", "scripted"] = param("transformers", help="the engine: transformers (local), openai (any OpenAI-compatible server), vllm (GPU) or scripted (canned answers, for tests)")
+    kind: Literal["transformers", "openai", "vllm", "scripted"] = param(
+        "transformers",
+        help="the engine: transformers (local), openai (any OpenAI-compatible server), vllm (GPU) or scripted (canned answers, for tests)",
+    )
     model: str = param("smollm2-135m", help="registry name (parameters/models.yaml), HF id or local folder")
     revision: Optional[str] = param(None, help="HF revision; part of the cache key")
     # transformers
     batch_size: int = param(8, help="requests per batch on a local engine (transformers)", range=(1, 4096))
-    dtype: Literal["auto", "bfloat16", "float32", "float16", "autocast-bf16", "int8"] = param("auto", help="weights' dtype on a local engine (auto: bf16 where the CPU or GPU has it; int8: dynamic int8 on CPU, transformers only)")
+    dtype: Literal["auto", "bfloat16", "float32", "float16", "autocast-bf16", "int8"] = param(
+        "auto",
+        help="weights' dtype on a local engine (auto: bf16 where the CPU or GPU has it; int8: dynamic int8 on CPU, transformers only)",
+    )
     device: Literal["auto", "cpu", "cuda"] = param("auto", help="where a local model runs")
     # openai-compatible HTTP
     base_url: Optional[str | tuple[str, ...]] = param(None, help="one URL, or a list for a pool of servers")
     api_key_env: Optional[str] = param(None, help="name of the environment variable holding the key")
     # the key goes only to https URLs or to http on this machine (loopback); true also sends it
     # over plain http to another host, where anyone on the path can read it
-    allow_insecure_key: bool = param(False, help="true also sends the key over plain http to another host, where anyone on the path can read it")
+    allow_insecure_key: bool = param(
+        False, help="true also sends the key over plain http to another host, where anyone on the path can read it"
+    )
     served_model: Optional[str] = param(None, help="model name the server expects; defaults to `model`")
     max_concurrency: int = param(8, help="HTTP: requests in flight at once on each server of the pool", range=(1, 1024))
     timeout_s: float = param(120.0, help="one attempt", range=(0.1, 86400))
-    max_retries: int = param(6, help="retries of a failed HTTP request (429, 5xx, timeouts), with backoff", range=(0, 100))
-    deadline_s: Optional[float] = param(None, help="one request, retries and waits included (None: timeout_s x tries + 60)", range=(1, 604800))
-    rpm: Optional[float] = param(None, help="HTTP: requests per minute at most, across the pool (a provider's tier limit); None: no limit", range=(1, 10000000))
-    tpm: Optional[float] = param(None, help="HTTP: tokens per minute at most (prompt, estimated at 4 characters a token, plus max_tokens); None: no limit", range=(100, 1000000000))
+    max_retries: int = param(
+        6, help="retries of a failed HTTP request (429, 5xx, timeouts), with backoff", range=(0, 100)
+    )
+    deadline_s: Optional[float] = param(
+        None, help="one request, retries and waits included (None: timeout_s x tries + 60)", range=(1, 604800)
+    )
+    rpm: Optional[float] = param(
+        None,
+        help="HTTP: requests per minute at most, across the pool (a provider's tier limit); None: no limit",
+        range=(1, 10000000),
+    )
+    tpm: Optional[float] = param(
+        None,
+        help="HTTP: tokens per minute at most (prompt, estimated at 4 characters a token, plus max_tokens); None: no limit",
+        range=(100, 1000000000),
+    )
     # vllm
     tensor_parallel_size: int = param(1, help="vLLM: GPUs one engine spans", range=(1, 1024))
-    gpu_memory_utilization: float = param(0.85, help="vLLM: share of the GPU's memory the engine may take", range=(0.05, 1.0))
-    max_model_len: Optional[int] = param(None, help="vLLM: context length (prompt and reply); None: the model's", range=(16, 10000000))
+    gpu_memory_utilization: float = param(
+        0.85, help="vLLM: share of the GPU's memory the engine may take", range=(0.05, 1.0)
+    )
+    max_model_len: Optional[int] = param(
+        None, help="vLLM: context length (prompt and reply); None: the model's", range=(16, 10000000)
+    )
     # log-probabilities: how many top tokens to ask for (HTTP / vLLM)
-    top_logprobs: int = param(20, help="how many top next tokens an HTTP server or vLLM returns with log-probabilities", range=(1, 100))
+    top_logprobs: int = param(
+        20, help="how many top next tokens an HTTP server or vLLM returns with log-probabilities", range=(1, 100)
+    )
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -244,8 +284,10 @@ class BackendConfig:
         if self.kind == "openai" and not self.base_url:
             raise ConfigError("base_url: required when kind is 'openai' (e.g. http://127.0.0.1:8000/v1)")
         if self.dtype == "int8" and self.kind != "transformers":
-            raise ConfigError(f"dtype: int8 (dynamic int8 quantization on CPU) is for kind transformers, not "
-                              f"{self.kind}; allowed here: auto, bfloat16, float32, float16")
+            raise ConfigError(
+                f"dtype: int8 (dynamic int8 quantization on CPU) is for kind transformers, not "
+                f"{self.kind}; allowed here: auto, bfloat16, float32, float16"
+            )
         # the URLs' and the key's safety rules belong to the HTTP engine (aloe.backends.http_safety),
         # which applies them in `aloe check` and whenever it opens
 
@@ -256,8 +298,14 @@ class Price:
 
     input: float = param(help="USD per million prompt (input) tokens", range=(0, 100000))
     output: float = param(help="USD per million generated (output) tokens", range=(0, 100000))
-    cached_input: Optional[float] = param(None, help="USD per million prompt tokens the provider serves from its prompt cache; None: same as input", range=(0, 100000))
-    read: str = param("", help="when and where the prices were read, e.g. '2026-11-30, platform.openai.com/docs/pricing'")
+    cached_input: Optional[float] = param(
+        None,
+        help="USD per million prompt tokens the provider serves from its prompt cache; None: same as input",
+        range=(0, 100000),
+    )
+    read: str = param(
+        "", help="when and where the prices were read, e.g. '2026-11-30, platform.openai.com/docs/pricing'"
+    )
 
 
 @dataclass(frozen=True)
@@ -268,8 +316,14 @@ class Common:
     data_root: str = param("data", help="folder holding every experiment's outputs")
     cache_path: str = param("data/cache/llm.sqlite", help="SQLite cache shared by every LLM call")
     backend: BackendConfig = param(factory=BackendConfig, help="the engine every role inherits (see parameters/*.yaml)")
-    roles: dict[str, Any] = param(factory=dict, help="role -> backend settings merged over backend: generator, simulator, inferrer, responder, judge, policy")
-    prices: dict[str, Price] = param(factory=dict, help="model (as named in backend or roles) -> its price in USD per million tokens; roles on a priced model get a cost")
+    roles: dict[str, Any] = param(
+        factory=dict,
+        help="role -> backend settings merged over backend: generator, simulator, inferrer, responder, judge, policy",
+    )
+    prices: dict[str, Price] = param(
+        factory=dict,
+        help="model (as named in backend or roles) -> its price in USD per million tokens; roles on a priced model get a cost",
+    )
 
     def __post_init__(self):
         check_ranges(self)
@@ -304,8 +358,10 @@ EXACT_LIKELIHOOD = ("transformers", "vllm", "scripted")
 
 def exact_judge(judge: BackendConfig, key: str) -> None:
     if judge.kind not in EXACT_LIKELIHOOD:
-        raise ConfigError(f"{key}: 'likelihood' needs a reply's exact log-likelihood, which a {judge.kind!r} "
-                          f"backend does not give (roles.judge.kind); use one of {', '.join(EXACT_LIKELIHOOD)}")
+        raise ConfigError(
+            f"{key}: 'likelihood' needs a reply's exact log-likelihood, which a {judge.kind!r} "
+            f"backend does not give (roles.judge.kind); use one of {', '.join(EXACT_LIKELIHOOD)}"
+        )
 
 
 def resolve_role(backend: BackendConfig, override: Any, where: str) -> BackendConfig:
@@ -323,30 +379,46 @@ def resolve_role(backend: BackendConfig, override: Any, where: str) -> BackendCo
 
 def check_preference_range(value: tuple[int, ...]) -> None:
     if value and (len(value) != 2 or not 1 <= value[0] <= value[1] <= 6):
-        raise ConfigError(f"preferences: expected [low, high] with 1 <= low <= high <= 6 (e.g. [2, 4]), or [] for "
-                          f"none; got {list(value)!r}")
+        raise ConfigError(
+            f"preferences: expected [low, high] with 1 <= low <= high <= 6 (e.g. [2, 4]), or [] for "
+            f"none; got {list(value)!r}"
+        )
 
 
 @dataclass(frozen=True)
 class PersonasConfig(Common):
-    source: Literal["ours", "official"] = param("ours", help="\"ours\" (seeds + growth) or \"official\" (the ALOE pool files in official_dir)")
-    official_dir: Optional[str] = param(None, help="folder holding profile.jsonl, personality.jsonl, profile_eval.jsonl, personality_eval.jsonl")
-    target_profiles: int = param(20, help="grow the profile pool to this size (no growth when the seeds reach it)", range=(1, 1000000))
+    source: Literal["ours", "official"] = param(
+        "ours", help='"ours" (seeds + growth) or "official" (the ALOE pool files in official_dir)'
+    )
+    official_dir: Optional[str] = param(
+        None, help="folder holding profile.jsonl, personality.jsonl, profile_eval.jsonl, personality_eval.jsonl"
+    )
+    target_profiles: int = param(
+        20, help="grow the profile pool to this size (no growth when the seeds reach it)", range=(1, 1000000)
+    )
     target_personalities: int = param(20, help="grow the personality pool to this size", range=(1, 1000000))
     examples_per_round: int = param(5, help="pool members shown to the LLM as examples", range=(0, 100))
     items_per_round: int = param(20, help="new items asked for per request", range=(1, 1000))
     requests_per_round: int = param(4, help="requests per round (one batch)", range=(1, 100000))
-    threshold: float = param(0.6, help="keep an item only if its cosine similarity to every pool member is at most this", range=(0.0, 1.0))
+    threshold: float = param(
+        0.6, help="keep an item only if its cosine similarity to every pool member is at most this", range=(0.0, 1.0)
+    )
     max_rounds: int = param(10, help="round limit per kind", range=(0, 100000))
     saturation_window: int = param(3, help="stop when the last this-many rounds ...", range=(1, 1000))
-    saturation_floor: float = param(0.05, help="... accepted less than this share of their candidates", range=(0.0, 1.0))
+    saturation_floor: float = param(
+        0.05, help="... accepted less than this share of their candidates", range=(0.0, 1.0)
+    )
     temperature: float = param(0.9, help="sampling temperature for generation", range=(0.0, 5.0))
     max_new_tokens: int = param(512, help="cap on each generation reply", range=(1, 131072))
     pairs_per_profile: int = param(1, help="personalities paired with each training profile", range=(1, 1000))
-    n_eval_personalities: int = param(5, help="benchmark personalities (every eval profile is paired with each)", range=(1, 100))
+    n_eval_personalities: int = param(
+        5, help="benchmark personalities (every eval profile is paired with each)", range=(1, 100)
+    )
     # checkable preferences per persona (aloe.preferences): [low, high] drawn by a seeded rule and
     # written to pairs.jsonl; [] for none (the free-text persona only)
-    preferences: tuple[int, ...] = param((), help="checkable preferences per persona, [low, high] by a seeded draw (aloe.preferences); [] for none")
+    preferences: tuple[int, ...] = param(
+        (), help="checkable preferences per persona, [low, high] by a seeded draw (aloe.preferences); [] for none"
+    )
     seed: int = param(0, help="seeds example sampling, generation and pairing", range=(0, 4294967295))
 
     def __post_init__(self):
@@ -362,26 +434,49 @@ class TreesConfig(Common):
     turns: int = param(1, help="turns per tree (the paper: 10)", range=(1, 100))
     max_new_tokens: int = param(48, help="cap on every generated message", range=(1, 131072))
     temperature: float = param(0.7, help="sampling temperature of the user simulator and responders", range=(0.0, 5.0))
-    inference: Literal["extract", "blind"] = param("extract", help="\"extract\": the inference step sees the persona (paper); \"blind\": dialogue only")
-    branch: Literal["random", "preferred", "rejected"] = param("random", help="which reply continues: \"random\" (paper), \"preferred\", \"rejected\"")
+    inference: Literal["extract", "blind"] = param(
+        "extract", help='"extract": the inference step sees the persona (paper); "blind": dialogue only'
+    )
+    branch: Literal["random", "preferred", "rejected"] = param(
+        "random", help='which reply continues: "random" (paper), "preferred", "rejected"'
+    )
     # pair: the judge compares the two replies in both orders (the paper); likelihood: the reply the
     # persona makes more probable under the judge model wins (exact log-likelihoods: transformers or vllm);
     # rules: the reply that satisfies more of the persona's checkable preferences wins (exact, no model)
-    pair_judge: Literal["pair", "likelihood", "rules"] = param("pair", help="\"pair\": compare the two replies in both orders (paper); \"likelihood\": the reply the persona makes more probable wins; \"rules\": the reply keeping more checkable preferences wins")
-    judge_method: Literal["auto", "logprobs", "text"] = param("auto", help="\"auto\": probabilities of 1/2, parsed text where there are none; \"logprobs\"; \"text\"")
+    pair_judge: Literal["pair", "likelihood", "rules"] = param(
+        "pair",
+        help='"pair": compare the two replies in both orders (paper); "likelihood": the reply the persona makes more probable wins; "rules": the reply keeping more checkable preferences wins',
+    )
+    judge_method: Literal["auto", "logprobs", "text"] = param(
+        "auto", help='"auto": probabilities of 1/2, parsed text where there are none; "logprobs"; "text"'
+    )
     judge_retries: int = param(2, help="extra tries when a text verdict does not parse", range=(0, 20))
     # pairs whose two orders disagree: average the two orders' probabilities; decide by each reply's
     # own 1-5 rubric score (no position to prefer); keep as an unlabelled tie; or drop the pair
-    inconsistent: Literal["average", "pointwise", "tie", "drop"] = param("pointwise", help="orders disagree: \"pointwise\" (rubric score of each reply), \"average\", \"tie\", \"drop\"")
-    disclosure_threshold: float = param(0.5, help="MiniLM cosine at which a persona fact counts as revealed / recovered", range=(0.0, 1.0))
+    inconsistent: Literal["average", "pointwise", "tie", "drop"] = param(
+        "pointwise", help='orders disagree: "pointwise" (rubric score of each reply), "average", "tie", "drop"'
+    )
+    disclosure_threshold: float = param(
+        0.5, help="MiniLM cosine at which a persona fact counts as revealed / recovered", range=(0.0, 1.0)
+    )
     # checkable preferences: when the simulated user's message does not convey the preference it was
     # told to reveal, append the catalogue's phrasing (recorded); false: it stays unrevealed
-    disclosure_fallback: bool = param(True, help="append the catalogue phrasing when the simulated user did not convey the preference it was told to reveal")
+    disclosure_fallback: bool = param(
+        True,
+        help="append the catalogue phrasing when the simulated user did not convey the preference it was told to reveal",
+    )
     # the stage fails (no manifest; a rerun retries) when more trees than this share failed
-    max_failed_share: float = param(0.1, help="the stage fails (no manifest; a rerun retries them) when more trees than this share failed", range=(0.0, 1.0))
+    max_failed_share: float = param(
+        0.1,
+        help="the stage fails (no manifest; a rerun retries them) when more trees than this share failed",
+        range=(0.0, 1.0),
+    )
     # auto: each tree advances on its own as its answers arrive where every engine of the stage is an
     # HTTP server (no barrier on one slow call); lockstep batches on local engines, which want batches
-    schedule: Literal["auto", "lockstep", "conversation"] = param("auto", help="\"auto\": \"conversation\" where every engine of the stage is an HTTP server, else \"lockstep\"; \"lockstep\": one batch per role per turn; \"conversation\": each tree advances as its own answers arrive")
+    schedule: Literal["auto", "lockstep", "conversation"] = param(
+        "auto",
+        help='"auto": "conversation" where every engine of the stage is an HTTP server, else "lockstep"; "lockstep": one batch per role per turn; "conversation": each tree advances as its own answers arrive',
+    )
     seed: int = param(0, help="seeds sampling and the branch choice", range=(0, 4294967295))
 
     def __post_init__(self):
@@ -389,21 +484,32 @@ class TreesConfig(Common):
         if self.pair_judge == "likelihood":
             exact_judge(self.role("judge"), "pair_judge")
         if self.schedule == "conversation":
-            local = [r for r in ("simulator", "inferrer", "responder", "judge")
-                     if self.role(r).kind in ("transformers", "vllm") and not (r == "judge" and self.pair_judge == "rules")]
+            local = [
+                r
+                for r in ("simulator", "inferrer", "responder", "judge")
+                if self.role(r).kind in ("transformers", "vllm") and not (r == "judge" and self.pair_judge == "rules")
+            ]
             if local:
-                raise ConfigError(f"schedule: 'conversation' sends each tree's requests on their own, for HTTP "
-                                  f"servers; roles {', '.join(local)} run on a local engine, which wants batches: "
-                                  f"use schedule: auto or lockstep")
+                raise ConfigError(
+                    f"schedule: 'conversation' sends each tree's requests on their own, for HTTP "
+                    f"servers; roles {', '.join(local)} run on a local engine, which wants batches: "
+                    f"use schedule: auto or lockstep"
+                )
 
 
 @dataclass(frozen=True)
 class TrainConfig(Common):
     # what to train (aloe.variants); the model trained is the policy role
-    variants: tuple[Literal[tuple(VARIANTS)], ...] = param(("sft_preferred",), help="any of sft_preferred, sft_rejected, dpo, sft_then_dpo")  # type: ignore[valid-type]
+    variants: tuple[Literal[tuple(VARIANTS)], ...] = param(
+        ("sft_preferred",), help="any of sft_preferred, sft_rejected, dpo, sft_then_dpo"
+    )  # type: ignore[valid-type]
     lora: bool = param(True, help="LoRA adapters (PEFT); False: full fine-tuning")
-    peft: dict[str, Any] = param(factory=dict, help="peft.LoraConfig fields, passed through (defaults: r 16, lora_alpha 32, all-linear)")
-    sft: dict[str, Any] = param(factory=dict, help="trl.SFTConfig fields, passed through (e.g. learning_rate, max_steps, max_length)")
+    peft: dict[str, Any] = param(
+        factory=dict, help="peft.LoraConfig fields, passed through (defaults: r 16, lora_alpha 32, all-linear)"
+    )
+    sft: dict[str, Any] = param(
+        factory=dict, help="trl.SFTConfig fields, passed through (e.g. learning_rate, max_steps, max_length)"
+    )
     dpo: dict[str, Any] = param(factory=dict, help="trl.DPOConfig fields, passed through (e.g. beta, learning_rate)")
     merge: bool = param(True, help="also save a merged model folder that evaluation loads")
     seed: int = param(0, help="training seed", range=(0, 4294967295))
@@ -411,8 +517,10 @@ class TrainConfig(Common):
     def __post_init__(self):
         super().__post_init__()
         if not self.variants or len(set(self.variants)) != len(self.variants):
-            raise ConfigError(f"variants: expected one or more distinct variants ({', '.join(VARIANTS)}), got "
-                              f"{short(list(self.variants))}; to skip training, run the other stages with --only")
+            raise ConfigError(
+                f"variants: expected one or more distinct variants ({', '.join(VARIANTS)}), got "
+                f"{short(list(self.variants))}; to skip training, run the other stages with --only"
+            )
 
     @property
     def base_model(self) -> str:
@@ -426,19 +534,43 @@ class JudgeCardConfig:
     the models' own replies, and never without an independent judge."""
 
     enabled: bool = param(True, help="write the judge card (judge_card.json) on every evaluation run")
-    max_replies: int = param(300, help="replies re-scored against a mismatched persona (spread over models and personas)", range=(1, 1000000))
-    k1_messages: int = param(2, help="K1: user messages per benchmark persona that the responder answers tailored and plain", range=(1, 100))
-    max_k2_pairs: int = param(200, help="K2: preference pairs (a satisfying reply and its violating edit), at most", range=(1, 1000000))
+    max_replies: int = param(
+        300, help="replies re-scored against a mismatched persona (spread over models and personas)", range=(1, 1000000)
+    )
+    k1_messages: int = param(
+        2, help="K1: user messages per benchmark persona that the responder answers tailored and plain", range=(1, 100)
+    )
+    max_k2_pairs: int = param(
+        200, help="K2: preference pairs (a satisfying reply and its violating edit), at most", range=(1, 1000000)
+    )
     # K1: the tailored reply must score higher under its own persona than under a mismatched one this often
     # (and its CI low > 0.5)
-    min_discrimination: float = param(0.65, help="K1: the tailored reply must score higher under its own persona than under a mismatched one this often (and its CI low > 0.5)", range=(0.0, 1.0))
-    min_tailored: float = param(0.55, help="K1: tailored replies must beat plain ones this often under the own persona (CI low > 0.5)", range=(0.0, 1.0))
-    min_preference: float = param(0.65, help="K2: the satisfying reply must beat its violating edit this often (CI low > 0.5)", range=(0.0, 1.0))
-    max_length_corr: float = param(0.5, help="|Spearman correlation| of score with reply length at most this", range=(0.0, 1.0))
+    min_discrimination: float = param(
+        0.65,
+        help="K1: the tailored reply must score higher under its own persona than under a mismatched one this often (and its CI low > 0.5)",
+        range=(0.0, 1.0),
+    )
+    min_tailored: float = param(
+        0.55,
+        help="K1: tailored replies must beat plain ones this often under the own persona (CI low > 0.5)",
+        range=(0.0, 1.0),
+    )
+    min_preference: float = param(
+        0.65, help="K2: the satisfying reply must beat its violating edit this often (CI low > 0.5)", range=(0.0, 1.0)
+    )
+    max_length_corr: float = param(
+        0.5, help="|Spearman correlation| of score with reply length at most this", range=(0.0, 1.0)
+    )
     # the own-minus-mismatched score gap (1-5 points) must have its CI low above this: a win rate can
     # clear min_discrimination on gaps of a hundredth of a point that lean one way by accident
-    min_gap: float = param(0.0, help="K1: the own-minus-mismatched score gap (1-5 points) must have its CI low above this", range=(0.0, 4.0))
-    compare: tuple[Literal["paper", "history", "likelihood", "rules"], ...] = param((), help="other judges to measure agreement with")
+    min_gap: float = param(
+        0.0,
+        help="K1: the own-minus-mismatched score gap (1-5 points) must have its CI low above this",
+        range=(0.0, 4.0),
+    )
+    compare: tuple[Literal["paper", "history", "likelihood", "rules"], ...] = param(
+        (), help="other judges to measure agreement with"
+    )
     n_boot: int = param(1000, help="bootstrap resamples for the card's intervals", range=(10, 1000000))
 
     def __post_init__(self):
@@ -447,37 +579,74 @@ class JudgeCardConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig(Common):
-    n_personas: int = param(2, help="benchmark personas (the first n of 20 profiles x 5 personalities, spread over both)", range=(1, 100))
+    n_personas: int = param(
+        2, help="benchmark personas (the first n of 20 profiles x 5 personalities, spread over both)", range=(1, 100)
+    )
     turns: int = param(1, help="turns per conversation (the paper: 10)", range=(1, 100))
     max_new_tokens: int = param(48, help="cap on every generated message", range=(1, 131072))
     # models under test: base (plain prompt), oracle (persona in the system prompt: an upper
     # reference), reminder (told to infer and adapt), and trained variants from the train stage
-    models: tuple[Literal[EVALUATED], ...] = param(("base",), help="base, oracle, reminder, and trained variants (sft_preferred, sft_rejected, dpo, sft_then_dpo)")  # type: ignore[valid-type]
+    models: tuple[Literal[EVALUATED], ...] = param(
+        ("base",), help="base, oracle, reminder, and trained variants (sft_preferred, sft_rejected, dpo, sft_then_dpo)"
+    )  # type: ignore[valid-type]
     # paper: the rubric on the current message (the paper's judge); history: the rubric with the dialogue;
     # likelihood: how much more probable the persona makes the reply under the judge model (exact
     # log-likelihoods: transformers or vllm judges), mapped to 1-5 by likelihood_scale; rules: the share of
     # the persona's checkable preferences the reply satisfies, 1 + 4 x share (exact, no model)
-    score_judge: Literal["paper", "history", "likelihood", "rules"] = param("paper", help="\"paper\": the rubric on the current message; \"history\": also the conversation; \"likelihood\": the persona's likelihood ratio; \"rules\": the share of checkable preferences kept")
+    score_judge: Literal["paper", "history", "likelihood", "rules"] = param(
+        "paper",
+        help='"paper": the rubric on the current message; "history": also the conversation; "likelihood": the persona\'s likelihood ratio; "rules": the share of checkable preferences kept',
+    )
     # aloe: every model under test gets a short system prompt and greedy decoding with max_new_tokens;
     # paper: as the paper's evaluation code, no system prompt (oracle and reminder keep theirs), the
     # model's own default sampling and a 2048-token cap
-    protocol: Literal["aloe", "paper"] = param("aloe", help="\"aloe\": short system prompt, greedy, max_new_tokens; \"paper\": no system prompt, the model's own sampling, 2048-token cap")
-    judge_method: Literal["auto", "logprobs", "text"] = param("auto", help="\"auto\": probabilities of 1..5, parsed text where there are none; \"logprobs\"; \"text\"")
+    protocol: Literal["aloe", "paper"] = param(
+        "aloe",
+        help='"aloe": short system prompt, greedy, max_new_tokens; "paper": no system prompt, the model\'s own sampling, 2048-token cap',
+    )
+    judge_method: Literal["auto", "logprobs", "text"] = param(
+        "auto", help='"auto": probabilities of 1..5, parsed text where there are none; "logprobs"; "text"'
+    )
     judge_retries: int = param(2, help="extra tries when a text score does not parse", range=(0, 20))
-    user_temperature: float = param(0.7, help="the simulated user samples; the model under test decodes greedily", range=(0.0, 5.0))
-    official_dir: Optional[str] = param(None, help="folder with the official profile_eval.jsonl / personality_eval.jsonl (None: ours)")
+    user_temperature: float = param(
+        0.7, help="the simulated user samples; the model under test decodes greedily", range=(0.0, 5.0)
+    )
+    official_dir: Optional[str] = param(
+        None, help="folder with the official profile_eval.jsonl / personality_eval.jsonl (None: ours)"
+    )
     # with official_dir: checkable preferences per benchmark persona, [low, high] by the seeded draw
     # (the published text is unchanged); without it, the personas stage's pairs.jsonl carries them
-    preferences: tuple[int, ...] = param((), help="with official_dir: checkable preferences per benchmark persona, [low, high]; else pairs.jsonl carries them")
-    disclosure_fallback: bool = param(True, help="append the catalogue phrasing when the simulated user did not convey the preference it was told to reveal")
-    likelihood_scale: float = param(0.1, help="likelihood judge: nats per token that move a score from 3 to 3.92 (README)", range=(0.001, 100.0))
-    judge_card: JudgeCardConfig = param(factory=JudgeCardConfig, help="judge validation: known answers K1/K2 and thresholds min_discrimination, min_tailored, min_preference, min_gap, max_length_corr, compare, ...")
-    disclosure_threshold: float = param(0.5, help="MiniLM cosine at which a persona fact counts as revealed", range=(0.0, 1.0))
+    preferences: tuple[int, ...] = param(
+        (),
+        help="with official_dir: checkable preferences per benchmark persona, [low, high]; else pairs.jsonl carries them",
+    )
+    disclosure_fallback: bool = param(
+        True,
+        help="append the catalogue phrasing when the simulated user did not convey the preference it was told to reveal",
+    )
+    likelihood_scale: float = param(
+        0.1, help="likelihood judge: nats per token that move a score from 3 to 3.92 (README)", range=(0.001, 100.0)
+    )
+    judge_card: JudgeCardConfig = param(
+        factory=JudgeCardConfig,
+        help="judge validation: known answers K1/K2 and thresholds min_discrimination, min_tailored, min_preference, min_gap, max_length_corr, compare, ...",
+    )
+    disclosure_threshold: float = param(
+        0.5, help="MiniLM cosine at which a persona fact counts as revealed", range=(0.0, 1.0)
+    )
     # the stage fails (no manifest; a rerun retries) when more conversations than this share are incomplete
-    max_failed_share: float = param(0.1, help="the stage fails (no manifest; a rerun retries them) when more conversations than this share are incomplete", range=(0.0, 1.0))
+    max_failed_share: float = param(
+        0.1,
+        help="the stage fails (no manifest; a rerun retries them) when more conversations than this share are incomplete",
+        range=(0.0, 1.0),
+    )
     # conversations per persona, the simulated user seeded seed, seed+1, ...; scores are averaged per
     # persona and turn over repeats before the bootstrap (the persona stays the resampled unit)
-    repeats: int = param(1, help="conversations per persona (simulator seeds seed, seed+1, ...), averaged per persona and turn", range=(1, 100))
+    repeats: int = param(
+        1,
+        help="conversations per persona (simulator seeds seed, seed+1, ...), averaged per persona and turn",
+        range=(1, 100),
+    )
     n_boot: int = param(2000, help="bootstrap resamples for the confidence intervals", range=(10, 1000000))
     seed: int = param(0, help="seeds the simulated user and the bootstrap", range=(0, 4294967295))
 
@@ -485,8 +654,10 @@ class EvaluateConfig(Common):
         super().__post_init__()
         check_preference_range(self.preferences)
         if self.preferences and not self.official_dir:
-            raise ConfigError("preferences: set it on the personas stage (its pairs.jsonl carries them); here it "
-                              "applies only with official_dir")
+            raise ConfigError(
+                "preferences: set it on the personas stage (its pairs.jsonl carries them); here it "
+                "applies only with official_dir"
+            )
         if "likelihood" in (self.score_judge, *self.judge_card.compare):
             exact_judge(self.role("judge"), "score_judge" if self.score_judge == "likelihood" else "judge_card.compare")
         if len(set(self.models)) != len(self.models) or not self.models:
@@ -578,10 +749,18 @@ def load_experiment(path: str | Path) -> Experiment:
     trained = set(needed(stages["train"].variants))
     for m in stages["evaluate"].models:
         if m in VARIANTS and m not in trained:
-            raise ConfigError(f"{path}: stages.evaluate.models: {m!r} is never trained; add it to "
-                              f"stages.train.variants (now {list(stages['train'].variants)}) or remove it")
-    return Experiment(path=path, name=name, description=str(data.get("description", "")), common=common,
-                      stages=stages, raw_sections=raw_sections)
+            raise ConfigError(
+                f"{path}: stages.evaluate.models: {m!r} is never trained; add it to "
+                f"stages.train.variants (now {list(stages['train'].variants)}) or remove it"
+            )
+    return Experiment(
+        path=path,
+        name=name,
+        description=str(data.get("description", "")),
+        common=common,
+        stages=stages,
+        raw_sections=raw_sections,
+    )
 
 
 def _check_top_level(path: Path, data: Any) -> str:
@@ -597,15 +776,18 @@ def _check_top_level(path: Path, data: Any) -> str:
             raise ConfigError(f"{path}: unknown top-level key {short(k)}{hint}; allowed keys: {', '.join(_TOP_KEYS)}")
     name = data.get("experiment", path.stem)
     if not isinstance(name, str) or not EXPERIMENT_NAME.fullmatch(name) or name in (".", ".."):
-        raise ConfigError(f"{path}: experiment: {short(name)} is not a folder-safe name: 1-64 characters "
-                          f"of letters, digits, '.', '_' and '-', starting with a letter or digit")
+        raise ConfigError(
+            f"{path}: experiment: {short(name)} is not a folder-safe name: 1-64 characters "
+            f"of letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
     for k in ("description", "data_root", "cache_path"):
         if k in data and not isinstance(data[k], str):
             raise ConfigError(f"{path}: {k}: expected a string, got {short(data[k])}")
     for k in ("backend", "roles", "prices", "stages"):
         if k in data and not isinstance(data[k], dict):
-            raise ConfigError(f"{path}: {k}: expected a mapping, got {short(data[k])}; leave the key out "
-                              f"to use the defaults")
+            raise ConfigError(
+                f"{path}: {k}: expected a mapping, got {short(data[k])}; leave the key out to use the defaults"
+            )
     return name
 
 
@@ -613,8 +795,10 @@ def _check_section(path: Path, stage: str, section: Any) -> None:
     """A stage's section: a mapping of its own keys (not retired ones, not top-level ones)."""
     where = f"stages.{stage}"
     if not isinstance(section, dict):
-        raise ConfigError(f"{path}: {where}: expected a mapping of settings, got {short(section)}; leave "
-                          f"the stage out to use its defaults")
+        raise ConfigError(
+            f"{path}: {where}: expected a mapping of settings, got {short(section)}; leave "
+            f"the stage out to use its defaults"
+        )
     own_keys = {f.name for f in dataclasses.fields(Common)}
     allowed = [f.name for f in dataclasses.fields(STAGE_CONFIGS[stage]) if f.name not in own_keys]
     for k in section:

@@ -19,8 +19,10 @@ def under_test_sampling(cfg) -> Sampling:
         return Sampling(temperature=None, top_p=None, max_tokens=PAPER_MAX_NEW_TOKENS, seed=cfg.seed)
     return Sampling(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
-_STAGE = re.compile(r"\*[^*\n]{1,80}\*|\([^()\n]{0,40}(smiles|laughs|sighs|grins|nods|pauses)[^()\n]{0,40}\)",
-                    re.IGNORECASE)
+
+_STAGE = re.compile(
+    r"\*[^*\n]{1,80}\*|\([^()\n]{0,40}(smiles|laughs|sighs|grins|nods|pauses)[^()\n]{0,40}\)", re.IGNORECASE
+)
 
 
 def clean_user_message(text: str) -> str:
@@ -46,14 +48,18 @@ def simulator_messages(profile: str, personality: str, history: list[dict], dire
     return msgs
 
 
-def likelihood_prompts(profile: str, personality: str, history: list[dict],
-                       message: str) -> tuple[list[dict], list[dict], str]:
+def likelihood_prompts(
+    profile: str, personality: str, history: list[dict], message: str
+) -> tuple[list[dict], list[dict], str]:
     """The two prompts of the likelihood-ratio judge for a reply to ``message``: persona-aware
     and plain (they differ only by the persona), and the prompt version for the cache key."""
     p = prompts.get("judge_likelihood")
     tail = [*history, {"role": "user", "content": message}]
-    return ([{"role": "system", "content": p.render("aware", profile=profile, personality=personality)}, *tail],
-            [{"role": "system", "content": p.render("plain")}, *tail], p.tag)
+    return (
+        [{"role": "system", "content": p.render("aware", profile=profile, personality=personality)}, *tail],
+        [{"role": "system", "content": p.render("plain")}, *tail],
+        p.tag,
+    )
 
 
 def dialogue_text(history: list[dict], user_message: str) -> str:

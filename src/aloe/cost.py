@@ -37,8 +37,10 @@ def row_cost(row: Mapping, prices: Mapping[str, Price]) -> tuple[float | None, f
     price = prices.get(row.get("model"))
     if price is None:
         return None, None
-    return (usd(row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0, price),
-            usd(row.get("cached_prompt_tokens") or 0, row.get("cached_completion_tokens") or 0, price))
+    return (
+        usd(row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0, price),
+        usd(row.get("cached_prompt_tokens") or 0, row.get("cached_completion_tokens") or 0, price),
+    )
 
 
 def with_cost(rows: Iterable[Mapping], prices: Mapping[str, Price]) -> list[dict]:
@@ -46,8 +48,13 @@ def with_cost(rows: Iterable[Mapping], prices: Mapping[str, Price]) -> list[dict
     out = []
     for r in rows:
         cost, saved = row_cost(r, prices)
-        out.append({**r, "cost_usd": None if cost is None else round(cost, 4),
-                    "saved_usd": None if saved is None else round(saved, 4)})
+        out.append(
+            {
+                **r,
+                "cost_usd": None if cost is None else round(cost, 4),
+                "saved_usd": None if saved is None else round(saved, 4),
+            }
+        )
     return out
 
 
@@ -65,8 +72,16 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def progress_line(what: str, done: int, total: int, new: int, started: float, failed: int,
-                  usage: Iterable[Mapping], prices: Mapping[str, Price]) -> str:
+def progress_line(
+    what: str,
+    done: int,
+    total: int,
+    new: int,
+    started: float,
+    failed: int,
+    usage: Iterable[Mapping],
+    prices: Mapping[str, Price],
+) -> str:
     """One line a long stage logs as it goes: done of total, the rate of this run (``new`` units
     done since ``started``), the time left at that rate, failures and cost so far."""
     elapsed = max(time.time() - started, 1e-9)
@@ -74,5 +89,7 @@ def progress_line(what: str, done: int, total: int, new: int, started: float, fa
     eta = (total - done) / rate if rate > 0 else None
     costs = [row_cost(u, prices)[0] for u in usage]
     cost = None if any(c is None for c in costs) else sum(costs)
-    return (f"{what}: {done}/{total} done, {rate * 60:.1f}/min, about {fmt_duration(eta)} left, {failed} failed, "
-            f"cost so far {fmt_usd(cost)}")
+    return (
+        f"{what}: {done}/{total} done, {rate * 60:.1f}/min, about {fmt_duration(eta)} left, {failed} failed, "
+        f"cost so far {fmt_usd(cost)}"
+    )

@@ -25,8 +25,14 @@ def _best(emb: Embedder, fact_emb: np.ndarray, text: str) -> np.ndarray:
     return (fact_emb @ emb.encode_each(facts(text) or [text]).T).max(axis=1)
 
 
-def revealed_curve(profile: str, personality: str, user_messages: list[str], threshold: float,
-                   emb: Embedder | None = None, recovered_texts: list[str] | None = None) -> list[dict]:
+def revealed_curve(
+    profile: str,
+    personality: str,
+    user_messages: list[str],
+    threshold: float,
+    emb: Embedder | None = None,
+    recovered_texts: list[str] | None = None,
+) -> list[dict]:
     """After each user message, the share of the persona's facts revealed so far (each message
     embedded once: a running maximum); with ``recovered_texts`` (one per message), also the share
     each of those texts states (the tree inference step's recovery)."""

@@ -30,8 +30,10 @@ class Embedder:
         self.texts_embedded += len(texts)
         if not texts:
             return np.zeros((0, 384), dtype=np.float32)
-        return np.asarray(self.model.encode(texts, batch_size=64, normalize_embeddings=True,
-                                            show_progress_bar=False), dtype=np.float32)
+        return np.asarray(
+            self.model.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False),
+            dtype=np.float32,
+        )
 
     def encode_batch(self, texts: list[str]) -> np.ndarray:
         """encode, remembered per whole batch: for batches that come back unchanged (a pool's seeds and

@@ -117,9 +117,15 @@ class SizingBackend(ChatBackend):
             # then contradicts itself, and the judging takes its longest route (the fallbacks run)
             k = len(r.candidates)
             first = 0.4 + 0.6 / k
-            out.append(CandidateLogprobs({c: math.log(first if i == 0 else (1 - first) / (k - 1) if k > 1 else 1.0)
-                                          for i, c in enumerate(r.candidates)},
-                                         tokens={c: max(1, len(c.split())) for c in r.candidates}))
+            out.append(
+                CandidateLogprobs(
+                    {
+                        c: math.log(first if i == 0 else (1 - first) / (k - 1) if k > 1 else 1.0)
+                        for i, c in enumerate(r.candidates)
+                    },
+                    tokens={c: max(1, len(c.split())) for c in r.candidates},
+                )
+            )
         return out
 
 
@@ -153,12 +159,15 @@ class Line:
 
 
 def _scale(rows: list[dict], factor: float) -> list[dict]:
-    return [{**r, **{k: r[k] * factor for k in ("calls", "prompt_tokens", "completion_tokens", "prefix_tokens")}}
-            for r in rows]
+    return [
+        {**r, **{k: r[k] * factor for k in ("calls", "prompt_tokens", "completion_tokens", "prefix_tokens")}}
+        for r in rows
+    ]
 
 
-def _engines(exp: Experiment, stage: str, roles: tuple[str, ...], fill: float,
-             cache: CallCache) -> dict[str, SizingBackend]:
+def _engines(
+    exp: Experiment, stage: str, roles: tuple[str, ...], fill: float, cache: CallCache
+) -> dict[str, SizingBackend]:
     """role -> sizing engine; roles whose settings come out equal share one, as in a real run, and
     all share one call cache, so what a real run would answer from its cache is not counted."""
     cfg = exp.stages[stage]
@@ -173,10 +182,20 @@ def _rows(given: dict[str, SizingBackend], stage: str) -> list[dict]:
     out = []
     for e in dict.fromkeys(given.values()):
         if e.sent:
-            out.append({"stage": stage, "role": ", ".join(r for r, g in given.items() if g is e), "model": e.model_id,
-                        "kind": e.kind, "calls": e.sent, "prompt_tokens": e.prompt_tokens,
-                        "completion_tokens": e.generated_tokens, "counted_by": e.counted_by, "config": e.config,
-                        "prefix_tokens": e.prefix_tokens})
+            out.append(
+                {
+                    "stage": stage,
+                    "role": ", ".join(r for r, g in given.items() if g is e),
+                    "model": e.model_id,
+                    "kind": e.kind,
+                    "calls": e.sent,
+                    "prompt_tokens": e.prompt_tokens,
+                    "completion_tokens": e.generated_tokens,
+                    "counted_by": e.counted_by,
+                    "config": e.config,
+                    "prefix_tokens": e.prefix_tokens,
+                }
+            )
     return out
 
 
@@ -185,7 +204,9 @@ def _sample(n: int, sample: int) -> tuple[int, float]:
     return k, n / k
 
 
-def measure(exp: Experiment, sample: int = 8, fill: float = 1.0, stages=("personas", "trees", "evaluate")) -> list[dict]:
+def measure(
+    exp: Experiment, sample: int = 8, fill: float = 1.0, stages=("personas", "trees", "evaluate")
+) -> list[dict]:
     """Usage rows (stage, role, model, kind, calls, prompt/completion tokens) for the whole run."""
     from aloe import evaluation, personas, trees
     from aloe.config import STAGE_ROLES
@@ -194,6 +215,7 @@ def measure(exp: Experiment, sample: int = 8, fill: float = 1.0, stages=("person
 
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="aloe-estimate-") as tmp:
+
         def local(stage, **extra):
             c = exp.stages[stage]
             return dataclasses.replace(c, data_root=tmp, cache_path=str(Path(tmp) / "calls.sqlite"), **extra)
@@ -201,8 +223,9 @@ def measure(exp: Experiment, sample: int = 8, fill: float = 1.0, stages=("person
         pcfg = local("personas")
         if pcfg.source == "official" and not Path(pcfg.official_dir or "").is_dir():
             # the texts only set prompt lengths: the project's seeds stand in for missing official files
-            log.warning("estimate: %s not found; the project's seed personas stand in for the official ones",
-                        pcfg.official_dir)
+            log.warning(
+                "estimate: %s not found; the project's seed personas stand in for the official ones", pcfg.official_dir
+            )
             pcfg = dataclasses.replace(pcfg, source="seeds", official_dir=None, preferences=pcfg.preferences)
         cache = CallCache(Path(tmp) / "sizing.sqlite")
         proles = _engines(exp, "personas", personas.roles_used(exp.stages["personas"]), fill, cache)
@@ -225,11 +248,13 @@ def measure(exp: Experiment, sample: int = 8, fill: float = 1.0, stages=("person
             trained_engines = []
 
             def trained(model: str) -> ChatBackend:
-                eng = SizingBackend(dataclasses.replace(policy, kind="vllm" if policy.kind == "vllm"
-                                                        else "transformers"), fill, cache)
+                eng = SizingBackend(
+                    dataclasses.replace(policy, kind="vllm" if policy.kind == "vllm" else "transformers"), fill, cache
+                )
                 eng.model_id = model
                 trained_engines.append(eng)
                 return eng
+
             try:
                 evaluation.run(ecfg, Roles({}, None, eroles), progress=False, trained=trained)
             except AloeError as err:
@@ -253,8 +278,12 @@ def estimate(exp: Experiment, sample: int = 8, fill: float = 1.0, latency_s: flo
         bc = r["config"]
         prices = exp.stages[r["stage"]].prices
         cost, _ = row_cost(r, prices)
-        cached = None if cost is None else cost - (0.0 if r["kind"] in LOCAL_KINDS else
-                                                   prefix_discount(r["prefix_tokens"], prices.get(r["model"])))
+        cached = (
+            None
+            if cost is None
+            else cost
+            - (0.0 if r["kind"] in LOCAL_KINDS else prefix_discount(r["prefix_tokens"], prices.get(r["model"])))
+        )
         seconds = None
         if r["kind"] not in LOCAL_KINDS:
             seconds = r["calls"] * latency_s / _concurrency(bc)
@@ -262,8 +291,22 @@ def estimate(exp: Experiment, sample: int = 8, fill: float = 1.0, latency_s: flo
                 seconds = max(seconds, r["calls"] / bc.rpm * 60)
             if bc.tpm:
                 seconds = max(seconds, (r["prompt_tokens"] + r["completion_tokens"]) / bc.tpm * 60)
-        lines.append(Line(r["stage"], r["role"], r["model"], r["kind"], r["calls"], r["prompt_tokens"],
-                          r["completion_tokens"], cost, seconds, r["counted_by"], r["prefix_tokens"], cached))
+        lines.append(
+            Line(
+                r["stage"],
+                r["role"],
+                r["model"],
+                r["kind"],
+                r["calls"],
+                r["prompt_tokens"],
+                r["completion_tokens"],
+                cost,
+                seconds,
+                r["counted_by"],
+                r["prefix_tokens"],
+                cached,
+            )
+        )
     return lines
 
 
@@ -297,29 +340,62 @@ def _sum_or_none(values: list):
 
 def _total_row(lines: list[Line]) -> list[str]:
     prompt = sum(ln.prompt_tokens for ln in lines)
-    return ["total", "", "", "", _n(sum(ln.calls for ln in lines)), _n(prompt),
-            _share(sum(ln.prefix_tokens for ln in lines), prompt), _n(sum(ln.completion_tokens for ln in lines)),
-            fmt_usd(_sum_or_none([ln.cost_usd for ln in lines])),
-            fmt_usd(_sum_or_none([ln.cached_cost_usd for ln in lines])),
-            _t(sum(ln.seconds or 0 for ln in lines)) if any(ln.seconds for ln in lines) else "local"]
+    return [
+        "total",
+        "",
+        "",
+        "",
+        _n(sum(ln.calls for ln in lines)),
+        _n(prompt),
+        _share(sum(ln.prefix_tokens for ln in lines), prompt),
+        _n(sum(ln.completion_tokens for ln in lines)),
+        fmt_usd(_sum_or_none([ln.cost_usd for ln in lines])),
+        fmt_usd(_sum_or_none([ln.cached_cost_usd for ln in lines])),
+        _t(sum(ln.seconds or 0 for ln in lines)) if any(ln.seconds for ln in lines) else "local",
+    ]
 
 
 def table(lines: list[Line], latency_s: float, fill: float) -> str:
-    head = ["stage", "role", "model", "kind", "calls", "input tokens", "repeated prefix", "output tokens", "cost",
-            "cost, prefix cached", "time"]
-    body = [[ln.stage, ln.role, ln.model, ln.kind, _n(ln.calls), _n(ln.prompt_tokens),
-             _share(ln.prefix_tokens, ln.prompt_tokens), _n(ln.completion_tokens), fmt_usd(ln.cost_usd),
-             fmt_usd(ln.cached_cost_usd), _t(ln.seconds)]
-            for ln in lines] + [_total_row(lines)]
+    head = [
+        "stage",
+        "role",
+        "model",
+        "kind",
+        "calls",
+        "input tokens",
+        "repeated prefix",
+        "output tokens",
+        "cost",
+        "cost, prefix cached",
+        "time",
+    ]
+    body = [
+        [
+            ln.stage,
+            ln.role,
+            ln.model,
+            ln.kind,
+            _n(ln.calls),
+            _n(ln.prompt_tokens),
+            _share(ln.prefix_tokens, ln.prompt_tokens),
+            _n(ln.completion_tokens),
+            fmt_usd(ln.cost_usd),
+            fmt_usd(ln.cached_cost_usd),
+            _t(ln.seconds),
+        ]
+        for ln in lines
+    ] + [_total_row(lines)]
     widths = [max(len(str(row[i])) for row in [head] + body) for i in range(len(head))]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     out = [fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*row) for row in body]
     counted = sorted({ln.counted_by for ln in lines})
-    out.append(f"Replies at {fill:.0%} of their cap (an upper bound on output tokens); input tokens counted by "
-               f"{' and '.join(counted) or 'nothing'}; repeated prefix: the share of input tokens that an earlier "
-               f"prompt of the same engine began with (what a provider's prompt cache can serve); cost, prefix "
-               f"cached: the cost if the provider served every repeated prefix at the file's cached_input price (a "
-               f"floor: providers cache only long prefixes, e.g. from 1,024 tokens, and only while warm); time: "
-               f"calls x {latency_s:g} s / concurrency, or the rate limits' floor; local engines cost nothing but "
-               f"time. Training makes no model calls.")
+    out.append(
+        f"Replies at {fill:.0%} of their cap (an upper bound on output tokens); input tokens counted by "
+        f"{' and '.join(counted) or 'nothing'}; repeated prefix: the share of input tokens that an earlier "
+        f"prompt of the same engine began with (what a provider's prompt cache can serve); cost, prefix "
+        f"cached: the cost if the provider served every repeated prefix at the file's cached_input price (a "
+        f"floor: providers cache only long prefixes, e.g. from 1,024 tokens, and only while warm); time: "
+        f"calls x {latency_s:g} s / concurrency, or the rate limits' floor; local engines cost nothing but "
+        f"time. Training makes no model calls."
+    )
     return "\n".join(out)

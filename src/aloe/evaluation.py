@@ -67,10 +67,12 @@ def benchmark_pairs(cfg: EvaluateConfig) -> list[dict]:
         d = Path(cfg.official_dir)
         profiles = pool_records(read_aloe_pool(d / "profile_eval.jsonl"), "profile", "imported", "eval")
         # the benchmark pairs every eval profile with the first 5 eval personalities (20 x 5 = 100)
-        personalities = pool_records(read_aloe_pool(d / "personality_eval.jsonl")[:5], "personality", "imported",
-                                     "eval")
-        pairs = preferences.assign(make_pairs(profiles, personalities, len(personalities), 0, "eval"), cfg.preferences, cfg.seed,
-                       "official")
+        personalities = pool_records(
+            read_aloe_pool(d / "personality_eval.jsonl")[:5], "personality", "imported", "eval"
+        )
+        pairs = preferences.assign(
+            make_pairs(profiles, personalities, len(personalities), 0, "eval"), cfg.preferences, cfg.seed, "official"
+        )
     else:
         src = cfg.paths.pairs
         pairs = [p for p in read_jsonl(src) if p["split"] == "eval"]
@@ -87,7 +89,7 @@ def benchmark_pairs(cfg: EvaluateConfig) -> list[dict]:
                 ordered.append(p)
     if cfg.n_personas > len(ordered):
         raise AloeError(f"n_personas: {cfg.n_personas} asked, but there are {len(ordered)} benchmark personas")
-    return ordered[:cfg.n_personas]
+    return ordered[: cfg.n_personas]
 
 
 def _prompt_name(model: str) -> str:
@@ -109,11 +111,15 @@ def trained_path(cfg: EvaluateConfig, model: str) -> Path:
     """The merged model the train stage wrote for a variant (checked before anything runs)."""
     path = cfg.paths.merged(model)
     if not (path / "config.json").exists():
-        raise AloeError(f"{path}: no trained model for {model!r}; run the train stage with this variant, "
-                        f"or remove it from stages.evaluate.models")
+        raise AloeError(
+            f"{path}: no trained model for {model!r}; run the train stage with this variant, "
+            f"or remove it from stages.evaluate.models"
+        )
     if not cfg.paths.train_done(model).exists():  # written last: without it, training did not finish
-        raise AloeError(f"{path}: training of {model!r} did not finish ({cfg.paths.train_done(model).name} is "
-                        f"missing); rerun the train stage")
+        raise AloeError(
+            f"{path}: training of {model!r} did not finish ({cfg.paths.train_done(model).name} is "
+            f"missing); rerun the train stage"
+        )
     return path
 
 
@@ -123,23 +129,40 @@ def _open_trained(cfg: EvaluateConfig, model: str) -> ChatBackend:
     told to load our folder, so an HTTP policy's variants run on transformers."""
     policy = cfg.role("policy")
     kind = policy.kind if policy.kind in ("transformers", "vllm") else "transformers"
-    bc = dataclasses.replace(policy, kind=kind, model=str(trained_path(cfg, model)), revision=None,
-                             served_model=None, base_url=None, api_key_env=None)
+    bc = dataclasses.replace(
+        policy,
+        kind=kind,
+        model=str(trained_path(cfg, model)),
+        revision=None,
+        served_model=None,
+        base_url=None,
+        api_key_env=None,
+    )
     return open_backend(bc, cfg.cache_path)
 
 
 def conversation_settings(cfg: EvaluateConfig, model: str, roles: Roles, under_test: ChatBackend) -> dict:
     """Everything that made a conversation what it is. A conversation on disk made with other
     settings (another judge, sampling, simulator, or a retrained model) is not resumed."""
-    judge_id = (f"rules@{preferences.catalogue().version}" if cfg.score_judge == "rules" else roles["judge"].identity())
-    return {"model": model, "under_test": under_test.identity(),
-            "simulator": roles["simulator"].identity(), "judge": judge_id,
-            "preferences": preferences.catalogue().version, "disclosure_fallback": cfg.disclosure_fallback,
-            "judge_kind": cfg.score_judge, "judge_method": cfg.judge_method, "likelihood_scale": cfg.likelihood_scale,
-            "protocol": cfg.protocol, "max_new_tokens": cfg.max_new_tokens, "user_temperature": cfg.user_temperature,
-            "seed": cfg.seed, "prompts": [prompts.get(n).tag for n in ("user_simulator", _prompt_name(model))],
-            # what "the model's own default sampling" (the paper protocol) resolved to on this engine
-            **({"default_sampling": under_test.default_sampling()} if cfg.protocol == "paper" else {})}
+    judge_id = f"rules@{preferences.catalogue().version}" if cfg.score_judge == "rules" else roles["judge"].identity()
+    return {
+        "model": model,
+        "under_test": under_test.identity(),
+        "simulator": roles["simulator"].identity(),
+        "judge": judge_id,
+        "preferences": preferences.catalogue().version,
+        "disclosure_fallback": cfg.disclosure_fallback,
+        "judge_kind": cfg.score_judge,
+        "judge_method": cfg.judge_method,
+        "likelihood_scale": cfg.likelihood_scale,
+        "protocol": cfg.protocol,
+        "max_new_tokens": cfg.max_new_tokens,
+        "user_temperature": cfg.user_temperature,
+        "seed": cfg.seed,
+        "prompts": [prompts.get(n).tag for n in ("user_simulator", _prompt_name(model))],
+        # what "the model's own default sampling" (the paper protocol) resolved to on this engine
+        **({"default_sampling": under_test.default_sampling()} if cfg.protocol == "paper" else {}),
+    }
 
 
 def _resumable(path: Path, settings: dict, pairs: list[dict]) -> dict[str, dict]:
@@ -156,13 +179,24 @@ def _resumable(path: Path, settings: dict, pairs: list[dict]) -> dict[str, dict]
             out[c["persona_id"]] = c
         else:
             changed = sorted(k for k in settings if (old or {}).get(k) != settings[k]) if old else ["(no record)"]
-            log.warning("%s: conversation %s was made with other settings (%s); starting it afresh",
-                        path, c.get("persona_id"), ", ".join(changed))
+            log.warning(
+                "%s: conversation %s was made with other settings (%s); starting it afresh",
+                path,
+                c.get("persona_id"),
+                ", ".join(changed),
+            )
     return out
 
 
-def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, under_test: ChatBackend,
-              path: Path, progress: bool = True) -> list[dict]:
+def run_model(
+    cfg: EvaluateConfig,
+    model: str,
+    pairs: list[dict],
+    roles: Roles,
+    under_test: ChatBackend,
+    path: Path,
+    progress: bool = True,
+) -> list[dict]:
     """K lockstep turns for one model over all personas; checkpointed per turn. A turn whose
     user message or reply failed is not recorded: the conversation stops there and a rerun
     tries that turn again. A reply whose judgment failed is kept and re-judged on a rerun."""
@@ -173,41 +207,67 @@ def run_model(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, 
     _rejudge(cfg, judge_engine, convs, pairs)
     model_samp, version = under_test_sampling(cfg), prompts.get(_prompt_name(model)).tag
     started, initial = time.time(), sum(len(c["turns"]) for c in convs)
-    bar = tqdm(total=len(convs) * cfg.turns, initial=initial, desc=f"evaluate {model}", unit="turn",
-               disable=not progress)
+    bar = tqdm(
+        total=len(convs) * cfg.turns, initial=initial, desc=f"evaluate {model}", unit="turn", disable=not progress
+    )
     for turn in range(1, cfg.turns + 1):
         active = [(c, p) for c, p in zip(convs, pairs) if len(c["turns"]) == turn - 1]
         if not active:
             continue
         msgs, disclosed = _user_messages(cfg, roles["simulator"], active, turn)
         asked = [(c, p, m) for (c, p), m in zip(active, msgs) if m]
-        replies = under_test.chat([ChatRequest(_under_test_messages(cfg, model, c, p, m, turn), model_samp,
-                                               prompt_version=version) for c, p, m in asked])
+        replies = under_test.chat(
+            [
+                ChatRequest(_under_test_messages(cfg, model, c, p, m, turn), model_samp, prompt_version=version)
+                for c, p, m in asked
+            ]
+        )
         scored = [(c, p, m, r.text.strip()) for (c, p, m), r in zip(asked, replies) if r.ok and r.text.strip()]
-        to_judge = [Reply(p, history_before(c, turn), m, r, tuple((disclosed.get(id(c)) or {}).get("revealed", ())))
-                    for c, p, m, r in scored]
+        to_judge = [
+            Reply(p, history_before(c, turn), m, r, tuple((disclosed.get(id(c)) or {}).get("revealed", ())))
+            for c, p, m, r in scored
+        ]
         verdicts = dict(zip((id(c) for c, *_ in scored), score_replies(cfg, judge_engine, to_judge)))
         _record_turn(cfg, active, {id(c): (m, r) for (c, p, m), r in zip(asked, replies)}, verdicts, disclosed, turn)
         write_jsonl(path, convs)
         bar.update(len(active))
         done = sum(len(c["turns"]) for c in convs)
-        log.info(progress_line(f"evaluate {model}", done, len(convs) * cfg.turns, done - initial, started,
-                               sum(1 for c, _ in active if len(c["turns"]) < turn), _usage_with(roles, under_test),
-                               cfg.prices))
+        log.info(
+            progress_line(
+                f"evaluate {model}",
+                done,
+                len(convs) * cfg.turns,
+                done - initial,
+                started,
+                sum(1 for c, _ in active if len(c["turns"]) < turn),
+                _usage_with(roles, under_test),
+                cfg.prices,
+            )
+        )
     bar.close()
     return convs
 
 
-def _open_conversations(cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, under_test: ChatBackend,
-                        path: Path) -> list[dict]:
+def _open_conversations(
+    cfg: EvaluateConfig, model: str, pairs: list[dict], roles: Roles, under_test: ChatBackend, path: Path
+) -> list[dict]:
     """One conversation per persona: the finished turns a resumable file holds (none past
     ``cfg.turns``), or a new record."""
     settings = conversation_settings(cfg, model, roles, under_test)
     done = _resumable(path, settings, pairs)
-    convs = [done.get(p["id"]) or {"model": model, "persona_id": p["id"], "profile": p["profile"],
-                                   "personality": p["personality"], "preferences": p.get("preferences") or [],
-                                   "settings": settings, "turns": []}
-             for p in pairs]
+    convs = [
+        done.get(p["id"])
+        or {
+            "model": model,
+            "persona_id": p["id"],
+            "profile": p["profile"],
+            "personality": p["personality"],
+            "preferences": p.get("preferences") or [],
+            "settings": settings,
+            "turns": [],
+        }
+        for p in pairs
+    ]
     for c in convs:
         c["turns"] = [t for t in c["turns"] if t["turn"] <= cfg.turns]
     return convs
@@ -219,23 +279,33 @@ def _user_messages(cfg: EvaluateConfig, simulator: ChatBackend, active: list, tu
     sim = prompts.get("user_simulator")
     user_samp = Sampling(temperature=cfg.user_temperature, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
     plans = [_plan(cfg, c, p, turn) for c, p in active]
-    users = simulator.chat([ChatRequest(simulator_messages(p["profile"], p["personality"], history_before(c, turn),
-                                                           plan.directive),
-                                        user_samp, sample_index=turn, prompt_version=sim.tag)
-                            for (c, p), plan in zip(active, plans)])
+    users = simulator.chat(
+        [
+            ChatRequest(
+                simulator_messages(p["profile"], p["personality"], history_before(c, turn), plan.directive),
+                user_samp,
+                sample_index=turn,
+                prompt_version=sim.tag,
+            )
+            for (c, p), plan in zip(active, plans)
+        ]
+    )
     msgs = [clean_user_message(u.text) if u.ok else "" for u in users]
     disclosed = {}
     for i, ((c, p), plan) in enumerate(zip(active, plans)):
         if msgs[i] and p.get("preferences"):
-            msgs[i], disclosed[id(c)] = preferences.settle_message(p, plan, msgs[i], _revealed(c, turn),
-                                                                   cfg.disclosure_fallback)
+            msgs[i], disclosed[id(c)] = preferences.settle_message(
+                p, plan, msgs[i], _revealed(c, turn), cfg.disclosure_fallback
+            )
     return msgs, disclosed
 
 
 def _under_test_messages(cfg: EvaluateConfig, model: str, c: dict, p: dict, m: str, turn: int) -> list[dict]:
     system = _system(cfg, model, p)
     return ([{"role": "system", "content": system}] if system is not None else []) + [
-        *history_before(c, turn), {"role": "user", "content": m}]
+        *history_before(c, turn),
+        {"role": "user", "content": m},
+    ]
 
 
 def _record_turn(cfg: EvaluateConfig, active: list, got: dict, verdicts: dict, disclosed: dict, turn: int) -> None:
@@ -246,13 +316,21 @@ def _record_turn(cfg: EvaluateConfig, active: list, got: dict, verdicts: dict, d
         if not m or r is None or not r.ok or not r.text.strip():
             continue  # not data: this conversation stops here, and a rerun tries the turn again
         score, j = verdicts.get(id(c), (None, None))
-        rec = {"turn": turn, "user": m, "reply": r.text.strip(), "score": score,
-               "judge": j or {"method": "none", "error": "judge failed"}}
+        rec = {
+            "turn": turn,
+            "user": m,
+            "reply": r.text.strip(),
+            "score": score,
+            "judge": j or {"method": "none", "error": "judge failed"},
+        }
         if id(c) in disclosed:
             rec["preferences"] = disclosed[id(c)]
             # the exact scores sit beside any LLM judge's (the rules judge's own are in "judge")
-            rec["rules"] = (j if cfg.score_judge == "rules" else
-                            preferences.rules_score(p["preferences"], rec["reply"], disclosed[id(c)]["revealed"]))
+            rec["rules"] = (
+                j
+                if cfg.score_judge == "rules"
+                else preferences.rules_score(p["preferences"], rec["reply"], disclosed[id(c)]["revealed"])
+            )
         c["turns"].append(rec)
 
 
@@ -265,8 +343,9 @@ def _usage_with(roles: Roles, engine: ChatBackend) -> list[dict]:
 def _plan(cfg: EvaluateConfig, conv: dict, pair: dict, turn: int) -> "preferences.UserPlan":
     """What the simulated user is to get across this turn (checkable preferences only)."""
     before = [t for t in conv["turns"] if t["turn"] < turn]
-    return preferences.plan_turn(pair, cfg.turns, turn, cfg.seed, _revealed(conv, turn),
-                                 before[-1]["reply"] if before else None)
+    return preferences.plan_turn(
+        pair, cfg.turns, turn, cfg.seed, _revealed(conv, turn), before[-1]["reply"] if before else None
+    )
 
 
 def _revealed(conv: dict, turn: int) -> list[str]:
@@ -279,21 +358,37 @@ def _rejudge(cfg: EvaluateConfig, judge_engine: ChatBackend, convs: list[dict], 
     todo = [(c, p, t) for c, p in zip(convs, pairs) for t in c["turns"] if t["score"] is None]
     if not todo:
         return
-    got = score_replies(cfg, judge_engine, [Reply(p, history_before(c, t["turn"]), t["user"], t["reply"],
-                                                  tuple((t.get("preferences") or {}).get("revealed", ())))
-                                            for c, p, t in todo])
+    got = score_replies(
+        cfg,
+        judge_engine,
+        [
+            Reply(
+                p,
+                history_before(c, t["turn"]),
+                t["user"],
+                t["reply"],
+                tuple((t.get("preferences") or {}).get("revealed", ())),
+            )
+            for c, p, t in todo
+        ],
+    )
     for (c, p, t), (score, j) in zip(todo, got):
         t["score"], t["judge"] = score, j
-    log.info("re-judged %d replies whose judgment had failed; %d now scored", len(todo),
-             sum(score is not None for score, _ in got))
+    log.info(
+        "re-judged %d replies whose judgment had failed; %d now scored",
+        len(todo),
+        sum(score is not None for score, _ in got),
+    )
 
 
 def _check_inputs(cfg: EvaluateConfig, pairs: list[dict], trained) -> None:
     """Fail before any conversation: the rules judge without checkable preferences, or a missing
     trained model."""
     if cfg.score_judge == "rules" and not all(p.get("preferences") for p in pairs):
-        raise AloeError("evaluate: judge 'rules' needs benchmark personas with checkable preferences; set "
-                        "stages.personas.preferences (e.g. [2, 4]), or stages.evaluate.preferences with official_dir")
+        raise AloeError(
+            "evaluate: judge 'rules' needs benchmark personas with checkable preferences; set "
+            "stages.personas.preferences (e.g. [2, 4]), or stages.evaluate.preferences with official_dir"
+        )
     for m in cfg.models:
         if m not in BASELINES and trained is None:
             trained_path(cfg, m)
@@ -308,30 +403,49 @@ def _card(cfg: EvaluateConfig, roles: Roles, pairs: list[dict], repeats_of: dict
     return card
 
 
-def _result(cfg: EvaluateConfig, roles: Roles, pairs: list[dict], repeats_of: dict, metrics: dict,
-            card: dict | None, under_test_of: dict, timings: dict) -> dict:
+def _result(
+    cfg: EvaluateConfig,
+    roles: Roles,
+    pairs: list[dict],
+    repeats_of: dict,
+    metrics: dict,
+    card: dict | None,
+    under_test_of: dict,
+    timings: dict,
+) -> dict:
     """metrics.json: per-model metrics, the judge's fit, disclosure, the roles and the timings."""
     described = roles.describe()
     if cfg.score_judge == "rules":
         described["judge"] = preferences.judge_description()
     every = {m: [c for cs in reps for c in cs] for m, reps in repeats_of.items()}
-    return {"turns": cfg.turns, "personas": len(pairs), "judge": cfg.score_judge, "protocol": cfg.protocol,
-            "judge_fit": card["fit"] if card else None, "models": metrics,
-            "repeats": cfg.repeats,
-            "disclosure": disclosure(cfg, every),
-            "preference_disclosure": preference_disclosure(every),
-            "rules": rules_beside(cfg, repeats_of) if cfg.score_judge != "rules" else None,
-            "roles": {r: described[r] for r in ROLES if r in described
-                      and (r != "responder" or (card and not card.get("exact")))},
-            "under_test": under_test_of,
-            "seconds_per_model": timings,
-            "turns_per_second": {m: round(len(pairs) * cfg.turns / s, 4) if s else None
-                                 for m, s in timings.items()}}
+    return {
+        "turns": cfg.turns,
+        "personas": len(pairs),
+        "judge": cfg.score_judge,
+        "protocol": cfg.protocol,
+        "judge_fit": card["fit"] if card else None,
+        "models": metrics,
+        "repeats": cfg.repeats,
+        "disclosure": disclosure(cfg, every),
+        "preference_disclosure": preference_disclosure(every),
+        "rules": rules_beside(cfg, repeats_of) if cfg.score_judge != "rules" else None,
+        "roles": {
+            r: described[r] for r in ROLES if r in described and (r != "responder" or (card and not card.get("exact")))
+        },
+        "under_test": under_test_of,
+        "seconds_per_model": timings,
+        "turns_per_second": {m: round(len(pairs) * cfg.turns / s, 4) if s else None for m, s in timings.items()},
+    }
 
 
 @stage_guard("evaluate")
-def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = True,
-        trained: Callable[[str], ChatBackend] | None = None) -> dict:
+def run(
+    cfg: EvaluateConfig,
+    roles: Roles | ChatBackend,
+    *,
+    progress: bool = True,
+    trained: Callable[[str], ChatBackend] | None = None,
+) -> dict:
     """The ALOE protocol for every model in ``cfg.models``; ``roles`` gives the simulator, the
     judge and the policy (one backend plays all three when a single backend is passed).
     ``trained(variant)`` opens a trained variant's engine instead of the train stage's folder
@@ -340,30 +454,45 @@ def run(cfg: EvaluateConfig, roles: Roles | ChatBackend, *, progress: bool = Tru
     roles = as_roles(roles, REQUIRED)
     pairs = benchmark_pairs(cfg)
     _check_inputs(cfg, pairs, trained)
-    repeats_of, under_test_of, timings, trained_usage = _converse(cfg, roles, pairs, progress,
-                                                                  trained or (lambda m: _open_trained(cfg, m)))
+    repeats_of, under_test_of, timings, trained_usage = _converse(
+        cfg, roles, pairs, progress, trained or (lambda m: _open_trained(cfg, m))
+    )
     _check_failures(cfg, {f"{m} (repeat {r})": cs for m, reps in repeats_of.items() for r, cs in enumerate(reps)})
     metrics = _metrics(cfg, repeats_of)
     card = _card(cfg, roles, pairs, repeats_of)
     for model in cfg.models:  # trained variants' model cards gain this run's numbers
         if model not in BASELINES and trained is None:
-            write_model_card(cfg.paths, cfg.experiment, model,
-                             {**metrics[model], "judge_fit": bool(card and card["fit"])})
+            write_model_card(
+                cfg.paths, cfg.experiment, model, {**metrics[model], "judge_fit": bool(card and card["fit"])}
+            )
     rows = _write_transcripts(cfg, repeats_of)
     result = _result(cfg, roles, pairs, repeats_of, metrics, card, under_test_of, timings)
     write_json(cfg.paths.eval_metrics, _jsonable(result))
-    counts = {"personas": len(pairs), "turns": cfg.turns, "models": len(cfg.models), "judgments": len(rows),
-              "missing": sum(r["score"] is None for r in rows),
-              "conversation_turns": sum(len(c["turns"]) for reps in repeats_of.values() for cs in reps for c in cs),
-              **roles.cache_stats()}
-    write_manifest(cfg.paths.stage("evaluate"), stage="evaluate", parameters=cfg, started=started,
-                   roles=result["roles"], models={"under_test": under_test_of}, counts=counts,
-                   extra={"usage": with_cost(roles.usage() + trained_usage, cfg.prices)})
+    counts = {
+        "personas": len(pairs),
+        "turns": cfg.turns,
+        "models": len(cfg.models),
+        "judgments": len(rows),
+        "missing": sum(r["score"] is None for r in rows),
+        "conversation_turns": sum(len(c["turns"]) for reps in repeats_of.values() for cs in reps for c in cs),
+        **roles.cache_stats(),
+    }
+    write_manifest(
+        cfg.paths.stage("evaluate"),
+        stage="evaluate",
+        parameters=cfg,
+        started=started,
+        roles=result["roles"],
+        models={"under_test": under_test_of},
+        counts=counts,
+        extra={"usage": with_cost(roles.usage() + trained_usage, cfg.prices)},
+    )
     return result
 
 
-def _converse(cfg: EvaluateConfig, roles: Roles, pairs: list[dict], progress: bool,
-              open_trained: Callable[[str], ChatBackend]) -> tuple[dict, dict, dict, list]:
+def _converse(
+    cfg: EvaluateConfig, roles: Roles, pairs: list[dict], progress: bool, open_trained: Callable[[str], ChatBackend]
+) -> tuple[dict, dict, dict, list]:
     """Every model's conversations, every repeat: ({model: [repeat's conversations]}, {model: its
     engine}, {model: seconds}, [what each trained variant's engine did]). Baselines first, on the policy's engine; the policy is closed
     before the trained variants load (unless the simulator or judge shares it), so a GPU holds one
@@ -373,11 +502,23 @@ def _converse(cfg: EvaluateConfig, roles: Roles, pairs: list[dict], progress: bo
 
     def evaluate(model: str, under_test: ChatBackend) -> None:
         t0 = time.time()
-        under_test_of[model] = {**under_test.describe(), **({"default_sampling": under_test.default_sampling()}
-                                                             if cfg.protocol == "paper" else {})}
+        under_test_of[model] = {
+            **under_test.describe(),
+            **({"default_sampling": under_test.default_sampling()} if cfg.protocol == "paper" else {}),
+        }
         # repeat r: the simulated user samples with seed + r (the model under test is greedy)
-        repeats_of[model] = [run_model(dataclasses.replace(cfg, seed=cfg.seed + r), model, pairs, roles, under_test,
-                                       cfg.paths.conversations(model, r), progress) for r in range(cfg.repeats)]
+        repeats_of[model] = [
+            run_model(
+                dataclasses.replace(cfg, seed=cfg.seed + r),
+                model,
+                pairs,
+                roles,
+                under_test,
+                cfg.paths.conversations(model, r),
+                progress,
+            )
+            for r in range(cfg.repeats)
+        ]
         for r, convs in enumerate(repeats_of[model]):
             for c in convs:
                 c["repeat"] = r
@@ -390,8 +531,9 @@ def _converse(cfg: EvaluateConfig, roles: Roles, pairs: list[dict], progress: bo
             roles.release("policy")
         under_test = open_trained(model)
         evaluate(model, under_test)
-        trained_usage.append({"roles": [f"under test: {model}"], "kind": under_test.kind, "model": model,
-                              **under_test.usage()})
+        trained_usage.append(
+            {"roles": [f"under test: {model}"], "kind": under_test.kind, "model": model, **under_test.usage()}
+        )
         under_test.close()
         local = under_test.kind in ("transformers", "vllm")
         del under_test
@@ -409,7 +551,8 @@ def _metrics(cfg: EvaluateConfig, repeats_of: dict[str, list[list[dict]]]) -> di
     if "sft_preferred" in scores_of and "sft_rejected" in scores_of:
         # the built-in control: the same teacher wrote both replies; only the preference label differs
         metrics["sft_preferred"]["vs_sft_rejected"] = paired_difference(
-            scores_of["sft_preferred"], scores_of["sft_rejected"], cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed)
+            scores_of["sft_preferred"], scores_of["sft_rejected"], cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed
+        )
     return metrics
 
 
@@ -417,14 +560,25 @@ def _write_transcripts(cfg: EvaluateConfig, repeats_of: dict[str, list[list[dict
     """``transcripts.jsonl`` (every conversation) and ``scores.csv`` (one row per reply, the rules
     judge's scores beside any LLM judge's); returns the rows."""
     all_convs = [c for m in cfg.models for convs in repeats_of[m] for c in convs]
-    rows = [{"model": c["model"], "repeat": c.get("repeat", 0), "persona": c["persona_id"], "turn": t["turn"],
-             "score": t["score"], "judge_method": t["judge"]["method"],
-             "judge_raw": " | ".join(t["judge"].get("raw") or []), "judge_error": t["judge"].get("error"),
-             # the exact judge beside any LLM judge (empty where the persona has no checkable preferences)
-             "rules_score": (t.get("rules") or {}).get("score"), "rules_share": (t.get("rules") or {}).get("share"),
-             "rules_revealed_share": (t.get("rules") or {}).get("revealed_share"),
-             "preferences_revealed": len((t.get("preferences") or {}).get("revealed") or [])}
-            for c in all_convs for t in c["turns"]]
+    rows = [
+        {
+            "model": c["model"],
+            "repeat": c.get("repeat", 0),
+            "persona": c["persona_id"],
+            "turn": t["turn"],
+            "score": t["score"],
+            "judge_method": t["judge"]["method"],
+            "judge_raw": " | ".join(t["judge"].get("raw") or []),
+            "judge_error": t["judge"].get("error"),
+            # the exact judge beside any LLM judge (empty where the persona has no checkable preferences)
+            "rules_score": (t.get("rules") or {}).get("score"),
+            "rules_share": (t.get("rules") or {}).get("share"),
+            "rules_revealed_share": (t.get("rules") or {}).get("revealed_share"),
+            "preferences_revealed": len((t.get("preferences") or {}).get("revealed") or []),
+        }
+        for c in all_convs
+        for t in c["turns"]
+    ]
     write_jsonl(cfg.paths.transcripts, all_convs)
     with atomic_path(cfg.paths.scores) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["model"])
@@ -455,8 +609,12 @@ def preference_disclosure(convs_of: dict[str, list[dict]]) -> dict[str, dict]:
     complaints, and per turn the mean number revealed so far and the share of them the reply kept."""
     out = {}
     for model, convs in convs_of.items():
-        recs = [(t["turn"], t["preferences"], t.get("rules") or {}) for c in convs for t in c["turns"]
-                if t.get("preferences")]
+        recs = [
+            (t["turn"], t["preferences"], t.get("rules") or {})
+            for c in convs
+            for t in c["turns"]
+            if t.get("preferences")
+        ]
         if not recs:
             continue
         counts = preferences.disclosure_counts([r for _, r, _ in recs])
@@ -464,10 +622,18 @@ def preference_disclosure(convs_of: dict[str, list[dict]]) -> dict[str, dict]:
         for k, r, rules in recs:
             per_turn.setdefault(k, []).append((len(r["revealed"]), rules.get("revealed_share")))
         out[model] = {
-            **counts, "rate": counts["conveyed"] / counts["scheduled"] if counts["scheduled"] else None,
-            "per_turn": [{"turn": k, "revealed": sum(n for n, _ in v) / len(v),
-                          "kept": _mean([s for _, s in v if s is not None]), "n": len(v)}
-                         for k, v in sorted(per_turn.items())]}
+            **counts,
+            "rate": counts["conveyed"] / counts["scheduled"] if counts["scheduled"] else None,
+            "per_turn": [
+                {
+                    "turn": k,
+                    "revealed": sum(n for n, _ in v) / len(v),
+                    "kept": _mean([s for _, s in v if s is not None]),
+                    "n": len(v),
+                }
+                for k, v in sorted(per_turn.items())
+            ],
+        }
     return out
 
 
@@ -480,8 +646,18 @@ def rules_beside(cfg: EvaluateConfig, repeats_of: dict[str, list[list[dict]]]) -
     paired differences against base."""
     scores = {}
     for model, reps in repeats_of.items():
-        swapped = [[{**c, "turns": [{**t, "score": (t.get("rules") or {}).get("score")} for t in c["turns"]
-                                   if t.get("rules")]} for c in convs] for convs in reps]
+        swapped = [
+            [
+                {
+                    **c,
+                    "turns": [
+                        {**t, "score": (t.get("rules") or {}).get("score")} for t in c["turns"] if t.get("rules")
+                    ],
+                }
+                for c in convs
+            ]
+            for convs in reps
+        ]
         scores[model] = {p: s for p, s in pooled_scores(swapped).items() if s}
     if not any(scores.values()):
         return None
@@ -497,8 +673,9 @@ def _add_vs_base(cfg: EvaluateConfig, metrics: dict[str, dict], scores_of: dict[
         return
     for model in scores_of:
         if model != "base":
-            metrics[model]["vs_base"] = paired_difference(scores_of[model], scores_of["base"], cfg.turns,
-                                                          n_boot=cfg.n_boot, seed=cfg.seed)
+            metrics[model]["vs_base"] = paired_difference(
+                scores_of[model], scores_of["base"], cfg.turns, n_boot=cfg.n_boot, seed=cfg.seed
+            )
 
 
 def _check_failures(cfg: EvaluateConfig, convs_of: dict[str, list[dict]]) -> None:
@@ -512,16 +689,22 @@ def _check_failures(cfg: EvaluateConfig, convs_of: dict[str, list[dict]]) -> Non
     problems = []
     if short and len(short) > limit * len(convs):
         per_model = collections.Counter(c["model"] for c in short)
-        problems.append(f"{len(short)} of {len(convs)} conversations stopped before turn {cfg.turns} "
-                        f"({', '.join(f'{m}: {n}' for m, n in per_model.items())}; the user simulator or the "
-                        f"model under test failed)")
+        problems.append(
+            f"{len(short)} of {len(convs)} conversations stopped before turn {cfg.turns} "
+            f"({', '.join(f'{m}: {n}' for m, n in per_model.items())}; the user simulator or the "
+            f"model under test failed)"
+        )
     if unjudged and len(unjudged) > limit * max(len(turns), 1):
         why = collections.Counter(str(t["judge"].get("error") or t["judge"].get("method"))[:80] for t in unjudged)
-        problems.append(f"{len(unjudged)} of {len(turns)} replies have no score "
-                        f"({'; '.join(f'{n} x {r}' for r, n in why.most_common(2))})")
+        problems.append(
+            f"{len(unjudged)} of {len(turns)} replies have no score "
+            f"({'; '.join(f'{n} x {r}' for r, n in why.most_common(2))})"
+        )
     if problems:
-        raise AloeError(f"evaluate: {'; '.join(problems)}: more than max_failed_share {limit:g} allows; what "
-                        f"finished is kept in {cfg.paths.stage('evaluate') / 'conversations'}: rerun to retry the rest")
+        raise AloeError(
+            f"evaluate: {'; '.join(problems)}: more than max_failed_share {limit:g} allows; what "
+            f"finished is kept in {cfg.paths.stage('evaluate') / 'conversations'}: rerun to retry the rest"
+        )
 
 
 def disclosure(cfg: EvaluateConfig, convs_of: dict[str, list[dict]]) -> dict[str, list[dict]]:
@@ -531,8 +714,9 @@ def disclosure(cfg: EvaluateConfig, convs_of: dict[str, list[dict]]) -> dict[str
     for model, convs in convs_of.items():
         per_turn: dict[int, list[float]] = {}
         for c in convs:
-            curve = revealed_curve(c["profile"], c["personality"], [t["user"] for t in c["turns"]],
-                                   cfg.disclosure_threshold)
+            curve = revealed_curve(
+                c["profile"], c["personality"], [t["user"] for t in c["turns"]], cfg.disclosure_threshold
+            )
             for t, row in zip(c["turns"], curve):
                 if row["revealed"] is not None:
                     per_turn.setdefault(t["turn"], []).append(row["revealed"])

@@ -34,12 +34,17 @@ from aloe.records import item_id
 
 _log = logging.getLogger(__name__)
 
-_ITEM_PREFIX = re.compile(r"^\s*(?:[-*\u2022\u2013]|\(?\d{1,3}[.):]|#+|(?:profile|personality|persona)\s*\d*\s*[:.-])\s*",
-                          re.IGNORECASE)
-_PREAMBLE = re.compile(r"^(?:sure|certainly|of course|okay|ok|here (?:are|is)|below (?:are|is)|these are|i hope)\b",
-                       re.IGNORECASE)
-_FACT_HINTS = re.compile(r"\b(\d{1,3}|years? old|works?|job|married|single|lives?|children|kids|son|daughter|"
-                         r"student|teacher|engineer|nurse|retired|husband|wife)\b", re.IGNORECASE)
+_ITEM_PREFIX = re.compile(
+    r"^\s*(?:[-*\u2022\u2013]|\(?\d{1,3}[.):]|#+|(?:profile|personality|persona)\s*\d*\s*[:.-])\s*", re.IGNORECASE
+)
+_PREAMBLE = re.compile(
+    r"^(?:sure|certainly|of course|okay|ok|here (?:are|is)|below (?:are|is)|these are|i hope)\b", re.IGNORECASE
+)
+_FACT_HINTS = re.compile(
+    r"\b(\d{1,3}|years? old|works?|job|married|single|lives?|children|kids|son|daughter|"
+    r"student|teacher|engineer|nurse|retired|husband|wife)\b",
+    re.IGNORECASE,
+)
 
 
 def split_items(text: str) -> list[str]:
@@ -74,7 +79,7 @@ def split_items(text: str) -> list[str]:
         items = [" ".join(c.split()) for c in chunks]
     out = []
     for it in items:
-        it = it.strip().strip('"“”\'').strip()
+        it = it.strip().strip("\"“”'").strip()
         it = re.sub(r"\s+", " ", it)
         if not it or (_PREAMBLE.match(it) and it.endswith(":")) or it.endswith(":"):
             continue
@@ -140,8 +145,13 @@ class DiversityFilter:
 def generation_messages(kind: str, examples: list[str], n: int) -> tuple[list[dict], str]:
     p = prompts.get(f"generate_{kind}")
     shown = "\n".join(f"{i}. {e}" for i, e in enumerate(examples, 1))
-    return ([{"role": "system", "content": p.render("system")},
-             {"role": "user", "content": p.render("user", examples=shown, n=n)}], p.tag)
+    return (
+        [
+            {"role": "system", "content": p.render("system")},
+            {"role": "user", "content": p.render("user", examples=shown, n=n)},
+        ],
+        p.tag,
+    )
 
 
 def _declared(name: str):
@@ -168,18 +178,24 @@ class GrowthSettings:
     seed: int = _declared("seed")
 
 
-def round_settings(kind: str, s: GrowthSettings, backend: ChatBackend | None, seeds: list[dict],
-                   blocked: list[dict]) -> dict:
+def round_settings(
+    kind: str, s: GrowthSettings, backend: ChatBackend | None, seeds: list[dict], blocked: list[dict]
+) -> dict:
     """What made a growth round: the settings, the generator, the seeds and the blocked
     (benchmark) items. A round on disk with other settings is not replayed."""
-    digest = hashlib.sha256(json.dumps([sorted(r["id"] for r in seeds), sorted(b["id"] for b in blocked)])
-                            .encode()).hexdigest()[:16]
-    return {"kind": kind, **{k: v for k, v in dataclasses.asdict(s).items() if k not in ("target", "max_rounds")},
-            "generator": backend.identity() if backend is not None else None, "inputs": digest}
+    digest = hashlib.sha256(
+        json.dumps([sorted(r["id"] for r in seeds), sorted(b["id"] for b in blocked)]).encode()
+    ).hexdigest()[:16]
+    return {
+        "kind": kind,
+        **{k: v for k, v in dataclasses.asdict(s).items() if k not in ("target", "max_rounds")},
+        "generator": backend.identity() if backend is not None else None,
+        "inputs": digest,
+    }
 
 
 def _saturated(rounds: list[dict], s: GrowthSettings) -> bool:
-    last = rounds[-s.saturation_window:]
+    last = rounds[-s.saturation_window :]
     if len(last) < s.saturation_window:
         return False
     offered = sum(r["offered"] for r in last)
@@ -187,8 +203,14 @@ def _saturated(rounds: list[dict], s: GrowthSettings) -> bool:
     return offered == 0 or accepted / offered < s.saturation_floor
 
 
-def _start_pool(seeds: list[dict], blocked: list[dict], replay: list[dict], embedder: Embedder,
-                filt: DiversityFilter, texts: dict[str, str]) -> list[dict]:
+def _start_pool(
+    seeds: list[dict],
+    blocked: list[dict],
+    replay: list[dict],
+    embedder: Embedder,
+    filt: DiversityFilter,
+    texts: dict[str, str],
+) -> list[dict]:
     """The pool before a new round: the blocked items in the filter only, then the seeds (with their
     nearest neighbour), then the items finished rounds accepted (replayed from the state file)."""
     pool: list[dict] = []
@@ -206,8 +228,15 @@ def _start_pool(seeds: list[dict], blocked: list[dict], replay: list[dict], embe
     return pool
 
 
-def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBackend, embedder: Embedder,
-              s: GrowthSettings, state_path: Path) -> tuple[list[dict], list[dict], str]:
+def grow_pool(
+    kind: str,
+    seeds: list[dict],
+    blocked: list[dict],
+    backend: ChatBackend,
+    embedder: Embedder,
+    s: GrowthSettings,
+    state_path: Path,
+) -> tuple[list[dict], list[dict], str]:
     """Grow the pool of one kind; returns (pool records, round logs, why it stopped).
 
     ``blocked`` items (the evaluation personas) take part in the similarity check but
@@ -230,12 +259,22 @@ def grow_pool(kind: str, seeds: list[dict], blocked: list[dict], backend: ChatBa
                 break
             outs, n_requests, tag = _generate_round(kind, rnd, pool, backend, s, state_path)
             cands, raw, dropped = _candidates(kind, outs, s)
-            accepted = _accept(kind, rnd, cands, embedder, filt, texts, dropped,
-                               {"generator": backend.model_id, "prompt_version": tag})
+            accepted = _accept(
+                kind, rnd, cands, embedder, filt, texts, dropped, {"generator": backend.model_id, "prompt_version": tag}
+            )
             pool.extend(accepted)
-            entry = {"kind": kind, "round": rnd, "settings": fp, "requests": n_requests, "failed_requests": 0,
-                     "candidates": raw, "offered": len(cands), "dropped": dropped,
-                     "accepted": accepted, "pool_size": len(pool)}
+            entry = {
+                "kind": kind,
+                "round": rnd,
+                "settings": fp,
+                "requests": n_requests,
+                "failed_requests": 0,
+                "candidates": raw,
+                "offered": len(cands),
+                "dropped": dropped,
+                "accepted": accepted,
+                "pool_size": len(pool),
+            }
             log.append(entry)
             rounds.append(entry)
         else:
@@ -260,8 +299,16 @@ def _candidates(kind: str, outs: list, s: GrowthSettings) -> tuple[list[str], in
     return cands, raw, dropped
 
 
-def _accept(kind: str, rnd: int, cands: list[str], embedder: Embedder, filt: DiversityFilter, texts: dict[str, str],
-            dropped: dict[str, int], made_by: dict) -> list[dict]:
+def _accept(
+    kind: str,
+    rnd: int,
+    cands: list[str],
+    embedder: Embedder,
+    filt: DiversityFilter,
+    texts: dict[str, str],
+    dropped: dict[str, int],
+    made_by: dict,
+) -> list[dict]:
     """The candidates the diversity filter admits, in order, each admitted one joining the filter
     (and ``texts``) before the next is offered; the rest counted in ``dropped``."""
     accepted = []
@@ -275,8 +322,19 @@ def _accept(kind: str, rnd: int, cands: list[str], embedder: Embedder, filt: Div
             dropped["too similar"] = dropped.get("too similar", 0) + 1
             continue
         texts[iid] = text
-        accepted.append({"id": iid, "kind": kind, "text": text, "source": "generated", "split": "train",
-                         "round": rnd, "nearest_id": nn, "nearest_sim": round(sim, 4), **made_by})
+        accepted.append(
+            {
+                "id": iid,
+                "kind": kind,
+                "text": text,
+                "source": "generated",
+                "split": "train",
+                "round": rnd,
+                "nearest_id": nn,
+                "nearest_sim": round(sim, 4),
+                **made_by,
+            }
+        )
     return accepted
 
 
@@ -290,14 +348,20 @@ def _finished_rounds(kind: str, s: GrowthSettings, fp: dict, state_path: Path) -
     if len(rounds) != len(mine):  # growth now off, or other settings: those rounds are not this pool's
         old = next((r.get("settings") or {} for r in mine if r.get("settings") != fp), {})
         changed = sorted(k for k in fp if old.get(k) != fp[k]) if s.max_rounds > 0 else ["growth is off"]
-        _log.warning("%s: %d %s round(s) made with other settings (%s) are dropped", state_path,
-                     len(mine) - len(rounds), kind, ", ".join(changed) or "unrecorded")
+        _log.warning(
+            "%s: %d %s round(s) made with other settings (%s) are dropped",
+            state_path,
+            len(mine) - len(rounds),
+            kind,
+            ", ".join(changed) or "unrecorded",
+        )
         write_jsonl(state_path, [r for r in on_disk if r["kind"] != kind] + rounds)
     return rounds
 
 
-def _generate_round(kind: str, rnd: int, pool: list[dict], backend: ChatBackend, s: GrowthSettings,
-                    state_path: Path) -> tuple[list, int, str]:
+def _generate_round(
+    kind: str, rnd: int, pool: list[dict], backend: ChatBackend, s: GrowthSettings, state_path: Path
+) -> tuple[list, int, str]:
     """One round's generation requests (examples drawn from the pool, seeded per round so a resumed
     run draws the same), asked up to three times; a round with a failed request fails the stage."""
     rng = random.Random(f"{s.seed}-{kind}-{rnd}")
@@ -305,8 +369,14 @@ def _generate_round(kind: str, rnd: int, pool: list[dict], backend: ChatBackend,
     for j in range(s.requests_per_round):
         examples = rng.sample([p["text"] for p in pool], min(s.examples_per_round, len(pool)))
         msgs, tag = generation_messages(kind, examples, s.items_per_round)
-        reqs.append(ChatRequest(msgs, Sampling(temperature=s.temperature, max_tokens=s.max_new_tokens,
-                                               seed=s.seed), sample_index=rnd * 1000 + j, prompt_version=tag))
+        reqs.append(
+            ChatRequest(
+                msgs,
+                Sampling(temperature=s.temperature, max_tokens=s.max_new_tokens, seed=s.seed),
+                sample_index=rnd * 1000 + j,
+                prompt_version=tag,
+            )
+        )
     outs = backend.chat(reqs)
     for _ in range(2):  # failed requests are asked again (the others come from the cache)
         if all(o.ok for o in outs):
@@ -314,7 +384,9 @@ def _generate_round(kind: str, rnd: int, pool: list[dict], backend: ChatBackend,
         outs = backend.chat(reqs)
     failed = [o.error for o in outs if not o.ok]
     if failed:  # never a round built on holes: the stage fails, a rerun retries this round
-        raise AloeError(f"growing {kind}s, round {rnd}: {len(failed)} of {len(reqs)} generation requests "
-                        f"failed after 3 tries ({str(failed[0])[:160]}); finished rounds are kept in "
-                        f"{state_path}: rerun to go on")
+        raise AloeError(
+            f"growing {kind}s, round {rnd}: {len(failed)} of {len(reqs)} generation requests "
+            f"failed after 3 tries ({str(failed[0])[:160]}); finished rounds are kept in "
+            f"{state_path}: rerun to go on"
+        )
     return outs, len(reqs), tag

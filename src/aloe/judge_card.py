@@ -62,8 +62,10 @@ def judged_turns(convs_of: dict[str, list[dict]], limit: int) -> list[tuple[str,
     """(model, conversation, turn) of scored replies, spread round-robin over models,
     personas and turns, at most ``limit``."""
     # turn by turn, personas in order within a turn (sorted is stable)
-    per_model = {m: sorted(((m, c, t) for c in convs for t in c["turns"] if t["score"] is not None),
-                           key=lambda x: x[2]["turn"]) for m, convs in convs_of.items()}
+    per_model = {
+        m: sorted(((m, c, t) for c in convs for t in c["turns"] if t["score"] is not None), key=lambda x: x[2]["turn"])
+        for m, convs in convs_of.items()
+    }
     out, i = [], 0
     while len(out) < limit and any(i < len(v) for v in per_model.values()):
         for v in per_model.values():
@@ -110,8 +112,11 @@ def position_consistency(cfg: EvaluateConfig) -> dict:
     nodes = [n for t in read_jsonl(cfg.paths.trees) for n in t["turns"] if n.get("consistent") is not None]
     if not nodes:
         return {"value": None, "n": 0, "why": "no pair judgments in the trees (likelihood judge or none usable)"}
-    return {"value": sum(bool(n["consistent"]) for n in nodes) / len(nodes), "n": len(nodes),
-            "why": "share of tree nodes whose two orders picked the same reply (the trees' pair judge)"}
+    return {
+        "value": sum(bool(n["consistent"]) for n in nodes) / len(nodes),
+        "n": len(nodes),
+        "why": "share of tree nodes whose two orders picked the same reply (the trees' pair judge)",
+    }
 
 
 def _engine(roles, name: str):
@@ -130,9 +135,12 @@ def independence(cfg: EvaluateConfig, roles) -> dict:
     judge, policy = _engine(roles, "judge"), _engine(roles, "policy")
     jc, pc = cfg.role("judge"), cfg.role("policy")
     same = (jc.model, jc.revision) == (pc.model, pc.revision) or _same_model(judge, policy)
-    return {"value": not same,
-            "why": "the judge is the policy (same model): it grades its own replies" if same else
-                   "the judge is a different model from the policy"}
+    return {
+        "value": not same,
+        "why": "the judge is the policy (same model): it grades its own replies"
+        if same
+        else "the judge is a different model from the policy",
+    }
 
 
 def k1_writer(cfg: EvaluateConfig, roles) -> tuple[object, str, bool]:
@@ -168,10 +176,20 @@ def _k1_requests(items: list[tuple], samp: Sampling) -> list[ChatRequest]:
     for p, h, m in items:
         profile, personality = judge_persona(p)
         system = oracle.render("system", profile=profile, personality=personality)
-        reqs.append(ChatRequest([{"role": "system", "content": system}, *h, {"role": "user", "content": m}],
-                                samp, prompt_version=oracle.tag))
-        reqs.append(ChatRequest([{"role": "system", "content": plain.render("system")}, *h,
-                                 {"role": "user", "content": m}], samp, prompt_version=plain.tag))
+        reqs.append(
+            ChatRequest(
+                [{"role": "system", "content": system}, *h, {"role": "user", "content": m}],
+                samp,
+                prompt_version=oracle.tag,
+            )
+        )
+        reqs.append(
+            ChatRequest(
+                [{"role": "system", "content": plain.render("system")}, *h, {"role": "user", "content": m}],
+                samp,
+                prompt_version=plain.tag,
+            )
+        )
     return reqs
 
 
@@ -180,7 +198,7 @@ def _k1_tally(ok: list[tuple], scores: list, n_boot: int, seed: int) -> tuple[di
     scores, three per usable item: own, mismatched, plain."""
     disc, tail_w, disc_gap, tail_gap, groups_d, groups_t = [], [], [], [], [], []
     for i, (p, *_rest) in enumerate(ok):
-        own, mis, pla = scores[3 * i: 3 * i + 3]
+        own, mis, pla = scores[3 * i : 3 * i + 3]
         if own is not None and mis is not None:
             disc.append(win(own, mis))
             disc_gap.append(own - mis)
@@ -201,27 +219,39 @@ def known_tailored(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict
     items = [(p, h, m) for p, h, m in _messages_for_k1(convs_of, pairs, card_cfg.k1_messages) if p["id"] in other]
     reqs = _k1_requests(items, Sampling(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed))
     got = writer.chat(reqs) if reqs else []
-    ok = [(p, h, m, got[2 * i].text.strip(), got[2 * i + 1].text.strip()) for i, (p, h, m) in enumerate(items)
-          if got[2 * i].ok and got[2 * i + 1].ok and got[2 * i].text.strip() and got[2 * i + 1].text.strip()]
+    ok = [
+        (p, h, m, got[2 * i].text.strip(), got[2 * i + 1].text.strip())
+        for i, (p, h, m) in enumerate(items)
+        if got[2 * i].ok and got[2 * i + 1].ok and got[2 * i].text.strip() and got[2 * i + 1].text.strip()
+    ]
     replies = []
     for p, h, m, tail, pl in ok:
         replies += [Reply(p, h, m, tail), Reply(other[p["id"]], h, m, tail), Reply(p, h, m, pl)]
     scores = [s for s, _ in score_replies(cfg, judge, replies)]
     d, t = _k1_tally(ok, scores, card_cfg.n_boot, cfg.seed)
-    return {"discrimination": d, "tailored": t, "writer": {"role": role, **writer.describe()},
-            "independent": independent, "calls": {"writer": len(reqs), "judge": len(replies)},
-            "why": ("the writer (" + role + ") is a different model from the judge" if independent else
-                    "every role that could write is the judge's own model: a likelihood judge scores its own "
-                    "samples higher by construction, so K1 does not count")}
+    return {
+        "discrimination": d,
+        "tailored": t,
+        "writer": {"role": role, **writer.describe()},
+        "independent": independent,
+        "calls": {"writer": len(reqs), "judge": len(replies)},
+        "why": (
+            "the writer (" + role + ") is a different model from the judge"
+            if independent
+            else "every role that could write is the judge's own model: a likelihood judge scores its own "
+            "samples higher by construction, so K1 does not count"
+        ),
+    }
 
 
-def known_preferences(cfg: EvaluateConfig, judge, pairs: list[dict], convs_of: dict[str, list[dict]],
-                      judge_kind: str | None = None) -> dict:
+def known_preferences(
+    cfg: EvaluateConfig, judge, pairs: list[dict], convs_of: dict[str, list[dict]], judge_kind: str | None = None
+) -> dict:
     """K2: a run reply that satisfies a revealed checkable preference against its minimal violating
     edit, both scored under the persona by ``judge_kind`` (default: the run's judge)."""
     by_id = {p["id"]: p for p in pairs}
     cases = []
-    for _, c, t in judged_turns(convs_of, 10 ** 9):
+    for _, c, t in judged_turns(convs_of, 10**9):
         p = by_id.get(c["persona_id"])
         if p is None or not t.get("preferences"):
             continue
@@ -252,48 +282,87 @@ def known_preferences(cfg: EvaluateConfig, judge, pairs: list[dict], convs_of: d
     out = _rate(wins, gaps, groups, cfg.judge_card.n_boot, cfg.seed + 2)
     out["by_preference"] = {k: {"value": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_pref.items())}
     out["calls"] = {"judge": len(replies)}
-    out["why"] = ("the run's replies that satisfy a preference the user had revealed, against a minimal edit "
-                  "that violates it" if cases else
-                  "no reply of this run satisfies a revealed checkable preference (or the personas carry none)")
+    out["why"] = (
+        "the run's replies that satisfy a preference the user had revealed, against a minimal edit that violates it"
+        if cases
+        else "no reply of this run satisfies a revealed checkable preference (or the personas carry none)"
+    )
     return out
 
 
 def _rate(wins: list[float], gaps: list[float], groups: list[str], n_boot: int, seed: int) -> dict:
     v, lo, hi = cluster_rate(wins, groups, n_boot, seed)
     g, glo, ghi = cluster_rate(gaps, groups, n_boot, seed)
-    return {"value": v, "ci_low": lo, "ci_high": hi, "n": len(wins), "personas": len(set(groups)),
-            "gap": g, "gap_ci_low": glo, "gap_ci_high": ghi}
+    return {
+        "value": v,
+        "ci_low": lo,
+        "ci_high": hi,
+        "n": len(wins),
+        "personas": len(set(groups)),
+        "gap": g,
+        "gap_ci_low": glo,
+        "gap_ci_high": ghi,
+    }
 
 
 def rules_agreement(convs_of: dict[str, list[dict]]) -> dict:
     """Spearman of the run's judge with the rules judge, on the run's replies that have both."""
-    both = [(t["score"], t["rules"]["score"]) for convs in convs_of.values() for c in convs for t in c["turns"]
-            if t.get("rules") and t["score"] is not None and t["rules"].get("score") is not None]
+    both = [
+        (t["score"], t["rules"]["score"])
+        for convs in convs_of.values()
+        for c in convs
+        for t in c["turns"]
+        if t.get("rules") and t["score"] is not None and t["rules"].get("score") is not None
+    ]
     return {"spearman": spearman([a for a, _ in both], [b for _, b in both]), "n": len(both)}
 
 
 def _thresholds(card_cfg) -> dict:
-    return {"min_discrimination": card_cfg.min_discrimination, "min_tailored": card_cfg.min_tailored,
-            "min_preference": card_cfg.min_preference, "max_length_corr": card_cfg.max_length_corr,
-            "ci_above": 0.5, "min_gap": card_cfg.min_gap}
+    return {
+        "min_discrimination": card_cfg.min_discrimination,
+        "min_tailored": card_cfg.min_tailored,
+        "min_preference": card_cfg.min_preference,
+        "max_length_corr": card_cfg.max_length_corr,
+        "ci_above": 0.5,
+        "min_gap": card_cfg.min_gap,
+    }
 
 
 def _rules_card(cfg: EvaluateConfig, pairs: list[dict], convs_of: dict[str, list[dict]]) -> dict:
     """The exact judge's card: K2 runs as a check of the edits and checkers, K1 does not apply."""
     k2 = known_preferences(cfg, None, pairs, convs_of, "rules")
-    reasons = [] if k2["value"] in (None, 1.0) else [
-        f"the rules judge preferred a violating edit in {1 - k2['value']:.0%} of K2 pairs: an edit or a checker "
-        f"is wrong (a bug, not a property of the judge)"]
-    return {"judge": "rules", "judge_model": preferences.judge_description(),
-            "exact": True, "independent": True, "fit": not reasons, "reasons": reasons,
-            "thresholds": _thresholds(cfg.judge_card),
-            "known_answers": {"K1": {"value": None, "n": 0, "counts": False,
-                                     "why": "the rules judge reads only the checkable preferences"},
-                              "K2": {**k2, "counts": True}},
-            "persona_discrimination": None, "persona_discrimination_ci_low": None,
-            "persona_discrimination_ci_high": None, "n_discrimination": 0,
-            "why": "exact: each checkable preference is checked by a program, so the score is known, not "
-                   "estimated; it measures only what the checkable preferences cover"}
+    reasons = (
+        []
+        if k2["value"] in (None, 1.0)
+        else [
+            f"the rules judge preferred a violating edit in {1 - k2['value']:.0%} of K2 pairs: an edit or a checker "
+            f"is wrong (a bug, not a property of the judge)"
+        ]
+    )
+    return {
+        "judge": "rules",
+        "judge_model": preferences.judge_description(),
+        "exact": True,
+        "independent": True,
+        "fit": not reasons,
+        "reasons": reasons,
+        "thresholds": _thresholds(cfg.judge_card),
+        "known_answers": {
+            "K1": {
+                "value": None,
+                "n": 0,
+                "counts": False,
+                "why": "the rules judge reads only the checkable preferences",
+            },
+            "K2": {**k2, "counts": True},
+        },
+        "persona_discrimination": None,
+        "persona_discrimination_ci_low": None,
+        "persona_discrimination_ci_high": None,
+        "n_discrimination": 0,
+        "why": "exact: each checkable preference is checked by a program, so the score is known, not "
+        "estimated; it measures only what the checkable preferences cover",
+    }
 
 
 def _k1_reasons(k1: dict, card_cfg) -> list[str]:
@@ -305,15 +374,27 @@ def _k1_reasons(k1: dict, card_cfg) -> list[str]:
     if d["value"] is None:
         reasons.append("K1 could not be measured (no usable tailored replies or scores)")
     else:
-        reasons += _shortfall("K1: the tailored reply scores higher under its own persona than a mismatched one",
-                              d["value"], d["ci_low"], d["ci_high"], card_cfg.min_discrimination)
+        reasons += _shortfall(
+            "K1: the tailored reply scores higher under its own persona than a mismatched one",
+            d["value"],
+            d["ci_low"],
+            d["ci_high"],
+            card_cfg.min_discrimination,
+        )
         if d["gap_ci_low"] is not None and d["gap_ci_low"] <= card_cfg.min_gap:
-            reasons.append(f"K1: the persona moves the score by {d['gap']:+.3f} points on average (own minus "
-                           f"mismatched), interval [{d['gap_ci_low']:+.3f}, {d['gap_ci_high']:+.3f}] not above "
-                           f"{card_cfg.min_gap:g}")
+            reasons.append(
+                f"K1: the persona moves the score by {d['gap']:+.3f} points on average (own minus "
+                f"mismatched), interval [{d['gap_ci_low']:+.3f}, {d['gap_ci_high']:+.3f}] not above "
+                f"{card_cfg.min_gap:g}"
+            )
     if t["value"] is not None:
-        reasons += _shortfall("K1: tailored beats plain under the own persona", t["value"], t["ci_low"],
-                              t["ci_high"], card_cfg.min_tailored)
+        reasons += _shortfall(
+            "K1: tailored beats plain under the own persona",
+            t["value"],
+            t["ci_low"],
+            t["ci_high"],
+            card_cfg.min_tailored,
+        )
     return reasons
 
 
@@ -322,13 +403,19 @@ def _fit_reasons(indep: dict, k1: dict, k2: dict, length_corr, card_cfg) -> list
     reasons = [] if indep["value"] else [indep["why"] + "; its card cannot pass"]
     reasons += _k1_reasons(k1, card_cfg)
     if k2["value"] is not None:
-        reasons += _shortfall("K2: a reply that keeps a revealed preference beats its violating edit",
-                              k2["value"], k2["ci_low"], k2["ci_high"], card_cfg.min_preference)
+        reasons += _shortfall(
+            "K2: a reply that keeps a revealed preference beats its violating edit",
+            k2["value"],
+            k2["ci_low"],
+            k2["ci_high"],
+            card_cfg.min_preference,
+        )
     if not k1["independent"] and k2["value"] is None:
         reasons.append("no known-answer check counts (K1 not independent, K2 not measurable)")
     if length_corr is not None and abs(length_corr) > card_cfg.max_length_corr:
-        reasons.append(f"scores follow reply length (Spearman {length_corr:+.2f}, "
-                       f"limit ±{card_cfg.max_length_corr:.2f})")
+        reasons.append(
+            f"scores follow reply length (Spearman {length_corr:+.2f}, limit ±{card_cfg.max_length_corr:.2f})"
+        )
     return reasons
 
 
@@ -344,11 +431,20 @@ def build(cfg: EvaluateConfig, roles, pairs: list[dict], convs_of: dict[str, lis
     info = run_reply_checks(cfg, judge, pairs, convs_of)
     reasons = _fit_reasons(indep, k1, k2, info["length_corr"], cfg.judge_card)
     calls = k1["calls"]["writer"] + k1["calls"]["judge"] + k2["calls"]["judge"] + info.pop("calls")
-    return {"judge": cfg.score_judge, "judge_model": judge.describe(), "exact": False, "independent": indep["value"],
-            "independence": indep, "fit": not reasons, "reasons": reasons, "thresholds": _thresholds(cfg.judge_card),
-            "known_answers": {"K1": {**k1, "counts": k1["independent"]}, "K2": {**k2, "counts": k2["value"] is not None}},
-            "rules_agreement": rules_agreement(convs_of),
-            "calls": calls, **info}
+    return {
+        "judge": cfg.score_judge,
+        "judge_model": judge.describe(),
+        "exact": False,
+        "independent": indep["value"],
+        "independence": indep,
+        "fit": not reasons,
+        "reasons": reasons,
+        "thresholds": _thresholds(cfg.judge_card),
+        "known_answers": {"K1": {**k1, "counts": k1["independent"]}, "K2": {**k2, "counts": k2["value"] is not None}},
+        "rules_agreement": rules_agreement(convs_of),
+        "calls": calls,
+        **info,
+    }
 
 
 def run_reply_checks(cfg: EvaluateConfig, judge, pairs: list[dict], convs_of: dict[str, list[dict]]) -> dict:
@@ -375,24 +471,40 @@ def run_reply_checks(cfg: EvaluateConfig, judge, pairs: list[dict], convs_of: di
     for kind in card_cfg.compare:
         if kind == cfg.score_judge:
             continue
-        theirs = score_replies(cfg, judge, [Reply(by_id[c["persona_id"]], history_before(c, t["turn"]),
-                                                  t["user"], t["reply"]) for _, c, t in sample], kind)
+        theirs = score_replies(
+            cfg,
+            judge,
+            [Reply(by_id[c["persona_id"]], history_before(c, t["turn"]), t["user"], t["reply"]) for _, c, t in sample],
+            kind,
+        )
         calls += len(sample) if kind != "rules" else 0
         both = [(a, b) for a, (b, _) in zip(own, theirs) if b is not None]
         agreement[kind] = {"spearman": spearman([a for a, _ in both], [b for _, b in both]), "n": len(both)}
     methods = {t["judge"].get("method") for _, _, t in sample}
     return {
-        "persona_discrimination": disc, "persona_discrimination_ci_low": disc_lo,
-        "persona_discrimination_ci_high": disc_hi, "n_discrimination": len(wins),
-        "persona_gap": {"mean": gap, "ci_low": gap_lo, "ci_high": gap_hi,
-                        "median": float(np.median(gaps)) if gaps else None,
-                        "why": "own persona's score minus the mismatched one's, same reply (1-5 scale)"},
+        "persona_discrimination": disc,
+        "persona_discrimination_ci_low": disc_lo,
+        "persona_discrimination_ci_high": disc_hi,
+        "n_discrimination": len(wins),
+        "persona_gap": {
+            "mean": gap,
+            "ci_low": gap_lo,
+            "ci_high": gap_hi,
+            "median": float(np.median(gaps)) if gaps else None,
+            "why": "own persona's score minus the mismatched one's, same reply (1-5 scale)",
+        },
         "persona_discrimination_by_model": {m: {"value": sum(w) / len(w), "n": len(w)} for m, w in by_model.items()},
-        "position_consistency": position_consistency(cfg), "length_corr": length_corr, "n_length": len(own),
-        "rejudge": {"applicable": False,
-                    "why": f"judgments by {', '.join(sorted(map(str, methods))) or 'none'}: probabilities, likelihoods "
-                           f"and greedy text are deterministic, so re-judging the same input gives the same score"},
-        "agreement": agreement, "calls": calls}
+        "position_consistency": position_consistency(cfg),
+        "length_corr": length_corr,
+        "n_length": len(own),
+        "rejudge": {
+            "applicable": False,
+            "why": f"judgments by {', '.join(sorted(map(str, methods))) or 'none'}: probabilities, likelihoods "
+            f"and greedy text are deterministic, so re-judging the same input gives the same score",
+        },
+        "agreement": agreement,
+        "calls": calls,
+    }
 
 
 def _shortfall(what: str, value: float, lo: float, hi: float, minimum: float) -> list[str]:
@@ -422,33 +534,63 @@ def _known_answer_rows(card: dict) -> list[dict]:
     rows = []
     if "discrimination" in k1:
         counts = "" if k1["counts"] else " (does not count: " + k1["why"] + ")"
-        rows.append(_rate_row("K1 own persona above a mismatched one, tailored reply", k1["discrimination"],
-                              f">= {th['min_discrimination']}, CI above 0.5, gap CI above {th['min_gap']:g}{counts}"))
-        rows.append(_rate_row("K1 tailored above plain, own persona", k1["tailored"],
-                              f">= {th['min_tailored']}, CI above 0.5{counts}"))
+        rows.append(
+            _rate_row(
+                "K1 own persona above a mismatched one, tailored reply",
+                k1["discrimination"],
+                f">= {th['min_discrimination']}, CI above 0.5, gap CI above {th['min_gap']:g}{counts}",
+            )
+        )
+        rows.append(
+            _rate_row(
+                "K1 tailored above plain, own persona", k1["tailored"], f">= {th['min_tailored']}, CI above 0.5{counts}"
+            )
+        )
     else:
         rows.append(_row("K1 tailored pairs", n=0, needed=k1["why"]))
-    rows.append(_rate_row("K2 keeps a revealed preference above its violating edit", k2,
-                          f">= {th['min_preference']}, CI above 0.5" if k2.get("value") is not None else k2["why"]))
+    rows.append(
+        _rate_row(
+            "K2 keeps a revealed preference above its violating edit",
+            k2,
+            f">= {th['min_preference']}, CI above 0.5" if k2.get("value") is not None else k2["why"],
+        )
+    )
     rows += [_row(f"K2 ... {pid}", _fmt(v["value"]), n=v["n"]) for pid, v in (k2.get("by_preference") or {}).items()]
     return rows
 
 
 def _run_reply_rows(card: dict) -> list[dict]:
     th, ra, pc = card["thresholds"], card.get("rules_agreement") or {}, card["position_consistency"]
-    rows = [_row("agreement with the rules judge on the run's replies (Spearman)", _fmt(ra.get("spearman")),
-                 n=ra.get("n", 0)),
-            _row("(a) run's replies: own persona above a mismatched one", _fmt(card["persona_discrimination"]),
-                 _ci(card["persona_discrimination_ci_low"], card["persona_discrimination_ci_high"]),
-                 card["n_discrimination"], "(information: how much persona the replies carry)")]
-    rows += [_row(f"(a) ... on {m}'s replies", _fmt(v["value"]), n=v["n"])
-             for m, v in card.get("persona_discrimination_by_model", {}).items()]
-    rows += [_row("(c) pair judge: both orders agree", _fmt(pc["value"]), n=pc["n"], needed="(information) " + pc["why"]),
-             _row("(d) score vs reply length (Spearman)", _fmt(card["length_corr"]), n=card["n_length"],
-                  needed=f"|r| <= {th['max_length_corr']}"),
-             _row("(e) re-judge stability", n=0, needed=card["rejudge"]["why"])]
-    rows += [_row(f"(f) agreement with the {kind} judge (Spearman)", _fmt(a["spearman"]), n=a["n"])
-             for kind, a in card["agreement"].items()]
+    rows = [
+        _row(
+            "agreement with the rules judge on the run's replies (Spearman)", _fmt(ra.get("spearman")), n=ra.get("n", 0)
+        ),
+        _row(
+            "(a) run's replies: own persona above a mismatched one",
+            _fmt(card["persona_discrimination"]),
+            _ci(card["persona_discrimination_ci_low"], card["persona_discrimination_ci_high"]),
+            card["n_discrimination"],
+            "(information: how much persona the replies carry)",
+        ),
+    ]
+    rows += [
+        _row(f"(a) ... on {m}'s replies", _fmt(v["value"]), n=v["n"])
+        for m, v in card.get("persona_discrimination_by_model", {}).items()
+    ]
+    rows += [
+        _row("(c) pair judge: both orders agree", _fmt(pc["value"]), n=pc["n"], needed="(information) " + pc["why"]),
+        _row(
+            "(d) score vs reply length (Spearman)",
+            _fmt(card["length_corr"]),
+            n=card["n_length"],
+            needed=f"|r| <= {th['max_length_corr']}",
+        ),
+        _row("(e) re-judge stability", n=0, needed=card["rejudge"]["why"]),
+    ]
+    rows += [
+        _row(f"(f) agreement with the {kind} judge (Spearman)", _fmt(a["spearman"]), n=a["n"])
+        for kind, a in card["agreement"].items()
+    ]
     rows.append(_row("cost of this card", card.get("calls"), needed="(calls: K1 writer and judge, K2, (a), (f))"))
     return rows
 

@@ -22,8 +22,9 @@ from aloe.backends.base import CandidateLogprobs, ChatRequest, ProbRequest, Samp
 from aloe.conversation import dialogue_text, judge_persona, likelihood_prompts
 
 SCORES = ("1", "2", "3", "4", "5")
-_SCORE_RE = re.compile(r"^\s*(?:(?:score|rating)\s*[:=]?\s*)?\**([1-5])\**\s*(?:/\s*5|out of 5)?\s*[.!]?\s*$",
-                       re.IGNORECASE)
+_SCORE_RE = re.compile(
+    r"^\s*(?:(?:score|rating)\s*[:=]?\s*)?\**([1-5])\**\s*(?:/\s*5|out of 5)?\s*[.!]?\s*$", re.IGNORECASE
+)
 
 
 def expected_score(lp: "CandidateLogprobs | Judged") -> float | None:
@@ -110,8 +111,13 @@ class Judged:
         return dict(self.probs or {})
 
     def to_json(self) -> dict:
-        out = {"method": self.method, "probs": self.probs, "raw": self.raw, "logprobs": self.logprobs,
-               "error": self.error}
+        out = {
+            "method": self.method,
+            "probs": self.probs,
+            "raw": self.raw,
+            "logprobs": self.logprobs,
+            "error": self.error,
+        }
         if self.missing:  # the probabilities are renormalized over the candidates that were seen
             out["missing"] = self.missing
         return out
@@ -123,18 +129,38 @@ def _from_logprobs(lps: list, requests: Sequence[ProbRequest], method: str, requ
     for lp, req in zip(lps, requests):
         seen = {c for c, v in lp.logprobs.items() if v is not None}
         if lp.ok and (not require_all or seen == set(req.candidates)):
-            out.append(Judged("logprobs", lp.probabilities(), logprobs=lp.logprobs,
-                              missing=[c for c in req.candidates if c not in seen] or None))
+            out.append(
+                Judged(
+                    "logprobs",
+                    lp.probabilities(),
+                    logprobs=lp.logprobs,
+                    missing=[c for c in req.candidates if c not in seen] or None,
+                )
+            )
         elif method == "logprobs":
-            out.append(Judged("none", None, logprobs=lp.logprobs,
-                              error=lp.error or f"log-probabilities cover {sorted(seen)} of {list(req.candidates)}"))
+            out.append(
+                Judged(
+                    "none",
+                    None,
+                    logprobs=lp.logprobs,
+                    error=lp.error or f"log-probabilities cover {sorted(seen)} of {list(req.candidates)}",
+                )
+            )
         else:
             out.append(None)
     return out
 
 
-def _from_text(backend, requests: Sequence[ProbRequest], parse, todo: list[int], lps: list, out: list,
-               retries: int, max_tokens: int) -> None:
+def _from_text(
+    backend,
+    requests: Sequence[ProbRequest],
+    parse,
+    todo: list[int],
+    lps: list,
+    out: list,
+    retries: int,
+    max_tokens: int,
+) -> None:
     """Fill ``out[i]`` for each ``i`` in ``todo`` by parsing text: greedy first, then sampled retries."""
     raws: dict[int, list[str]] = {i: [] for i in todo}
     for attempt in range(retries + 1):
@@ -142,25 +168,46 @@ def _from_text(backend, requests: Sequence[ProbRequest], parse, todo: list[int],
             break
         # First try greedy; retries sample, so they can say something different.
         samp = Sampling(temperature=0.0 if attempt == 0 else 0.7, max_tokens=max_tokens, seed=attempt)
-        comps = backend.chat([ChatRequest(requests[i].messages, samp, sample_index=attempt,
-                                          prompt_version=requests[i].prompt_version) for i in todo])
+        comps = backend.chat(
+            [
+                ChatRequest(requests[i].messages, samp, sample_index=attempt, prompt_version=requests[i].prompt_version)
+                for i in todo
+            ]
+        )
         still = []
         for i, c in zip(todo, comps):
             raws[i].append(c.text if c.ok else f"<error: {c.error}>")
             ans = parse(c.text) if c.ok else None
             if ans is not None and ans in requests[i].candidates:
-                out[i] = Judged("text", {cand: float(cand == ans) for cand in requests[i].candidates}, raws[i],
-                                lps[i].logprobs if lps[i] is not None else None)
+                out[i] = Judged(
+                    "text",
+                    {cand: float(cand == ans) for cand in requests[i].candidates},
+                    raws[i],
+                    lps[i].logprobs if lps[i] is not None else None,
+                )
             else:
                 still.append(i)
         todo = still
     for i in todo:
-        out[i] = Judged("none", None, raws[i], lps[i].logprobs if lps[i] is not None else None,
-                        f"no parsable answer in {retries + 1} tries")
+        out[i] = Judged(
+            "none",
+            None,
+            raws[i],
+            lps[i].logprobs if lps[i] is not None else None,
+            f"no parsable answer in {retries + 1} tries",
+        )
 
 
-def ask(backend, requests: Sequence[ProbRequest], parse: Callable[[str | None], str | None], *,
-          method: str = "auto", retries: int = 2, max_tokens: int = 8, require_all: bool = False) -> list[Judged]:
+def ask(
+    backend,
+    requests: Sequence[ProbRequest],
+    parse: Callable[[str | None], str | None],
+    *,
+    method: str = "auto",
+    retries: int = 2,
+    max_tokens: int = 8,
+    require_all: bool = False,
+) -> list[Judged]:
     """Ask a judge; read probabilities where the backend gives them, else parse text.
 
     ``method``: "logprobs" (probabilities only), "text" (parse only) or "auto"
@@ -181,6 +228,7 @@ def ask(backend, requests: Sequence[ProbRequest], parse: Callable[[str | None], 
 
 
 # --------------------------------------------------------------------------- likelihood-ratio judge
+
 
 @dataclass
 class LikelihoodJudged:
@@ -203,18 +251,27 @@ class LikelihoodJudged:
         return self.llr is not None
 
     def to_json(self) -> dict:
-        return {"method": "likelihood", "llr": self.llr, "aware": self.aware, "plain": self.plain,
-                "tokens": self.tokens, "error": self.error}
+        return {
+            "method": "likelihood",
+            "llr": self.llr,
+            "aware": self.aware,
+            "plain": self.plain,
+            "tokens": self.tokens,
+            "error": self.error,
+        }
 
 
-def likelihood_ratios(backend, items: Sequence[tuple[Sequence[dict], Sequence[dict], str]],
-                      prompt_version: str) -> list[LikelihoodJudged]:
+def likelihood_ratios(
+    backend, items: Sequence[tuple[Sequence[dict], Sequence[dict], str]], prompt_version: str
+) -> list[LikelihoodJudged]:
     """Score replies by the likelihood ratio: ``items`` are (persona-aware messages, plain
     messages, reply); both prompt sides end with the user's message the reply answers."""
     reqs = []
     for aware, plain, reply in items:
-        reqs += [ProbRequest(aware, (reply,), prompt_version=prompt_version),
-                 ProbRequest(plain, (reply,), prompt_version=prompt_version)]
+        reqs += [
+            ProbRequest(aware, (reply,), prompt_version=prompt_version),
+            ProbRequest(plain, (reply,), prompt_version=prompt_version),
+        ]
     got = backend.logprobs(reqs) if reqs else []
     out = []
     for k, (_, _, reply) in enumerate(items):
@@ -222,8 +279,13 @@ def likelihood_ratios(backend, items: Sequence[tuple[Sequence[dict], Sequence[di
         if not (a.ok and p.ok):
             out.append(LikelihoodJudged(None, error=a.error or p.error or "no log-probability"))
         elif not (a.exact and p.exact and a.tokens):
-            out.append(LikelihoodJudged(None, error=f"{getattr(backend, 'kind', 'this')} backend gives next-token "
-                                                    f"top-k log-probabilities, not a reply's likelihood"))
+            out.append(
+                LikelihoodJudged(
+                    None,
+                    error=f"{getattr(backend, 'kind', 'this')} backend gives next-token "
+                    f"top-k log-probabilities, not a reply's likelihood",
+                )
+            )
         else:
             n = a.tokens[reply]
             la, lp = a.logprobs[reply], p.logprobs[reply]
@@ -242,6 +304,7 @@ def likelihood_score(llr: float | None, scale: float) -> float | None:
 
 # --------------------------------------------------------------------------- scoring replies
 
+
 @dataclass(frozen=True)
 class Reply:
     """One reply to judge: the persona it is judged against, the conversation before the
@@ -257,11 +320,27 @@ class Reply:
 def pair_requests(persona: dict, message: str, a: str, b: str) -> list[ProbRequest]:
     """The pair judge's two requests for replies ``a`` and ``b`` to ``message``: (a, b) and (b, a)."""
     pair = prompts.get("judge_pair")
-    return [ProbRequest([{"role": "system", "content": pair.render("system")},
-                         {"role": "user", "content": pair.render("user", profile=judge_persona(persona)[0],
-                                                                 personality=persona["personality"], message=message,
-                                                                 first=first.strip(), second=second.strip())}],
-                        ("1", "2"), prompt_version=pair.tag) for first, second in ((a, b), (b, a))]
+    return [
+        ProbRequest(
+            [
+                {"role": "system", "content": pair.render("system")},
+                {
+                    "role": "user",
+                    "content": pair.render(
+                        "user",
+                        profile=judge_persona(persona)[0],
+                        personality=persona["personality"],
+                        message=message,
+                        first=first.strip(),
+                        second=second.strip(),
+                    ),
+                },
+            ],
+            ("1", "2"),
+            prompt_version=pair.tag,
+        )
+        for first, second in ((a, b), (b, a))
+    ]
 
 
 def rubric_requests(replies: Sequence[Reply], kind: str = "paper") -> list[ProbRequest]:
@@ -269,11 +348,27 @@ def rubric_requests(replies: Sequence[Reply], kind: str = "paper") -> list[ProbR
     ``history`` (the same rubric with the conversation so far)."""
     rubric = prompts.get("judge_score" if kind == "paper" else "judge_score_history")
     # the "paper" rubric ignores {dialogue}; the "history" rubric shows it
-    return [ProbRequest([{"role": "system", "content": rubric.render("system")},
-                         {"role": "user", "content": rubric.render(
-                             "user", profile=judge_persona(r.persona)[0], personality=r.persona["personality"],
-                             message=r.message, reply=r.text, dialogue=dialogue_text(r.history, r.message))}],
-                        SCORES, prompt_version=rubric.tag) for r in replies]
+    return [
+        ProbRequest(
+            [
+                {"role": "system", "content": rubric.render("system")},
+                {
+                    "role": "user",
+                    "content": rubric.render(
+                        "user",
+                        profile=judge_persona(r.persona)[0],
+                        personality=r.persona["personality"],
+                        message=r.message,
+                        reply=r.text,
+                        dialogue=dialogue_text(r.history, r.message),
+                    ),
+                },
+            ],
+            SCORES,
+            prompt_version=rubric.tag,
+        )
+        for r in replies
+    ]
 
 
 def score_replies(cfg, engine, replies: list[Reply], judge_kind: str | None = None) -> list[tuple[float | None, dict]]:
@@ -293,8 +388,16 @@ def score_replies(cfg, engine, replies: list[Reply], judge_kind: str | None = No
         for r in replies:
             aware, plain, tag = likelihood_prompts(*judge_persona(r.persona), r.history, r.message)
             items.append((aware, plain, r.text))
-        return [(likelihood_score(j.llr, cfg.likelihood_scale), j.to_json())
-                for j in likelihood_ratios(engine, items, tag)]
-    return [(expected_score(j), j.to_json())
-            for j in ask(engine, rubric_requests(replies, kind), parse_score_choice, method=cfg.judge_method,
-                           retries=cfg.judge_retries)]
+        return [
+            (likelihood_score(j.llr, cfg.likelihood_scale), j.to_json()) for j in likelihood_ratios(engine, items, tag)
+        ]
+    return [
+        (expected_score(j), j.to_json())
+        for j in ask(
+            engine,
+            rubric_requests(replies, kind),
+            parse_score_choice,
+            method=cfg.judge_method,
+            retries=cfg.judge_retries,
+        )
+    ]

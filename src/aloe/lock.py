@@ -59,10 +59,16 @@ def experiment_lock(root: str | Path) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ExperimentBusy(f"experiment {root.name!r} is in use by {_holder(path)}; wait for it to finish "
-                                 f"or stop it (lock file {path})") from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
-                "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200]}
+            raise ExperimentBusy(
+                f"experiment {root.name!r} is in use by {_holder(path)}; wait for it to finish "
+                f"or stop it (lock file {path})"
+            ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+            "command": " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))[:200],
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         previous = os.environ.get(LOCK_ENV)

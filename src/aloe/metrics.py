@@ -64,8 +64,9 @@ def normalized_r2(al: Sequence[float]) -> float:
     return 1.0 - ss_res / ss_tot
 
 
-def bootstrap_ci(values: Sequence[float], stat=None, n_boot: int = 2000, alpha: float = 0.05,
-                 seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float], stat=None, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of ``stat`` (default: mean) over the given units."""
     vals = list(values)
     if not vals:
@@ -110,7 +111,7 @@ def curve_stats(al: np.ndarray) -> dict[str, np.ndarray]:
     al = np.atleast_2d(np.asarray(al, dtype=float))
     k = np.arange(1, al.shape[1] + 1, dtype=float)
     kc = k - k.mean()
-    sxx = (kc ** 2).sum()
+    sxx = (kc**2).sum()
     complete = ~np.isnan(al).any(axis=1)
     out = {"avg": np.where(complete, al.mean(axis=1), np.nan)}
     if al.shape[1] < 2:
@@ -146,8 +147,9 @@ def _interval(values: np.ndarray, alpha: float) -> tuple[float | None, float | N
     return (float(np.quantile(v, alpha / 2)), float(np.quantile(v, 1 - alpha / 2)))
 
 
-def curve_bootstrap(scores: dict[str, dict[int, float | None]], turns: int, n_boot: int = 2000,
-                    alpha: float = 0.05, seed: int = 0) -> dict[str, tuple[float | None, float | None]]:
+def curve_bootstrap(
+    scores: dict[str, dict[int, float | None]], turns: int, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> dict[str, tuple[float | None, float | None]]:
     """Percentile bootstrap intervals of AVG, IR, N-IR and N-R², resampling personas (whole
     conversations); a resample whose curve is undefined at some turn is left out."""
     personas = list(scores)
@@ -159,8 +161,14 @@ def curve_bootstrap(scores: dict[str, dict[int, float | None]], turns: int, n_bo
     return {k: _interval(v, alpha) for k, v in stats.items()}
 
 
-def paired_difference(a: dict[str, dict[int, float | None]], b: dict[str, dict[int, float | None]], turns: int,
-                      n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> dict:
+def paired_difference(
+    a: dict[str, dict[int, float | None]],
+    b: dict[str, dict[int, float | None]],
+    turns: int,
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict:
     """Model a minus model b on the same personas: per turn, AVG and IR, each with a paired
     percentile bootstrap interval (one resample of personas drives both models, so what the
     personas share cancels). Personas that only one model has are left out and counted."""
@@ -168,9 +176,15 @@ def paired_difference(a: dict[str, dict[int, float | None]], b: dict[str, dict[i
     ma, mb = score_matrix(a, personas, turns), score_matrix(b, personas, turns)
     out: dict = {"n_personas": len(personas), "unpaired": len(set(a) ^ set(b))}
     if not personas:
-        return {**out, "per_turn": [], **{f"{s}_diff{x}": None for s in ("avg", "ir") for x in ("", "_ci_low",
-                                                                                            "_ci_high")}}
-    al_a, al_b = _resampled_al(ma, np.arange(len(personas))[None, :]), _resampled_al(mb, np.arange(len(personas))[None, :])
+        return {
+            **out,
+            "per_turn": [],
+            **{f"{s}_diff{x}": None for s in ("avg", "ir") for x in ("", "_ci_low", "_ci_high")},
+        }
+    al_a, al_b = (
+        _resampled_al(ma, np.arange(len(personas))[None, :]),
+        _resampled_al(mb, np.arange(len(personas))[None, :]),
+    )
     idx = np.random.default_rng(seed).integers(0, len(personas), size=(n_boot, len(personas)))
     ba, bb = _resampled_al(ma, idx), _resampled_al(mb, idx)
     per_turn = []
@@ -178,16 +192,23 @@ def paired_difference(a: dict[str, dict[int, float | None]], b: dict[str, dict[i
         lo, hi = _interval(ba[:, k] - bb[:, k], alpha)
         d = al_a[0, k] - al_b[0, k]
         both = int((~np.isnan(ma[:, k]) & ~np.isnan(mb[:, k])).sum())
-        per_turn.append({"turn": k + 1, "diff": None if np.isnan(d) else float(d), "ci_low": lo, "ci_high": hi,
-                         "n": both})
+        per_turn.append(
+            {"turn": k + 1, "diff": None if np.isnan(d) else float(d), "ci_low": lo, "ci_high": hi, "n": both}
+        )
     out["per_turn"] = per_turn
     sa, sb, boot_a, boot_b = curve_stats(al_a), curve_stats(al_b), curve_stats(ba), curve_stats(bb)
     for stat in ("avg", "ir"):
         d = sa[stat][0] - sb[stat][0]
         diffs = boot_a[stat] - boot_b[stat]
         lo, hi = _interval(diffs, alpha)
-        out.update({f"{stat}_diff": None if np.isnan(d) else float(d), f"{stat}_diff_ci_low": lo,
-                    f"{stat}_diff_ci_high": hi, f"{stat}_diff_mde": minimal_detectable(diffs)})
+        out.update(
+            {
+                f"{stat}_diff": None if np.isnan(d) else float(d),
+                f"{stat}_diff_ci_low": lo,
+                f"{stat}_diff_ci_high": hi,
+                f"{stat}_diff_mde": minimal_detectable(diffs),
+            }
+        )
     return out
 
 
@@ -215,8 +236,12 @@ def summarize(scores: dict[str, dict[int, float | None]], turns: int, n_boot: in
     table = al_table(clean, turns, n_boot=n_boot, seed=seed)
     al = [r["al"] for r in table]
     usable = [a for a in al if not math.isnan(a)]
-    out = {"al": table, "avg": sum(usable) / len(usable) if usable else math.nan,
-           "n_personas": len(scores), "missing": sum(v is None for s in scores.values() for v in s.values())}
+    out = {
+        "al": table,
+        "avg": sum(usable) / len(usable) if usable else math.nan,
+        "n_personas": len(scores),
+        "missing": sum(v is None for s in scores.values() for v in s.values()),
+    }
     cis = curve_bootstrap(clean, turns, n_boot=n_boot, seed=seed)
     out.update(avg_ci_low=cis["avg"][0], avg_ci_high=cis["avg"][1])
     if len(al) >= 2 and len(usable) == len(al):

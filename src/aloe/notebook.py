@@ -33,8 +33,9 @@ def setup(experiment: str | None = None, stage: str | None = None) -> float:
         _quiet_libraries()
     else:
         handlers = [logging.StreamHandler()]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
+    )
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return time.time()

@@ -110,8 +110,9 @@ def stage_inputs(stage: str, cfg) -> list[tuple[str, Path]]:
         return [("personas", p.pairs), ("trees", p.trees), ("trees", p.tree_steps)]
     if stage == "train":
         variants = needed(cfg.variants)
-        return ([("trees", p.export(VARIANTS[v].data)) for v in variants]
-                + [("train", f(v)) for v in variants for f in (p.train_done, p.train_metrics)])
+        return [("trees", p.export(VARIANTS[v].data)) for v in variants] + [
+            ("train", f(v)) for v in variants for f in (p.train_done, p.train_metrics)
+        ]
     if stage == "evaluate":
         files = [("personas", p.pairs)] + ([("trees", p.trees)] if cfg.judge_card.enabled else [])
         files += [("evaluate", p.conversations(m, r)) for m in cfg.models for r in range(cfg.repeats)]

@@ -25,7 +25,6 @@ ROLES = ("generator",)
 __all__ = ["item_id", "load_seeds", "make_pairs", "pool_records", "read_aloe_pool", "run", "needs_growth"]
 
 
-
 def _official(cfg: PersonasConfig) -> tuple[list[str], list[str], list[str], list[str]]:
     d = Path(cfg.official_dir)
     files = ("profile", "personality", "profile_eval", "personality_eval")
@@ -53,31 +52,50 @@ def run(cfg: PersonasConfig, roles=None) -> dict:
         profs, perss = load_seeds("profiles"), load_seeds("personalities")
         eprofs, eperss = load_seeds("eval_profiles"), load_seeds("eval_personalities")
     eval_prof = pool_records(eprofs, "profile", source, "eval")
-    eval_pers = pool_records(eperss[:cfg.n_eval_personalities], "personality", source, "eval")
+    eval_pers = pool_records(eperss[: cfg.n_eval_personalities], "personality", source, "eval")
     pools, stops, rounds_log = _grow_pools(cfg, backend, source, (profs, perss), eval_prof, eval_pers)
     profiles, personalities = pools["profile"], pools["personality"]
-    pairs = (make_pairs(profiles, personalities, cfg.pairs_per_profile, cfg.seed, "train")
-             + make_pairs(eval_prof, eval_pers, len(eval_pers), cfg.seed, "eval"))
+    pairs = make_pairs(profiles, personalities, cfg.pairs_per_profile, cfg.seed, "train") + make_pairs(
+        eval_prof, eval_pers, len(eval_pers), cfg.seed, "eval"
+    )
     # checkable preferences (aloe.preferences): drawn per persona id by a seeded rule, persona text unchanged
     pairs = assign(pairs, cfg.preferences, cfg.seed, cfg.source)
     write_jsonl(paths.pool, profiles + personalities + eval_prof + eval_pers)
     write_jsonl(paths.pairs, pairs)
     write_json(paths.growth, {"stopped": stops, "rounds": rounds_log})
-    counts = {"profiles": len(profiles), "personalities": len(personalities), "eval_profiles": len(eval_prof),
-              "eval_personalities": len(eval_pers), "train_pairs": sum(p["split"] == "train" for p in pairs),
-              "eval_pairs": sum(p["split"] == "eval" for p in pairs),
-              "generated": sum(r["source"] == "generated" for r in profiles + personalities),
-              "with_preferences": sum(bool(p.get("preferences")) for p in pairs)}
-    write_manifest(out, stage="personas", parameters=cfg, started=started, counts=counts,
-                   roles={"generator": backend.describe()} if backend is not None else {},
-                   extra={"stopped": stops, "usage": with_cost([{"roles": ["generator"], "kind": backend.kind,
-                                                                 "model": backend.model_id, **backend.usage()}]
-                                                               if backend is not None else [], cfg.prices)})
+    counts = {
+        "profiles": len(profiles),
+        "personalities": len(personalities),
+        "eval_profiles": len(eval_prof),
+        "eval_personalities": len(eval_pers),
+        "train_pairs": sum(p["split"] == "train" for p in pairs),
+        "eval_pairs": sum(p["split"] == "eval" for p in pairs),
+        "generated": sum(r["source"] == "generated" for r in profiles + personalities),
+        "with_preferences": sum(bool(p.get("preferences")) for p in pairs),
+    }
+    write_manifest(
+        out,
+        stage="personas",
+        parameters=cfg,
+        started=started,
+        counts=counts,
+        roles={"generator": backend.describe()} if backend is not None else {},
+        extra={
+            "stopped": stops,
+            "usage": with_cost(
+                [{"roles": ["generator"], "kind": backend.kind, "model": backend.model_id, **backend.usage()}]
+                if backend is not None
+                else [],
+                cfg.prices,
+            ),
+        },
+    )
     return counts
 
 
-def _grow_pools(cfg: PersonasConfig, backend, source: str, texts: tuple[list, list], eval_prof: list[dict],
-                eval_pers: list[dict]) -> tuple[dict, dict, list[dict]]:
+def _grow_pools(
+    cfg: PersonasConfig, backend, source: str, texts: tuple[list, list], eval_prof: list[dict], eval_pers: list[dict]
+) -> tuple[dict, dict, list[dict]]:
     """The training pools of profiles and personalities: seeds, grown where the target exceeds them
     (the benchmark items blocked); with why each stopped and the rounds' log."""
     from aloe.embedding import shared_embedder
@@ -86,8 +104,10 @@ def _grow_pools(cfg: PersonasConfig, backend, source: str, texts: tuple[list, li
     eval_ids = {r["id"] for r in eval_prof + eval_pers}
     stops, rounds_log, pools = {}, [], {}
     embedder = shared_embedder()  # also annotates seeds with their nearest neighbour when nothing grows
-    for kind, kind_texts, target, blocked in (("profile", texts[0], cfg.target_profiles, eval_prof),
-                                              ("personality", texts[1], cfg.target_personalities, eval_pers)):
+    for kind, kind_texts, target, blocked in (
+        ("profile", texts[0], cfg.target_profiles, eval_prof),
+        ("personality", texts[1], cfg.target_personalities, eval_pers),
+    ):
         seeds = [r for r in pool_records(kind_texts, kind, source, "train") if r["id"] not in eval_ids]
         grow = cfg.source == "ours" and target > len(seeds)
         if grow and backend is None:
@@ -95,12 +115,14 @@ def _grow_pools(cfg: PersonasConfig, backend, source: str, texts: tuple[list, li
         # the growth knobs share their names with the stage config's keys
         shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GrowthSettings) if hasattr(cfg, f.name)}
         settings = GrowthSettings(**{**shared, "target": target, "max_rounds": cfg.max_rounds if grow else 0})
-        pools[kind], rounds, stops[kind] = grow_pool(kind, seeds, blocked, backend, embedder, settings,
-                                                     cfg.paths.growth_rounds)
+        pools[kind], rounds, stops[kind] = grow_pool(
+            kind, seeds, blocked, backend, embedder, settings, cfg.paths.growth_rounds
+        )
         if not grow:
             stops[kind] = "imported (no growth)" if cfg.source == "official" else "seeds reach the target (no growth)"
-        rounds_log += [{k: v for k, v in r.items() if k != "accepted"} | {"accepted": len(r["accepted"])}
-                       for r in rounds]
+        rounds_log += [
+            {k: v for k, v in r.items() if k != "accepted"} | {"accepted": len(r["accepted"])} for r in rounds
+        ]
     return pools, stops, rounds_log
 
 
@@ -113,4 +135,6 @@ def needs_growth(cfg: PersonasConfig) -> bool:
     """True when a target exceeds the seeds, i.e. the stage needs an LLM backend."""
     if cfg.source == "official":
         return False
-    return cfg.target_profiles > len(load_seeds("profiles")) or cfg.target_personalities > len(load_seeds("personalities"))
+    return cfg.target_profiles > len(load_seeds("profiles")) or cfg.target_personalities > len(
+        load_seeds("personalities")
+    )

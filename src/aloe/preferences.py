@@ -64,8 +64,7 @@ class Catalogue:
 
     def __getitem__(self, pid: str) -> Preference:
         if pid not in self.items:
-            raise AloeError(f"unknown preference {pid!r}; the catalogue ({CATALOGUE.name}) has "
-                            f"{', '.join(self.items)}")
+            raise AloeError(f"unknown preference {pid!r}; the catalogue ({CATALOGUE.name}) has {', '.join(self.items)}")
         return self.items[pid]
 
 
@@ -77,22 +76,34 @@ def catalogue() -> Catalogue:
     items = {}
     for pid, e in data["preferences"].items():
         where = f"{CATALOGUE}: preferences.{pid}"
-        missing = [k for k in ("kind", "check", "instruction", "reveal", "complaint", "detect", "examples") if k not in e]
+        missing = [
+            k for k in ("kind", "check", "instruction", "reveal", "complaint", "detect", "examples") if k not in e
+        ]
         if missing:
             raise AloeError(f"{where}: missing {', '.join(missing)}")
         if e["kind"] not in ("form", "content"):
             raise AloeError(f"{where}.kind: {e['kind']!r}; allowed: form, content")
         if e["check"] not in CHECKS:
             raise AloeError(f"{where}.check: {e['check']!r} is not a checker; known: {', '.join(CHECKS)}")
-        items[pid] = Preference(pid, e["kind"], e["check"], dict(e.get("params") or {}), e["instruction"],
-                                tuple(e["reveal"]), e["complaint"], tuple(e["detect"]),
-                                tuple(e.get("exclusive_with") or ()), e["examples"]["satisfies"],
-                                e["examples"]["violates"])
+        items[pid] = Preference(
+            pid,
+            e["kind"],
+            e["check"],
+            dict(e.get("params") or {}),
+            e["instruction"],
+            tuple(e["reveal"]),
+            e["complaint"],
+            tuple(e["detect"]),
+            tuple(e.get("exclusive_with") or ()),
+            e["examples"]["satisfies"],
+            e["examples"]["violates"],
+        )
     for p in items.values():
         for q in p.exclusive_with:
             if q not in items or p.id not in items[q].exclusive_with:
-                raise AloeError(f"{CATALOGUE}: preferences.{p.id}.exclusive_with: {q!r} must exist and name "
-                                f"{p.id!r} back")
+                raise AloeError(
+                    f"{CATALOGUE}: preferences.{p.id}.exclusive_with: {q!r} must exist and name {p.id!r} back"
+                )
     return Catalogue(str(data["version"]), tuple(data["names"]), items)
 
 
@@ -100,18 +111,24 @@ def catalogue() -> Catalogue:
 
 _FENCE = re.compile(r"```.*?(```|$)", re.DOTALL)
 _INLINE = re.compile(r"`[^`\n]*`")
-_EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\u2300-\u23FF\uFE0F\u200D]"
-                    r"|(?<![\w:])[:;]-?[)(DPp](?![\w(])")
+_EMOJI = re.compile(
+    "[\U0001f000-\U0001faff\u2600-\u27bf\u2b00-\u2bff\u2300-\u23ff\ufe0f\u200d]"
+    r"|(?<![\w:])[:;]-?[)(DPp](?![\w(])"
+)
 _LIST_ITEM = re.compile(r"^\s*(?:[-*•·‣▪]|\d{1,3}[.)])\s+\S", re.MULTILINE)
 _APOS = "'\u2019"
-_CONTRACTION = re.compile(rf"\b\w+(?:n[{_APOS}]t|[{_APOS}](?:re|ve|ll|d|m))\b"
-                          rf"|\b(?:it|that|what|there|here|he|she|let|who|where|how|when|why|this|everything|"
-                          rf"nothing|someone|something)[{_APOS}]s\b", re.IGNORECASE)
+_CONTRACTION = re.compile(
+    rf"\b\w+(?:n[{_APOS}]t|[{_APOS}](?:re|ve|ll|d|m))\b"
+    rf"|\b(?:it|that|what|there|here|he|she|let|who|where|how|when|why|this|everything|"
+    rf"nothing|someone|something)[{_APOS}]s\b",
+    re.IGNORECASE,
+)
 _PREAMBLE = re.compile(
     r"^\W*(great|good|excellent|interesting|what a great|what an?|that'?s a (great|good)|sure|of course|certainly|"
     r"absolutely|hi|hello|hey|thanks|thank you|oh|wow|ah|well|i'?m sorry|i understand|i see|as an ai|"
     r"i'?d be (happy|glad)|i'?m (happy|glad)|happy to help|glad you asked|it sounds like|it'?s great)\b",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 
 
 def prose(text: str) -> str:
@@ -131,31 +148,49 @@ def _words_re(ws: str) -> re.Pattern:
     return re.compile(r"\b(" + ws + r")\b", re.IGNORECASE)
 
 
-_FOOD = _words_re(r"food|foods|dinner|dinners|lunch|breakfast|brunch|meal|meals|recipe|recipes|cook|cooking|cooked|"
-                  r"bake|baking|dish|dishes|snack|snacks|eat|eating|restaurant|menu|salad|pasta|soup|stew|curry|"
-                  r"sandwich|burger|pizza|tacos?|stir-?fry|grill|grilled|bbq|barbecue|protein|ingredients?")
-_MEAT = _words_re(r"meat|meats|chicken|beef|pork|bacon|ham|steak|turkey|lamb|sausages?|salami|pepperoni|"
-                  r"prosciutto|veal|duck|fish|salmon|tuna|cod|shrimp|prawns?|seafood|anchov(y|ies)|crab|lobster|"
-                  r"mince|meatballs?|brisket|ribs|chorizo|jerky|venison|goose")
-_NOT_MEAT = re.compile(r"\b(no|without|instead of|free of|skip(ping)?( the)?|meat-?free|meatless|plant-based|vegan|"
-                       r"vegetarian|mock|fake|veggie)\s+(\w+\s+)?(?=\w)|\b\w+-free\b|\bmeatless\b", re.IGNORECASE)
-_MONEY = _words_re(r"buy|buying|bought|price|prices|pricey|cost|costs|costly|expensive|purchase|ticket|tickets|"
-                   r"subscription|membership|fee|fees|pay|paying|spend|spending|afford|shop|shopping|store|"
-                   r"budget|cheap|cheaper|free|affordable|inexpensive|premium|luxury|high-end|designer|"
-                   r"dollars?|euros?|pounds sterling|bucks|money|gym|studio|class|classes|course|hotel|restaurant")
+_FOOD = _words_re(
+    r"food|foods|dinner|dinners|lunch|breakfast|brunch|meal|meals|recipe|recipes|cook|cooking|cooked|"
+    r"bake|baking|dish|dishes|snack|snacks|eat|eating|restaurant|menu|salad|pasta|soup|stew|curry|"
+    r"sandwich|burger|pizza|tacos?|stir-?fry|grill|grilled|bbq|barbecue|protein|ingredients?"
+)
+_MEAT = _words_re(
+    r"meat|meats|chicken|beef|pork|bacon|ham|steak|turkey|lamb|sausages?|salami|pepperoni|"
+    r"prosciutto|veal|duck|fish|salmon|tuna|cod|shrimp|prawns?|seafood|anchov(y|ies)|crab|lobster|"
+    r"mince|meatballs?|brisket|ribs|chorizo|jerky|venison|goose"
+)
+_NOT_MEAT = re.compile(
+    r"\b(no|without|instead of|free of|skip(ping)?( the)?|meat-?free|meatless|plant-based|vegan|"
+    r"vegetarian|mock|fake|veggie)\s+(\w+\s+)?(?=\w)|\b\w+-free\b|\bmeatless\b",
+    re.IGNORECASE,
+)
+_MONEY = _words_re(
+    r"buy|buying|bought|price|prices|pricey|cost|costs|costly|expensive|purchase|ticket|tickets|"
+    r"subscription|membership|fee|fees|pay|paying|spend|spending|afford|shop|shopping|store|"
+    r"budget|cheap|cheaper|free|affordable|inexpensive|premium|luxury|high-end|designer|"
+    r"dollars?|euros?|pounds sterling|bucks|money|gym|studio|class|classes|course|hotel|restaurant"
+)
 _MONEY_SIGN = re.compile(r"[$€£¥]\s?\d|\d\s?[$€£¥]")
-_CHEAP = _words_re(r"free|cheap|cheaper|cheapest|budget|affordable|inexpensive|low-cost|low cost|bargain|discounts?|"
-                   r"second-hand|secondhand|thrift|used|library|libraries|no cost|at no charge|for nothing|deal|"
-                   r"sale|save money|saving money")
+_CHEAP = _words_re(
+    r"free|cheap|cheaper|cheapest|budget|affordable|inexpensive|low-cost|low cost|bargain|discounts?|"
+    r"second-hand|secondhand|thrift|used|library|libraries|no cost|at no charge|for nothing|deal|"
+    r"sale|save money|saving money"
+)
 _NUM = r"(\d+(?:[.,]\d+)?|one|two|three|four|five|six|seven|eight|nine|ten|a few|a couple of|half an?)"
-_IMPERIAL = re.compile(r"\b(miles?|mph|pounds?|lbs?|ounces?|oz|feet|foot|ft|inch(es)?|yards?|gallons?|pints?|quarts?"
-                       r"|fahrenheit|°\s?f)\b|°F|\d\s?°?F\b", re.IGNORECASE)
-_METRIC = re.compile(r"\b(kilomet(re|er)s?|km|kilo(gram)?s?|kg|grams?|g|met(re|er)s?|m|centimet(re|er)s?|cm|"
-                     r"millimet(re|er)s?|mm|lit(re|er)s?|l|ml|millilit(re|er)s?|celsius|°\s?c|km/h)\b|°C", re.IGNORECASE)
+_IMPERIAL = re.compile(
+    r"\b(miles?|mph|pounds?|lbs?|ounces?|oz|feet|foot|ft|inch(es)?|yards?|gallons?|pints?|quarts?"
+    r"|fahrenheit|°\s?f)\b|°F|\d\s?°?F\b",
+    re.IGNORECASE,
+)
+_METRIC = re.compile(
+    r"\b(kilomet(re|er)s?|km|kilo(gram)?s?|kg|grams?|g|met(re|er)s?|m|centimet(re|er)s?|cm|"
+    r"millimet(re|er)s?|mm|lit(re|er)s?|l|ml|millilit(re|er)s?|celsius|°\s?c|km/h)\b|°C",
+    re.IGNORECASE,
+)
 _QUANTITY = re.compile(rf"\b{_NUM}\s*({_METRIC.pattern}|{_IMPERIAL.pattern})", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------- checkers
+
 
 def check_max_words(text: str, params: dict, ctx: dict) -> str:
     return SATISFIED if words(text) <= params["max_words"] else VIOLATED
@@ -224,10 +259,18 @@ def check_metric(text: str, params: dict, ctx: dict) -> str:
 
 
 CHECKS: dict[str, Callable[[str, dict, dict], str]] = {
-    "max_words": check_max_words, "list": check_list, "no_questions": check_no_questions,
-    "ends_question": check_ends_question, "no_emoji": check_no_emoji, "no_exclamation": check_no_exclamation,
-    "no_contractions": check_no_contractions, "answer_first": check_answer_first, "uses_name": check_uses_name,
-    "vegetarian": check_vegetarian, "budget": check_budget, "metric": check_metric,
+    "max_words": check_max_words,
+    "list": check_list,
+    "no_questions": check_no_questions,
+    "ends_question": check_ends_question,
+    "no_emoji": check_no_emoji,
+    "no_exclamation": check_no_exclamation,
+    "no_contractions": check_no_contractions,
+    "answer_first": check_answer_first,
+    "uses_name": check_uses_name,
+    "vegetarian": check_vegetarian,
+    "budget": check_budget,
+    "metric": check_metric,
 }
 
 
@@ -246,20 +289,63 @@ def check_all(items: list[dict], reply: str) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- minimal violating edits
 
-_CONTRACT = [(r"\bdo not\b", "don't"), (r"\bI am\b", "I'm"), (r"\bit is\b", "it's"), (r"\byou are\b", "you're"),
-             (r"\bis not\b", "isn't"), (r"\bcannot\b", "can't"), (r"\bI would\b", "I'd"), (r"\bwill not\b", "won't"),
-             (r"\bthat is\b", "that's"), (r"\byou will\b", "you'll"), (r"\bwe are\b", "we're"),
-             (r"\bthere is\b", "there's"), (r"\bI will\b", "I'll"), (r"\byou would\b", "you'd")]
-_PRICEY = {"free": "premium", "cheap": "luxury", "cheaper": "pricier", "cheapest": "priciest", "budget": "designer",
-           "affordable": "high-end", "inexpensive": "expensive", "low-cost": "high-end", "low cost": "high cost",
-           "bargain": "splurge", "discount": "full-price", "discounts": "full prices", "second-hand": "brand-new",
-           "secondhand": "brand-new", "thrift": "boutique", "used": "new", "library": "bookshop",
-           "libraries": "bookshops", "no cost": "a high cost", "deal": "splurge", "sale": "full price"}
-_IMPERIAL_OF = [(r"\bkilomet(re|er)s\b", "miles"), (r"\bkilomet(re|er)\b", "mile"), (r"\bkm\b", "miles"),
-                (r"\bkilograms?\b", "pounds"), (r"\bkilos?\b", "pounds"), (r"\bkg\b", "lbs"), (r"°C", "°F"),
-                (r"\bcelsius\b", "Fahrenheit"), (r"\bcentimet(re|er)s?\b", "inches"), (r"\bcm\b", "inches"),
-                (r"\bmet(re|er)s?\b", "feet"), (r"\blit(re|er)s?\b", "gallons"), (r"\bgrams?\b", "ounces"),
-                (r"\bml\b", "fl oz"), (r"\bm\b", "ft"), (r"\bg\b", "oz")]
+_CONTRACT = [
+    (r"\bdo not\b", "don't"),
+    (r"\bI am\b", "I'm"),
+    (r"\bit is\b", "it's"),
+    (r"\byou are\b", "you're"),
+    (r"\bis not\b", "isn't"),
+    (r"\bcannot\b", "can't"),
+    (r"\bI would\b", "I'd"),
+    (r"\bwill not\b", "won't"),
+    (r"\bthat is\b", "that's"),
+    (r"\byou will\b", "you'll"),
+    (r"\bwe are\b", "we're"),
+    (r"\bthere is\b", "there's"),
+    (r"\bI will\b", "I'll"),
+    (r"\byou would\b", "you'd"),
+]
+_PRICEY = {
+    "free": "premium",
+    "cheap": "luxury",
+    "cheaper": "pricier",
+    "cheapest": "priciest",
+    "budget": "designer",
+    "affordable": "high-end",
+    "inexpensive": "expensive",
+    "low-cost": "high-end",
+    "low cost": "high cost",
+    "bargain": "splurge",
+    "discount": "full-price",
+    "discounts": "full prices",
+    "second-hand": "brand-new",
+    "secondhand": "brand-new",
+    "thrift": "boutique",
+    "used": "new",
+    "library": "bookshop",
+    "libraries": "bookshops",
+    "no cost": "a high cost",
+    "deal": "splurge",
+    "sale": "full price",
+}
+_IMPERIAL_OF = [
+    (r"\bkilomet(re|er)s\b", "miles"),
+    (r"\bkilomet(re|er)\b", "mile"),
+    (r"\bkm\b", "miles"),
+    (r"\bkilograms?\b", "pounds"),
+    (r"\bkilos?\b", "pounds"),
+    (r"\bkg\b", "lbs"),
+    (r"°C", "°F"),
+    (r"\bcelsius\b", "Fahrenheit"),
+    (r"\bcentimet(re|er)s?\b", "inches"),
+    (r"\bcm\b", "inches"),
+    (r"\bmet(re|er)s?\b", "feet"),
+    (r"\blit(re|er)s?\b", "gallons"),
+    (r"\bgrams?\b", "ounces"),
+    (r"\bml\b", "fl oz"),
+    (r"\bm\b", "ft"),
+    (r"\bg\b", "oz"),
+]
 
 
 def _say_again(item: dict, params: dict, reply: str) -> str:
@@ -271,8 +357,11 @@ def _say_again(item: dict, params: dict, reply: str) -> str:
 
 def _unlist(item: dict, params: dict, reply: str) -> str:
     items = [re.sub(r"^\s*(?:[-*•·‣▪]|\d{1,3}[.)])\s+", "", ln).strip() for ln in reply.splitlines()]
-    return " ".join(x.rstrip(".;") + ";" if i < len(items) - 1 and _LIST_ITEM.match(ln) else x
-                    for i, (x, ln) in enumerate(zip(items, reply.splitlines())) if x)
+    return " ".join(
+        x.rstrip(".;") + ";" if i < len(items) - 1 and _LIST_ITEM.match(ln) else x
+        for i, (x, ln) in enumerate(zip(items, reply.splitlines()))
+        if x
+    )
 
 
 def _drop_last_question(item: dict, params: dict, reply: str) -> str | None:
@@ -300,8 +389,14 @@ def _drop_name(item: dict, params: dict, reply: str) -> str:
 
 
 def _add_meat(item: dict, params: dict, reply: str) -> str:
-    swap = re.subn(r"\b(tofu|tempeh|lentils?|chickpeas?|beans|mushrooms?|vegetables|veggies|paneer|halloumi|"
-                   r"eggplant|aubergine)\b", "chicken", reply, count=1, flags=re.IGNORECASE)
+    swap = re.subn(
+        r"\b(tofu|tempeh|lentils?|chickpeas?|beans|mushrooms?|vegetables|veggies|paneer|halloumi|"
+        r"eggplant|aubergine)\b",
+        "chicken",
+        reply,
+        count=1,
+        flags=re.IGNORECASE,
+    )
     return swap[0] if swap[1] else reply.rstrip() + " Add some grilled chicken."
 
 
@@ -343,6 +438,7 @@ def violate(item: dict, reply: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- personas: draw and schedule
+
 
 def draw(persona_id: str, low: int, high: int, seed: int = 0) -> list[dict]:
     """``low``..``high`` preferences for one persona, by a seeded rule: the same persona id and
@@ -401,6 +497,7 @@ def described(items: list[dict]) -> str:
 
 # --------------------------------------------------------------------------- disclosure
 
+
 def _detectors(item: dict) -> list[re.Pattern]:
     name = re.escape(item.get("name") or "")
     return [re.compile(d.replace("{name}", name), re.IGNORECASE) for d in catalogue()[item["id"]].detect]
@@ -443,8 +540,10 @@ def plan_turn(pair: dict, turns: int, turn: int, seed: int, revealed: list[str],
     if new is not None:
         parts.append(f'Also get this across in your own words: "{phrasing(by_id[new], "reveal", pair["id"] + new)}"')
     if complaint is not None:
-        parts.append(f'The assistant ignored something you asked for; say so briefly: '
-                     f'"{phrasing(by_id[complaint], "complaint", "")}"')
+        parts.append(
+            f"The assistant ignored something you asked for; say so briefly: "
+            f'"{phrasing(by_id[complaint], "complaint", "")}"'
+        )
     return UserPlan(new, complaint, " ".join(parts) or None)
 
 
@@ -462,12 +561,18 @@ def settle_message(pair: dict, plan: UserPlan, message: str, revealed: list[str]
             appended = True
     # any preference the message conveys counts, scheduled or not (a user may repeat one)
     now = list(revealed) + [pid for pid, it in items.items() if pid not in revealed and conveys(it, message)]
-    record = {"meant": plan.new, "conveyed": conveyed, "appended": bool(appended), "complaint": plan.complaint,
-              "revealed": now}
+    record = {
+        "meant": plan.new,
+        "conveyed": conveyed,
+        "appended": bool(appended),
+        "complaint": plan.complaint,
+        "revealed": now,
+    }
     return message, record
 
 
 # --------------------------------------------------------------------------- the rules judge
+
 
 def judge_description() -> dict:
     """The rules judge where a role's engine would be described (manifests, provenance, the card)."""
@@ -477,10 +582,12 @@ def judge_description() -> dict:
 def disclosure_counts(records: list[dict]) -> dict[str, int]:
     """Over turns' disclosure records (:func:`settle_message`): reveals scheduled, conveyed in the
     simulated user's own words, appended from the catalogue, and complaints."""
-    return {"scheduled": sum(r["meant"] is not None for r in records),
-            "conveyed": sum(bool(r["conveyed"]) for r in records),
-            "appended": sum(bool(r["appended"]) for r in records),
-            "complaints": sum(r["complaint"] is not None for r in records)}
+    return {
+        "scheduled": sum(r["meant"] is not None for r in records),
+        "conveyed": sum(bool(r["conveyed"]) for r in records),
+        "appended": sum(bool(r["appended"]) for r in records),
+        "complaints": sum(r["complaint"] is not None for r in records),
+    }
 
 
 def rules_score(items: list[dict], reply: str, revealed: list[str] | None = None) -> dict:
@@ -490,7 +597,12 @@ def rules_score(items: list[dict], reply: str, revealed: list[str] | None = None
     applicable = [s for s in checks.values() if s != NA]
     share = sum(s == SATISFIED for s in applicable) / len(applicable) if applicable else None
     shown = [checks[r] for r in (revealed or []) if r in checks and checks[r] != NA]
-    return {"score": None if share is None else 1 + 4 * share, "share": share,
-            "revealed_share": sum(s == SATISFIED for s in shown) / len(shown) if shown else None,
-            "n_applicable": len(applicable), "checks": checks, "method": "rules",
-            "version": catalogue().version}
+    return {
+        "score": None if share is None else 1 + 4 * share,
+        "share": share,
+        "revealed_share": sum(s == SATISFIED for s in shown) / len(shown) if shown else None,
+        "n_applicable": len(applicable),
+        "checks": checks,
+        "method": "rules",
+        "version": catalogue().version,
+    }

@@ -65,15 +65,23 @@ def make_pairs(profiles: list[dict], personalities: list[dict], per_profile: int
     for prof in profiles:
         chosen = personalities if per_profile >= len(personalities) else rng.sample(personalities, per_profile)
         for pers in chosen:
-            pairs.append({"id": f"pp-{prof['id'][5:]}-{pers['id'][5:]}", "profile_id": prof["id"],
-                          "personality_id": pers["id"], "profile": prof["text"], "personality": pers["text"],
-                          "split": split})
+            pairs.append(
+                {
+                    "id": f"pp-{prof['id'][5:]}-{pers['id'][5:]}",
+                    "profile_id": prof["id"],
+                    "personality_id": pers["id"],
+                    "profile": prof["text"],
+                    "personality": pers["text"],
+                    "split": split,
+                }
+            )
     return pairs
 
 
 def pool_records(texts: list[str], kind: str, source: str, split: str) -> list[dict]:
-    return [{"id": item_id(kind, t), "kind": kind, "text": t, "source": source, "split": split, "round": 0}
-            for t in texts]
+    return [
+        {"id": item_id(kind, t), "kind": kind, "text": t, "source": source, "split": split, "round": 0} for t in texts
+    ]
 
 
 def spread(pairs: list[dict], n: int, seed: int) -> list[dict]:

@@ -32,8 +32,12 @@ log = logging.getLogger(__name__)
 class Roles(Mapping):
     """role name -> ChatBackend, opened on first use; equal settings share one engine."""
 
-    def __init__(self, configs: dict[str, BackendConfig], cache_path: str | None = None,
-                 engines: dict[str, ChatBackend] | None = None):
+    def __init__(
+        self,
+        configs: dict[str, BackendConfig],
+        cache_path: str | None = None,
+        engines: dict[str, ChatBackend] | None = None,
+    ):
         self.configs = dict(configs)
         self.cache_path = cache_path
         self._by_config: dict[BackendConfig, ChatBackend] = {}
@@ -108,16 +112,17 @@ class Roles(Mapping):
 
     def cache_stats(self) -> dict[str, int]:
         caches = {id(e.cache): e.cache for e in self.engines()}
-        return {"cache_hits": sum(c.hits for c in caches.values()),
-                "cache_misses": sum(c.misses for c in caches.values())}
+        return {
+            "cache_hits": sum(c.hits for c in caches.values()),
+            "cache_misses": sum(c.misses for c in caches.values()),
+        }
 
     def usage(self) -> list[dict]:
         """Per engine opened so far: the roles it played, its model and what it was asked
         (ChatBackend.usage): calls, cached calls, prompt and completion tokens."""
         out = []
         for e in self.engines():
-            played = [r for r in self if (self._given.get(r) is e
-                                          or self._by_config.get(self.configs.get(r)) is e)]
+            played = [r for r in self if (self._given.get(r) is e or self._by_config.get(self.configs.get(r)) is e)]
             out.append({"roles": played, "kind": e.kind, "model": e.model_id, **e.usage()})
         return self._released + out
 
@@ -155,8 +160,17 @@ def role_rows(manifests: dict[str, dict]) -> list[dict]:
     for stage, m in manifests.items():
         for role, d in (m.get("roles") or {}).items():
             key = (role, d.get("model"), d.get("revision"))
-            row = seen.setdefault(key, {"role": role, "does": ROLE_DOCS.get(role, ""), "model": d.get("model"),
-                                        "revision": d.get("revision"), "kind": d.get("kind"), "stages": []})
+            row = seen.setdefault(
+                key,
+                {
+                    "role": role,
+                    "does": ROLE_DOCS.get(role, ""),
+                    "model": d.get("model"),
+                    "revision": d.get("revision"),
+                    "kind": d.get("kind"),
+                    "stages": [],
+                },
+            )
             row["stages"].append(stage)
     order = {r: i for i, r in enumerate(ROLES)}
     return sorted(seen.values(), key=lambda r: (order.get(r["role"], 99), str(r["model"])))

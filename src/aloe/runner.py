@@ -47,7 +47,8 @@ def check_notebook_parameters(exp: Experiment, stages: list[str], notebooks_dir:
             if key not in declared:
                 raise ConfigError(
                     f"{exp.path}: stages.{stage}.{key}: notebook {nb.name} has no parameter {key!r}; "
-                    f"its parameters: {', '.join(declared)}")
+                    f"its parameters: {', '.join(declared)}"
+                )
 
 
 def check_pass_through(exp: Experiment, stages: list[str]) -> None:
@@ -61,8 +62,10 @@ def check_pass_through(exp: Experiment, stages: list[str]) -> None:
             raise ConfigError(f"{exp.path}: {e}") from None
 
 
-OFFICIAL_FILES = {"personas": ("profile.jsonl", "personality.jsonl", "profile_eval.jsonl", "personality_eval.jsonl"),
-                  "evaluate": ("profile_eval.jsonl", "personality_eval.jsonl")}
+OFFICIAL_FILES = {
+    "personas": ("profile.jsonl", "personality.jsonl", "profile_eval.jsonl", "personality_eval.jsonl"),
+    "evaluate": ("profile_eval.jsonl", "personality_eval.jsonl"),
+}
 
 
 def check_inputs(exp: Experiment, stages: list[str]) -> None:
@@ -77,8 +80,10 @@ def check_inputs(exp: Experiment, stages: list[str]) -> None:
         missing = [f for f in OFFICIAL_FILES[stage] if not (Path(folder) / f).is_file()]
         if missing:
             where = "folder not found" if not Path(folder).is_dir() else f"missing {', '.join(missing)}"
-            raise ConfigError(f"{exp.path}: stages.{stage}.official_dir: {folder}: {where}; copy the official "
-                              f"ALOE datasets/ folder there (docs/models.md, 'Official ALOE files')")
+            raise ConfigError(
+                f"{exp.path}: stages.{stage}.official_dir: {folder}: {where}; copy the official "
+                f"ALOE datasets/ folder there (docs/models.md, 'Official ALOE files')"
+            )
 
 
 def used_roles(exp: Experiment, stages: list[str]) -> list[tuple[str, BackendConfig]]:
@@ -138,13 +143,17 @@ def check_output_paths(exp: Experiment) -> None:
         from aloe.cache import SQLITE_MAGIC
 
         if not cache.is_file():
-            raise ConfigError(f"{exp.path}: cache_path: {cache} is not a plain file (a device or a pipe); "
-                              f"name a file for the call cache (e.g. data/cache/llm.sqlite)")
+            raise ConfigError(
+                f"{exp.path}: cache_path: {cache} is not a plain file (a device or a pipe); "
+                f"name a file for the call cache (e.g. data/cache/llm.sqlite)"
+            )
         with open(cache, "rb") as f:
             head = f.read(len(SQLITE_MAGIC))
         if head and head != SQLITE_MAGIC:
-            raise ConfigError(f"{exp.path}: cache_path: {cache} exists and is not a SQLite database; name another "
-                              f"file (a new one is created), or move that file away")
+            raise ConfigError(
+                f"{exp.path}: cache_path: {cache} exists and is not a SQLite database; name another "
+                f"file (a new one is created), or move that file away"
+            )
 
 
 def _check_writable(exp: Experiment, key: str, existing: Path, folder: Path) -> None:
@@ -155,8 +164,10 @@ def _check_writable(exp: Experiment, key: str, existing: Path, folder: Path) -> 
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".aloe-check-", dir=existing))
     except OSError as e:
-        raise ConfigError(f"{exp.path}: {key}: cannot write in {existing} ({e.strerror or e}), so {folder} "
-                          f"cannot hold the run's files; name a folder you can write") from None
+        raise ConfigError(
+            f"{exp.path}: {key}: cannot write in {existing} ({e.strerror or e}), so {folder} "
+            f"cannot hold the run's files; name a folder you can write"
+        ) from None
 
 
 def check_data_files(exp: Experiment, stages: list[str]) -> None:
@@ -200,13 +211,21 @@ def preflight(exp: Experiment, stages: list[str]) -> None:
             import torch
 
             if not torch.cuda.is_available():
-                raise ConfigError(f"{where}: kind {cfg.kind!r}, device {cfg.device!r} needs a CUDA GPU and this "
-                                  f"machine has none; use kind: transformers on the CPU")
+                raise ConfigError(
+                    f"{where}: kind {cfg.kind!r}, device {cfg.device!r} needs a CUDA GPU and this "
+                    f"machine has none; use kind: transformers on the CPU"
+                )
 
 
-def run_experiment(params_file: str | Path, only: list[str] | None = None, *,
-                   notebooks_dir: Path | None = None, reports_root: Path | None = None,
-                   cwd: Path | None = None, log_output: bool = True) -> dict:
+def run_experiment(
+    params_file: str | Path,
+    only: list[str] | None = None,
+    *,
+    notebooks_dir: Path | None = None,
+    reports_root: Path | None = None,
+    cwd: Path | None = None,
+    log_output: bool = True,
+) -> dict:
     """Execute the experiment's notebooks in order; returns {stage: status}."""
     exp = load_experiment(params_file)
     stages = list(STAGES)
@@ -234,8 +253,9 @@ def _print_estimate(exp: Experiment) -> None:
         print(table(estimate(exp), latency_s=5.0, fill=1.0), flush=True)
 
 
-def _run_stages(exp: Experiment, stages: list[str], notebooks_dir: Path, reports_dir: Path, cwd: Path,
-                log_output: bool) -> dict:
+def _run_stages(
+    exp: Experiment, stages: list[str], notebooks_dir: Path, reports_dir: Path, cwd: Path, log_output: bool
+) -> dict:
     import papermill
     from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
@@ -253,26 +273,43 @@ def _run_stages(exp: Experiment, stages: list[str], notebooks_dir: Path, reports
         t0 = time.time()
         try:
             with _temp_dir(runtime):
-                papermill.execute_notebook(str(notebooks_dir / nb), str(out_nb),
-                                           parameters=exp.parameters_for(stage), cwd=str(cwd),
-                                           kernel_name="python3", progress_bar=False, log_output=log_output)
+                papermill.execute_notebook(
+                    str(notebooks_dir / nb),
+                    str(out_nb),
+                    parameters=exp.parameters_for(stage),
+                    cwd=str(cwd),
+                    kernel_name="python3",
+                    progress_bar=False,
+                    log_output=log_output,
+                )
             status[stage] = {"status": "ok", "seconds": round(time.time() - t0, 1)}
         except PapermillExecutionError as e:
-            status[stage] = {"status": "failed", "seconds": round(time.time() - t0, 1),
-                             "error": f"{e.ename}: {str(e.evalue)[:300]}"}
+            status[stage] = {
+                "status": "failed",
+                "seconds": round(time.time() - t0, 1),
+                "error": f"{e.ename}: {str(e.evalue)[:300]}",
+            }
             _record_failure(out_nb, reports_dir, exp, status)
-            raise StageFailed(f"stage {stage} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n"
-                            f"  executed notebook: {out_nb}") from None
+            raise StageFailed(
+                f"stage {stage} failed in cell {e.exec_count}: {e.ename}: {e.evalue}\n  executed notebook: {out_nb}"
+            ) from None
         except DeadKernelError:
-            status[stage] = {"status": "failed", "seconds": round(time.time() - t0, 1),
-                             "error": "the kernel died (killed, most often for lack of memory)"}
+            status[stage] = {
+                "status": "failed",
+                "seconds": round(time.time() - t0, 1),
+                "error": "the kernel died (killed, most often for lack of memory)",
+            }
             _record_failure(out_nb, reports_dir, exp, status)
-            raise StageFailed(f"stage {stage}: the notebook's kernel died (killed, most often for lack of memory: "
-                              f"try smaller batch_size); rerun to resume\n  executed notebook: {out_nb}") from None
+            raise StageFailed(
+                f"stage {stage}: the notebook's kernel died (killed, most often for lack of memory: "
+                f"try smaller batch_size); rerun to resume\n  executed notebook: {out_nb}"
+            ) from None
         _render(out_nb)
         _write_index(reports_dir, exp, status)
-        print(f"[aloe] {exp.name}: stage {stage} done in {status[stage]['seconds']} s -> "
-              f"{out_nb.with_suffix('.html')}", flush=True)
+        print(
+            f"[aloe] {exp.name}: stage {stage} done in {status[stage]['seconds']} s -> {out_nb.with_suffix('.html')}",
+            flush=True,
+        )
     return status
 
 
@@ -309,8 +346,11 @@ def _record_failure(out_nb: Path, reports_dir: Path, exp: Experiment, status: di
         try:
             step()
         except Exception as e:  # noqa: BLE001 - reported, and the stage's error follows
-            print(f"[aloe] warning: could not update the reports after the failure: "
-                  f"{type(e).__name__}: {str(e)[:300]}", file=sys.stderr, flush=True)
+            print(
+                f"[aloe] warning: could not update the reports after the failure: {type(e).__name__}: {str(e)[:300]}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _render(nb_path: Path) -> None:
@@ -324,8 +364,9 @@ def _render(nb_path: Path) -> None:
     class DropStderr(Preprocessor):
         def preprocess_cell(self, cell, resources, index):
             if cell.get("outputs"):
-                cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream"
-                                                                and o.get("name") == "stderr")]
+                cell.outputs = [
+                    o for o in cell.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")
+                ]
             return cell, resources
 
     if not nb_path.exists():

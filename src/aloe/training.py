@@ -48,23 +48,45 @@ log = logging.getLogger(__name__)
 
 # Our defaults under the user's keys. Small-data friendly: the default run has a few
 # dozen rows, so log every step and keep two checkpoints.
-COMMON_DEFAULTS = {"num_train_epochs": 1, "logging_steps": 1, "save_strategy": "steps", "save_steps": 20,
-                   "save_total_limit": 2, "report_to": "none", "seed": 0, "max_length": 512}
+COMMON_DEFAULTS = {
+    "num_train_epochs": 1,
+    "logging_steps": 1,
+    "save_strategy": "steps",
+    "save_steps": 20,
+    "save_total_limit": 2,
+    "report_to": "none",
+    "seed": 0,
+    "max_length": 512,
+}
 SFT_DEFAULTS = {**COMMON_DEFAULTS, "per_device_train_batch_size": 4, "learning_rate": 1e-4}
 DPO_DEFAULTS = {**COMMON_DEFAULTS, "per_device_train_batch_size": 2, "learning_rate": 5e-5, "beta": 0.1}
-LORA_DEFAULTS = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
-                 "task_type": "CAUSAL_LM"}
+LORA_DEFAULTS = {
+    "r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "target_modules": "all-linear",
+    "task_type": "CAUSAL_LM",
+}
 
 
 # Pass-through keys that hold secrets: a parameter file is recorded in manifests, model cards
 # and executed notebooks, so a token written there is published with the results.
 _SECRET_KEY = re.compile(r"(^|_)(hub_token|api_key|password|secret|auth)($|_)")
 # Bounds for the pass-through numbers people set most; TRL/PEFT accept some nonsense silently.
-_PASS_RANGES = {"learning_rate": (0.0, 1.0, False), "num_train_epochs": (0.0, 1e4, False),
-                "per_device_train_batch_size": (1, 1e5, True), "gradient_accumulation_steps": (1, 1e5, True),
-                "max_length": (1, 1e7, True), "beta": (0.0, 1e3, False), "r": (1, 1e5, True),
-                "lora_alpha": (0.0, 1e6, False), "lora_dropout": (0.0, 1.0, True), "warmup_ratio": (0.0, 1.0, True),
-                "logging_steps": (0.0, 1e9, False), "save_steps": (0.0, 1e9, False)}
+_PASS_RANGES = {
+    "learning_rate": (0.0, 1.0, False),
+    "num_train_epochs": (0.0, 1e4, False),
+    "per_device_train_batch_size": (1, 1e5, True),
+    "gradient_accumulation_steps": (1, 1e5, True),
+    "max_length": (1, 1e7, True),
+    "beta": (0.0, 1e3, False),
+    "r": (1, 1e5, True),
+    "lora_alpha": (0.0, 1e6, False),
+    "lora_dropout": (0.0, 1.0, True),
+    "warmup_ratio": (0.0, 1.0, True),
+    "logging_steps": (0.0, 1e9, False),
+    "save_steps": (0.0, 1e9, False),
+}
 
 
 def _expected_types(hint) -> tuple[type, ...] | None:
@@ -97,15 +119,19 @@ def _check_keys(section: str, given: dict, cls) -> None:
         if not isinstance(k, str):
             raise ConfigError(f"stages.train.{section}: key {short(k)} is not a string")
         if _SECRET_KEY.search(k):
-            raise ConfigError(f"{key}: a secret does not belong in a parameter file (it is recorded in manifests "
-                              f"and notebooks); set it in the environment (e.g. HF_TOKEN) instead")
+            raise ConfigError(
+                f"{key}: a secret does not belong in a parameter file (it is recorded in manifests "
+                f"and notebooks); set it in the environment (e.g. HF_TOKEN) instead"
+            )
         if k == "output_dir":
             raise ConfigError(f"{key}: set by aloe (data/<experiment>/train/<variant>)")
         if k not in fields:
             near = difflib.get_close_matches(k, fields, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ConfigError(f"stages.train.{section}: unknown key {short(k)}{hint}: not a field of "
-                              f"{cls.__module__.split('.')[0]}.{cls.__name__}")
+            raise ConfigError(
+                f"stages.train.{section}: unknown key {short(k)}{hint}: not a field of "
+                f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+            )
         allowed = _expected_types(hints.get(k))
         if allowed is not None:
             ok = isinstance(v, allowed) and not (isinstance(v, bool) and bool not in allowed)
@@ -145,9 +171,20 @@ def _device_args() -> dict:
 
 
 def _fingerprint(cfg: TrainConfig, variant: str, data_file: Path, base: str) -> str:
-    blob = json.dumps({"variant": variant, "base": base, "lora": cfg.lora, "peft": cfg.peft, "sft": cfg.sft,
-                       "dpo": cfg.dpo, "seed": cfg.seed,
-                       "data": hashlib.sha256(data_file.read_bytes()).hexdigest()}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {
+            "variant": variant,
+            "base": base,
+            "lora": cfg.lora,
+            "peft": cfg.peft,
+            "sft": cfg.sft,
+            "dpo": cfg.dpo,
+            "seed": cfg.seed,
+            "data": hashlib.sha256(data_file.read_bytes()).hexdigest(),
+        },
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -193,35 +230,62 @@ def _trainer(cfg: TrainConfig, variant: str, dataset, base_location: str, fp: st
     kind = VARIANTS[variant].kind
     args_cls, trainer_cls = (SFTConfig, SFTTrainer) if kind == "sft" else (DPOConfig, DPOTrainer)
     defaults, user = (SFT_DEFAULTS, cfg.sft) if kind == "sft" else (DPO_DEFAULTS, cfg.dpo)
-    args = args_cls(output_dir=str(cfg.paths.checkpoints(variant)),
-                    **{**defaults, "seed": cfg.seed, **_device_args(), **user})
+    args = args_cls(
+        output_dir=str(cfg.paths.checkpoints(variant)), **{**defaults, "seed": cfg.seed, **_device_args(), **user}
+    )
     model, tok = _load(base_location)
     peft_config = LoraConfig(**{**LORA_DEFAULTS, **cfg.peft}) if cfg.lora else None
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                          peft_config=peft_config, callbacks=[_mark_complete(fp), *(callbacks or [])])
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[_mark_complete(fp), *(callbacks or [])],
+    )
     return trainer, tok
 
 
-def _variant_metrics(cfg: TrainConfig, variant: str, trainer, result, rows: int, base_location: str,
-                     last: str | None, wall: float, policy: dict | None) -> dict:
+def _variant_metrics(
+    cfg: TrainConfig,
+    variant: str,
+    trainer,
+    result,
+    rows: int,
+    base_location: str,
+    last: str | None,
+    wall: float,
+    policy: dict | None,
+) -> dict:
     kind = VARIANTS[variant].kind
     defaults, user = (SFT_DEFAULTS, cfg.sft) if kind == "sft" else (DPO_DEFAULTS, cfg.dpo)
     return {
-        "variant": variant, "kind": kind, "base": base_location, "policy": policy or policy_identity(cfg),
-        "started_from": VARIANTS[variant].start_from or "policy", "rows": rows, "lora": cfg.lora,
-        "global_step": trainer.state.global_step, "resumed_from": last,
+        "variant": variant,
+        "kind": kind,
+        "base": base_location,
+        "policy": policy or policy_identity(cfg),
+        "started_from": VARIANTS[variant].start_from or "policy",
+        "rows": rows,
+        "lora": cfg.lora,
+        "global_step": trainer.state.global_step,
+        "resumed_from": last,
         "world_size": trainer.accelerator.num_processes,
         "train_runtime_s": round(wall, 2),
         "seconds_per_step": round(wall / max(1, trainer.state.global_step - _step_of(last)), 3),
-        "peak_rss_mb": round(_peak_rss_mb(), 1), "train_loss": result.training_loss,
-        "recipe": {"lora": cfg.lora, "peft": {**LORA_DEFAULTS, **cfg.peft} if cfg.lora else None,
-                   kind: {**defaults, **user}},
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "train_loss": result.training_loss,
+        "recipe": {
+            "lora": cfg.lora,
+            "peft": {**LORA_DEFAULTS, **cfg.peft} if cfg.lora else None,
+            kind: {**defaults, **user},
+        },
         "log_history": trainer.state.log_history,
     }
 
 
-def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbacks=None,
-                  policy: dict | None = None) -> dict:
+def train_variant(
+    cfg: TrainConfig, variant: str, base_location: str, *, callbacks=None, policy: dict | None = None
+) -> dict:
     """Train one variant from ``base_location``; returns its metrics (also on disk)."""
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -243,8 +307,9 @@ def train_variant(cfg: TrainConfig, variant: str, base_location: str, *, callbac
         log.info("%s: resuming from %s", variant, last)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=last)
-    metrics = _variant_metrics(cfg, variant, trainer, result, len(dataset), base_location, last,
-                               time.time() - started, policy)
+    metrics = _variant_metrics(
+        cfg, variant, trainer, result, len(dataset), base_location, last, time.time() - started, policy
+    )
     if trainer.accelerator.is_main_process:
         _save_variant(cfg, variant, trainer, tok, metrics, fp)
     trainer.accelerator.wait_for_everyone()
@@ -296,8 +361,13 @@ def usable_checkpoints(folder: Path, fingerprint: str) -> None:
         return
     for ckpt in sorted(folder.glob("checkpoint-*")):
         mark = ckpt / COMPLETE
-        why = ("cut short (no completion mark)" if not mark.exists() else
-               "made with other data or settings" if read_json(mark).get("fingerprint") != fingerprint else None)
+        why = (
+            "cut short (no completion mark)"
+            if not mark.exists()
+            else "made with other data or settings"
+            if read_json(mark).get("fingerprint") != fingerprint
+            else None
+        )
         if why:
             log.warning("%s: %s; not resuming from it", ckpt, why)
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -335,17 +405,29 @@ def run(cfg: TrainConfig, variants: list[str] | None = None, *, callbacks=None) 
     for variant in needed(variants or cfg.variants):
         start = VARIANTS[variant].start_from
         if start and not cfg.merge:
-            raise ConfigError(f"stages.train.merge: {variant} needs merge: true (it starts from the merged "
-                              f"{start} model)")
+            raise ConfigError(
+                f"stages.train.merge: {variant} needs merge: true (it starts from the merged {start} model)"
+            )
         location = str(cfg.paths.merged(start)) if start else base
         results[variant] = train_variant(cfg, variant, location, callbacks=callbacks, policy=policy)
     counts = {f"{v}_steps": m["global_step"] for v, m in results.items()}
     counts.update({f"{v}_seconds_per_step": m["seconds_per_step"] for v, m in results.items()})
     if _is_main():
-        write_manifest(cfg.paths.stage("train"), stage="train", parameters=cfg, started=started, counts=counts,
-                       roles={"policy": policy}, models={"base": cfg.base_model, "location": base},
-                       extra={"variants": {v: {k: m[k] for k in ("rows", "global_step", "train_loss", "peak_rss_mb",
-                                                                 "world_size")} for v, m in results.items()}})
+        write_manifest(
+            cfg.paths.stage("train"),
+            stage="train",
+            parameters=cfg,
+            started=started,
+            counts=counts,
+            roles={"policy": policy},
+            models={"base": cfg.base_model, "location": base},
+            extra={
+                "variants": {
+                    v: {k: m[k] for k in ("rows", "global_step", "train_loss", "peak_rss_mb", "world_size")}
+                    for v, m in results.items()
+                }
+            },
+        )
     return results
 
 
@@ -363,8 +445,19 @@ def history_frame(results: dict):
             if "step" not in entry or "train_runtime" in entry:
                 continue
             for k, v in entry.items():
-                if k in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected",
-                         "learning_rate", "grad_norm") and v is not None:
+                if (
+                    k
+                    in (
+                        "loss",
+                        "rewards/margins",
+                        "rewards/accuracies",
+                        "rewards/chosen",
+                        "rewards/rejected",
+                        "learning_rate",
+                        "grad_norm",
+                    )
+                    and v is not None
+                ):
                     rows.append({"variant": variant, "step": entry["step"], "metric": k, "value": float(v)})
     return pd.DataFrame(rows, columns=["variant", "step", "metric", "value"])
 
@@ -406,8 +499,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if _is_main():
         for v, m in results.items():
-            print(f"{v}: {m['global_step']} steps, {m['seconds_per_step']} s/step, loss {m['train_loss']:.4f}, "
-                  f"peak RSS {m['peak_rss_mb']:.0f} MB, {m['world_size']} process(es)")
+            print(
+                f"{v}: {m['global_step']} steps, {m['seconds_per_step']} s/step, loss {m['train_loss']:.4f}, "
+                f"peak RSS {m['peak_rss_mb']:.0f} MB, {m['world_size']} process(es)"
+            )
     return 0
 
 

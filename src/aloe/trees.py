@@ -76,23 +76,54 @@ ROLES = ("simulator", "inferrer", "responder", "judge")
 def roles_used(cfg: TreesConfig) -> tuple[str, ...]:
     return tuple(r for r in ROLES if not (r == "judge" and cfg.pair_judge == "rules"))
 
-PROMPTS = ("user_simulator", "infer_extract", "infer_blind", "responder_hinted", "responder_plain", "judge_pair",
-           "judge_score", "judge_likelihood")
+
+PROMPTS = (
+    "user_simulator",
+    "infer_extract",
+    "infer_blind",
+    "responder_hinted",
+    "responder_plain",
+    "judge_pair",
+    "judge_score",
+    "judge_likelihood",
+)
 # Provenance keys that must match for a rerun to continue an existing trees.jsonl.
-_RESUME_KEYS = ("roles", "prompts", "seed", "inference", "branch", "judge", "judge_method", "judge_retries",
-                "inconsistent", "temperature", "max_new_tokens", "preferences", "disclosure_fallback")
+_RESUME_KEYS = (
+    "roles",
+    "prompts",
+    "seed",
+    "inference",
+    "branch",
+    "judge",
+    "judge_method",
+    "judge_retries",
+    "inconsistent",
+    "temperature",
+    "max_new_tokens",
+    "preferences",
+    "disclosure_fallback",
+)
 
 
 def provenance(cfg: TreesConfig, roles: Roles | ChatBackend) -> dict:
     roles = as_roles(roles, roles_used(cfg))
     used = roles_used(cfg)
     described = {r: roles[r].describe() if r in used else preferences.judge_description() for r in ROLES}
-    return {"roles": described, "prompts": {r: prompts.get(r).tag for r in PROMPTS},
-            "preferences": preferences.catalogue().version, "disclosure_fallback": cfg.disclosure_fallback,
-            "seed": cfg.seed,
-            "inference": cfg.inference, "branch": cfg.branch, "judge": cfg.pair_judge, "judge_method": cfg.judge_method,
-            "judge_retries": cfg.judge_retries, "inconsistent": cfg.inconsistent, "temperature": cfg.temperature,
-            "max_new_tokens": cfg.max_new_tokens}
+    return {
+        "roles": described,
+        "prompts": {r: prompts.get(r).tag for r in PROMPTS},
+        "preferences": preferences.catalogue().version,
+        "disclosure_fallback": cfg.disclosure_fallback,
+        "seed": cfg.seed,
+        "inference": cfg.inference,
+        "branch": cfg.branch,
+        "judge": cfg.pair_judge,
+        "judge_method": cfg.judge_method,
+        "judge_retries": cfg.judge_retries,
+        "inconsistent": cfg.inconsistent,
+        "temperature": cfg.temperature,
+        "max_new_tokens": cfg.max_new_tokens,
+    }
 
 
 def history_of(tree: dict) -> list[dict]:
@@ -108,8 +139,15 @@ def _branch_rng(cfg: TreesConfig, tree_id: str, turn: int) -> random.Random:
     return random.Random(f"{cfg.seed}/{tree_id}/{turn}")
 
 
-def decide(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], first: Judged, second: Judged,
-           pointwise: tuple[float | None, float | None] | None = None) -> dict:
+def decide(
+    cfg: TreesConfig,
+    tree_id: str,
+    turn: int,
+    cands: list[dict],
+    first: Judged,
+    second: Judged,
+    pointwise: tuple[float | None, float | None] | None = None,
+) -> dict:
     """Verdict, preferred/rejected and the followed branch for one node.
 
     ``first`` judged (hinted, plain) in that order, ``second`` (plain, hinted).
@@ -117,9 +155,16 @@ def decide(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], first: 
     ``inconsistent`` is "pointwise".
     """
     v = pair_verdict(first, second)
-    node = {"p_hinted": v.p_a, "p_hinted_first": v.p_a_first, "p_hinted_second": v.p_a_second,
-            "consistent": v.consistent, "preferred": None, "rejected": None, "preferred_is_hinted": None,
-            "decided_by": None}
+    node = {
+        "p_hinted": v.p_a,
+        "p_hinted_first": v.p_a_first,
+        "p_hinted_second": v.p_a_second,
+        "consistent": v.consistent,
+        "preferred": None,
+        "rejected": None,
+        "preferred_is_hinted": None,
+        "decided_by": None,
+    }
     hinted_wins = None
     if v.p_a is None:
         node["verdict"] = "unusable"
@@ -139,13 +184,22 @@ def decide(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], first: 
     return _label_and_branch(cfg, tree_id, turn, cands, node, hinted_wins)
 
 
-def decide_likelihood(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict],
-                      hinted_llr: float | None, plain_llr: float | None) -> dict:
+def decide_likelihood(
+    cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], hinted_llr: float | None, plain_llr: float | None
+) -> dict:
     """The likelihood judge's node: the reply the persona explains better (the larger
     per-token log-ratio) is preferred; equal or missing ratios give no label."""
-    node = {"p_hinted": None, "p_hinted_first": None, "p_hinted_second": None, "consistent": None,
-            "preferred": None, "rejected": None, "preferred_is_hinted": None, "decided_by": None,
-            "likelihood": {"hinted": hinted_llr, "plain": plain_llr}}
+    node = {
+        "p_hinted": None,
+        "p_hinted_first": None,
+        "p_hinted_second": None,
+        "consistent": None,
+        "preferred": None,
+        "rejected": None,
+        "preferred_is_hinted": None,
+        "decided_by": None,
+        "likelihood": {"hinted": hinted_llr, "plain": plain_llr},
+    }
     hinted_wins = None
     if hinted_llr is None or plain_llr is None:
         node["verdict"] = "unusable"
@@ -159,8 +213,16 @@ def decide_likelihood(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dic
 def decide_rules(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], hinted: dict, plain: dict) -> dict:
     """The rules judge's node: the reply with the larger share of the persona's applicable
     preferences satisfied is preferred; equal shares are a tie (not exported)."""
-    node = {"p_hinted": None, "p_hinted_first": None, "p_hinted_second": None, "consistent": None,
-            "preferred": None, "rejected": None, "preferred_is_hinted": None, "decided_by": None}
+    node = {
+        "p_hinted": None,
+        "p_hinted_first": None,
+        "p_hinted_second": None,
+        "consistent": None,
+        "preferred": None,
+        "rejected": None,
+        "preferred_is_hinted": None,
+        "decided_by": None,
+    }
     a, b = hinted["share"], plain["share"]
     hinted_wins = None
     if a is None or b is None or a == b:
@@ -170,14 +232,16 @@ def decide_rules(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], h
     return _label_and_branch(cfg, tree_id, turn, cands, node, hinted_wins)
 
 
-def _label_and_branch(cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], node: dict,
-                      hinted_wins: bool | None) -> dict:
+def _label_and_branch(
+    cfg: TreesConfig, tree_id: str, turn: int, cands: list[dict], node: dict, hinted_wins: bool | None
+) -> dict:
     rng = _branch_rng(cfg, tree_id, turn)
     hinted, plain = cands
     if hinted_wins is not None:
         win, lose = (hinted, plain) if hinted_wins else (plain, hinted)
-        node.update(verdict="preferred", preferred=win["text"], rejected=lose["text"],
-                    preferred_is_hinted=win["hinted"])
+        node.update(
+            verdict="preferred", preferred=win["text"], rejected=lose["text"], preferred_is_hinted=win["hinted"]
+        )
     if node["verdict"] == "preferred" and cfg.branch != "random":
         followed = cfg.branch
     elif node["verdict"] == "preferred":
@@ -222,7 +286,8 @@ def _same_settings(path: Path, old: dict, prov: dict) -> None:
         raise AloeError(
             f"{path}: made with different settings ({', '.join(diff)}: "
             f"{', '.join(f'{old.get(k)!r} -> {prov.get(k)!r}' for k in diff)}); "
-            f"delete {path.parent} to start over, or restore the old settings to resume")
+            f"delete {path.parent} to start over, or restore the old settings to resume"
+        )
 
 
 @stage_guard("trees")
@@ -258,8 +323,9 @@ def schedule_of(cfg: TreesConfig, roles: Roles) -> str:
     return "conversation" if engines and all(e.kind == "openai" for e in engines) else "lockstep"
 
 
-def _grow_lockstep(cfg: TreesConfig, roles: Roles, trees: list[_Tree], stats: dict, bar, started: float,
-                   resumed: int) -> None:
+def _grow_lockstep(
+    cfg: TreesConfig, roles: Roles, trees: list[_Tree], stats: dict, bar, started: float, resumed: int
+) -> None:
     """Turn by turn, every live tree together: one batch per role; the turn is on disk before the
     next starts."""
     for turn in range(1, cfg.turns + 1):
@@ -278,8 +344,18 @@ def _grow_lockstep(cfg: TreesConfig, roles: Roles, trees: list[_Tree], stats: di
 def _log_progress(cfg: TreesConfig, roles: Roles, trees: list[_Tree], started: float, resumed: int) -> None:
     """The progress line: done and total, rate, time left, failures, cost so far."""
     done = sum(len(t.rec["turns"]) for t in trees)
-    log.info(progress_line("trees", done, cfg.turns * len(trees), done - resumed, started,
-                           sum(1 for t in trees if t.rec.get("failed")), roles.usage(), cfg.prices))
+    log.info(
+        progress_line(
+            "trees",
+            done,
+            cfg.turns * len(trees),
+            done - resumed,
+            started,
+            sum(1 for t in trees if t.rec.get("failed")),
+            roles.usage(),
+            cfg.prices,
+        )
+    )
 
 
 def _turn_of_one(cfg: TreesConfig, roles: Roles, t: _Tree, turn: int, stats: dict) -> None:
@@ -291,8 +367,9 @@ def _turn_of_one(cfg: TreesConfig, roles: Roles, t: _Tree, turn: int, stats: dic
         _judge_nodes(cfg, roles, judged_in, disclosed, turn, stats)
 
 
-def _grow_each(cfg: TreesConfig, roles: Roles, trees: list[_Tree], prov: dict, stats: dict, bar, started: float,
-               resumed: int) -> None:
+def _grow_each(
+    cfg: TreesConfig, roles: Roles, trees: list[_Tree], prov: dict, stats: dict, bar, started: float, resumed: int
+) -> None:
     """The scheduled path: up to ``workers`` trees in progress, each advancing as its own answers
     arrive, so one slow call holds up only its tree. Every finished turn is appended to
     ``trees.steps.jsonl`` at once. An outage (``workers`` trees in a row find no server) stops the
@@ -330,8 +407,17 @@ class _Scheduled:
     """What the trees scheduled one by one share: the stage's counters, the steps log, the stop
     flag, and the count of trees in a row that found no server (an outage at ``workers``)."""
 
-    def __init__(self, cfg: TreesConfig, roles: Roles, trees: list[_Tree], stats: dict, bar, started: float,
-                 resumed: int, steps: JsonlAppender):
+    def __init__(
+        self,
+        cfg: TreesConfig,
+        roles: Roles,
+        trees: list[_Tree],
+        stats: dict,
+        bar,
+        started: float,
+        resumed: int,
+        steps: JsonlAppender,
+    ):
         self.cfg, self.roles, self.trees, self.stats, self.bar = cfg, roles, trees, stats, bar
         self.started, self.resumed, self.steps = started, resumed, steps
         self.workers = _workers(cfg, roles)
@@ -360,8 +446,11 @@ class _Scheduled:
             self.outage = 0
             for k, v in own.items():
                 self.stats[k] += v
-            self.steps.append({"id": t.rec["id"], "failed": t.rec["failed"]} if t.rec["failed"] else
-                              {"id": t.rec["id"], "node": t.rec["turns"][-1]})
+            self.steps.append(
+                {"id": t.rec["id"], "failed": t.rec["failed"]}
+                if t.rec["failed"]
+                else {"id": t.rec["id"], "node": t.rec["turns"][-1]}
+            )
             self.bar.update(0 if t.rec["failed"] else 1)
             self._progress()
         return True
@@ -390,8 +479,10 @@ def _open_trees(cfg: TreesConfig, roles: Roles) -> tuple[list[_Tree], dict, int]
     if not pairs:
         raise AloeError(f"{paths.pairs}: no training personas")
     if cfg.pair_judge == "rules" and not any(p.get("preferences") for p in pairs):
-        raise AloeError(f"{paths.pairs}: judge 'rules' needs personas with checkable preferences; set "
-                        f"stages.personas.preferences (e.g. [2, 4]) and rerun the personas stage")
+        raise AloeError(
+            f"{paths.pairs}: judge 'rules' needs personas with checkable preferences; set "
+            f"stages.personas.preferences (e.g. [2, 4]) and rerun the personas stage"
+        )
     pairs = spread(pairs, cfg.n_personas, cfg.seed)  # not the first few profiles' pairs
     prov = provenance(cfg, roles)
     existing = _fold_steps(_load_existing(paths.trees, prov), paths.tree_steps, prov)
@@ -400,10 +491,18 @@ def _open_trees(cfg: TreesConfig, roles: Roles) -> tuple[list[_Tree], dict, int]
         tid = f"tree-{p['id']}"
         rec = existing.get(tid)
         if rec is None or rec.get("_partial"):  # new, or known only from the steps log
-            rec = {"id": tid, "persona_id": p["id"], "profile_id": p.get("profile_id"),
-                   "personality_id": p.get("personality_id"), "profile": p["profile"], "personality": p["personality"],
-                   "preferences": p.get("preferences") or [], "provenance": prov,
-                   "turns": (rec or {}).get("turns", []), "failed": (rec or {}).get("failed")}
+            rec = {
+                "id": tid,
+                "persona_id": p["id"],
+                "profile_id": p.get("profile_id"),
+                "personality_id": p.get("personality_id"),
+                "profile": p["profile"],
+                "personality": p["personality"],
+                "preferences": p.get("preferences") or [],
+                "provenance": prov,
+                "turns": (rec or {}).get("turns", []),
+                "failed": (rec or {}).get("failed"),
+            }
         rec["turns"] = [t for t in rec["turns"] if t["turn"] <= cfg.turns]
         if rec.get("failed"):  # a failure is not data: the failed turn is tried again, the done ones kept
             rec["retried"] = rec.get("retried", 0) + 1
@@ -450,16 +549,27 @@ def _user_turn(cfg: TreesConfig, roles: Roles, active: list[_Tree], turn: int) -
     (what it conveyed, what is revealed by now): [(tree, message)], {tree id: disclosure}."""
     sim = prompts.get("user_simulator")
     plans = {t.rec["id"]: _plan(cfg, t.rec, turn) for t in active}
-    users = roles["simulator"].chat([ChatRequest(
-        simulator_messages(t.rec["profile"], t.rec["personality"], history_of(t.rec), plans[t.rec["id"]].directive),
-        _sampling(cfg), sample_index=turn, prompt_version=sim.tag) for t in active])
+    users = roles["simulator"].chat(
+        [
+            ChatRequest(
+                simulator_messages(
+                    t.rec["profile"], t.rec["personality"], history_of(t.rec), plans[t.rec["id"]].directive
+                ),
+                _sampling(cfg),
+                sample_index=turn,
+                prompt_version=sim.tag,
+            )
+            for t in active
+        ]
+    )
     said, disclosed = [], {}
     for t, u in zip(active, users):
         msg = clean_user_message(u.text) if u.ok else ""
         if msg:
             if t.rec["preferences"]:
                 msg, disclosed[t.rec["id"]] = preferences.settle_message(
-                    t.rec, plans[t.rec["id"]], msg, _revealed(t.rec), cfg.disclosure_fallback)
+                    t.rec, plans[t.rec["id"]], msg, _revealed(t.rec), cfg.disclosure_fallback
+                )
             said.append((t, msg))
         else:
             t.fail(turn, "user_simulator", u.error)
@@ -470,11 +580,28 @@ def _infer(cfg: TreesConfig, roles: Roles, said: list, disclosed: dict, turn: in
     """The inference step: what the user has revealed so far, as the hinted responder's hint."""
     infer = prompts.get(f"infer_{cfg.inference}")
     samp = Sampling(temperature=0.0, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    inferred = roles["inferrer"].chat([ChatRequest(
-        [{"role": "system", "content": infer.render("system")},
-         {"role": "user", "content": infer.render("user", profile=t.rec["profile"], personality=t.rec["personality"],
-                                                  dialogue=dialogue_text(history_of(t.rec), m))}],
-        samp, sample_index=turn, prompt_version=infer.tag) for t, m in said])
+    inferred = roles["inferrer"].chat(
+        [
+            ChatRequest(
+                [
+                    {"role": "system", "content": infer.render("system")},
+                    {
+                        "role": "user",
+                        "content": infer.render(
+                            "user",
+                            profile=t.rec["profile"],
+                            personality=t.rec["personality"],
+                            dialogue=dialogue_text(history_of(t.rec), m),
+                        ),
+                    },
+                ],
+                samp,
+                sample_index=turn,
+                prompt_version=infer.tag,
+            )
+            for t, m in said
+        ]
+    )
     step = []
     for (t, m), inf in zip(said, inferred):
         if inf.ok:
@@ -495,8 +622,12 @@ def _respond(cfg: TreesConfig, roles: Roles, step: list, turn: int) -> list:
         else:
             head, tag = hinted.render("system"), hinted.tag
             tail = [{"role": "system", "content": hinted.render("hint", hint=hint)}]
-        return ChatRequest([{"role": "system", "content": head}, *history_of(t.rec), *tail,
-                            {"role": "user", "content": m}], _sampling(cfg), sample_index=turn, prompt_version=tag)
+        return ChatRequest(
+            [{"role": "system", "content": head}, *history_of(t.rec), *tail, {"role": "user", "content": m}],
+            _sampling(cfg),
+            sample_index=turn,
+            prompt_version=tag,
+        )
 
     replies = roles["responder"].chat([request(t, m, h) for t, m, inf in step for h in (inf["hint"], None)])
     judged_in = []
@@ -517,8 +648,9 @@ def _judge_nodes(cfg: TreesConfig, roles: Roles, judged_in: list, disclosed: dic
         ratios = _likelihood(roles["judge"], judged_in)
     elif cfg.pair_judge != "rules":
         jreqs = [r for t, m, _, a, b in judged_in for r in pair_requests(t.rec, m, a, b)]
-        verdicts = ask(roles["judge"], jreqs, parse_choice, method=cfg.judge_method,
-                       retries=cfg.judge_retries, require_all=True)
+        verdicts = ask(
+            roles["judge"], jreqs, parse_choice, method=cfg.judge_method, retries=cfg.judge_retries, require_all=True
+        )
         pointwise = _pointwise(cfg, roles["judge"], judged_in, verdicts)
     for i, (t, m, inf, a, b) in enumerate(judged_in):
         cands = [{"id": "a", "text": a, "hinted": True}, {"id": "b", "text": b, "hinted": False}]
@@ -528,8 +660,10 @@ def _judge_nodes(cfg: TreesConfig, roles: Roles, judged_in: list, disclosed: dic
         rules = None
         if t.rec["preferences"]:  # exact scores beside any judge's verdict
             revealed = disclosed[t.rec["id"]]["revealed"]
-            rules = {"hinted": preferences.rules_score(t.rec["preferences"], a, revealed),
-                     "plain": preferences.rules_score(t.rec["preferences"], b, revealed)}
+            rules = {
+                "hinted": preferences.rules_score(t.rec["preferences"], a, revealed),
+                "plain": preferences.rules_score(t.rec["preferences"], b, revealed),
+            }
             rec.update(preferences=disclosed[t.rec["id"]], rules=rules)
         if cfg.pair_judge == "rules":
             node = decide_rules(cfg, t.rec["id"], turn, cands, rules["hinted"], rules["plain"])
@@ -553,17 +687,20 @@ def _judge_nodes(cfg: TreesConfig, roles: Roles, judged_in: list, disclosed: dic
             t.rec["turns"].append({**rec, **node})
 
 
-def _finish(cfg: TreesConfig, roles: Roles, records: list[dict], prov: dict, resumed: int, stats: dict,
-            started: float) -> dict:
+def _finish(
+    cfg: TreesConfig, roles: Roles, records: list[dict], prov: dict, resumed: int, stats: dict, started: float
+) -> dict:
     """Fail the stage when too many trees failed; otherwise the disclosure curves, the TRL exports,
     the dataset card and the manifest."""
     paths = cfg.paths
     failed = [t for t in records if t["failed"] is not None]
     if failed and len(failed) > cfg.max_failed_share * len(records):
         reasons = collections.Counter(f"{t['failed']['role']}: {str(t['failed']['error'])[:100]}" for t in failed)
-        raise AloeError(f"trees: {len(failed)} of {len(records)} trees failed, more than max_failed_share "
-                        f"{cfg.max_failed_share:g} allows ({'; '.join(f'{n} x {r}' for r, n in reasons.most_common(3))}); "
-                        f"finished turns are kept in {paths.trees}: rerun to retry the failed ones")
+        raise AloeError(
+            f"trees: {len(failed)} of {len(records)} trees failed, more than max_failed_share "
+            f"{cfg.max_failed_share:g} allows ({'; '.join(f'{n} x {r}' for r, n in reasons.most_common(3))}); "
+            f"finished turns are kept in {paths.trees}: rerun to retry the failed ones"
+        )
     add_disclosure(records, cfg.disclosure_threshold)
     write_jsonl(paths.trees, records)
     exports = export_rows(records, prompts.get("responder_plain").render("system"))
@@ -571,16 +708,30 @@ def _finish(cfg: TreesConfig, roles: Roles, records: list[dict], prov: dict, res
         write_jsonl(paths.export(name), rows)
     dataset_card(paths, cfg.experiment, {k: len(v) for k, v in exports.items()}, prov)
     nodes = [n for t in records for n in t["turns"]]
-    counts = {"trees": len(records), "failed_trees": sum(t["failed"] is not None for t in records),
-              "turns": len(nodes), "resumed_turns": resumed,
-              **{f"verdict_{v}": sum(n["verdict"] == v for n in nodes) for v in ("preferred", "tie", "drop",
-                                                                                   "unusable")},
-              **{f"decided_by_{d}": sum(n.get("decided_by") == d for n in nodes)
-                 for d in ("pair", "average", "pointwise", "likelihood", "rules")},
-              **preference_counts(nodes),
-              **{f"{k}_rows": len(v) for k, v in exports.items()}, **stats, **roles.cache_stats()}
-    write_manifest(paths.stage("trees"), stage="trees", parameters=cfg, started=started, roles=prov["roles"],
-                   counts=counts, extra={"provenance": prov, "usage": with_cost(roles.usage(), cfg.prices)})
+    counts = {
+        "trees": len(records),
+        "failed_trees": sum(t["failed"] is not None for t in records),
+        "turns": len(nodes),
+        "resumed_turns": resumed,
+        **{f"verdict_{v}": sum(n["verdict"] == v for n in nodes) for v in ("preferred", "tie", "drop", "unusable")},
+        **{
+            f"decided_by_{d}": sum(n.get("decided_by") == d for n in nodes)
+            for d in ("pair", "average", "pointwise", "likelihood", "rules")
+        },
+        **preference_counts(nodes),
+        **{f"{k}_rows": len(v) for k, v in exports.items()},
+        **stats,
+        **roles.cache_stats(),
+    }
+    write_manifest(
+        paths.stage("trees"),
+        stage="trees",
+        parameters=cfg,
+        started=started,
+        roles=prov["roles"],
+        counts=counts,
+        extra={"provenance": prov, "usage": with_cost(roles.usage(), cfg.prices)},
+    )
     return counts
 
 
@@ -621,12 +772,19 @@ def _pointwise(cfg: TreesConfig, backend: ChatBackend, judged_in: list, verdicts
     """
     if cfg.inconsistent != "pointwise":
         return {}
-    todo = [i for i in range(len(judged_in))
-            if pair_verdict(verdicts[2 * i], verdicts[2 * i + 1]).consistent is False]
-    replies = [Reply(judged_in[i][0].rec, history_of(judged_in[i][0].rec), judged_in[i][1], reply)
-               for i in todo for reply in judged_in[i][3:5]]
-    got = ask(backend, rubric_requests(replies, "paper"), parse_score_choice, method=cfg.judge_method,
-              retries=cfg.judge_retries)
+    todo = [i for i in range(len(judged_in)) if pair_verdict(verdicts[2 * i], verdicts[2 * i + 1]).consistent is False]
+    replies = [
+        Reply(judged_in[i][0].rec, history_of(judged_in[i][0].rec), judged_in[i][1], reply)
+        for i in todo
+        for reply in judged_in[i][3:5]
+    ]
+    got = ask(
+        backend,
+        rubric_requests(replies, "paper"),
+        parse_score_choice,
+        method=cfg.judge_method,
+        retries=cfg.judge_retries,
+    )
     return {i: (expected_score(got[2 * k]), expected_score(got[2 * k + 1])) for k, i in enumerate(todo)}
 
 
@@ -638,8 +796,12 @@ def preference_counts(nodes: list[dict]) -> dict[str, int]:
     if not recs:
         return {}
     c = preferences.disclosure_counts(recs)
-    return {"preferences_scheduled": c["scheduled"], "preferences_conveyed": c["conveyed"],
-            "preferences_appended": c["appended"], "preference_complaints": c["complaints"]}
+    return {
+        "preferences_scheduled": c["scheduled"],
+        "preferences_conveyed": c["conveyed"],
+        "preferences_appended": c["appended"],
+        "preference_complaints": c["complaints"],
+    }
 
 
 def _progress(total: int, done: int, enabled: bool):
@@ -654,8 +816,13 @@ def add_disclosure(trees: list[dict], threshold: float) -> None:
     for t in trees:
         if all("disclosure" in n for n in t["turns"]):
             continue
-        curve = revealed_curve(t["profile"], t["personality"], [n["user"] for n in t["turns"]], threshold,
-                               recovered_texts=[n["inferred"]["text"] for n in t["turns"]])
+        curve = revealed_curve(
+            t["profile"],
+            t["personality"],
+            [n["user"] for n in t["turns"]],
+            threshold,
+            recovered_texts=[n["inferred"]["text"] for n in t["turns"]],
+        )
         for n, row in zip(t["turns"], curve):
             n["disclosure"] = row
 
@@ -691,17 +858,28 @@ def node_table(trees: list[dict]) -> list[dict]:
         for n in t["turns"]:
             cands = {c["hinted"]: c["text"] for c in n.get("candidates", [])}
             methods = [j["method"] for j in n.get("judgments", [])]
-            rows.append({
-                "tree": t["id"], "turn": n["turn"], "verdict": n["verdict"], "decided_by": n.get("decided_by"),
-                "hinted_preferred": n["preferred_is_hinted"], "orders_agree": n["consistent"],
-                "p_hinted": n["p_hinted"], "judge_unusable": methods.count("none"), "judge_text": methods.count("text"),
-                "judgments": len(methods), "user_words": len(n["user"].split()),
-                "hinted_words": len(cands.get(True, "").split()), "plain_words": len(cands.get(False, "").split()),
-                "revealed": (n.get("disclosure") or {}).get("revealed"),
-                "rules_hinted": ((n.get("rules") or {}).get("hinted") or {}).get("share"),
-                "rules_plain": ((n.get("rules") or {}).get("plain") or {}).get("share"),
-                "preferences_revealed": len((n.get("preferences") or {}).get("revealed") or []),
-                "recovered": (n.get("disclosure") or {}).get("recovered")})
+            rows.append(
+                {
+                    "tree": t["id"],
+                    "turn": n["turn"],
+                    "verdict": n["verdict"],
+                    "decided_by": n.get("decided_by"),
+                    "hinted_preferred": n["preferred_is_hinted"],
+                    "orders_agree": n["consistent"],
+                    "p_hinted": n["p_hinted"],
+                    "judge_unusable": methods.count("none"),
+                    "judge_text": methods.count("text"),
+                    "judgments": len(methods),
+                    "user_words": len(n["user"].split()),
+                    "hinted_words": len(cands.get(True, "").split()),
+                    "plain_words": len(cands.get(False, "").split()),
+                    "revealed": (n.get("disclosure") or {}).get("revealed"),
+                    "rules_hinted": ((n.get("rules") or {}).get("hinted") or {}).get("share"),
+                    "rules_plain": ((n.get("rules") or {}).get("plain") or {}).get("share"),
+                    "preferences_revealed": len((n.get("preferences") or {}).get("revealed") or []),
+                    "recovered": (n.get("disclosure") or {}).get("recovered"),
+                }
+            )
     return rows
 
 
@@ -709,14 +887,19 @@ def tree_html(tree: dict) -> str:
     """One tree as readable HTML: persona, then per turn the user, the inference and both replies."""
     from html import escape as e
 
-    parts = [f"<div style='font-family:sans-serif;max-width:60em'><h4>{e(tree['id'])}</h4>",
-             f"<p><b>Profile:</b> {e(tree['profile'])}<br><b>Personality:</b> {e(tree['personality'])}</p>"]
+    parts = [
+        f"<div style='font-family:sans-serif;max-width:60em'><h4>{e(tree['id'])}</h4>",
+        f"<p><b>Profile:</b> {e(tree['profile'])}<br><b>Personality:</b> {e(tree['personality'])}</p>",
+    ]
     for n in tree["turns"]:
-        parts.append(f"<h5>Turn {n['turn']}: verdict {e(n['verdict'])}"
-                     f"{' by ' + e(n['decided_by']) if n.get('decided_by') else ''}</h5>")
+        parts.append(
+            f"<h5>Turn {n['turn']}: verdict {e(n['verdict'])}"
+            f"{' by ' + e(n['decided_by']) if n.get('decided_by') else ''}</h5>"
+        )
         parts.append(f"<p><b>User:</b> {e(n['user'])}</p>")
-        parts.append(f"<p style='color:#555'><i>Inferred ({e(n['inferred']['mode'])}):</i> "
-                     f"{e(n['inferred']['text'])}</p><ul>")
+        parts.append(
+            f"<p style='color:#555'><i>Inferred ({e(n['inferred']['mode'])}):</i> {e(n['inferred']['text'])}</p><ul>"
+        )
         for c in n.get("candidates", []):
             won = n.get("preferred") == c["text"]
             mark = "preferred" if won else ("rejected" if n.get("rejected") == c["text"] else "")

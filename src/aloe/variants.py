@@ -21,18 +21,20 @@ class Variant:
     start_from: Optional[str] = None  # another variant whose merged model it starts from (None: the policy)
 
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in (
-    Variant("sft_preferred", "sft", "sft_preferred"),
-    Variant("sft_rejected", "sft", "sft_rejected"),  # the control: SFT on the replies the judge rejected
-    Variant("dpo", "dpo", "dpo"),
-    Variant("sft_then_dpo", "dpo", "dpo", start_from="sft_preferred"),
-)}
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant("sft_preferred", "sft", "sft_preferred"),
+        Variant("sft_rejected", "sft", "sft_rejected"),  # the control: SFT on the replies the judge rejected
+        Variant("dpo", "dpo", "dpo"),
+        Variant("sft_then_dpo", "dpo", "dpo", start_from="sft_preferred"),
+    )
+}
 
 # Evaluation baselines, all played by the policy model without training, and the
 # responder prompt each one gets: base (a plain prompt), oracle (the persona in the
 # system prompt: an upper reference), reminder (told to infer the user and adapt).
-BASELINES: dict[str, str] = {"base": "responder_plain", "oracle": "responder_oracle",
-                             "reminder": "responder_reminder"}
+BASELINES: dict[str, str] = {"base": "responder_plain", "oracle": "responder_oracle", "reminder": "responder_reminder"}
 
 EVALUATED = tuple(BASELINES) + tuple(VARIANTS)
 

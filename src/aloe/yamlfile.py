@@ -51,8 +51,10 @@ class _StrictLoader(yaml.SafeLoader):
                 if not isinstance(key, str):
                     raise _Refused(f"line {line}: key {short(key)} is not a string; write it as a name")
                 if key in seen:
-                    raise _Refused(f"line {line}: key {key!r} appears twice in one mapping (first on line "
-                                   f"{seen[key]}); YAML would keep only the last one")
+                    raise _Refused(
+                        f"line {line}: key {key!r} appears twice in one mapping (first on line "
+                        f"{seen[key]}); YAML would keep only the last one"
+                    )
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
 

@@ -22,8 +22,19 @@ from aloe.cache import CallCache
 from aloe.config import BackendConfig
 from aloe.models import hf_location, model_identity, resolve_model
 
-__all__ = ["CandidateLogprobs", "ChatBackend", "ChatRequest", "Completion", "ProbRequest", "Sampling",
-           "match_candidates", "open_backend", "check_settings", "probe", "BACKENDS"]
+__all__ = [
+    "CandidateLogprobs",
+    "ChatBackend",
+    "ChatRequest",
+    "Completion",
+    "ProbRequest",
+    "Sampling",
+    "match_candidates",
+    "open_backend",
+    "check_settings",
+    "probe",
+    "BACKENDS",
+]
 
 
 def _transformers(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
@@ -31,9 +42,16 @@ def _transformers(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
 
     spec = resolve_model(cfg.model, cfg.revision)
     model_id, revision = model_identity(spec)
-    return TransformersBackend(hf_location(spec), model_id, revision, cache, batch_size=cfg.batch_size,
-                               dtype=cfg.dtype, device=cfg.device,
-                               hf_revision=spec.revision if spec.source == "hf" else None)
+    return TransformersBackend(
+        hf_location(spec),
+        model_id,
+        revision,
+        cache,
+        batch_size=cfg.batch_size,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        hf_revision=spec.revision if spec.source == "hf" else None,
+    )
 
 
 def _openai(cfg: BackendConfig, cache: CallCache | None, **overrides) -> ChatBackend:
@@ -41,11 +59,25 @@ def _openai(cfg: BackendConfig, cache: CallCache | None, **overrides) -> ChatBac
 
     # The model behind a server is whatever it serves; `model` names it for the cache
     # and the manifest, `served_model` is what the API expects (defaults to `model`).
-    settings = dict(api_key_env=cfg.api_key_env, allow_insecure_key=cfg.allow_insecure_key,
-                    max_concurrency=cfg.max_concurrency, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
-                    top_logprobs=cfg.top_logprobs, deadline_s=cfg.deadline_s, rpm=cfg.rpm, tpm=cfg.tpm)
-    backend = OpenAIBackend(cfg.base_url, cfg.served_model or cfg.model, cfg.model, cfg.revision or "served", cache,
-                            **{**settings, **overrides})
+    settings = dict(
+        api_key_env=cfg.api_key_env,
+        allow_insecure_key=cfg.allow_insecure_key,
+        max_concurrency=cfg.max_concurrency,
+        timeout_s=cfg.timeout_s,
+        max_retries=cfg.max_retries,
+        top_logprobs=cfg.top_logprobs,
+        deadline_s=cfg.deadline_s,
+        rpm=cfg.rpm,
+        tpm=cfg.tpm,
+    )
+    backend = OpenAIBackend(
+        cfg.base_url,
+        cfg.served_model or cfg.model,
+        cfg.model,
+        cfg.revision or "served",
+        cache,
+        **{**settings, **overrides},
+    )
     backend.check()
     return backend
 
@@ -55,11 +87,18 @@ def _vllm(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
 
     spec = resolve_model(cfg.model, cfg.revision)
     model_id, revision = model_identity(spec)
-    return VLLMBackend(hf_location(spec), model_id, revision, cache,
-                       tensor_parallel_size=cfg.tensor_parallel_size,
-                       gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                       top_logprobs=cfg.top_logprobs, hf_revision=spec.revision if spec.source == "hf" else None,
-                       dtype=cfg.dtype)
+    return VLLMBackend(
+        hf_location(spec),
+        model_id,
+        revision,
+        cache,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        max_model_len=cfg.max_model_len,
+        top_logprobs=cfg.top_logprobs,
+        hf_revision=spec.revision if spec.source == "hf" else None,
+        dtype=cfg.dtype,
+    )
 
 
 def _scripted(cfg: BackendConfig, cache: CallCache) -> ChatBackend:

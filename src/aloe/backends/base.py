@@ -38,6 +38,7 @@ def quiet_calls():
     finally:
         _calls.quiet = False
 
+
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 
@@ -63,7 +64,7 @@ _NOT_APPLIED = ("top_k", "min_p", "typical_p", "repetition_penalty", "presence_p
 
 
 def default_sampling(generation_config) -> dict:
-    """"The model's own default sampling", resolved once from its generation config (a
+    """ "The model's own default sampling", resolved once from its generation config (a
     ``GenerationConfig`` or the dict of ``generation_config.json``) into explicit values that every
     local engine applies the same way: greedy unless ``do_sample`` is true, else its temperature and
     top_p (1.0 where unset). What it sets that no engine here applies is listed under ``ignored``."""
@@ -76,8 +77,11 @@ def default_sampling(generation_config) -> dict:
     else:
         given = dict(vars(generation_config))
     sample = bool(given.get("do_sample", False))
-    out = {"do_sample": sample, "temperature": float(given.get("temperature") or 1.0) if sample else 0.0,
-           "top_p": float(given.get("top_p") or 1.0) if sample else 1.0}
+    out = {
+        "do_sample": sample,
+        "temperature": float(given.get("temperature") or 1.0) if sample else 0.0,
+        "top_p": float(given.get("top_p") or 1.0) if sample else 1.0,
+    }
     ignored = {k: given[k] for k in _NOT_APPLIED if given.get(k) is not None}
     if ignored:
         out["ignored"] = ignored
@@ -205,16 +209,38 @@ class ChatBackend(ABC):
         return {}
 
     def _key(self, call: str, payload: dict) -> str:
-        return cache_key({"backend": self.kind, "model": self.model_id, "revision": self.revision,
-                          "engine": self.key_identity(), "call": call, **payload})
+        return cache_key(
+            {
+                "backend": self.kind,
+                "model": self.model_id,
+                "revision": self.revision,
+                "engine": self.key_identity(),
+                "call": call,
+                **payload,
+            }
+        )
 
     def chat_key(self, r: ChatRequest) -> str:
-        return self._key("chat", {"messages": list(r.messages), "sampling": asdict(r.sampling),
-                                  "sample_index": r.sample_index, "prompt_version": r.prompt_version})
+        return self._key(
+            "chat",
+            {
+                "messages": list(r.messages),
+                "sampling": asdict(r.sampling),
+                "sample_index": r.sample_index,
+                "prompt_version": r.prompt_version,
+            },
+        )
 
     def prob_key(self, r: ProbRequest) -> str:
-        return self._key("logprobs", {"messages": list(r.messages), "candidates": list(r.candidates),
-                                      "prompt_version": r.prompt_version, **self.prob_key_extra()})
+        return self._key(
+            "logprobs",
+            {
+                "messages": list(r.messages),
+                "candidates": list(r.candidates),
+                "prompt_version": r.prompt_version,
+                **self.prob_key_extra(),
+            },
+        )
 
     # Engines whose answers arrive one by one (HTTP) take ``done`` in _generate/_score and call
     # it with each result as it arrives, so it reaches the cache then, not when the batch ends.
@@ -260,9 +286,15 @@ class ChatBackend(ABC):
                         self.failures += 1
                     out.append(c)
         # one line per batch; the small calls of conversations scheduled one by one only in debug
-        log.log(logging.DEBUG if getattr(_calls, "quiet", False) else logging.INFO,
-                "%s chat: %d requests, %d cached, %d generated, %d failed", self.kind, len(requests),
-                len(requests) - len(todo), len(uniq), sum(1 for c in fresh if not c.ok))
+        log.log(
+            logging.DEBUG if getattr(_calls, "quiet", False) else logging.INFO,
+            "%s chat: %d requests, %d cached, %d generated, %d failed",
+            self.kind,
+            len(requests),
+            len(requests) - len(todo),
+            len(uniq),
+            sum(1 for c in fresh if not c.ok),
+        )
         return out
 
     def logprobs(self, requests: Sequence[ProbRequest]) -> list[CandidateLogprobs]:
@@ -296,9 +328,14 @@ class ChatBackend(ABC):
     def usage(self) -> dict:
         """What this engine was asked and did: requests sent and answered from the cache, prompt
         tokens read and tokens generated (as far as the engine reports them)."""
-        return {"calls": self.sent, "cached_calls": self.from_cache, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.generated_tokens, "cached_prompt_tokens": self.cached_prompt_tokens,
-                "cached_completion_tokens": self.cached_completion_tokens}
+        return {
+            "calls": self.sent,
+            "cached_calls": self.from_cache,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.generated_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "cached_completion_tokens": self.cached_completion_tokens,
+        }
 
     def default_sampling(self) -> dict | None:
         """What ``Sampling(temperature=None)`` (the model's own default) means on this engine, as

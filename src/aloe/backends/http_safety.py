@@ -39,8 +39,9 @@ def redact_url(url: str) -> str:
         host = f"[{host}]"
     if port:
         host += f":{port}"
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "***" if parts.query else "",
-                                    "***" if parts.fragment else ""))
+    return urllib.parse.urlunsplit(
+        (parts.scheme, host, parts.path, "***" if parts.query else "", "***" if parts.fragment else "")
+    )
 
 
 def is_loopback(url: str) -> bool:
@@ -61,15 +62,20 @@ def check_url(url: str, key: str) -> None:
     except ValueError as e:
         raise ConfigError(f"{key}: {short(redact_url(url))} is not a valid URL ({e})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
-        raise ConfigError(f"{key}: {short(redact_url(url))} is not an http(s) URL with a host, "
-                          f"e.g. http://127.0.0.1:8000/v1")
+        raise ConfigError(
+            f"{key}: {short(redact_url(url))} is not an http(s) URL with a host, e.g. http://127.0.0.1:8000/v1"
+        )
     if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"{key}: {redact_url(url)} carries credentials (user:password@); they would be "
-                          f"recorded in manifests; put the key in an environment variable named by api_key_env")
+        raise ConfigError(
+            f"{key}: {redact_url(url)} carries credentials (user:password@); they would be "
+            f"recorded in manifests; put the key in an environment variable named by api_key_env"
+        )
     if parts.query or parts.fragment or url.rstrip().endswith(("?", "#")):
-        raise ConfigError(f"{key}: {redact_url(url)} has a query string or fragment (?... or #...); a base URL "
-                          f"takes none (/chat/completions is appended to its path), and a key there would be "
-                          f"recorded in manifests: put the key in an environment variable named by api_key_env")
+        raise ConfigError(
+            f"{key}: {redact_url(url)} has a query string or fragment (?... or #...); a base URL "
+            f"takes none (/chat/completions is appended to its path), and a key there would be "
+            f"recorded in manifests: put the key in an environment variable named by api_key_env"
+        )
 
 
 def check_key_transport(urls: Sequence[str], api_key_env: str | None, allow_insecure_key: bool, key: str) -> None:
@@ -77,16 +83,21 @@ def check_key_transport(urls: Sequence[str], api_key_env: str | None, allow_inse
     if api_key_env is None:
         return
     if not ENV_NAME.fullmatch(api_key_env):
-        raise ConfigError(f"{key}api_key_env: {short(api_key_env)} is not an environment variable name "
-                          f"(letters, digits and '_', e.g. OPENAI_API_KEY)")
+        raise ConfigError(
+            f"{key}api_key_env: {short(api_key_env)} is not an environment variable name "
+            f"(letters, digits and '_', e.g. OPENAI_API_KEY)"
+        )
     plain = [u for u in urls if urllib.parse.urlsplit(u).scheme == "http" and not is_loopback(u)]
     if plain and not allow_insecure_key:
-        raise ConfigError(f"{key}api_key_env: the key would be sent over plain http to {redact_url(plain[0])}, "
-                          f"readable on the way; use https, or set allow_insecure_key: true if you mean it")
+        raise ConfigError(
+            f"{key}api_key_env: the key would be sent over plain http to {redact_url(plain[0])}, "
+            f"readable on the way; use https, or set allow_insecure_key: true if you mean it"
+        )
 
 
-def check_settings(base_url: str | Sequence[str] | None, api_key_env: str | None, allow_insecure_key: bool,
-                   where: str = "") -> None:
+def check_settings(
+    base_url: str | Sequence[str] | None, api_key_env: str | None, allow_insecure_key: bool, where: str = ""
+) -> None:
     """Every rule above for one engine's settings; ``where`` (e.g. ``"roles.judge."``) prefixes the key."""
     urls = (base_url,) if isinstance(base_url, str) else tuple(base_url or ())
     for i, url in enumerate(urls):

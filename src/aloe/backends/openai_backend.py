@@ -124,8 +124,12 @@ class _Pool:
             self._fails[url] += 1
             if self._fails[url] >= self.fail_after and len(self.urls) > 1:
                 self._down_until[url] = time.monotonic() + self._cool[url]
-                log.warning("%s failed %d times in a row: out of the pool for %.0f s", redact_url(url),
-                            self._fails[url], self._cool[url])
+                log.warning(
+                    "%s failed %d times in a row: out of the pool for %.0f s",
+                    redact_url(url),
+                    self._fails[url],
+                    self._cool[url],
+                )
                 self._cool[url] *= 2
                 self._fails[url] = self.fail_after - 1  # one more failure after it returns: out again
 
@@ -151,11 +155,25 @@ class OpenAIBackend(ChatBackend):
     streams_results = True  # every answer reaches the cache as it arrives
     interrupt_grace_s = 30.0  # on Ctrl-C, how long the requests in flight may finish
 
-    def __init__(self, base_url: str | tuple[str, ...], served_model: str, model_id: str, revision: str,
-                 cache: CallCache | None = None, api_key_env: str | None = None, max_concurrency: int = 8,
-                 timeout_s: float = 120.0, max_retries: int = 6, top_logprobs: int = 20,
-                 backoff_base_s: float = 0.5, backoff_max_s: float = 8.0, deadline_s: float | None = None,
-                 rpm: float | None = None, tpm: float | None = None, allow_insecure_key: bool = False):
+    def __init__(
+        self,
+        base_url: str | tuple[str, ...],
+        served_model: str,
+        model_id: str,
+        revision: str,
+        cache: CallCache | None = None,
+        api_key_env: str | None = None,
+        max_concurrency: int = 8,
+        timeout_s: float = 120.0,
+        max_retries: int = 6,
+        top_logprobs: int = 20,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 8.0,
+        deadline_s: float | None = None,
+        rpm: float | None = None,
+        tpm: float | None = None,
+        allow_insecure_key: bool = False,
+    ):
         check_settings(base_url, api_key_env, allow_insecure_key)  # before any request, whoever opens it
         super().__init__(model_id, revision, cache)
         urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)
@@ -181,13 +199,18 @@ class OpenAIBackend(ChatBackend):
                 raise ConfigError(f"backend.api_key_env: environment variable {api_key_env!r} is not set")
             if not key.isascii() or not key.isprintable() or key != key.strip():
                 # an HTTP header cannot carry it; say so without echoing the key
-                raise ConfigError(f"backend.api_key_env: the key in environment variable {api_key_env!r} is "
-                                  f"malformed (it holds a newline, a space at either end, a control or a non-ASCII "
-                                  f"character); set it again without them")
+                raise ConfigError(
+                    f"backend.api_key_env: the key in environment variable {api_key_env!r} is "
+                    f"malformed (it holds a newline, a space at either end, a control or a non-ASCII "
+                    f"character); set it again without them"
+                )
             headers["Authorization"] = f"Bearer {key}"
             self._secrets.append(key)
-        self.client = httpx.Client(timeout=timeout_s, headers=headers,
-                                   limits=httpx.Limits(max_connections=max_concurrency * len(self.base_urls)))
+        self.client = httpx.Client(
+            timeout=timeout_s,
+            headers=headers,
+            limits=httpx.Limits(max_connections=max_concurrency * len(self.base_urls)),
+        )
         self.workers = max_concurrency * len(self.base_urls)  # max_concurrency applies to each server
         # ... however many threads call this engine at once (aloe.trees schedules trees one by one)
         self._slots = {u: threading.BoundedSemaphore(max_concurrency) for u in self.base_urls}
@@ -196,8 +219,10 @@ class OpenAIBackend(ChatBackend):
     def key_identity(self) -> dict:
         # The model the server reports is the best identity (vLLM's `root` is the weights it
         # loaded); a server that does not list it is identified by its URLs instead.
-        return {"served_model": self.served_model,
-                "server": self.server_model or sorted(redact_url(u) for u in self.base_urls)}
+        return {
+            "served_model": self.served_model,
+            "server": self.server_model or sorted(redact_url(u) for u in self.base_urls),
+        }
 
     def prob_key_extra(self) -> dict:
         return {"top_logprobs": self.top_logprobs}
@@ -214,15 +239,17 @@ class OpenAIBackend(ChatBackend):
             try:
                 r = self.client.get(f"{url}/models", timeout=10)
             except httpx.HTTPError as e:
-                raise BackendError(f"cannot reach the OpenAI-compatible server at {redact_url(url)}: "
-                                   f"{self._redact(str(e))}") from None
+                raise BackendError(
+                    f"cannot reach the OpenAI-compatible server at {redact_url(url)}: {self._redact(str(e))}"
+                ) from None
             if r.status_code in (401, 403):
-                raise BackendError(f"{redact_url(url)} refused the API key (HTTP {r.status_code}): "
-                                   f"{self._excerpt(r)}")
+                raise BackendError(f"{redact_url(url)} refused the API key (HTTP {r.status_code}): {self._excerpt(r)}")
             reported = _reported_model(r, self.served_model)
             if reported and self.server_model and reported != self.server_model:
-                raise BackendError(f"the servers of one pool serve different models under {self.served_model!r}: "
-                                   f"{self.server_model!r} and {reported!r} ({url})")
+                raise BackendError(
+                    f"the servers of one pool serve different models under {self.served_model!r}: "
+                    f"{self.server_model!r} and {reported!r} ({url})"
+                )
             self.server_model = self.server_model or reported
 
     def _redact(self, text: str) -> str:
@@ -252,8 +279,9 @@ class OpenAIBackend(ChatBackend):
             wait = None
             try:
                 with self._slots[url]:
-                    r = self.client.post(f"{url}/chat/completions", json=payload,
-                                         timeout=min(self.timeout_s, remaining))
+                    r = self.client.post(
+                        f"{url}/chat/completions", json=payload, timeout=min(self.timeout_s, remaining)
+                    )
                 if r.status_code == 200:
                     self.pool.ok(url)
                     try:
@@ -276,7 +304,7 @@ class OpenAIBackend(ChatBackend):
                 self.pool.failed(url)
             if attempt < self.max_retries:
                 self.retries += 1
-                backoff = min(self.backoff_max_s, self.backoff_base_s * 2 ** attempt) * (0.5 + random.random())
+                backoff = min(self.backoff_max_s, self.backoff_base_s * 2**attempt) * (0.5 + random.random())
                 delay = max(backoff, wait or 0.0)
                 if time.monotonic() - start + delay > self.deadline_s:
                     last = f"deadline of {self.deadline_s:g} s would pass waiting {delay:.1f} s; last: {last}"
@@ -288,9 +316,13 @@ class OpenAIBackend(ChatBackend):
     def _generate(self, requests: list[ChatRequest], done=None) -> list[Completion]:
         def one(r: ChatRequest) -> Completion:
             s = r.sampling
-            payload = {"model": self.served_model, "messages": list(r.messages), "max_tokens": s.max_tokens,
-                       # distinct samples of one prompt need distinct seeds on the server
-                       "seed": s.seed * 1000 + r.sample_index}
+            payload = {
+                "model": self.served_model,
+                "messages": list(r.messages),
+                "max_tokens": s.max_tokens,
+                # distinct samples of one prompt need distinct seeds on the server
+                "seed": s.seed * 1000 + r.sample_index,
+            }
             if not s.model_default:  # otherwise the server's (the model's) own defaults apply
                 payload.update(temperature=s.temperature, top_p=s.top_p)
             try:
@@ -310,8 +342,15 @@ class OpenAIBackend(ChatBackend):
 
     def _score(self, requests: list[ProbRequest], done=None) -> list[CandidateLogprobs]:
         def one(r: ProbRequest) -> CandidateLogprobs:
-            payload = {"model": self.served_model, "messages": list(r.messages), "temperature": 0.0,
-                       "max_tokens": 1, "logprobs": True, "top_logprobs": self.top_logprobs, "seed": 0}
+            payload = {
+                "model": self.served_model,
+                "messages": list(r.messages),
+                "temperature": 0.0,
+                "max_tokens": 1,
+                "logprobs": True,
+                "top_logprobs": self.top_logprobs,
+                "seed": 0,
+            }
             failed = CandidateLogprobs({c: None for c in r.candidates}, exact=False)
             try:
                 data = self._post(payload)
@@ -352,8 +391,11 @@ class OpenAIBackend(ChatBackend):
         except KeyboardInterrupt:
             pool.shutdown(wait=False, cancel_futures=True)
             running = [f for f in futures if not f.cancelled()]
-            log.warning("interrupted: no new requests; waiting up to %.0f s for %d in flight",
-                        self.interrupt_grace_s, sum(not f.done() for f in running))
+            log.warning(
+                "interrupted: no new requests; waiting up to %.0f s for %d in flight",
+                self.interrupt_grace_s,
+                sum(not f.done() for f in running),
+            )
             finished, _ = wait(running, timeout=self.interrupt_grace_s)
             for f in finished:
                 if done is not None and futures[f] not in kept and f.exception() is None:
@@ -366,8 +408,9 @@ class OpenAIBackend(ChatBackend):
 def _tokens(payload: dict) -> int:
     """What a request will count against a tokens-per-minute limit: its prompt (about 4 characters
     a token) and the most it may generate."""
-    chars = sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else 0
-                for m in payload.get("messages", []))
+    chars = sum(
+        len(m.get("content") or "") if isinstance(m.get("content"), str) else 0 for m in payload.get("messages", [])
+    )
     return chars // 4 + int(payload.get("max_tokens") or 0)
 
 
@@ -469,5 +512,7 @@ def _raise_if_all_unreachable(results, urls) -> None:
     (refused connections, timeouts, 5xx to the end) is an outage, and stops the stage."""
     errors = [r.error for r in results]
     if errors and all(e and e.startswith(UNREACHABLE) for e in errors):
-        raise Unreachable(f"cannot reach the OpenAI-compatible server at {', '.join(redact_url(u) for u in urls)}: "
-                           f"all {len(errors)} requests failed; first: {errors[0][len(UNREACHABLE):]}")
+        raise Unreachable(
+            f"cannot reach the OpenAI-compatible server at {', '.join(redact_url(u) for u in urls)}: "
+            f"all {len(errors)} requests failed; first: {errors[0][len(UNREACHABLE) :]}"
+        )

@@ -51,9 +51,15 @@ def calls_made() -> int:
 class ScriptedBackend(ChatBackend):
     kind = "scripted"
 
-    def __init__(self, model_id: str = "scripted", revision: str = "0", cache: CallCache | None = None, *,
-                 texts: list[str | None] | Callable[[ChatRequest], str | None] | None = None,
-                 logprobs: bool | Callable[[ProbRequest], dict[str, float]] = True):
+    def __init__(
+        self,
+        model_id: str = "scripted",
+        revision: str = "0",
+        cache: CallCache | None = None,
+        *,
+        texts: list[str | None] | Callable[[ChatRequest], str | None] | None = None,
+        logprobs: bool | Callable[[ProbRequest], dict[str, float]] = True,
+    ):
         super().__init__(model_id, revision, cache)
         self.texts = list(texts) if isinstance(texts, (list, tuple)) else texts
         self.with_logprobs = logprobs
@@ -64,7 +70,9 @@ class ScriptedBackend(ChatBackend):
             return self.texts(r)
         if self.texts is not None:
             return self.texts.pop(0)
-        digest = hashlib.sha256(repr((self.model_id, r.messages, r.sample_index, r.sampling.seed)).encode()).hexdigest()[:8]
+        digest = hashlib.sha256(
+            repr((self.model_id, r.messages, r.sample_index, r.sampling.seed)).encode()
+        ).hexdigest()[:8]
         return f"{self.model_id}: reply {digest} ({r.prompt_version or 'no prompt version'})."
 
     def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
@@ -91,7 +99,9 @@ class ScriptedBackend(ChatBackend):
             seed = hashlib.sha256(repr((self.model_id, r.messages)).encode()).digest()
             weights = [1 + seed[i % len(seed)] for i in range(len(r.candidates))]
             total = sum(weights)
-            out.append(CandidateLogprobs({c: math.log(w / total) for c, w in zip(r.candidates, weights)}, tokens=tokens))
+            out.append(
+                CandidateLogprobs({c: math.log(w / total) for c, w in zip(r.candidates, weights)}, tokens=tokens)
+            )
         return out
 
     def prompt_versions(self, call: str | None = None) -> set[str]:

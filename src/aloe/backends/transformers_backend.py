@@ -101,9 +101,21 @@ class InverseCdfSampler:
 class TransformersBackend(ChatBackend):
     kind = "transformers"
 
-    def __init__(self, location: str, model_id: str, revision: str, cache: CallCache | None = None,
-                 batch_size: int = 8, dtype: str = "auto", device: str = "auto", hf_revision: str | None = None,
-                 model=None, tokenizer=None, share_prefix: bool = True, min_shared_prefix: int = 32):
+    def __init__(
+        self,
+        location: str,
+        model_id: str,
+        revision: str,
+        cache: CallCache | None = None,
+        batch_size: int = 8,
+        dtype: str = "auto",
+        device: str = "auto",
+        hf_revision: str | None = None,
+        model=None,
+        tokenizer=None,
+        share_prefix: bool = True,
+        min_shared_prefix: int = 32,
+    ):
         super().__init__(model_id, revision, cache)
         self.share_prefix, self.min_shared_prefix = share_prefix, min_shared_prefix
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,14 +134,15 @@ class TransformersBackend(ChatBackend):
         elif dtype == "autocast-bf16":
             self.autocast_dtype = torch.bfloat16  # weights stay fp32; matmuls in bf16
         if dtype == "int8" and self.device != "cpu":
-            raise ValueError(f"dtype int8 (dynamic int8 quantization) runs on CPU only, not on {self.device}; "
-                             "use auto, bfloat16 or float16 on a GPU")
+            raise ValueError(
+                f"dtype int8 (dynamic int8 quantization) runs on CPU only, not on {self.device}; "
+                "use auto, bfloat16 or float16 on a GPU"
+            )
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(location, revision=hf_revision)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = model or AutoModelForCausalLM.from_pretrained(
-            location, dtype=load_dtype, revision=hf_revision)
+        self.model = model or AutoModelForCausalLM.from_pretrained(location, dtype=load_dtype, revision=hf_revision)
         self.model.to(self.device).eval()
         # from the weights themselves: a model handed in may not be in load_dtype
         weights = next(self.model.parameters()).dtype
@@ -185,11 +198,15 @@ class TransformersBackend(ChatBackend):
         for (temperature, top_p, max_tokens), idx in groups.items():
             idx.sort(key=lambda i: len(prompts[i]))
             for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start:start + self.batch_size]
+                chunk = idx[start : start + self.batch_size]
                 try:
-                    texts = self._generate_batch([prompts[i] for i in chunk], temperature, top_p, max_tokens,
-                                                 seed=sum(requests[i].sampling.seed * 1_000_003 + requests[i].sample_index
-                                                          for i in chunk))
+                    texts = self._generate_batch(
+                        [prompts[i] for i in chunk],
+                        temperature,
+                        top_p,
+                        max_tokens,
+                        seed=sum(requests[i].sampling.seed * 1_000_003 + requests[i].sample_index for i in chunk),
+                    )
                     for i, t in zip(chunk, texts):
                         t.prompt_tokens = len(prompts[i])
                         out[i] = t
@@ -204,11 +221,17 @@ class TransformersBackend(ChatBackend):
         processors = [InverseCdfSampler(temperature, top_p, seed)] if temperature > 0 else []
         with self._autocast():
             gen = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
-                logits_processor=processors, temperature=None, top_p=None, top_k=None,
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                logits_processor=processors,
+                temperature=None,
+                top_p=None,
+                top_k=None,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-        new = gen[:, ids.shape[1]:]
+        new = gen[:, ids.shape[1] :]
         eos = self.tokenizer.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos])
         results = []
@@ -220,8 +243,13 @@ class TransformersBackend(ChatBackend):
                     break
             finish = "stop" if n < len(row) else "length"
             self.generated_tokens += n
-            results.append(Completion(text=self.tokenizer.decode(row[:n], skip_special_tokens=True).strip(),
-                                      finish_reason=finish, completion_tokens=n))
+            results.append(
+                Completion(
+                    text=self.tokenizer.decode(row[:n], skip_special_tokens=True).strip(),
+                    finish_reason=finish,
+                    completion_tokens=n,
+                )
+            )
         return results
 
     @torch.inference_mode()
@@ -252,18 +280,23 @@ class TransformersBackend(ChatBackend):
                 items.append((ri, p, cids, True))
             else:
                 items += [(ri, p + t, [(c, t)], False) for c, t in cids]
-        groups = (prefix_groups([it[1] for it in items], self.min_shared_prefix, self.batch_size,
-                                [_keep([it]) for it in items]) if self.share_prefix
-                  else [(0, [k]) for k in range(len(items))])
+        groups = (
+            prefix_groups(
+                [it[1] for it in items], self.min_shared_prefix, self.batch_size, [_keep([it]) for it in items]
+            )
+            if self.share_prefix
+            else [(0, [k]) for k in range(len(items))]
+        )
         scores: dict[tuple[int, str], float] = {}
         singles = sorted((ms[0] for _, ms in groups if len(ms) == 1), key=lambda k: len(items[k][1]))
         for start in range(0, len(singles), self.batch_size):
-            chunk = [items[k] for k in singles[start:start + self.batch_size]]
+            chunk = [items[k] for k in singles[start : start + self.batch_size]]
             ids, mask = self._pad_left([it[1] for it in chunk])
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             with self._autocast():
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                    logits_to_keep=_keep(chunk)).logits
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=_keep(chunk)
+                ).logits
             _read_scores(chunk, logits, scores)
         shared = sorted((g for g in groups if len(g[1]) > 1), key=lambda g: len(items[g[1][-1]][1]))
         chunk_groups: list[tuple[int, list[int]]] = []
@@ -272,27 +305,40 @@ class TransformersBackend(ChatBackend):
             if gi == len(shared) - 1 or sum(len(m) for _, m in chunk_groups) + len(shared[gi + 1][1]) > self.batch_size:
                 self._score_shared(chunk_groups, items, scores)
                 chunk_groups = []
-        return [CandidateLogprobs({c: scores[(ri, c)] for c in r.candidates}, exact=True, tokens=ntok[ri])
-                for ri, r in enumerate(requests)]
+        return [
+            CandidateLogprobs({c: scores[(ri, c)] for c in r.candidates}, exact=True, tokens=ntok[ri])
+            for ri, r in enumerate(requests)
+        ]
 
     def _score_shared(self, groups, items, scores) -> None:
         """One pass over the groups' common prefixes, then one over all members' suffixes."""
         pids, pmask = self._pad_left([items[ms[0]][1][:n] for n, ms in groups])
         cache = DynamicCache(config=self.model.config)
         with self._autocast():
-            self.model(input_ids=pids, attention_mask=pmask, position_ids=(pmask.cumsum(-1) - 1).clamp(min=0),
-                       cache=cache, use_cache=True, logits_to_keep=1)
+            self.model(
+                input_ids=pids,
+                attention_mask=pmask,
+                position_ids=(pmask.cumsum(-1) - 1).clamp(min=0),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         owner = [gi for gi, (_, ms) in enumerate(groups) for _ in ms]
         chunk = [items[k] for _, ms in groups for k in ms]
         cache.reorder_cache(torch.tensor(owner, device=self.device))  # each member gets its group's prefix
-        sids, smask = self._pad_left([it[1][groups[gi][0]:] for gi, it in zip(owner, chunk)])
+        sids, smask = self._pad_left([it[1][groups[gi][0] :] for gi, it in zip(owner, chunk)])
         # The suffixes are left-padded too, so the padding sits between prefix and suffix:
         # the mask hides it and the positions continue from the prefix's true length.
         start = torch.tensor([[groups[gi][0]] for gi in owner], device=self.device)
         with self._autocast():
-            logits = self.model(input_ids=sids, attention_mask=torch.cat([pmask[owner], smask], dim=1),
-                                position_ids=start + (smask.cumsum(-1) - 1).clamp(min=0), cache=cache,
-                                use_cache=True, logits_to_keep=_keep(chunk)).logits
+            logits = self.model(
+                input_ids=sids,
+                attention_mask=torch.cat([pmask[owner], smask], dim=1),
+                position_ids=start + (smask.cumsum(-1) - 1).clamp(min=0),
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=_keep(chunk),
+            ).logits
         _read_scores(chunk, logits, scores)
 
 
@@ -320,8 +366,9 @@ def _common(a: list[int], b: list[int]) -> int:
     return i
 
 
-def prefix_groups(seqs: list[list[int]], min_shared: int, max_group: int,
-                  own: list[int] | None = None) -> list[tuple[int, list[int]]]:
+def prefix_groups(
+    seqs: list[list[int]], min_shared: int, max_group: int, own: list[int] | None = None
+) -> list[tuple[int, list[int]]]:
     """Group sequences so that encoding each group's common prefix once saves the most tokens.
 
     Returns (shared length, member indices) per group; a sequence left alone is a group

@@ -59,24 +59,39 @@ def _generation_config(location: str, revision: str | None):
 class VLLMBackend(ChatBackend):
     kind = "vllm"
 
-    def __init__(self, location: str, model_id: str, revision: str, cache: CallCache | None = None,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
-                 max_model_len: int | None = None, top_logprobs: int = 20, hf_revision: str | None = None,
-                 dtype: str = "auto"):
+    def __init__(
+        self,
+        location: str,
+        model_id: str,
+        revision: str,
+        cache: CallCache | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        top_logprobs: int = 20,
+        hf_revision: str | None = None,
+        dtype: str = "auto",
+    ):
         super().__init__(model_id, revision, cache)
         try:
             self._vllm = importlib.import_module("vllm")
         except ImportError:
-            raise AloeError("backend kind 'vllm' needs vLLM on a CUDA machine: "
-                            "pip install -c constraints/gpu.txt -e '.[vllm]' (see docs/models.md, GPU install)") from None
-        kwargs = {"model": location, "tensor_parallel_size": tensor_parallel_size,
-                  "gpu_memory_utilization": gpu_memory_utilization, "revision": hf_revision,
-                  "dtype": "auto" if dtype == "autocast-bf16" else dtype,
-                  # the Hugging Face tokenizer and chat template, as the transformers engine uses
-                  # ("auto" switches Mistral models to mistral_common, whose prompts differ)
-                  "tokenizer_mode": "hf",
-                  # vLLM refuses a whole batch asking for more top log-probabilities than this (20)
-                  "max_logprobs": max(20, top_logprobs)}
+            raise AloeError(
+                "backend kind 'vllm' needs vLLM on a CUDA machine: "
+                "pip install -c constraints/gpu.txt -e '.[vllm]' (see docs/models.md, GPU install)"
+            ) from None
+        kwargs = {
+            "model": location,
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "revision": hf_revision,
+            "dtype": "auto" if dtype == "autocast-bf16" else dtype,
+            # the Hugging Face tokenizer and chat template, as the transformers engine uses
+            # ("auto" switches Mistral models to mistral_common, whose prompts differ)
+            "tokenizer_mode": "hf",
+            # vLLM refuses a whole batch asking for more top log-probabilities than this (20)
+            "max_logprobs": max(20, top_logprobs),
+        }
         self.dtype = kwargs["dtype"]
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
@@ -103,8 +118,10 @@ class VLLMBackend(ChatBackend):
     def _too_long(self, n: int) -> str | None:
         """Why vLLM would refuse a prompt of ``n`` tokens (and with it the whole batch), or None."""
         if self.max_model_len and n >= self.max_model_len:
-            return (f"prompt of {n} tokens does not fit the model's context of {self.max_model_len} "
-                    f"(max_model_len); shorten the conversation or raise max_model_len")
+            return (
+                f"prompt of {n} tokens does not fit the model's context of {self.max_model_len} "
+                f"(max_model_len); shorten the conversation or raise max_model_len"
+            )
         return None
 
     def _chat_each(self, items: list, params, **kw) -> list:
@@ -115,8 +132,12 @@ class VLLMBackend(ChatBackend):
         except Exception as e:  # noqa: BLE001 - vLLM raises ValueError subclasses, template errors, ...
             if len(items) == 1:
                 return [e]
-            log.warning("vLLM refused a batch of %d (%s: %s); retrying its requests one by one",
-                        len(items), type(e).__name__, str(e)[:200])
+            log.warning(
+                "vLLM refused a batch of %d (%s: %s); retrying its requests one by one",
+                len(items),
+                type(e).__name__,
+                str(e)[:200],
+            )
             out = []
             for j, m in enumerate(items):
                 one = params[j] if isinstance(params, list) else params
@@ -213,8 +234,10 @@ class VLLMBackend(ChatBackend):
         outs = self._chat_each([list(requests[i].messages) for i in topk], params)
         for i, o in zip(topk, outs):
             if isinstance(o, Exception):
-                results[i] = CandidateLogprobs({c: None for c in requests[i].candidates},
-                                               error=f"vLLM refused the request: {type(o).__name__}: {o}")
+                results[i] = CandidateLogprobs(
+                    {c: None for c in requests[i].candidates},
+                    error=f"vLLM refused the request: {type(o).__name__}: {o}",
+                )
                 continue
             step = (o.outputs[0].logprobs or [{}])[0]
             top: dict[str, float] = {}
@@ -224,8 +247,7 @@ class VLLMBackend(ChatBackend):
                     top[lp.decoded_token] = lp.logprob if prev is None else _logaddexp(prev, lp.logprob)
             results[i] = CandidateLogprobs(match_candidates(top, requests[i].candidates), exact=False)
 
-    def _score_exact(self, requests: list[ProbRequest], exact: list[int], lens: list[int], tok,
-                     results: list) -> None:
+    def _score_exact(self, requests: list[ProbRequest], exact: list[int], lens: list[int], tok, results: list) -> None:
         """Whole-reply candidates: each appended as the assistant's message, its prompt
         log-probabilities summed; a candidate over the context fails its request with the reason."""
         template = {"add_generation_prompt": False, "continue_final_message": True}
@@ -246,9 +268,13 @@ class VLLMBackend(ChatBackend):
         for i in exact:
             errors = [v for v in got[i].values() if isinstance(v, str)]
             cands = requests[i].candidates
-            results[i] = (CandidateLogprobs({c: None for c in cands}, error=errors[0]) if errors else
-                          CandidateLogprobs({c: got[i][c][0] for c in cands}, exact=True,
-                                            tokens={c: got[i][c][1] for c in cands}))
+            results[i] = (
+                CandidateLogprobs({c: None for c in cands}, error=errors[0])
+                if errors
+                else CandidateLogprobs(
+                    {c: got[i][c][0] for c in cands}, exact=True, tokens={c: got[i][c][1] for c in cands}
+                )
+            )
 
     @staticmethod
     def _reply_logprob(reply: str, o, without: int, tok) -> tuple[float, int] | str:
@@ -259,8 +285,10 @@ class VLLMBackend(ChatBackend):
         n = len(o.prompt_token_ids) - without  # the reply's tokens, as rendered in this prompt
         tail = tok.decode(o.prompt_token_ids[-n:], skip_special_tokens=True) if n > 0 else ""
         if n <= 0 or tail.strip() != reply.strip():
-            return (f"the reply's tokens could not be located in the rendered prompt ({n} tokens decode to "
-                    f"{tail.strip()[:60]!r}, not the reply): the chat template changes the reply")
+            return (
+                f"the reply's tokens could not be located in the rendered prompt ({n} tokens decode to "
+                f"{tail.strip()[:60]!r}, not the reply): the chat template changes the reply"
+            )
         ids, lps = o.prompt_token_ids[-n:], o.prompt_logprobs[-n:]
         return float(sum(lp[t].logprob for t, lp in zip(ids, lps))), n
 

@@ -44,9 +44,11 @@ def _table(rows: list[dict], columns: list[str] | None = None) -> str:
 
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img alt="{_e(path.stem)}" src="data:image/png;base64,{data}"><figcaption>{_e(path.stem)} ' \
-           f'(<a href="figures/{_e(path.name)}">PNG</a>, <a href="figures/{_e(path.stem)}.svg">SVG</a>)' \
-           f'</figcaption></figure>'
+    return (
+        f'<figure><img alt="{_e(path.stem)}" src="data:image/png;base64,{data}"><figcaption>{_e(path.stem)} '
+        f'(<a href="figures/{_e(path.name)}">PNG</a>, <a href="figures/{_e(path.stem)}.svg">SVG</a>)'
+        f"</figcaption></figure>"
+    )
 
 
 def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None) -> Path:
@@ -59,32 +61,48 @@ def write_results(exp: Experiment, reports_dir: Path, status: dict | None = None
         plots.save(plots.al_curves(metrics), exp.name, "al_curves", reports_dir.parent)
         plots.save(plots.eval_disclosure(metrics), exp.name, "eval_disclosure", reports_dir.parent)
     manifests = rep.manifests(cfg)
-    parts = [f"<h1>{_e(cfg.title)}</h1><p>{_e(exp.description)}</p>",
-             f"<p>Parameter file <code>{_e(exp.path)}</code>; commit <code>{_e(git_commit())}</code>; "
-             f"page written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>"]
+    parts = [
+        f"<h1>{_e(cfg.title)}</h1><p>{_e(exp.description)}</p>",
+        f"<p>Parameter file <code>{_e(exp.path)}</code>; commit <code>{_e(git_commit())}</code>; "
+        f"page written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.</p>",
+    ]
     parts += _judge_sections(cfg, metrics, card)
     if metrics:
         parts += _result_sections(cfg, metrics)
-    parts.append("<h2>What this run shows and cannot show</h2><ul>"
-                 + "".join(f"<li>{_e(s.replace('**', ''))}</li>" for s in rep.findings(cfg)) + "</ul>")
+    parts.append(
+        "<h2>What this run shows and cannot show</h2><ul>"
+        + "".join(f"<li>{_e(s.replace('**', ''))}</li>" for s in rep.findings(cfg))
+        + "</ul>"
+    )
     figures = sorted(plots.figures_dir(exp.name, reports_dir.parent).glob("*.png"))
     if figures:
         parts.append("<h2>Figures</h2>" + "".join(_img(f) for f in figures))
     parts.append(_stages_table(reports_dir, status, manifests))
     used = usage_rows(manifests)
     if used:
-        parts.append("<h2>Model calls</h2><p>Per stage and engine: requests sent, requests answered from the call "
-                     "cache, tokens read and generated (as far as the engine reports them), what the calls sent "
-                     "cost at the parameter file's <code>prices</code>, and what the answers taken from the cache "
-                     "would have cost. Local engines cost nothing but time; a served model without a price has "
-                     "an unknown cost.</p>" + _table(used))
-    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>aloe: {_e(exp.name)}</title>'
-            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+        parts.append(
+            "<h2>Model calls</h2><p>Per stage and engine: requests sent, requests answered from the call "
+            "cache, tokens read and generated (as far as the engine reports them), what the calls sent "
+            "cost at the parameter file's <code>prices</code>, and what the answers taken from the cache "
+            "would have cost. Local engines cost nothing but time; a served model without a price has "
+            "an unknown cost.</p>" + _table(used)
+        )
+    page = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>aloe: {_e(exp.name)}</title>'
+        f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
     write_text(reports_dir / "index.html", page)
-    summary = {"experiment": exp.name, "title": cfg.title, "params": str(exp.path), "written": time.time(),
-               "judge_fit": card["fit"] if card else None,
-               "models": {m: {"avg": s["avg"], "vs_base": (s.get("vs_base") or {}).get("avg_diff")}
-                          for m, s in (metrics or {}).get("models", {}).items()}}
+    summary = {
+        "experiment": exp.name,
+        "title": cfg.title,
+        "params": str(exp.path),
+        "written": time.time(),
+        "judge_fit": card["fit"] if card else None,
+        "models": {
+            m: {"avg": s["avg"], "vs_base": (s.get("vs_base") or {}).get("avg_diff")}
+            for m, s in (metrics or {}).get("models", {}).items()
+        },
+    }
     write_text(reports_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     write_reports_index(reports_dir.parent)
     return reports_dir / "index.html"
@@ -98,8 +116,10 @@ def _judge_sections(cfg, metrics: dict | None, card: dict | None) -> list[str]:
     parts = ['<h2>At a glance</h2><ul class="glance">' + "".join(f"<li>{_e(x)}</li>" for x in found) + "</ul>"]
     if sj:
         parts.append(f'<p class="box">{_e(sj)}</p>')
-    parts.append("<h2>Who played which role</h2>" + _table(rep.role_table(cfg), ["role", "does", "model",
-                                                                                 "revision", "kind", "stages"]))
+    parts.append(
+        "<h2>Who played which role</h2>"
+        + _table(rep.role_table(cfg), ["role", "does", "model", "revision", "kind", "stages"])
+    )
     parts.append("<h2>Can this judge rank models?</h2>")
     verdict = rep.judge_verdict(card).replace("**", "")
     parts.append(f'<p class="{"ok" if card and card["fit"] else "box"}">{_e(verdict)}</p>')
@@ -114,18 +134,22 @@ def _result_sections(cfg, metrics: dict) -> list[str]:
     """The headline table and, for checkable preferences, the disclosure table."""
     warning = rep.judge_warning(cfg)
     reps = f" x {metrics['repeats']} simulator seeds" if metrics.get("repeats", 1) > 1 else ""
-    parts = [f"<h2>Results: {metrics['personas']} personas x {metrics['turns']} turns{reps}, judge "
-             f"<code>{_e(metrics['judge'])}</code>, protocol <code>{_e(metrics.get('protocol'))}</code></h2>"]
+    parts = [
+        f"<h2>Results: {metrics['personas']} personas x {metrics['turns']} turns{reps}, judge "
+        f"<code>{_e(metrics['judge'])}</code>, protocol <code>{_e(metrics.get('protocol'))}</code></h2>"
+    ]
     if warning:
         parts.append(f'<p class="box">{_e(warning)}</p>')
     parts.append(_table(headline_rows(metrics)))
     disc = disclosure_rows(metrics)
     if disc:
-        parts.append("<h2>Checkable preferences: did the simulated user reveal them?</h2><p>On its scheduled "
-                     "turn the simulated user is told to get one preference across in its own words; a detector "
-                     "checks the message (the disclosure rate), and where it missed, the catalogue's phrasing "
-                     "was appended. <i>kept by turn k</i>: the share of the preferences revealed so far that the "
-                     "reply kept.</p>" + _table(disc))
+        parts.append(
+            "<h2>Checkable preferences: did the simulated user reveal them?</h2><p>On its scheduled "
+            "turn the simulated user is told to get one preference across in its own words; a detector "
+            "checks the message (the disclosure rate), and where it missed, the catalogue's phrasing "
+            "was appended. <i>kept by turn k</i>: the share of the preferences revealed so far that the "
+            "reply kept.</p>" + _table(disc)
+        )
     return parts
 
 
@@ -135,11 +159,15 @@ def _stages_table(reports_dir: Path, status: dict, manifests: dict) -> str:
         s, nb = status.get(stage), NOTEBOOKS[stage][:-6]
         log = f' (<a href="logs/{stage}.log">log</a>)' if (reports_dir / "logs" / f"{stage}.log").exists() else ""
         state = "not run" if s is None else s["status"] + (f": {s['error']}" if s.get("error") else "")
-        rows.append(f'<tr><td><a href="{nb}.html">{_e(stage)}</a>{log}</td><td>{_e(state)}</td>'
-                    f'<td>{_e(s["seconds"]) + " s" if s else ""}</td>'
-                    f'<td>{_e(stage_words(stage, manifests[stage])) if stage in manifests else ""}</td></tr>')
-    return ("<h2>Stages</h2><table><tr><th>stage (full page)</th><th>status</th><th>time</th>"
-            "<th>what it made</th></tr>" + "".join(rows) + "</table>")
+        rows.append(
+            f'<tr><td><a href="{nb}.html">{_e(stage)}</a>{log}</td><td>{_e(state)}</td>'
+            f"<td>{_e(s['seconds']) + ' s' if s else ''}</td>"
+            f"<td>{_e(stage_words(stage, manifests[stage])) if stage in manifests else ''}</td></tr>"
+        )
+    return (
+        "<h2>Stages</h2><table><tr><th>stage (full page)</th><th>status</th><th>time</th>"
+        "<th>what it made</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def write_reports_index(reports_root: Path) -> Path:
@@ -147,15 +175,21 @@ def write_reports_index(reports_root: Path) -> Path:
     rows = []
     for p in sorted(reports_root.glob("*/summary.json")):
         s = read_json(p)
-        models = ", ".join(f"{m} {_fmt(v['avg'], 2)}" + (f" ({_fmt(v['vs_base'], 2, True)})" if v["vs_base"]
-                                                         is not None else "") for m, v in s["models"].items())
+        models = ", ".join(
+            f"{m} {_fmt(v['avg'], 2)}" + (f" ({_fmt(v['vs_base'], 2, True)})" if v["vs_base"] is not None else "")
+            for m, v in s["models"].items()
+        )
         fit = {True: "passed", False: "failed", None: "not run"}[s["judge_fit"]]
-        rows.append(f'<tr><td><a href="{_e(p.parent.name)}/index.html">{_e(s["experiment"])}</a></td>'
-                    f"<td>{_e(s['title'])}</td><td>{fit}</td><td>{_e(models)}</td></tr>")
-    page = (f'<!doctype html><html><head><meta charset="utf-8"><title>aloe reports</title><style>{_CSS}</style>'
-            f"</head><body><h1>aloe experiments</h1><p>AVG per model (paired difference to base); a difference "
-            f"counts only where the judge card passed.</p><table><tr><th>experiment</th><th>title</th>"
-            f"<th>judge card</th><th>AVG per model</th></tr>{''.join(rows)}</table></body></html>\n")
+        rows.append(
+            f'<tr><td><a href="{_e(p.parent.name)}/index.html">{_e(s["experiment"])}</a></td>'
+            f"<td>{_e(s['title'])}</td><td>{fit}</td><td>{_e(models)}</td></tr>"
+        )
+    page = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>aloe reports</title><style>{_CSS}</style>'
+        f"</head><body><h1>aloe experiments</h1><p>AVG per model (paired difference to base); a difference "
+        f"counts only where the judge card passed.</p><table><tr><th>experiment</th><th>title</th>"
+        f"<th>judge card</th><th>AVG per model</th></tr>{''.join(rows)}</table></body></html>\n"
+    )
     write_text(reports_root / "index.html", page)
     return reports_root / "index.html"
 

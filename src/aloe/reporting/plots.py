@@ -80,8 +80,11 @@ def al_curves(metrics: dict):
     for model, g in al.groupby("model", sort=False):
         ax.plot(g.turn, g.al, marker="o", label=model)
         ax.fill_between(g.turn, g.ci_low, g.ci_high, alpha=0.15)
-    ax.set(xlabel="turn k", ylabel=f"AL(k), judge: {metrics.get('judge')}",
-           title=f"ALOE alignment level, {metrics['personas']} personas")
+    ax.set(
+        xlabel="turn k",
+        ylabel=f"AL(k), judge: {metrics.get('judge')}",
+        title=f"ALOE alignment level, {metrics['personas']} personas",
+    )
     ax.set_xticks(sorted(al.turn.unique()))
     ax.legend()
     return fig

@@ -37,10 +37,12 @@ def self_judging(cfg: ReportConfig) -> str | None:
     if not stages:
         return None
     judge = next(m["roles"]["judge"] for s, m in ms.items() if s in stages)
-    return (f"SELF-JUDGING: the judge is the policy itself ({judge.get('model')}, revision {judge.get('revision')}) "
-            f"in stage(s) {', '.join(stages)}. The student labels its own training data and grades its own replies, "
-            f"so its scores measure agreement with itself, not alignment with the user. Give the judge role a "
-            f"different, stronger model (roles.judge) for a result that means something.")
+    return (
+        f"SELF-JUDGING: the judge is the policy itself ({judge.get('model')}, revision {judge.get('revision')}) "
+        f"in stage(s) {', '.join(stages)}. The student labels its own training data and grades its own replies, "
+        f"so its scores measure agreement with itself, not alignment with the user. Give the judge role a "
+        f"different, stronger model (roles.judge) for a result that means something."
+    )
 
 
 def stage_summary(cfg: ReportConfig) -> list[dict]:
@@ -52,9 +54,15 @@ def stage_summary(cfg: ReportConfig) -> list[dict]:
             continue
         m = ms[stage]
         models = sorted({f"{r}: {d.get('model')}" for r, d in (m.get("roles") or {}).items()})
-        rows.append({"stage": stage, "finished": True, "wall_seconds": m["wall_seconds"],
-                     "roles": "; ".join(models),
-                     "counts": ", ".join(f"{k}={v}" for k, v in m["counts"].items())})
+        rows.append(
+            {
+                "stage": stage,
+                "finished": True,
+                "wall_seconds": m["wall_seconds"],
+                "roles": "; ".join(models),
+                "counts": ", ".join(f"{k}={v}" for k, v in m["counts"].items()),
+            }
+        )
     return rows
 
 
@@ -88,9 +96,13 @@ def dataset_summary(cfg: ReportConfig) -> dict:
         "generated_items": sum(p["source"] == "generated" for p in pool),
         "train_personas": sum(p["split"] == "train" for p in pairs),
         "eval_personas": sum(p["split"] == "eval" for p in pairs),
-        "trees": len(trees), "failed_trees": sum(t["failed"] is not None for t in trees), "nodes": len(nodes),
+        "trees": len(trees),
+        "failed_trees": sum(t["failed"] is not None for t in trees),
+        "nodes": len(nodes),
         "labelled_nodes": len(labelled),
-        "hinted_preferred": (sum(bool(n["preferred_is_hinted"]) for n in labelled) / len(labelled)) if labelled else None,
+        "hinted_preferred": (sum(bool(n["preferred_is_hinted"]) for n in labelled) / len(labelled))
+        if labelled
+        else None,
         "orders_agree": (sum(bool(n["consistent"]) for n in judged) / len(judged)) if judged else None,
         "decided_by_pointwise": sum(n.get("decided_by") == "pointwise" for n in nodes),
     }
@@ -102,22 +114,39 @@ def training_summary(cfg: ReportConfig) -> list[dict]:
         m = read_json(p)
         logged = [e for e in m["log_history"] if "loss" in e]
         last = logged[-1] if logged else {}
-        rows.append({"variant": m["variant"], "rows": m["rows"], "steps": m["global_step"],
-                     "first_loss": logged[0]["loss"] if logged else None, "last_loss": last.get("loss"),
-                     "dpo_margin_last": last.get("rewards/margins"), "dpo_accuracy_last": last.get("rewards/accuracies"),
-                     "seconds_per_step": m["seconds_per_step"], "peak_rss_mb": m["peak_rss_mb"]})
+        rows.append(
+            {
+                "variant": m["variant"],
+                "rows": m["rows"],
+                "steps": m["global_step"],
+                "first_loss": logged[0]["loss"] if logged else None,
+                "last_loss": last.get("loss"),
+                "dpo_margin_last": last.get("rewards/margins"),
+                "dpo_accuracy_last": last.get("rewards/accuracies"),
+                "seconds_per_step": m["seconds_per_step"],
+                "peak_rss_mb": m["peak_rss_mb"],
+            }
+        )
     return rows
 
 
 def _tree_findings(ds: dict) -> list[str]:
     out = []
     if ds["orders_agree"] is not None:
-        out.append(f"The pair judge's two orders agreed on {ds['orders_agree']:.0%} of the {ds['nodes']} tree nodes"
-                   + (": its 1-or-2 answers follow position, not content, so those labels came from each reply's "
-                      f"own rubric score ({ds['decided_by_pointwise']} nodes)." if ds["orders_agree"] < 0.5 else "."))
+        out.append(
+            f"The pair judge's two orders agreed on {ds['orders_agree']:.0%} of the {ds['nodes']} tree nodes"
+            + (
+                ": its 1-or-2 answers follow position, not content, so those labels came from each reply's "
+                f"own rubric score ({ds['decided_by_pointwise']} nodes)."
+                if ds["orders_agree"] < 0.5
+                else "."
+            )
+        )
     if ds["hinted_preferred"] is not None:
-        out.append(f"Of {ds['labelled_nodes']} labelled nodes, the judge preferred the hinted reply in "
-                   f"{ds['hinted_preferred']:.0%} (50% is what a coin would give).")
+        out.append(
+            f"Of {ds['labelled_nodes']} labelled nodes, the judge preferred the hinted reply in "
+            f"{ds['hinted_preferred']:.0%} (50% is what a coin would give)."
+        )
     return out
 
 
@@ -128,23 +157,29 @@ def _comparison_findings(ms: dict, n: int, fit: bool) -> list[str]:
         vs = s.get("vs_base")
         if not vs or vs["avg_diff"] is None:
             continue
-        head = (f"{m} vs base, paired over {vs['n_personas']} personas: AVG {vs['avg_diff']:+.3f} "
-                f"[{vs['avg_diff_ci_low']:+.3f}, {vs['avg_diff_ci_high']:+.3f}]")
+        head = (
+            f"{m} vs base, paired over {vs['n_personas']} personas: AVG {vs['avg_diff']:+.3f} "
+            f"[{vs['avg_diff_ci_low']:+.3f}, {vs['avg_diff_ci_high']:+.3f}]"
+        )
         if vs.get("ir_diff") is not None:
             head += f", IR {vs['ir_diff']:+.4f} [{vs['ir_diff_ci_low']:+.4f}, {vs['ir_diff_ci_high']:+.4f}]"
         if not fit:
             out.append(head + ": not evidence, since the judge did not pass its validation.")
         elif excludes_zero(vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]):
-            out.append(head + f": {m} scores {'higher' if vs['avg_diff'] > 0 else 'lower'} than base "
-                              "(the interval excludes 0).")
+            out.append(
+                head + f": {m} scores {'higher' if vs['avg_diff'] > 0 else 'lower'} than base "
+                "(the interval excludes 0)."
+            )
         else:
             out.append(head + ": the interval includes 0, so this run shows no difference.")
     if "oracle" in ms and "vs_base" in ms["oracle"] and fit:
         vs = ms["oracle"]["vs_base"]
         if not (excludes_zero(vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]) and vs["avg_diff"] > 0):
-            out.append(f"The oracle (told the persona) does not score above base with {n} personas: the benchmark "
-                       f"cannot tell a model that knows the user from one that does not at this size, so the other "
-                       f"models' differences are not evidence either.")
+            out.append(
+                f"The oracle (told the persona) does not score above base with {n} personas: the benchmark "
+                f"cannot tell a model that knows the user from one that does not at this size, so the other "
+                f"models' differences are not evidence either."
+            )
     return out
 
 
@@ -155,9 +190,11 @@ def _trend_findings(ms: dict) -> list[str]:
             out.append(f"{m}: IR undefined (fewer than 2 turns, or a turn without a usable judgment).")
             continue
         excl = excludes_zero(s["ir_ci_low"], s["ir_ci_high"])
-        out.append(f"{m}: AVG {s['avg']:.3f}, IR {s['ir']:+.4f} per turn, 95% CI [{s['ir_ci_low']:+.4f}, "
-                   f"{s['ir_ci_high']:+.4f}]: " + ("the interval excludes 0." if excl else
-                                                   "the interval includes 0 (no detectable trend)."))
+        out.append(
+            f"{m}: AVG {s['avg']:.3f}, IR {s['ir']:+.4f} per turn, 95% CI [{s['ir_ci_low']:+.4f}, "
+            f"{s['ir_ci_high']:+.4f}]: "
+            + ("the interval excludes 0." if excl else "the interval includes 0 (no detectable trend).")
+        )
     missing = sum(s["missing"] for s in ms.values())
     if missing:
         out.append(f"{missing} judgments were unusable and are excluded (each mean's n says where).")
@@ -172,15 +209,18 @@ def findings(cfg: ReportConfig) -> list[str]:
     metrics = evaluation_metrics(cfg)
     if not metrics:
         return out + ["No evaluation results yet."]
-    out.append(f"Evaluation protocol: {metrics.get('protocol', 'aloe')} "
-               + ("(the paper's: no system prompt for the model under test, its own default sampling, "
-                  "2048-token cap)." if metrics.get("protocol") == "paper" else
-                  "(ours: a short system prompt and greedy decoding for every model under test)."))
+    out.append(
+        f"Evaluation protocol: {metrics.get('protocol', 'aloe')} "
+        + (
+            "(the paper's: no system prompt for the model under test, its own default sampling, 2048-token cap)."
+            if metrics.get("protocol") == "paper"
+            else "(ours: a short system prompt and greedy decoding for every model under test)."
+        )
+    )
     card = judge_card(cfg)
     out.append(judge_verdict(card))
     ms = metrics["models"]
-    return (out + _comparison_findings(ms, metrics["personas"], bool(card and card["fit"]))
-            + _trend_findings(ms))
+    return out + _comparison_findings(ms, metrics["personas"], bool(card and card["fit"])) + _trend_findings(ms)
 
 
 def judge_card(cfg: ReportConfig) -> dict | None:
@@ -191,30 +231,42 @@ def judge_card(cfg: ReportConfig) -> dict | None:
 def judge_verdict(card: dict | None) -> str:
     """One plain sentence: is this judge fit to rank models, from its card's numbers."""
     if card is None:
-        return ("**No judge validation ran (judge_card.enabled is false), so this run shows nothing about which "
-                "model aligns better**: a comparison counts only with a judge whose validation passes.")
+        return (
+            "**No judge validation ran (judge_card.enabled is false), so this run shows nothing about which "
+            "model aligns better**: a comparison counts only with a judge whose validation passes."
+        )
     if card.get("exact"):
-        return ("The judge is the rules judge: exact, since a program checks each of the persona's checkable "
-                "preferences on every reply. Paired differences below are evidence where their interval excludes 0; "
-                "they measure the checkable preferences only, not the free-text profile and personality.")
+        return (
+            "The judge is the rules judge: exact, since a program checks each of the persona's checkable "
+            "preferences on every reply. Paired differences below are evidence where their interval excludes 0; "
+            "they measure the checkable preferences only, not the free-text profile and personality."
+        )
     ka = card.get("known_answers") or {}
     parts = []
     k1 = ka.get("K1") or {}
     if (k1.get("discrimination") or {}).get("value") is not None:
         d = k1["discrimination"]
-        parts.append(f"K1: it scores a tailored reply higher under its own persona than a mismatched one in "
-                     f"{d['value']:.0%} of {d['n']} cases [{d['ci_low']:.0%}, {d['ci_high']:.0%}]"
-                     + ("" if k1.get("counts") else " (not independent: does not count)"))
+        parts.append(
+            f"K1: it scores a tailored reply higher under its own persona than a mismatched one in "
+            f"{d['value']:.0%} of {d['n']} cases [{d['ci_low']:.0%}, {d['ci_high']:.0%}]"
+            + ("" if k1.get("counts") else " (not independent: does not count)")
+        )
     k2 = ka.get("K2") or {}
     if k2.get("value") is not None:
-        parts.append(f"K2: it prefers a reply that keeps a revealed preference over its violating edit in "
-                     f"{k2['value']:.0%} of {k2['n']} cases [{k2['ci_low']:.0%}, {k2['ci_high']:.0%}]")
+        parts.append(
+            f"K2: it prefers a reply that keeps a revealed preference over its violating edit in "
+            f"{k2['value']:.0%} of {k2['n']} cases [{k2['ci_low']:.0%}, {k2['ci_high']:.0%}]"
+        )
     known = "; ".join(parts) or "no known-answer check could be measured"
     if card["fit"]:
-        return (f"The judge passed its known-answer card: {known}. Paired differences below are evidence where "
-                f"their interval excludes 0.")
-    return (f"**The judge failed its known-answer card ({'; '.join(card['reasons'])}). This run shows nothing about "
-            f"which model aligns better**: {known}.")
+        return (
+            f"The judge passed its known-answer card: {known}. Paired differences below are evidence where "
+            f"their interval excludes 0."
+        )
+    return (
+        f"**The judge failed its known-answer card ({'; '.join(card['reasons'])}). This run shows nothing about "
+        f"which model aligns better**: {known}."
+    )
 
 
 def judge_warning(cfg: ReportConfig) -> str | None:
@@ -227,6 +279,7 @@ def judge_warning(cfg: ReportConfig) -> str | None:
 
 
 # --------------------------------------------------------------------------- evaluation tables
+
 
 def al_frame(metrics: dict):
     """Long table: model, turn, al, n, ci_low, ci_high (for the AL(k) plot)."""
@@ -241,11 +294,21 @@ def metrics_frame(metrics: dict):
 
     rows = []
     for m, s in metrics["models"].items():
-        rows.append({"model": m, "AVG": s["avg"], "AVG 95% CI": fmt_ci(s.get("avg_ci_low"), s.get("avg_ci_high")),
-                     "IR": s["ir"], "IR 95% CI": fmt_ci(s["ir_ci_low"], s["ir_ci_high"]),
-                     "N-IR": s["n_ir"], "N-IR 95% CI": fmt_ci(s.get("n_ir_ci_low"), s.get("n_ir_ci_high")),
-                     "N-R2": s["n_r2"], "N-R2 95% CI": fmt_ci(s.get("n_r2_ci_low"), s.get("n_r2_ci_high")),
-                     "missing": s["missing"], "personas": s["n_personas"]})
+        rows.append(
+            {
+                "model": m,
+                "AVG": s["avg"],
+                "AVG 95% CI": fmt_ci(s.get("avg_ci_low"), s.get("avg_ci_high")),
+                "IR": s["ir"],
+                "IR 95% CI": fmt_ci(s["ir_ci_low"], s["ir_ci_high"]),
+                "N-IR": s["n_ir"],
+                "N-IR 95% CI": fmt_ci(s.get("n_ir_ci_low"), s.get("n_ir_ci_high")),
+                "N-R2": s["n_r2"],
+                "N-R2 95% CI": fmt_ci(s.get("n_r2_ci_low"), s.get("n_r2_ci_high")),
+                "missing": s["missing"],
+                "personas": s["n_personas"],
+            }
+        )
     return pd.DataFrame(rows).set_index("model")
 
 
@@ -258,12 +321,18 @@ def vs_base_frame(metrics: dict):
         vs = s.get("vs_base")
         if not vs:
             continue
-        row = {"model": m, "AVG diff": vs["avg_diff"], "AVG diff 95% CI": fmt_ci(vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]),
-               "IR diff": vs["ir_diff"], "IR diff 95% CI": fmt_ci(vs["ir_diff_ci_low"], vs["ir_diff_ci_high"]),
-               "personas": vs["n_personas"]}
+        row = {
+            "model": m,
+            "AVG diff": vs["avg_diff"],
+            "AVG diff 95% CI": fmt_ci(vs["avg_diff_ci_low"], vs["avg_diff_ci_high"]),
+            "IR diff": vs["ir_diff"],
+            "IR diff 95% CI": fmt_ci(vs["ir_diff_ci_low"], vs["ir_diff_ci_high"]),
+            "personas": vs["n_personas"],
+        }
         for t in vs["per_turn"]:
-            row[f"AL({t['turn']}) diff"] = (f"{t['diff']:+.3f} {fmt_ci(t['ci_low'], t['ci_high'])}"
-                                            if t["diff"] is not None else "")
+            row[f"AL({t['turn']}) diff"] = (
+                f"{t['diff']:+.3f} {fmt_ci(t['ci_low'], t['ci_high'])}" if t["diff"] is not None else ""
+            )
         rows.append(row)
     return pd.DataFrame(rows).set_index("model") if rows else pd.DataFrame()
 
@@ -272,11 +341,14 @@ def disclosure_frame(metrics: dict):
     """Long table: model, turn, revealed (share of the persona the simulated user has revealed)."""
     import pandas as pd
 
-    return pd.DataFrame([{"model": m, **r} for m, rows in (metrics.get("disclosure") or {}).items() for r in rows],
-                        columns=["model", "turn", "revealed", "n"])
+    return pd.DataFrame(
+        [{"model": m, **r} for m, rows in (metrics.get("disclosure") or {}).items() for r in rows],
+        columns=["model", "turn", "revealed", "n"],
+    )
 
 
 # --------------------------------------------------------------------------- persona and tree tables
+
 
 def profile_ages(pool):
     """Profiles by age band (the age read from the text: "34-year-old", "is 34", "of 34"), split by
@@ -285,8 +357,9 @@ def profile_ages(pool):
 
     prof = pool[pool["kind"] == "profile"].copy()
     ages = prof["text"].str.extract(r"(\d{1,2})[- ]year|is (\d{2})\b|of (\d{2})\b").bfill(axis=1).iloc[:, 0]
-    prof["age_band"] = pd.cut(ages.astype(float), [0, 19, 29, 39, 49, 59, 69, 120],
-                              labels=["<20", "20s", "30s", "40s", "50s", "60s", "70+"])
+    prof["age_band"] = pd.cut(
+        ages.astype(float), [0, 19, 29, 39, 49, 59, 69, 120], labels=["<20", "20s", "30s", "40s", "50s", "60s", "70+"]
+    )
     return pd.crosstab(prof["age_band"], [prof["split"], prof["source"]])
 
 
@@ -296,10 +369,15 @@ def tree_turns(nodes):
     how often the hinted reply was preferred."""
     labelled = nodes[nodes.verdict == "preferred"]
     per_turn = nodes.groupby("turn").agg(
-        nodes=("tree", "size"), labelled=("verdict", lambda v: (v == "preferred").sum()),
-        orders_agree=("orders_agree", "mean"), unusable_judgments=("judge_unusable", "sum"),
-        judgments=("judgments", "sum"), user_words=("user_words", "mean"), hinted_words=("hinted_words", "mean"),
-        plain_words=("plain_words", "mean"))
+        nodes=("tree", "size"),
+        labelled=("verdict", lambda v: (v == "preferred").sum()),
+        orders_agree=("orders_agree", "mean"),
+        unusable_judgments=("judge_unusable", "sum"),
+        judgments=("judgments", "sum"),
+        user_words=("user_words", "mean"),
+        hinted_words=("hinted_words", "mean"),
+        plain_words=("plain_words", "mean"),
+    )
     per_turn["hinted_preferred"] = labelled.groupby("turn")["hinted_preferred"].mean()
     per_turn["unusable_judgments"] = per_turn.unusable_judgments / per_turn.judgments.where(per_turn.judgments > 0)
     return per_turn
@@ -318,22 +396,28 @@ def tree_disclosure(nodes):
 
 # ---------------------------------------------------------------- rows the page and 05_report share
 
+
 def headline_rows(metrics: dict) -> list[dict]:
     """One row per model: the ALOE summaries with their intervals and the paired difference to base."""
     rows = []
     for m, s in metrics["models"].items():
         vs = s.get("vs_base") or {}
-        rows.append({
-            "model": m,
-            "AL(k)": " ".join(_fmt(r["al"], 2) for r in s["al"]),
-            "AVG": f"{_fmt(s['avg'])} {fmt_ci(s.get('avg_ci_low'), s.get('avg_ci_high'))}",
-            "IR": f"{_fmt(s['ir'], 4, True)} {fmt_ci(s.get('ir_ci_low'), s.get('ir_ci_high'), 4, True)}",
-            "N-IR": f"{_fmt(s['n_ir'])} {fmt_ci(s.get('n_ir_ci_low'), s.get('n_ir_ci_high'))}",
-            "N-R²": f"{_fmt(s['n_r2'])} {fmt_ci(s.get('n_r2_ci_low'), s.get('n_r2_ci_high'))}",
-            "minus base (AVG, paired)": (f"{_fmt(vs.get('avg_diff'), 3, True)} "
-                                         f"{fmt_ci(vs.get('avg_diff_ci_low'), vs.get('avg_diff_ci_high'), 3, True)}"
-                                         if vs else ""),
-        })
+        rows.append(
+            {
+                "model": m,
+                "AL(k)": " ".join(_fmt(r["al"], 2) for r in s["al"]),
+                "AVG": f"{_fmt(s['avg'])} {fmt_ci(s.get('avg_ci_low'), s.get('avg_ci_high'))}",
+                "IR": f"{_fmt(s['ir'], 4, True)} {fmt_ci(s.get('ir_ci_low'), s.get('ir_ci_high'), 4, True)}",
+                "N-IR": f"{_fmt(s['n_ir'])} {fmt_ci(s.get('n_ir_ci_low'), s.get('n_ir_ci_high'))}",
+                "N-R²": f"{_fmt(s['n_r2'])} {fmt_ci(s.get('n_r2_ci_low'), s.get('n_r2_ci_high'))}",
+                "minus base (AVG, paired)": (
+                    f"{_fmt(vs.get('avg_diff'), 3, True)} "
+                    f"{fmt_ci(vs.get('avg_diff_ci_low'), vs.get('avg_diff_ci_high'), 3, True)}"
+                    if vs
+                    else ""
+                ),
+            }
+        )
     return rows
 
 
@@ -341,17 +425,23 @@ def stage_words(stage: str, m: dict) -> str:
     """A manifest's key counts as a sentence."""
     c = m.get("counts", {})
     if stage == "personas":
-        return (f"{c.get('profiles')} profiles and {c.get('personalities')} personalities ({c.get('generated')} "
-                f"generated); {c.get('train_pairs')} training and {c.get('eval_pairs')} benchmark personas")
+        return (
+            f"{c.get('profiles')} profiles and {c.get('personalities')} personalities ({c.get('generated')} "
+            f"generated); {c.get('train_pairs')} training and {c.get('eval_pairs')} benchmark personas"
+        )
     if stage == "trees":
-        return (f"{c.get('trees')} trees ({c.get('failed_trees')} failed), {c.get('turns')} nodes, "
-                f"{c.get('dpo_rows')} preference pairs exported")
+        return (
+            f"{c.get('trees')} trees ({c.get('failed_trees')} failed), {c.get('turns')} nodes, "
+            f"{c.get('dpo_rows')} preference pairs exported"
+        )
     if stage == "train":
         steps = {k[:-6]: v for k, v in c.items() if k.endswith("_steps")}
         return ", ".join(f"{v}: {n} steps" for v, n in steps.items())
     if stage == "evaluate":
-        return (f"{c.get('models')} models x {c.get('personas')} personas x {c.get('turns')} turns; "
-                f"{c.get('missing')} of {c.get('judgments')} judgments missing")
+        return (
+            f"{c.get('models')} models x {c.get('personas')} personas x {c.get('turns')} turns; "
+            f"{c.get('missing')} of {c.get('judgments')} judgments missing"
+        )
     return ""
 
 
@@ -368,8 +458,10 @@ def glance(metrics: dict | None, card: dict | None, self_judged: bool) -> list[s
     for m, s in (metrics.get("rules") or {}).items():  # the exact judge beside an LLM judge
         vs = s.get("vs_base")
         if vs and vs.get("avg_diff") is not None:
-            lines.append(f"Exact (rules judge): {m} minus base, AVG (paired): {_fmt(vs['avg_diff'], 3, True)} "
-                         f"{fmt_ci(vs.get('avg_diff_ci_low'), vs.get('avg_diff_ci_high'), 3, True)}")
+            lines.append(
+                f"Exact (rules judge): {m} minus base, AVG (paired): {_fmt(vs['avg_diff'], 3, True)} "
+                f"{fmt_ci(vs.get('avg_diff_ci_low'), vs.get('avg_diff_ci_high'), 3, True)}"
+            )
     for m, s in metrics["models"].items():
         vs = s.get("vs_base")
         if not vs or vs.get("avg_diff") is None:
@@ -377,24 +469,33 @@ def glance(metrics: dict | None, card: dict | None, self_judged: bool) -> list[s
         lines.append(_paired_line(f"{m} minus base", "base", vs))
         ctl = s.get("vs_sft_rejected")
         if ctl and ctl.get("avg_diff") is not None:
-            lines.append(_paired_line(f"{m} minus sft_rejected (the control: same teacher, only the label differs)",
-                                      "sft_rejected", ctl))
+            lines.append(
+                _paired_line(
+                    f"{m} minus sft_rejected (the control: same teacher, only the label differs)", "sft_rejected", ctl
+                )
+            )
     fit = card["fit"] if card else None
     if fit and card.get("exact"):
         trust = "the rules judge is exact (a program checks each checkable preference)"
     else:
-        trust = {True: "the judge passed its known-answer card",
-                 False: f"the judge FAILED its known-answer card ({((card or {}).get('reasons') or ['?'])[0]})",
-                 None: "the judge was not validated (no judge card)"}[fit]
+        trust = {
+            True: "the judge passed its known-answer card",
+            False: f"the judge FAILED its known-answer card ({((card or {}).get('reasons') or ['?'])[0]})",
+            None: "the judge was not validated (no judge card)",
+        }[fit]
     if self_judged:
         trust += "; it is also the policy (self-judging)"
     can = fit is True and not self_judged
-    lines.append(f"Can I trust it? {'Yes' if can else 'No'}: {trust}."
-                 + ("" if can else " This run shows nothing about which model aligns better."))
+    lines.append(
+        f"Can I trust it? {'Yes' if can else 'No'}: {trust}."
+        + ("" if can else " This run shows nothing about which model aligns better.")
+    )
     if can and not _any_separated(metrics):
-        lines.append("The judge can be trusted, but no paired interval above excludes 0: this run detects no "
-                     "difference between the models, and could only have seen one at least as large as each "
-                     "line's smallest detectable effect.")
+        lines.append(
+            "The judge can be trusted, but no paired interval above excludes 0: this run detects no "
+            "difference between the models, and could only have seen one at least as large as each "
+            "line's smallest detectable effect."
+        )
     return lines
 
 
@@ -421,9 +522,13 @@ def disclosure_rows(metrics: dict) -> list[dict]:
     phrasings, complaints, and per turn the share of revealed preferences the reply kept."""
     rows = []
     for m, d in (metrics.get("preference_disclosure") or {}).items():
-        row = {"model": m, "scheduled": d["scheduled"],
-               "conveyed in its own words": f"{d['conveyed']} ({_fmt(d['rate'], 2)})", "appended": d["appended"],
-               "complaints": d["complaints"]}
+        row = {
+            "model": m,
+            "scheduled": d["scheduled"],
+            "conveyed in its own words": f"{d['conveyed']} ({_fmt(d['rate'], 2)})",
+            "appended": d["appended"],
+            "complaints": d["complaints"],
+        }
         for t in d["per_turn"]:
             row[f"kept by turn {t['turn']}"] = _fmt(t["kept"], 2)
         rows.append(row)
@@ -435,9 +540,18 @@ def usage_rows(manifests: dict) -> list[dict]:
     rows = []
     for stage in STAGES:
         for u in (manifests.get(stage) or {}).get("usage") or []:
-            rows.append({"stage": stage, "model": u["model"], "roles": ", ".join(u["roles"]), "kind": u["kind"],
-                         "calls": f"{u['calls']:,}", "from the cache": f"{u['cached_calls']:,}",
-                         "prompt tokens": f"{u['prompt_tokens']:,}", "generated tokens": f"{u['completion_tokens']:,}",
-                         "cost": fmt_usd(u.get("cost_usd")) if "cost_usd" in u else "not recorded",
-                         "the cache saved": fmt_usd(u.get("saved_usd")) if "saved_usd" in u else "not recorded"})
+            rows.append(
+                {
+                    "stage": stage,
+                    "model": u["model"],
+                    "roles": ", ".join(u["roles"]),
+                    "kind": u["kind"],
+                    "calls": f"{u['calls']:,}",
+                    "from the cache": f"{u['cached_calls']:,}",
+                    "prompt tokens": f"{u['prompt_tokens']:,}",
+                    "generated tokens": f"{u['completion_tokens']:,}",
+                    "cost": fmt_usd(u.get("cost_usd")) if "cost_usd" in u else "not recorded",
+                    "the cache saved": fmt_usd(u.get("saved_usd")) if "saved_usd" in u else "not recorded",
+                }
+            )
     return rows
