@@ -216,6 +216,7 @@ def client(args) -> None:
             spent["finish_s"] = time.time() - t
 
     aloe.trees._finish = timed_finish
+    trace = _Trace(roles, aloe.trees) if args.trace else None
     started = time.time()
     counts = aloe.trees.run(cfg, roles, progress=False)
     wall = time.time() - started
@@ -229,9 +230,84 @@ def client(args) -> None:
                 "failed_trees": counts["failed_trees"],
                 "resumed_turns": counts["resumed_turns"],
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                **({"where_time_went": trace.summary(started, wall - spent.get("finish_s", 0.0))} if trace else {}),
             }
         )
     )
+
+
+class _Trace:
+    """Where a trees run's time goes (``--trace``): every HTTP attempt (its outcome), every call
+    (retries and their waits included) and every tree turn, as (start, end) on one clock."""
+
+    def __init__(self, roles, trees_module):
+        self.attempts, self.calls, self.turns = [], [], []
+        for e in {id(e): e for e in roles.engines()}.values():
+            self._wrap_engine(e)
+        turn_of_one = trees_module._turn_of_one
+
+        def timed_turn(*a, **kw):
+            t0 = time.time()
+            try:
+                return turn_of_one(*a, **kw)
+            finally:
+                self.turns.append((t0, time.time()))
+
+        trees_module._turn_of_one = timed_turn
+
+    def _wrap_engine(self, e) -> None:
+        post, call = e.client.post, e._post
+
+        def timed_post(*a, **kw):
+            t0, out = time.time(), "error"
+            try:
+                r = post(*a, **kw)
+                out = "ok" if r.status_code == 200 else f"http_{r.status_code}"
+                return r
+            except Exception as ex:
+                out = type(ex).__name__
+                raise
+            finally:
+                self.attempts.append((t0, time.time(), out))
+
+        def timed_call(*a, **kw):
+            t0 = time.time()
+            try:
+                return call(*a, **kw)
+            finally:
+                self.calls.append((t0, time.time()))
+
+        e.client.post, e._post = timed_post, timed_call
+
+    @staticmethod
+    def _mean_in_flight(spans, t0: float, t1: float) -> float:
+        return sum(max(0.0, min(b, t1) - max(a, t0)) for a, b, *_ in spans) / max(1e-9, t1 - t0)
+
+    def summary(self, started: float, grow_s: float) -> dict:
+        end = started + grow_s
+        kinds = sorted({k for *_, k in self.attempts})
+        buckets = []
+        step = max(1.0, grow_s / 20)
+        t = started
+        while t < end:
+            buckets.append(
+                {
+                    "from_s": round(t - started, 1),
+                    "http": round(self._mean_in_flight(self.attempts, t, min(end, t + step)), 1),
+                    "calls": round(self._mean_in_flight(self.calls, t, min(end, t + step)), 1),
+                    "turns": round(self._mean_in_flight(self.turns, t, min(end, t + step)), 1),
+                }
+            )
+            t += step
+        return {
+            "mean_http_in_flight": {
+                k: round(self._mean_in_flight([x for x in self.attempts if x[2] == k], started, end), 2) for k in kinds
+            },
+            "attempts": {k: sum(1 for x in self.attempts if x[2] == k) for k in kinds},
+            "mean_calls_in_progress": round(self._mean_in_flight(self.calls, started, end), 2),
+            "mean_turns_in_progress": round(self._mean_in_flight(self.turns, started, end), 2),
+            "timeline": buckets,
+        }
 
 
 # --------------------------------------------------------------------------- the orchestra
@@ -310,24 +386,28 @@ def _wait_up(url: str) -> None:
 
 
 def _client_argv(args, folder: Path, urls: list[str], path: str) -> list[str]:
-    return [
-        sys.executable,
-        __file__,
-        "--client",
-        str(folder),
-        "--urls",
-        ",".join(urls),
-        "--path",
-        path,
-        "--trees",
-        str(args.trees),
-        "--turns",
-        str(args.turns),
-        "--concurrency",
-        str(args.concurrency),
-        "--model",
-        args.model,
-    ] + (["--official", str(args.official)] if args.official else [])
+    return (
+        [
+            sys.executable,
+            __file__,
+            "--client",
+            str(folder),
+            "--urls",
+            ",".join(urls),
+            "--path",
+            path,
+            "--trees",
+            str(args.trees),
+            "--turns",
+            str(args.turns),
+            "--concurrency",
+            str(args.concurrency),
+            "--model",
+            args.model,
+        ]
+        + (["--official", str(args.official)] if args.official else [])
+        + (["--trace"] if args.trace else [])
+    )
 
 
 def _run_client(argv: list[str]) -> dict:
@@ -431,6 +511,7 @@ def main() -> None:
     ap.add_argument("--hang-s", type=float, default=8.0, help="how long the last server hangs (0: never)")
     ap.add_argument("--paths", default="conversation,lockstep")
     ap.add_argument("--kill", action="store_true", help="also SIGKILL a run at a random moment and resume it")
+    ap.add_argument("--trace", action="store_true", help="report where the time went (HTTP in flight, calls, turns)")
     ap.add_argument(
         "--official",
         default=None,
