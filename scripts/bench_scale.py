@@ -199,6 +199,8 @@ def client(args) -> None:
         **settings,
     )
     roles = open_roles(cfg, aloe.trees.ROLES)
+    for r in aloe.trees.roles_used(cfg):  # engines open on first use: open them now, to set them up
+        roles[r]
     for e in roles.engines():  # the provider's time is compressed: so are the client's waits
         e.backoff_base_s, e.backoff_max_s = 0.05, 0.8
         e.pool.cool_down_s = 3.0

@@ -457,3 +457,37 @@ def test_a_failing_server_leaves_the_pool_and_its_requests_go_to_the_others():
     finally:
         bad.close()
         good.close()
+
+
+def test_a_server_taken_out_is_counted_once_probed_alone_and_routed_around_while_busy():
+    from aloe.backends.openai_backend import _Pool
+
+    pool = _Pool(("a", "b"), per_url=4, fail_after=3, cool_down_s=0.2)
+    held = [pool.acquire(1) for _ in range(8)]
+    assert sorted(u for u, _ in held) == ["a"] * 4 + ["b"] * 4  # the least busy server takes each request
+    for u, epoch in held:  # a hangs: its 4 requests time out one after another
+        if u == "a":
+            pool.release(u, epoch, "failed")
+    assert pool.down() == ["a"]
+    assert pool._cool["a"] == 0.4, "the requests a had in flight when it was taken out counted against it again"
+    for u, epoch in held:
+        if u == "b":
+            pool.release(u, epoch, "ok")
+    assert [pool.acquire(1)[0] for _ in range(2)] == ["b", "b"]  # a is out
+    time.sleep(0.25)
+    probe = pool.acquire(1)
+    assert probe[0] == "a"  # back from its cool-down: one request, the probe
+    assert pool.acquire(1)[0] == "b"  # not a second one while the probe is out, though b is busier
+    pool.release(*probe, "ok")
+    assert pool.acquire(1)[0] == "a"  # answered: a takes requests again
+
+
+def test_a_full_pool_makes_a_request_wait_for_a_slot_within_its_time():
+    from aloe.backends.openai_backend import _Pool
+
+    pool = _Pool(("a",), per_url=1)
+    first = pool.acquire(1)
+    t0 = time.monotonic()
+    assert pool.acquire(0.2) is None and time.monotonic() - t0 >= 0.2
+    threading.Timer(0.1, pool.release, (*first, "ok")).start()
+    assert pool.acquire(2)[0] == "a"

@@ -465,10 +465,11 @@ class _Scheduled:
 
 
 def _workers(cfg: TreesConfig, roles: Roles) -> int:
-    """How many trees are in progress at once: enough to keep every engine's servers busy (each
-    engine's own limit, ``max_concurrency`` per server, still holds)."""
+    """How many trees are in progress at once: twice the slots of every engine's servers, so the
+    slots stay busy while some trees wait (for a retry's backoff, or between a turn's steps); each
+    engine's own limit, ``max_concurrency`` per server, still holds, so no more calls are in flight."""
     engines = {id(roles[r]): roles[r] for r in roles_used(cfg)}
-    return max(1, sum(getattr(e, "workers", 1) for e in engines.values()))
+    return max(1, 2 * sum(getattr(e, "workers", 1) for e in engines.values()))
 
 
 def _open_trees(cfg: TreesConfig, roles: Roles) -> tuple[list[_Tree], dict, int]:

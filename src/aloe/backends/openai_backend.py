@@ -23,7 +23,6 @@ retries. A batch whose every request failed to reach a server (refused connectio
 from __future__ import annotations
 
 import email.utils
-import itertools
 import logging
 import math
 import os
@@ -94,44 +93,87 @@ class RateLimiter:
 
 
 class _Pool:
-    """Round-robin over the servers that are up; ``fail_after`` failures in a row put one in a
-    cool-down, doubled each time it fails again right after returning."""
+    """The servers of one engine and their slots (``per_url`` requests in flight on each).
 
-    def __init__(self, urls: tuple[str, ...], fail_after: int = 3, cool_down_s: float = 30.0):
-        self.urls, self.fail_after, self.cool_down_s = urls, fail_after, cool_down_s
-        self._lock = threading.Lock()
-        self._next = itertools.cycle(urls)
+    A request takes a slot on the least busy server that is up, so a server that has stopped
+    answering, whose slots fill with requests that wait for their timeout, stops getting new ones
+    even before it is taken out. ``fail_after`` failures in a row take a server out for a cool-down,
+    doubled each time it fails again right after returning; once the cool-down is over it gets one
+    request, the probe, and the rest of its slots only when the probe is answered; the requests it
+    had in flight when it was taken out do not count against it again. When every
+    server is out, requests go to the first one back, so an outage of the whole pool fails the
+    requests (and stops the stage) instead of leaving them waiting."""
+
+    def __init__(self, urls: tuple[str, ...], per_url: int = 8, fail_after: int = 3, cool_down_s: float = 30.0):
+        self.urls, self.per_url, self.fail_after, self.cool_down_s = urls, per_url, fail_after, cool_down_s
+        self._cond = threading.Condition()
+        self._busy = {u: 0 for u in urls}
         self._fails = {u: 0 for u in urls}
         self._down_until = {u: 0.0 for u in urls}
         self._cool = {u: cool_down_s for u in urls}
+        self._probation = {u: False for u in urls}  # back from a cool-down, not yet answered
+        self._epoch = {u: 0 for u in urls}  # how many times each was taken out
+        self._turn = 0  # round-robin among equally busy servers
 
-    def pick(self) -> str:
-        with self._lock:
-            now = time.monotonic()
-            for _ in range(len(self.urls)):
-                u = next(self._next)
-                if self._down_until[u] <= now:
-                    return u
-            return min(self.urls, key=lambda u: self._down_until[u])  # all resting: the first back
+    def _open(self, u: str, now: float) -> bool:
+        if self._busy[u] >= self.per_url or self._down_until[u] > now:
+            return False
+        return not self._probation[u] or self._busy[u] == 0  # a probe goes alone
 
-    def ok(self, url: str) -> None:
-        with self._lock:
-            self._fails[url] = 0
-            self._cool[url] = self.cool_down_s
+    def _choose(self, now: float) -> str | None:
+        n = len(self.urls)
+        order = [self.urls[(self._turn + i) % n] for i in range(n)]
+        open_ = [u for u in order if self._open(u, now)]
+        if open_:
+            self._turn += 1
+            return min(open_, key=lambda u: self._busy[u])
+        if all(self._down_until[u] > now for u in self.urls):  # the whole pool is out
+            first = [u for u in sorted(self.urls, key=lambda u: self._down_until[u]) if self._busy[u] < self.per_url]
+            return first[0] if first else None
+        return None
 
-    def failed(self, url: str) -> None:
-        with self._lock:
-            self._fails[url] += 1
-            if self._fails[url] >= self.fail_after and len(self.urls) > 1:
-                self._down_until[url] = time.monotonic() + self._cool[url]
-                log.warning(
-                    "%s failed %d times in a row: out of the pool for %.0f s",
-                    redact_url(url),
-                    self._fails[url],
-                    self._cool[url],
-                )
-                self._cool[url] *= 2
-                self._fails[url] = self.fail_after - 1  # one more failure after it returns: out again
+    def acquire(self, timeout: float) -> tuple[str, int] | None:
+        """(a server with a slot taken for one request, the server's epoch to give back with it), or
+        None when no slot frees within ``timeout``."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                u = self._choose(now)
+                if u is not None:
+                    self._busy[u] += 1
+                    return u, self._epoch[u]
+                if now >= end:
+                    return None
+                back = [t - now for t in self._down_until.values() if t > now]
+                self._cond.wait(min([end - now, 0.5, *back]))
+
+    def release(self, url: str, epoch: int, outcome: str | None) -> None:
+        """Give the slot back; ``outcome`` "ok", "failed" (refused, timed out, 5xx) or None (says
+        nothing about the server: a 429, a 4xx). A failure of a request sent before the server was
+        last taken out is already counted."""
+        with self._cond:
+            self._busy[url] -= 1
+            if outcome == "ok":
+                self._fails[url], self._cool[url], self._probation[url] = 0, self.cool_down_s, False
+            elif outcome == "failed" and epoch == self._epoch[url]:
+                self._failed(url)
+            self._cond.notify_all()
+
+    def _failed(self, url: str) -> None:
+        self._fails[url] += 1
+        if self._fails[url] >= self.fail_after and len(self.urls) > 1:
+            self._down_until[url] = time.monotonic() + self._cool[url]
+            log.warning(
+                "%s failed %d times in a row: out of the pool for %.0f s, then probed with one request",
+                redact_url(url),
+                self._fails[url],
+                self._cool[url],
+            )
+            self._cool[url] *= 2
+            self._fails[url] = self.fail_after - 1  # one more failure after it returns: out again
+            self._probation[url] = True
+            self._epoch[url] += 1
 
     def down(self) -> list[str]:
         now = time.monotonic()
@@ -178,7 +220,7 @@ class OpenAIBackend(ChatBackend):
         super().__init__(model_id, revision, cache)
         urls = (base_url,) if isinstance(base_url, str) else tuple(base_url)
         self.base_urls = tuple(u.rstrip("/") for u in urls)
-        self.pool = _Pool(self.base_urls)
+        self.pool = _Pool(self.base_urls, max_concurrency)
         self._count_lock = threading.Lock()
         self.limiter = RateLimiter(rpm, tpm)
         self.served_model = served_model
@@ -211,9 +253,9 @@ class OpenAIBackend(ChatBackend):
             headers=headers,
             limits=httpx.Limits(max_connections=max_concurrency * len(self.base_urls)),
         )
-        self.workers = max_concurrency * len(self.base_urls)  # max_concurrency applies to each server
-        # ... however many threads call this engine at once (aloe.trees schedules trees one by one)
-        self._slots = {u: threading.BoundedSemaphore(max_concurrency) for u in self.base_urls}
+        # max_concurrency applies to each server, however many threads call this engine at once (the
+        # pool's slots; aloe.trees schedules trees one by one)
+        self.workers = max_concurrency * len(self.base_urls)
         self.server_model: str | None = None  # what the server says it serves under served_model (check())
 
     def key_identity(self) -> dict:
@@ -266,7 +308,8 @@ class OpenAIBackend(ChatBackend):
     # -- one request with retries
     def _post(self, payload: dict):
         """The parsed JSON body of a 200 answer; retries 408/409/425/429/5xx, timeouts, broken
-        connections and unreadable bodies, within ``deadline_s``; honours Retry-After."""
+        connections and unreadable bodies, within ``deadline_s``; honours Retry-After. A request
+        waiting to retry holds no slot."""
         start = time.monotonic()
         last = ""
         for attempt in range(self.max_retries + 1):
@@ -274,34 +317,9 @@ class OpenAIBackend(ChatBackend):
             if remaining <= 0:
                 last = f"deadline of {self.deadline_s:g} s passed; last: {last}"
                 break
-            url = self.pool.pick()
-            self.limiter.acquire(_tokens(payload))
-            wait = None
-            try:
-                with self._slots[url]:
-                    r = self.client.post(
-                        f"{url}/chat/completions", json=payload, timeout=min(self.timeout_s, remaining)
-                    )
-                if r.status_code == 200:
-                    self.pool.ok(url)
-                    try:
-                        return r.json()
-                    except ValueError as e:
-                        last = f"HTTP 200 with an unreadable body ({type(e).__name__})"
-                elif r.status_code in SETUP_STATUS:
-                    raise _Fatal(f"{redact_url(url)} answered HTTP {r.status_code}: {self._excerpt(r)}")
-                elif r.status_code not in RETRY_STATUS:
-                    raise _GaveUp(f"HTTP {r.status_code}: {self._excerpt(r)}")  # this request only
-                else:
-                    last = f"HTTP {r.status_code}: {self._excerpt(r)}"
-                    wait = retry_after(r.headers.get("Retry-After"))
-                    if r.status_code == 429:
-                        self.limiter.slow_down()
-                    else:
-                        self.pool.failed(url)
-            except httpx.HTTPError as e:  # timeouts, refused or broken connections, broken gzip
-                last = f"{type(e).__name__}: {self._redact(str(e))[:160]}"
-                self.pool.failed(url)
+            data, last, wait = self._attempt(payload, remaining)
+            if data is not None:
+                return data
             if attempt < self.max_retries:
                 self.retries += 1
                 backoff = min(self.backoff_max_s, self.backoff_base_s * 2**attempt) * (0.5 + random.random())
@@ -312,6 +330,39 @@ class OpenAIBackend(ChatBackend):
                 log.warning("retry %d/%d in %.1fs after %s", attempt + 1, self.max_retries, delay, last)
                 time.sleep(delay)
         raise _GaveUp(f"{UNREACHABLE}gave up after {attempt + 1} attempt(s): {last}")
+
+    def _attempt(self, payload: dict, remaining: float) -> tuple[dict | None, str, float | None]:
+        """One try on one server: (the answer's body, "", None), or (None, why, the seconds the
+        server asked to wait). Raises _Fatal for a refused key or a wrong URL, _GaveUp for a 4xx
+        that retrying cannot mend."""
+        self.limiter.acquire(_tokens(payload))
+        got = self.pool.acquire(remaining)
+        if got is None:
+            return None, f"no server had a free slot within {remaining:.0f} s", None
+        url, epoch = got
+        outcome = None
+        try:
+            r = self.client.post(f"{url}/chat/completions", json=payload, timeout=min(self.timeout_s, remaining))
+            if r.status_code == 200:
+                outcome = "ok"
+                try:
+                    return r.json(), "", None
+                except ValueError as e:
+                    return None, f"HTTP 200 with an unreadable body ({type(e).__name__})", None
+            if r.status_code in SETUP_STATUS:
+                raise _Fatal(f"{redact_url(url)} answered HTTP {r.status_code}: {self._excerpt(r)}")
+            if r.status_code not in RETRY_STATUS:
+                raise _GaveUp(f"HTTP {r.status_code}: {self._excerpt(r)}")  # this request only
+            if r.status_code == 429:
+                self.limiter.slow_down()
+            else:
+                outcome = "failed"
+            return None, f"HTTP {r.status_code}: {self._excerpt(r)}", retry_after(r.headers.get("Retry-After"))
+        except httpx.HTTPError as e:  # timeouts, refused or broken connections, broken gzip
+            outcome = "failed"
+            return None, f"{type(e).__name__}: {self._redact(str(e))[:160]}", None
+        finally:
+            self.pool.release(url, epoch, outcome)
 
     def _generate(self, requests: list[ChatRequest], done=None) -> list[Completion]:
         def one(r: ChatRequest) -> Completion:
