@@ -67,6 +67,9 @@ def serve(args) -> None:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # headers and body go out in two writes: with Nagle's algorithm on, the body waits for the
+        # client's delayed ACK (about 40 ms a request on loopback), time no provider adds
+        disable_nagle_algorithm = True
 
         def log_message(self, *a):
             pass
