@@ -1,3 +1,5 @@
+import http.server
+import json
 import os
 import socket
 import subprocess
@@ -37,6 +39,9 @@ class LoopbackServer:
         import http.server
         import threading
 
+        # headers and body go out in two writes: with Nagle's algorithm on, the body would wait for
+        # the client's delayed ACK, about 40 ms a request on loopback
+        handler.disable_nagle_algorithm = True
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
         # a short poll: shutdown() waits up to one interval (0.5 s by default), at every test's end
@@ -45,6 +50,24 @@ class LoopbackServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class JsonHandler(http.server.BaseHTTPRequestHandler):
+    """A quiet handler of an OpenAI-style loopback server: ``_send`` answers JSON, GET lists model "m"."""
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, body: dict):
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send({"data": [{"id": "m"}]})
 
 
 def start_llama_server(port: int) -> subprocess.Popen:

@@ -6,14 +6,13 @@ crash mid-run loses no finished turn, and the rerun equals an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import random
 import threading
 import time
 
 import pytest
-from conftest import LoopbackServer
+from conftest import JsonHandler, LoopbackServer
 
 import aloe.personas
 import aloe.trees
@@ -46,21 +45,7 @@ class EchoServer(LoopbackServer):
         self.release = threading.Event()
         srv = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, body: dict):
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self):
-                self._send({"data": [{"id": "m"}]})
-
+        class Handler(JsonHandler):
             def do_POST(self):
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 blob = json.dumps([req["messages"], req.get("seed")], sort_keys=True)

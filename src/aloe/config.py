@@ -648,6 +648,10 @@ class EvaluateConfig(Common):
         range=(1, 100),
     )
     n_boot: int = param(2000, help="bootstrap resamples for the confidence intervals", range=(10, 1000000))
+    schedule: Literal["auto", "lockstep"] = param(
+        "auto",
+        help='"auto": each conversation advances as its own answers arrive where the simulator, the judge and the model under test are HTTP servers, else "lockstep": one batch per role per turn',
+    )
     seed: int = param(0, help="seeds the simulated user and the bootstrap", range=(0, 4294967295))
 
     def __post_init__(self):

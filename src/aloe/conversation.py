@@ -1,9 +1,11 @@
 """Shared conversation plumbing: the user simulator's view, reply cleaning, the sampling of the
-model under test."""
+model under test, and running conversations each on its own."""
 
 from __future__ import annotations
 
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 
 from aloe import prompts
 from aloe.backends.base import Sampling
@@ -89,3 +91,33 @@ def history_before(conv: dict, turn: int) -> list[dict]:
         if t["user"] and t["reply"]:
             out += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["reply"]}]
     return out
+
+
+# --------------------------------------------------------------------------- conversations on their own
+
+
+def in_progress(engines) -> int:
+    """How many conversations to keep in progress over HTTP engines: twice their slots
+    (``max_concurrency`` per server), so the slots stay busy while some conversations wait between
+    steps or for a retry; each engine's own limit still holds, so no more calls are in flight."""
+    distinct = {id(e): e for e in engines if e is not None}
+    return max(1, 2 * sum(getattr(e, "workers", 1) for e in distinct.values()))
+
+
+def run_each(fn, items: list, workers: int, stop: threading.Event, name: str, grace_s: float = 30.0) -> None:
+    """``fn(item)`` for every item, ``workers`` at a time. The first error, or Ctrl-C, sets ``stop``
+    (``fn`` starts nothing new once it is set), cancels what has not started, waits up to ``grace_s``
+    for what is under way (its answers are kept) and raises."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+    futures = [pool.submit(fn, x) for x in items]
+    try:
+        for f in as_completed(futures):
+            f.result()
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        # a cancelled future never counts as done for wait(): waiting on it would take the whole grace
+        wait([f for f in futures if not f.cancelled()], timeout=grace_s)
+        raise
+    finally:
+        pool.shutdown(wait=False)

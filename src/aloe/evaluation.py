@@ -33,15 +33,24 @@ import dataclasses
 import gc
 import logging
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 from aloe import judge_card, preferences, prompts
 from aloe.backends import ChatBackend, ChatRequest, Sampling, open_backend
+from aloe.backends.base import quiet_calls
 from aloe.cards import write_model_card
 from aloe.config import EvaluateConfig
-from aloe.conversation import clean_user_message, history_before, simulator_messages, under_test_sampling
+from aloe.conversation import (
+    clean_user_message,
+    history_before,
+    in_progress,
+    run_each,
+    simulator_messages,
+    under_test_sampling,
+)
 from aloe.cost import progress_line, with_cost
 from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError
@@ -197,28 +206,65 @@ def run_model(
     path: Path,
     progress: bool = True,
 ) -> list[dict]:
-    """K lockstep turns for one model over all personas; checkpointed per turn. A turn whose
-    user message or reply failed is not recorded: the conversation stops there and a rerun
-    tries that turn again. A reply whose judgment failed is kept and re-judged on a rerun."""
-    from tqdm.auto import tqdm
-
+    """K turns for one model over all personas. On local engines every conversation takes a turn
+    together (one batch per role), checkpointed per turn; where every engine is an HTTP server each
+    conversation advances on its own as its answers arrive (``schedule``), checkpointed every few
+    seconds (the answers themselves are in the call cache as they arrive). Either way the same
+    conversations. A turn whose user message or reply failed is not recorded: the conversation
+    stops there and a rerun tries that turn again. A reply whose judgment failed is kept and
+    re-judged on a rerun."""
     convs = _open_conversations(cfg, model, pairs, roles, under_test, path)
     judge_engine = roles["judge"] if cfg.score_judge != "rules" else None  # the rules judge needs no model
     _rejudge(cfg, judge_engine, convs, pairs)
-    model_samp, version = under_test_sampling(cfg), prompts.get(_prompt_name(model)).tag
-    started, initial = time.time(), sum(len(c["turns"]) for c in convs)
-    bar = tqdm(
-        total=len(convs) * cfg.turns, initial=initial, desc=f"evaluate {model}", unit="turn", disable=not progress
-    )
-    for turn in range(1, cfg.turns + 1):
-        active = [(c, p) for c, p in zip(convs, pairs) if len(c["turns"]) == turn - 1]
-        if not active:
-            continue
-        msgs, disclosed = _user_messages(cfg, roles["simulator"], active, turn)
+    turns = _Turns(cfg, model, roles, under_test, judge_engine, convs, pairs, path, progress)
+    mode = schedule_of(cfg, roles, under_test)
+    log.info("evaluate %s: %s schedule", model, mode)
+    try:
+        turns.each() if mode == "conversation" else turns.lockstep()
+    finally:
+        turns.bar.close()
+    return convs
+
+
+def schedule_of(cfg: EvaluateConfig, roles: Roles, under_test: ChatBackend) -> str:
+    """``cfg.schedule`` with "auto" resolved for one model: each conversation on its own where the
+    simulator, the judge (unless it is the rules judge) and the model under test are HTTP servers."""
+    if cfg.schedule != "auto":
+        return cfg.schedule
+    engines = [roles["simulator"], under_test] + ([roles["judge"]] if cfg.score_judge != "rules" else [])
+    return "conversation" if all(e.kind == "openai" for e in engines) else "lockstep"
+
+
+class _Turns:
+    """One model's conversations and how they take their turns: all together, or each on its own."""
+
+    def __init__(self, cfg, model, roles, under_test, judge_engine, convs, pairs, path, progress):
+        from tqdm.auto import tqdm
+
+        self.cfg, self.model, self.roles, self.under_test = cfg, model, roles, under_test
+        self.judge_engine, self.convs, self.pairs, self.path = judge_engine, convs, pairs, path
+        self.samp, self.version = under_test_sampling(cfg), prompts.get(_prompt_name(model)).tag
+        self.started, self.initial = time.time(), sum(len(c["turns"]) for c in convs)
+        self.bar = tqdm(
+            total=len(convs) * cfg.turns,
+            initial=self.initial,
+            desc=f"evaluate {model}",
+            unit="turn",
+            disable=not progress,
+        )
+        self.lock, self.written, self.logged = threading.Lock(), time.time(), 0.0
+
+    def ask(self, active: list, turn: int) -> tuple[dict, dict, dict]:
+        """This turn's calls for ``active`` [(conversation, persona)]: the user's messages, the
+        replies and their scores, keyed by id(conversation)."""
+        cfg = self.cfg
+        msgs, disclosed = _user_messages(cfg, self.roles["simulator"], active, turn)
         asked = [(c, p, m) for (c, p), m in zip(active, msgs) if m]
-        replies = under_test.chat(
+        replies = self.under_test.chat(
             [
-                ChatRequest(_under_test_messages(cfg, model, c, p, m, turn), model_samp, prompt_version=version)
+                ChatRequest(
+                    _under_test_messages(cfg, self.model, c, p, m, turn), self.samp, prompt_version=self.version
+                )
                 for c, p, m in asked
             ]
         )
@@ -227,25 +273,71 @@ def run_model(
             Reply(p, history_before(c, turn), m, r, tuple((disclosed.get(id(c)) or {}).get("revealed", ())))
             for c, p, m, r in scored
         ]
-        verdicts = dict(zip((id(c) for c, *_ in scored), score_replies(cfg, judge_engine, to_judge)))
-        _record_turn(cfg, active, {id(c): (m, r) for (c, p, m), r in zip(asked, replies)}, verdicts, disclosed, turn)
-        write_jsonl(path, convs)
-        bar.update(len(active))
-        done = sum(len(c["turns"]) for c in convs)
+        verdicts = dict(zip((id(c) for c, *_ in scored), score_replies(cfg, self.judge_engine, to_judge)))
+        return {id(c): (m, r) for (c, p, m), r in zip(asked, replies)}, verdicts, disclosed
+
+    def lockstep(self) -> None:
+        for turn in range(1, self.cfg.turns + 1):
+            active = [(c, p) for c, p in zip(self.convs, self.pairs) if len(c["turns"]) == turn - 1]
+            if not active:
+                continue
+            got, verdicts, disclosed = self.ask(active, turn)
+            _record_turn(self.cfg, active, got, verdicts, disclosed, turn)
+            write_jsonl(self.path, self.convs)
+            self.bar.update(len(active))
+            self._log(sum(1 for c, _ in active if len(c["turns"]) < turn), every_s=0.0)
+
+    def each(self) -> None:
+        """Up to twice the engines' slots of conversations in progress, each taking its turns one
+        after the other; Ctrl-C stops starting new turns, lets those under way finish for a bounded
+        time, saves, and raises."""
+        self.stop, self.failed = threading.Event(), 0
+        workers = in_progress((self.roles["simulator"], self.under_test, self.judge_engine))
+        todo = [(c, p) for c, p in zip(self.convs, self.pairs) if len(c["turns"]) < self.cfg.turns]
+        try:
+            run_each(lambda cp: self._converse(*cp), todo, workers, self.stop, "conversation")
+        finally:
+            with self.lock:
+                write_jsonl(self.path, self.convs)
+        self._log(self.failed, every_s=0.0)
+
+    def _converse(self, c: dict, p: dict) -> None:
+        with quiet_calls():
+            for turn in range(len(c["turns"]) + 1, self.cfg.turns + 1):
+                if self.stop.is_set():
+                    return
+                got, verdicts, disclosed = self.ask([(c, p)], turn)
+                with self.lock:
+                    _record_turn(self.cfg, [(c, p)], got, verdicts, disclosed, turn)
+                    self.bar.update(1)
+                    if len(c["turns"]) < turn:
+                        self.failed += 1
+                    if time.time() - self.written >= 2.0:  # a checkpoint every few seconds
+                        write_jsonl(self.path, self.convs)
+                        self.written = time.time()
+                    self._log(self.failed)
+                if len(c["turns"]) < turn:
+                    return  # this conversation stops here; a rerun tries the turn again
+
+    def _log(self, failed: int, every_s: float = 30.0) -> None:
+        """The progress line, at most every ``every_s`` seconds."""
+        now = time.time()
+        if now - self.logged < every_s:
+            return
+        self.logged = now
+        done = sum(len(c["turns"]) for c in self.convs)
         log.info(
             progress_line(
-                f"evaluate {model}",
+                f"evaluate {self.model}",
                 done,
-                len(convs) * cfg.turns,
-                done - initial,
-                started,
-                sum(1 for c, _ in active if len(c["turns"]) < turn),
-                _usage_with(roles, under_test),
-                cfg.prices,
+                len(self.convs) * self.cfg.turns,
+                done - self.initial,
+                self.started,
+                failed,
+                _usage_with(self.roles, self.under_test),
+                self.cfg.prices,
             )
         )
-    bar.close()
-    return convs
 
 
 def _open_conversations(

@@ -44,7 +44,15 @@ from aloe.backends import ChatBackend, ChatRequest, Sampling
 from aloe.backends.base import quiet_calls
 from aloe.cards import dataset_card
 from aloe.config import TreesConfig
-from aloe.conversation import clean_user_message, dialogue_text, judge_persona, likelihood_prompts, simulator_messages
+from aloe.conversation import (
+    clean_user_message,
+    dialogue_text,
+    in_progress,
+    judge_persona,
+    likelihood_prompts,
+    run_each,
+    simulator_messages,
+)
 from aloe.cost import progress_line, with_cost
 from aloe.disclosure import revealed_curve
 from aloe.errors import AloeError, Unreachable
@@ -375,28 +383,15 @@ def _grow_each(
     ``trees.steps.jsonl`` at once. An outage (``workers`` trees in a row find no server) stops the
     stage; Ctrl-C stops starting new steps, lets those under way finish for a bounded time, and
     raises."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed, wait
-
     todo = [t for t in trees if t.live and len(t.rec["turns"]) < cfg.turns]
     new_file = not cfg.paths.tree_steps.exists()
     with JsonlAppender(cfg.paths.tree_steps) as steps:
         if new_file:
             steps.append({"provenance": prov})
         run = _Scheduled(cfg, roles, trees, stats, bar, started, resumed, steps)
-        pool = ThreadPoolExecutor(max_workers=run.workers, thread_name_prefix="tree")
-        futures = [pool.submit(run.grow, t) for t in todo]
         try:
-            for f in as_completed(futures):
-                f.result()
-        except BaseException:
-            run.stop.set()
-            pool.shutdown(wait=False, cancel_futures=True)
-            # the steps under way finish and are kept; a cancelled future never counts as done for
-            # wait(), so waiting on it would always take the whole grace time
-            wait([f for f in futures if not f.cancelled()], timeout=30.0)
-            raise
+            run_each(run.grow, todo, run.workers, run.stop, "tree")
         finally:
-            pool.shutdown(wait=False)
             write_jsonl(cfg.paths.trees, [t.rec for t in trees])  # the steps, folded in
     cfg.paths.tree_steps.unlink(missing_ok=True)
     if run.stop.is_set() and run.error is not None:
@@ -420,7 +415,7 @@ class _Scheduled:
     ):
         self.cfg, self.roles, self.trees, self.stats, self.bar = cfg, roles, trees, stats, bar
         self.started, self.resumed, self.steps = started, resumed, steps
-        self.workers = _workers(cfg, roles)
+        self.workers = in_progress(roles[r] for r in roles_used(cfg))
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.outage, self.error, self.logged = 0, None, 0.0
 
@@ -462,14 +457,6 @@ class _Scheduled:
         if now - self.logged >= every_s or last:
             self.logged = now
             _log_progress(self.cfg, self.roles, self.trees, self.started, self.resumed)
-
-
-def _workers(cfg: TreesConfig, roles: Roles) -> int:
-    """How many trees are in progress at once: twice the slots of every engine's servers, so the
-    slots stay busy while some trees wait (for a retry's backoff, or between a turn's steps); each
-    engine's own limit, ``max_concurrency`` per server, still holds, so no more calls are in flight."""
-    engines = {id(roles[r]): roles[r] for r in roles_used(cfg)}
-    return max(1, 2 * sum(getattr(e, "workers", 1) for e in engines.values()))
 
 
 def _open_trees(cfg: TreesConfig, roles: Roles) -> tuple[list[_Tree], dict, int]:
