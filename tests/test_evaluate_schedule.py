@@ -5,6 +5,7 @@ path, and a crash mid-run loses no answer: the rerun equals an uninterrupted run
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -34,12 +35,17 @@ class ScoringServer(LoopbackServer):
 
     def __init__(self):
         self.keys: list[str] = []  # every request answered
+        self.refuse: str | None = None  # requests whose text holds this get HTTP 503
         srv = self
 
         class Handler(JsonHandler):
             def do_POST(self):
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 h = int(hashlib.sha256(json.dumps([req["messages"], req.get("seed")]).encode()).hexdigest(), 16)
+                if srv.refuse and srv.refuse in json.dumps(req["messages"]):
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
                 time.sleep(random.random() * 0.02)
                 choice = {"index": 0, "finish_reason": "stop"}
                 if req.get("logprobs"):
@@ -63,13 +69,13 @@ def scoring():
     s.close()
 
 
-def _cfg(root: Path, url: str, schedule: str):
+def _cfg(root: Path, url: str, schedule: str, concurrency: int = 3):
     from aloe.records import load_seeds, make_pairs, pool_records
 
     profiles = pool_records(load_seeds("eval_profiles"), "profile", "seed", "eval")
     personalities = pool_records(load_seeds("eval_personalities"), "personality", "seed", "eval")
     write_jsonl(root / "e" / "personas" / "pairs.jsonl", make_pairs(profiles, personalities, 5, 0, "eval"))
-    http = {"kind": "openai", "model": "m", "base_url": url, "max_concurrency": 3, "max_retries": 1}
+    http = {"kind": "openai", "model": "m", "base_url": url, "max_concurrency": concurrency, "max_retries": 1}
     return stage_config(
         "evaluate",
         experiment="e",
@@ -140,3 +146,45 @@ def test_a_crash_mid_run_loses_no_answer_and_the_rerun_equals_an_uninterrupted_r
     assert _view(cfg) == _view(whole)
     asked_again = paid & set(scoring.keys[rerun_from:])
     assert not asked_again, f"{len(asked_again)} answers of the crashed run were asked for again"
+
+
+def test_a_server_that_answers_only_503_stops_the_stage_instead_of_leaving_holes(tmp_path):
+    from aloe.errors import AloeError
+
+    class Down(LoopbackServer):
+        def __init__(self):
+            class Handler(JsonHandler):
+                def do_POST(self):
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+            self.start(Handler)
+
+    down = Down()
+    try:
+        cfg = _cfg(tmp_path, down.url, "auto", concurrency=1)  # 2 conversations in progress
+        roles = open_roles(cfg, aloe.evaluation.REQUIRED)
+        for e in roles.engines():
+            e.backoff_base_s = e.backoff_max_s = 0.01
+        assert aloe.evaluation.schedule_of(cfg, roles, roles["policy"]) == "conversation"
+        started = time.monotonic()
+        with pytest.raises(AloeError, match="HTTP 503"):
+            aloe.evaluation.run(cfg, roles, progress=False)
+        assert time.monotonic() - started < 30
+        assert all(not c["turns"] for c in read_jsonl(cfg.paths.conversations("base")))
+    finally:
+        down.close()
+
+
+def test_one_conversation_that_finds_no_server_stops_alone(scoring, tmp_path):
+    cfg = dataclasses.replace(_cfg(tmp_path, scoring.url, "auto"), max_failed_share=0.5)
+    pairs = aloe.evaluation.benchmark_pairs(cfg)
+    scoring.refuse = pairs[0]["profile"]  # the simulator's requests for this persona get 503
+    roles = open_roles(cfg, aloe.evaluation.REQUIRED)
+    for e in roles.engines():
+        e.backoff_base_s = e.backoff_max_s = 0.01
+    aloe.evaluation.run(cfg, roles, progress=False)
+    turns = {c["persona_id"]: len(c["turns"]) for c in read_jsonl(cfg.paths.conversations("base"))}
+    assert turns.pop(pairs[0]["id"]) == 0 and set(turns.values()) == {3}  # the others finished

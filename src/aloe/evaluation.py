@@ -53,7 +53,7 @@ from aloe.conversation import (
 )
 from aloe.cost import progress_line, with_cost
 from aloe.disclosure import revealed_curve
-from aloe.errors import AloeError
+from aloe.errors import AloeError, Unreachable
 from aloe.io import atomic_path, read_jsonl, write_json, write_jsonl, write_manifest
 from aloe.judging import Reply, score_replies
 from aloe.lock import stage as stage_guard
@@ -289,16 +289,20 @@ class _Turns:
 
     def each(self) -> None:
         """Up to twice the engines' slots of conversations in progress, each taking its turns one
-        after the other; Ctrl-C stops starting new turns, lets those under way finish for a bounded
-        time, saves, and raises."""
-        self.stop, self.failed = threading.Event(), 0
-        workers = in_progress((self.roles["simulator"], self.under_test, self.judge_engine))
+        after the other. A turn that found no server ends its conversation (a rerun tries it again);
+        as many in a row as there are conversations in progress is an outage and stops the stage.
+        Ctrl-C stops starting new turns, lets those under way finish for a bounded time, saves, and
+        raises."""
+        self.stop, self.failed, self.outage, self.error = threading.Event(), 0, 0, None
+        self.workers = in_progress((self.roles["simulator"], self.under_test, self.judge_engine))
         todo = [(c, p) for c, p in zip(self.convs, self.pairs) if len(c["turns"]) < self.cfg.turns]
         try:
-            run_each(lambda cp: self._converse(*cp), todo, workers, self.stop, "conversation")
+            run_each(lambda cp: self._converse(*cp), todo, self.workers, self.stop, "conversation")
         finally:
             with self.lock:
                 write_jsonl(self.path, self.convs)
+        if self.stop.is_set() and self.error is not None:
+            raise self.error
         self._log(self.failed, every_s=0.0)
 
     def _converse(self, c: dict, p: dict) -> None:
@@ -306,8 +310,16 @@ class _Turns:
             for turn in range(len(c["turns"]) + 1, self.cfg.turns + 1):
                 if self.stop.is_set():
                     return
-                got, verdicts, disclosed = self.ask([(c, p)], turn)
+                try:
+                    got, verdicts, disclosed = self.ask([(c, p)], turn)
+                except Unreachable as e:
+                    with self.lock:
+                        self.outage, self.error, self.failed = self.outage + 1, e, self.failed + 1
+                        if self.outage >= self.workers:
+                            self.stop.set()
+                    return
                 with self.lock:
+                    self.outage = 0
                     _record_turn(self.cfg, [(c, p)], got, verdicts, disclosed, turn)
                     self.bar.update(1)
                     if len(c["turns"]) < turn:
