@@ -104,6 +104,30 @@ def in_progress(engines) -> int:
     return max(1, 2 * sum(getattr(e, "workers", 1) for e in distinct.values()))
 
 
+class Outage:
+    """Conversations in a row whose turn found no server. As many in a row as there are
+    conversations in progress is an outage: ``stop`` is set (``run_each`` then starts nothing new)
+    and ``raise_if_out`` raises the last such error once the work has ended."""
+
+    def __init__(self, in_progress: int):
+        self.limit, self.stop = in_progress, threading.Event()
+        self._lock, self._row, self.error = threading.Lock(), 0, None
+
+    def failed(self, error: Exception) -> None:
+        with self._lock:
+            self._row, self.error = self._row + 1, error
+            if self._row >= self.limit:
+                self.stop.set()
+
+    def answered(self) -> None:
+        with self._lock:
+            self._row = 0
+
+    def raise_if_out(self) -> None:
+        if self.stop.is_set() and self.error is not None:
+            raise self.error
+
+
 def run_each(fn, items: list, workers: int, stop: threading.Event, name: str, grace_s: float = 30.0) -> None:
     """``fn(item)`` for every item, ``workers`` at a time. The first error, or Ctrl-C, sets ``stop``
     (``fn`` starts nothing new once it is set), cancels what has not started, waits up to ``grace_s``

@@ -44,6 +44,7 @@ from aloe.backends.base import quiet_calls
 from aloe.cards import write_model_card
 from aloe.config import EvaluateConfig
 from aloe.conversation import (
+    Outage,
     clean_user_message,
     history_before,
     in_progress,
@@ -293,33 +294,32 @@ class _Turns:
         as many in a row as there are conversations in progress is an outage and stops the stage.
         Ctrl-C stops starting new turns, lets those under way finish for a bounded time, saves, and
         raises."""
-        self.stop, self.failed, self.outage, self.error = threading.Event(), 0, 0, None
-        self.workers = in_progress((self.roles["simulator"], self.under_test, self.judge_engine))
+        self.failed = 0
+        workers = in_progress((self.roles["simulator"], self.under_test, self.judge_engine))
+        self.outage = Outage(workers)
         todo = [(c, p) for c, p in zip(self.convs, self.pairs) if len(c["turns"]) < self.cfg.turns]
         try:
-            run_each(lambda cp: self._converse(*cp), todo, self.workers, self.stop, "conversation")
+            run_each(lambda cp: self._converse(*cp), todo, workers, self.outage.stop, "conversation")
         finally:
             with self.lock:
                 write_jsonl(self.path, self.convs)
-        if self.stop.is_set() and self.error is not None:
-            raise self.error
+        self.outage.raise_if_out()
         self._log(self.failed, every_s=0.0)
 
     def _converse(self, c: dict, p: dict) -> None:
         with quiet_calls():
             for turn in range(len(c["turns"]) + 1, self.cfg.turns + 1):
-                if self.stop.is_set():
+                if self.outage.stop.is_set():
                     return
                 try:
                     got, verdicts, disclosed = self.ask([(c, p)], turn)
                 except Unreachable as e:
+                    self.outage.failed(e)
                     with self.lock:
-                        self.outage, self.error, self.failed = self.outage + 1, e, self.failed + 1
-                        if self.outage >= self.workers:
-                            self.stop.set()
+                        self.failed += 1
                     return
+                self.outage.answered()
                 with self.lock:
-                    self.outage = 0
                     _record_turn(self.cfg, [(c, p)], got, verdicts, disclosed, turn)
                     self.bar.update(1)
                     if len(c["turns"]) < turn:

@@ -222,6 +222,11 @@ def _rows(data_file: Path):
     return dataset.remove_columns([c for c in dataset.column_names if c == "id"])
 
 
+def _recipe(cfg: TrainConfig, kind: str) -> tuple[dict, dict]:
+    """The project's defaults for this kind of trainer, and the file's own settings over them."""
+    return (SFT_DEFAULTS, cfg.sft) if kind == "sft" else (DPO_DEFAULTS, cfg.dpo)
+
+
 def _trainer(cfg: TrainConfig, variant: str, dataset, base_location: str, fp: str, callbacks):
     """TRL's SFT or DPO trainer for one variant, with LoRA where configured."""
     from peft import LoraConfig
@@ -229,7 +234,7 @@ def _trainer(cfg: TrainConfig, variant: str, dataset, base_location: str, fp: st
 
     kind = VARIANTS[variant].kind
     args_cls, trainer_cls = (SFTConfig, SFTTrainer) if kind == "sft" else (DPOConfig, DPOTrainer)
-    defaults, user = (SFT_DEFAULTS, cfg.sft) if kind == "sft" else (DPO_DEFAULTS, cfg.dpo)
+    defaults, user = _recipe(cfg, kind)
     args = args_cls(
         output_dir=str(cfg.paths.checkpoints(variant)), **{**defaults, "seed": cfg.seed, **_device_args(), **user}
     )
@@ -258,7 +263,7 @@ def _variant_metrics(
     policy: dict | None,
 ) -> dict:
     kind = VARIANTS[variant].kind
-    defaults, user = (SFT_DEFAULTS, cfg.sft) if kind == "sft" else (DPO_DEFAULTS, cfg.dpo)
+    defaults, user = _recipe(cfg, kind)
     return {
         "variant": variant,
         "kind": kind,

@@ -45,6 +45,7 @@ from aloe.backends.base import quiet_calls
 from aloe.cards import dataset_card
 from aloe.config import TreesConfig
 from aloe.conversation import (
+    Outage,
     clean_user_message,
     dialogue_text,
     in_progress,
@@ -390,12 +391,11 @@ def _grow_each(
             steps.append({"provenance": prov})
         run = _Scheduled(cfg, roles, trees, stats, bar, started, resumed, steps)
         try:
-            run_each(run.grow, todo, run.workers, run.stop, "tree")
+            run_each(run.grow, todo, run.workers, run.outage.stop, "tree")
         finally:
             write_jsonl(cfg.paths.trees, [t.rec for t in trees])  # the steps, folded in
     cfg.paths.tree_steps.unlink(missing_ok=True)
-    if run.stop.is_set() and run.error is not None:
-        raise run.error
+    run.outage.raise_if_out()
 
 
 class _Scheduled:
@@ -416,14 +416,14 @@ class _Scheduled:
         self.cfg, self.roles, self.trees, self.stats, self.bar = cfg, roles, trees, stats, bar
         self.started, self.resumed, self.steps = started, resumed, steps
         self.workers = in_progress(roles[r] for r in roles_used(cfg))
-        self.lock, self.stop = threading.Lock(), threading.Event()
-        self.outage, self.error, self.logged = 0, None, 0.0
+        self.lock, self.logged = threading.Lock(), 0.0
+        self.outage = Outage(self.workers)
 
     def grow(self, t: _Tree) -> None:
         """One tree's remaining turns, one after the other, each recorded as it finishes."""
         with quiet_calls():
             for turn in range(len(t.rec["turns"]) + 1, self.cfg.turns + 1):
-                if self.stop.is_set() or not self._turn(t, turn) or t.rec["failed"]:
+                if self.outage.stop.is_set() or not self._turn(t, turn) or t.rec["failed"]:
                     return
 
     def _turn(self, t: _Tree, turn: int) -> bool:
@@ -432,13 +432,10 @@ class _Scheduled:
             _turn_of_one(self.cfg, self.roles, t, turn, own)
         except Unreachable as e:
             t.fail(turn, "server", str(e))  # not recorded: a rerun tries this turn again
-            with self.lock:
-                self.outage, self.error = self.outage + 1, e
-                if self.outage >= self.workers:
-                    self.stop.set()
+            self.outage.failed(e)
             return False
+        self.outage.answered()
         with self.lock:
-            self.outage = 0
             for k, v in own.items():
                 self.stats[k] += v
             self.steps.append(
