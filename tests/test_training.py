@@ -103,6 +103,15 @@ def test_sft_format_trl_receives_puts_loss_on_the_reply_only(tiny_model, tmp_pat
     assert "swim" in prompt and "Nice!" not in prompt
 
 
+def test_trees_that_exported_no_rows_stop_training_with_a_message(tiny_model, tmp_path):
+    from aloe import training
+    from aloe.errors import AloeError
+
+    _setup(tmp_path, [])  # every node a tie: the trees stage writes empty files
+    with pytest.raises(AloeError, match=r"sft_preferred\.jsonl: no rows to train on: .*verdict_\* counts"):
+        training.run(_cfg(tmp_path, tiny_model, variants=("sft_preferred",)))
+
+
 def test_sft_trains_changes_weights_and_skips_when_done(tiny_model, tmp_path):
     from aloe import training
 

@@ -216,9 +216,17 @@ def _rows(data_file: Path):
     """The variant's training rows as a datasets.Dataset, with the node ids dropped."""
     from datasets import load_dataset
 
+    empty = AloeError(
+        f"{data_file}: no rows to train on: the trees stage exported none (every node a tie, dropped or "
+        f"unusable: see its manifest's verdict_* counts); grow the trees (n_personas, turns) or use a judge "
+        f"that separates the replies"
+    )
+    with open(data_file, encoding="utf-8") as f:
+        if not any(line.strip() for line in f):  # datasets fails on an empty file with a bare StopIteration
+            raise empty
     dataset = load_dataset("json", data_files=str(data_file), split="train")
     if len(dataset) == 0:
-        raise AloeError(f"{data_file}: no rows to train on (every node was a tie, dropped or unusable?)")
+        raise empty
     return dataset.remove_columns([c for c in dataset.column_names if c == "id"])
 
 
