@@ -1,5 +1,7 @@
 """`aloe estimate`: calls, tokens, cost and time before a run, with no key and no network."""
 
+import json
+
 import pytest
 from conftest import REPO
 
@@ -66,3 +68,71 @@ def test_only_a_served_priced_role_makes_a_run_print_its_estimate(tmp_path, caps
     assert "trees" in out and "evaluate" in out and "$" in out
     assert main(["estimate", str(p), "--fill", "2"]) == 2
     assert "--fill in (0, 1]" in capsys.readouterr().err
+
+
+def _manifest(folder, stage, usage):
+    (folder / stage).mkdir(parents=True, exist_ok=True)
+    (folder / stage / "manifest.json").write_text(json.dumps({"stage": stage, "usage": usage}))
+
+
+def test_an_engine_records_its_replies_lengths_per_prompt_version(tmp_path):
+    from aloe.backends.base import ChatRequest, Sampling
+    from aloe.cache import CallCache
+    from aloe.config import BackendConfig
+    from aloe.estimate import SizingBackend
+
+    cfg = BackendConfig(kind="openai", model="gpt-x", base_url="http://127.0.0.1:9/v1")
+    eng = SizingBackend(cfg, cache=CallCache(tmp_path / "calls.sqlite"), replies={("gpt-x", "simulate@v2"): 7.4})
+    ask = [
+        ChatRequest(({"role": "user", "content": f"q{i}"},), Sampling(max_tokens=cap), prompt_version=v)
+        for i, (v, cap) in enumerate([("simulate@v2", 30), ("simulate@v2", 5), ("respond@v1", 20)])
+    ]
+    eng.chat(ask)
+    eng.chat(ask[:1])  # from the cache: not a reply generated
+    # the run's mean length where it knows the prompt (never above this request's cap), else the cap
+    assert eng.usage()["replies"] == {
+        "respond@v1": {"calls": 1, "completion_tokens": 20},
+        "simulate@v2": {"calls": 2, "completion_tokens": 7 + 5},
+    }
+    assert eng.sized == [2, 1]
+
+
+def test_replies_from_a_finished_run_size_the_estimate(tmp_path, caplog):
+    from aloe.errors import ConfigError
+    from aloe.estimate import reply_lengths
+    from aloe.prompts import get
+
+    exp, _ = _exp(tmp_path)
+    at_cap = {(r["stage"], r["role"]): r for r in measure(exp, sample=4)}
+    run = tmp_path / "pilot"
+    tag = {n: get(n).tag for n in ("user_simulator", "infer_extract", "responder_plain", "responder_hinted")}
+    replies = {tag[n]: {"calls": 4, "completion_tokens": 4 * 5} for n in ("user_simulator", "infer_extract")}
+    replies[tag["responder_plain"]] = {"calls": 2, "completion_tokens": 2 * 5}
+    replies[tag["responder_hinted"]] = {"calls": 2, "completion_tokens": 6}
+    _manifest(run, "trees", [{"roles": ["simulator"], "model": "gpt-x", "kind": "openai", "replies": replies}])
+    _manifest(run, "personas", [{"roles": ["generator"], "model": "gpt-x", "kind": "openai"}])  # an older run's
+    lengths = reply_lengths(run)
+    assert "fewer than 30 replies: infer_extract@v1 of gpt-x (4)" in caplog.text  # a pilot's noise is said
+    assert lengths[("gpt-x", tag["responder_plain"])] == 5 and lengths[("gpt-x", tag["responder_hinted"])] == 3
+    sized = {(r["stage"], r["role"]): r for r in measure(exp, sample=4, replies=lengths)}
+    key = ("trees", "simulator, inferrer, responder")
+    teacher, before = sized[key], at_cap[key]
+    assert teacher["calls"] == before["calls"] and teacher["sized_at_cap"] == 0
+    # 4 trees x 2 turns: a user message, an inference and two replies each, at 5, 5, 5 and 3 tokens
+    assert teacher["completion_tokens"] == 4 * 2 * (5 + 5 + 5 + 3)
+    assert teacher["prompt_tokens"] < before["prompt_tokens"]  # shorter replies, shorter history
+    with pytest.raises(ConfigError, match=r"--replies-from .*empty.*usage\[\]\.replies"):
+        reply_lengths(tmp_path / "empty")
+
+
+def test_estimate_command_takes_a_pilot_s_folder(tmp_path, capsys):
+    from aloe.cli import main
+
+    _, p = _exp(tmp_path)
+    run = tmp_path / "pilot"
+    _manifest(run, "trees", [{"model": "gpt-x", "replies": {"respond@v2": {"calls": 1, "completion_tokens": 3}}}])
+    assert main(["estimate", str(p), "--sample", "2", "--replies-from", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"Replies at the mean length {run}'s run recorded" in out
+    assert main(["estimate", str(p), "--replies-from", str(tmp_path / "nothing")]) == 2
+    assert "no stage manifest there records" in capsys.readouterr().err

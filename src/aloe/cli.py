@@ -36,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
         "--fill", type=float, default=1.0, help="replies' length as a share of their cap (default 1.0: an upper bound)"
     )
     p_est.add_argument("--latency", type=float, default=5.0, help="seconds per served call (default 5)")
+    p_est.add_argument(
+        "--replies-from",
+        metavar="DIR",
+        help="a finished run's data folder (e.g. a pilot with a few personas): size replies at the mean "
+        "length it recorded per model and prompt instead of at their cap",
+    )
     p_report = sub.add_parser("report", help="rebuild the results page and figures from existing outputs")
     p_report.add_argument("params")
     p_model = sub.add_parser("prepare-model", help="resolve a model; convert the embedded GGUF once")
@@ -57,12 +63,14 @@ def _dispatch(args: argparse.Namespace) -> None:
         print(f"{args.params}: ok (experiment {exp.name!r})")
     elif args.command == "estimate":
         from aloe.config import load_experiment
-        from aloe.estimate import estimate, table
+        from aloe.estimate import estimate, reply_lengths, table
 
         if args.sample < 1 or not 0 < args.fill <= 1 or args.latency <= 0:
             raise ConfigError("estimate: --sample must be at least 1, --fill in (0, 1], --latency above 0")
         exp = load_experiment(args.params)
-        print(table(estimate(exp, args.sample, args.fill, args.latency), args.latency, args.fill))
+        replies = reply_lengths(args.replies_from) if args.replies_from else None
+        lines = estimate(exp, args.sample, args.fill, args.latency, replies)
+        print(table(lines, args.latency, args.fill, args.replies_from))
     elif args.command == "report":
         from aloe.runner import rebuild_report
 

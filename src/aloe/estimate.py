@@ -9,6 +9,9 @@ the file's ``n_personas`` (both are linear in it). Training makes no model calls
 
 What it is not: a replay of real replies. Real replies stop before the cap, so output tokens are an
 upper bound at ``fill`` 1.0; prompts carry those replies as history, so input tokens lean high too.
+``replies`` (``--replies-from``, a finished run's folder, e.g. a pilot of a few personas) sizes each
+reply instead at the mean length that run's manifests record for the same model and prompt version;
+the cap (times ``fill``) stays for what the pilot never asked.
 Wall time is the ideal: calls x latency / concurrency, or the rate limits' floor when they bind.
 """
 
@@ -51,11 +54,20 @@ def _tokenizer(cfg: BackendConfig):
 class SizingBackend(ChatBackend):
     """Stands in for one role's engine: answers of the configured length, tokens counted."""
 
-    def __init__(self, cfg: BackendConfig, fill: float = 1.0, cache: CallCache | None = None):
+    def __init__(
+        self,
+        cfg: BackendConfig,
+        fill: float = 1.0,
+        cache: CallCache | None = None,
+        replies: dict[tuple[str, str], float] | None = None,
+    ):
         super().__init__(cfg.model, "estimate", cache)
         self.config = cfg
         self.kind = cfg.kind  # costed as the engine it stands for
         self.fill = fill
+        self.lengths = replies or {}  # (model, prompt version) -> mean reply tokens in a finished run
+        self.like = cfg.model  # whose lengths stand in where this model's are unknown (a trained variant)
+        self.sized = [0, 0]  # replies sized by a finished run's lengths, and by the cap
         self.tok = _tokenizer(cfg)
         self.counted_by = "tokenizer" if self.tok is not None else "characters / 4"
         self.seen: list[str] = []  # every prompt so far, sorted: the longest shared prefix is a neighbour's
@@ -86,7 +98,7 @@ class SizingBackend(ChatBackend):
             return "1", 1
         if name.startswith("judge_score"):
             return "3", 1
-        n = max(1, round((r.sampling.max_tokens or 256) * self.fill))
+        n = self._length(r)
         if name.startswith("generate_"):  # growth: one numbered item per line, each distinct
             words = [f"item {i} {' '.join(FILLER + str(i * 7 + j) for j in range(8))}" for i in range(1, 1 + n // 12)]
             return "\n".join(f"{i}. {w}" for i, w in enumerate(words, 1)) or FILLER, n
@@ -94,6 +106,12 @@ class SizingBackend(ChatBackend):
         # asked once (identical requests of a batch are), and the estimate would count too few calls
         tag = hashlib.sha256(repr((r.messages, r.sample_index, r.sampling.seed)).encode()).hexdigest()[:3]
         return " ".join([FILLER + tag] + [FILLER] * (n - 1)), n
+
+    def _length(self, r: ChatRequest) -> int:
+        cap = r.sampling.max_tokens or 256
+        seen = self.lengths.get((self.model_id, r.prompt_version), self.lengths.get((self.like, r.prompt_version)))
+        self.sized[seen is None] += 1
+        return max(1, min(cap, round(seen if seen is not None else cap * self.fill)))
 
     def _generate(self, requests: list[ChatRequest]) -> list[Completion]:
         out = []
@@ -156,17 +174,59 @@ class Line:
     counted_by: str
     prefix_tokens: float = 0.0  # input tokens in a prefix an earlier prompt of the engine began with
     cached_cost_usd: float | None = None  # cost if the provider's cache served every repeated prefix
+    sized_by_run: float = 0.0  # replies sized by a finished run's lengths (--replies-from)
+    sized_at_cap: float = 0.0  # replies sized at fill x their cap
 
 
 def _scale(rows: list[dict], factor: float) -> list[dict]:
-    return [
-        {**r, **{k: r[k] * factor for k in ("calls", "prompt_tokens", "completion_tokens", "prefix_tokens")}}
-        for r in rows
-    ]
+    keys = ("calls", "prompt_tokens", "completion_tokens", "prefix_tokens", "sized_by_run", "sized_at_cap")
+    return [{**r, **{k: r[k] * factor for k in keys}} for r in rows]
+
+
+FEW_REPLIES = 30  # below this many replies to one prompt, `reply_lengths` says its mean is noisy
+
+
+def reply_lengths(folder: str | Path) -> dict[tuple[str, str], float]:
+    """(model, prompt version) -> mean reply tokens, from a finished run's stage manifests (the
+    folder that holds personas/, trees/ and evaluate/, e.g. data/pilot)."""
+    from aloe.errors import ConfigError
+    from aloe.io import read_json
+
+    root = Path(folder)
+    tally: dict[tuple[str, str], list[int]] = {}
+    for stage in ("personas", "trees", "evaluate"):
+        manifest = root / stage / "manifest.json"
+        if not manifest.exists():
+            continue
+        for u in read_json(manifest).get("usage") or []:
+            for version, n in (u.get("replies") or {}).items():
+                t = tally.setdefault((u["model"], version), [0, 0])
+                t[0] += n["calls"]
+                t[1] += n["completion_tokens"]
+    if not tally:
+        raise ConfigError(
+            f"--replies-from {root}: no stage manifest there records its replies' lengths "
+            f"(personas/, trees/ or evaluate/manifest.json with usage[].replies); give the data folder of "
+            f"a run finished by this version of aloe, e.g. a pilot: the same file with a few personas"
+        )
+    few = sorted(f"{v} of {m} ({n})" for (m, v), (n, _) in tally.items() if 0 < n < FEW_REPLIES)
+    if few:  # a mean of a few replies moves with the personas they answered (docs/benchmarks.md)
+        log.warning(
+            "--replies-from %s: lengths from fewer than %d replies: %s; the estimate is as noisy as they are",
+            root,
+            FEW_REPLIES,
+            ", ".join(few),
+        )
+    return {k: t / n for k, (n, t) in tally.items() if n}
 
 
 def _engines(
-    exp: Experiment, stage: str, roles: tuple[str, ...], fill: float, cache: CallCache
+    exp: Experiment,
+    stage: str,
+    roles: tuple[str, ...],
+    fill: float,
+    cache: CallCache,
+    replies: dict[tuple[str, str], float] | None = None,
 ) -> dict[str, SizingBackend]:
     """role -> sizing engine; roles whose settings come out equal share one, as in a real run, and
     all share one call cache, so what a real run would answer from its cache is not counted."""
@@ -174,7 +234,7 @@ def _engines(
     by_cfg: dict[BackendConfig, SizingBackend] = {}
     for r in roles:
         if cfg.role(r) not in by_cfg:
-            by_cfg[cfg.role(r)] = SizingBackend(cfg.role(r), fill, cache)
+            by_cfg[cfg.role(r)] = SizingBackend(cfg.role(r), fill, cache, replies)
     return {r: by_cfg[cfg.role(r)] for r in roles}
 
 
@@ -194,6 +254,8 @@ def _rows(given: dict[str, SizingBackend], stage: str) -> list[dict]:
                     "counted_by": e.counted_by,
                     "config": e.config,
                     "prefix_tokens": e.prefix_tokens,
+                    "sized_by_run": e.sized[0],
+                    "sized_at_cap": e.sized[1],
                 }
             )
     return out
@@ -205,9 +267,14 @@ def _sample(n: int, sample: int) -> tuple[int, float]:
 
 
 def measure(
-    exp: Experiment, sample: int = 8, fill: float = 1.0, stages=("personas", "trees", "evaluate")
+    exp: Experiment,
+    sample: int = 8,
+    fill: float = 1.0,
+    stages=("personas", "trees", "evaluate"),
+    replies: dict[tuple[str, str], float] | None = None,
 ) -> list[dict]:
-    """Usage rows (stage, role, model, kind, calls, prompt/completion tokens) for the whole run."""
+    """Usage rows (stage, role, model, kind, calls, prompt/completion tokens) for the whole run;
+    ``replies`` (reply_lengths) sizes replies by a finished run's, else at ``fill`` of their cap."""
     from aloe import evaluation, personas, trees
     from aloe.config import STAGE_ROLES
     from aloe.errors import AloeError
@@ -228,13 +295,13 @@ def measure(
             )
             pcfg = dataclasses.replace(pcfg, source="seeds", official_dir=None, preferences=pcfg.preferences)
         cache = CallCache(Path(tmp) / "sizing.sqlite")
-        proles = _engines(exp, "personas", personas.roles_used(exp.stages["personas"]), fill, cache)
+        proles = _engines(exp, "personas", personas.roles_used(exp.stages["personas"]), fill, cache, replies)
         personas.run(pcfg, Roles({}, None, proles) if proles else None)
         rows += _rows(proles, "personas")
         if "trees" in stages:
             t = exp.stages["trees"]
             k, factor = _sample(t.n_personas, sample)
-            troles = _engines(exp, "trees", trees.roles_used(t), fill, cache)
+            troles = _engines(exp, "trees", trees.roles_used(t), fill, cache, replies)
             trees.run(local("trees", n_personas=k), Roles({}, None, troles), progress=False)
             rows += _scale(_rows(troles, "trees"), factor)
         if "evaluate" in stages:
@@ -243,15 +310,18 @@ def measure(
             ecfg = local("evaluate", n_personas=k)
             if e.official_dir and not Path(e.official_dir).is_dir():
                 ecfg = dataclasses.replace(ecfg, official_dir=None)
-            eroles = _engines(exp, "evaluate", STAGE_ROLES["evaluate"], fill, cache)
+            eroles = _engines(exp, "evaluate", STAGE_ROLES["evaluate"], fill, cache, replies)
             policy = e.role("policy")
             trained_engines = []
 
             def trained(model: str) -> ChatBackend:
                 eng = SizingBackend(
-                    dataclasses.replace(policy, kind="vllm" if policy.kind == "vllm" else "transformers"), fill, cache
+                    dataclasses.replace(policy, kind="vllm" if policy.kind == "vllm" else "transformers"),
+                    fill,
+                    cache,
+                    replies,
                 )
-                eng.model_id = model
+                eng.model_id = model  # its own lengths where the finished run trained it, else the policy's
                 trained_engines.append(eng)
                 return eng
 
@@ -271,10 +341,16 @@ def _concurrency(cfg: BackendConfig) -> int:
     return cfg.max_concurrency * max(1, len(cfg.urls)) if cfg.kind == "openai" else 1
 
 
-def estimate(exp: Experiment, sample: int = 8, fill: float = 1.0, latency_s: float = 5.0) -> list[Line]:
+def estimate(
+    exp: Experiment,
+    sample: int = 8,
+    fill: float = 1.0,
+    latency_s: float = 5.0,
+    replies: dict[tuple[str, str], float] | None = None,
+) -> list[Line]:
     """One line per stage and engine: calls, tokens, cost at the file's prices, ideal wall time."""
     lines = []
-    for r in measure(exp, sample, fill):
+    for r in measure(exp, sample, fill, replies=replies):
         bc = r["config"]
         prices = exp.stages[r["stage"]].prices
         cost, _ = row_cost(r, prices)
@@ -305,6 +381,8 @@ def estimate(exp: Experiment, sample: int = 8, fill: float = 1.0, latency_s: flo
                 r["counted_by"],
                 r["prefix_tokens"],
                 cached,
+                r["sized_by_run"],
+                r["sized_at_cap"],
             )
         )
     return lines
@@ -355,7 +433,18 @@ def _total_row(lines: list[Line]) -> list[str]:
     ]
 
 
-def table(lines: list[Line], latency_s: float, fill: float) -> str:
+def _sizing(lines: list[Line], fill: float, replies_from: str | None) -> str:
+    by_run, at_cap = sum(ln.sized_by_run for ln in lines), sum(ln.sized_at_cap for ln in lines)
+    cap = f"at {fill:.0%} of their cap (an upper bound on output tokens)"
+    if not replies_from:
+        return f"Replies {cap}"
+    return (
+        f"Replies at the mean length {replies_from}'s run recorded for the same model and prompt "
+        f"({_share(by_run, by_run + at_cap)} of them), the rest {cap}"
+    )
+
+
+def table(lines: list[Line], latency_s: float, fill: float, replies_from: str | None = None) -> str:
     head = [
         "stage",
         "role",
@@ -390,7 +479,7 @@ def table(lines: list[Line], latency_s: float, fill: float) -> str:
     out = [fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*row) for row in body]
     counted = sorted({ln.counted_by for ln in lines})
     out.append(
-        f"Replies at {fill:.0%} of their cap (an upper bound on output tokens); input tokens counted by "
+        f"{_sizing(lines, fill, replies_from)}; input tokens counted by "
         f"{' and '.join(counted) or 'nothing'}; repeated prefix: the share of input tokens that an earlier "
         f"prompt of the same engine began with (what a provider's prompt cache can serve); cost, prefix "
         f"cached: the cost if the provider served every repeated prefix at the file's cached_input price (a "

@@ -195,6 +195,7 @@ class ChatBackend(ABC):
         self.from_cache = 0  # requests answered from the cache
         self.cached_prompt_tokens = 0  # the tokens those cached answers cost when they were made
         self.cached_completion_tokens = 0
+        self.replies: dict[str, list[int]] = {}  # prompt version -> [replies generated, their tokens]
         # conversations scheduled one by one (aloe.trees) call one engine from many threads
         self._book_lock = threading.Lock()
 
@@ -285,6 +286,11 @@ class ChatBackend(ABC):
                     if not c.ok:
                         self.failures += 1
                     out.append(c)
+            for r, c in zip((requests[i] for i in uniq.values()), fresh):
+                if c.ok and c.completion_tokens is not None:
+                    tally = self.replies.setdefault(r.prompt_version, [0, 0])
+                    tally[0] += 1
+                    tally[1] += c.completion_tokens
         # one line per batch; the small calls of conversations scheduled one by one only in debug
         log.log(
             logging.DEBUG if getattr(_calls, "quiet", False) else logging.INFO,
@@ -335,6 +341,8 @@ class ChatBackend(ABC):
             "completion_tokens": self.generated_tokens,
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "cached_completion_tokens": self.cached_completion_tokens,
+            # the replies' lengths per prompt: what `aloe estimate --replies-from` sizes replies by
+            "replies": {v: {"calls": n, "completion_tokens": t} for v, (n, t) in sorted(self.replies.items())},
         }
 
     def default_sampling(self) -> dict | None:
