@@ -136,3 +136,12 @@ def test_estimate_command_takes_a_pilot_s_folder(tmp_path, capsys):
     assert f"Replies at the mean length {run}'s run recorded" in out
     assert main(["estimate", str(p), "--replies-from", str(tmp_path / "nothing")]) == 2
     assert "no stage manifest there records" in capsys.readouterr().err
+
+
+def test_each_model_under_test_answers_in_its_own_words(tmp_path):
+    """A trained variant that replied exactly as base would make the simulator's later turns cache
+    hits: the estimate then counted too few calls (as it did until the sizing replies named the model)."""
+    exp, _ = _exp(tmp_path)
+    rows = {(r["stage"], r["role"]): r for r in measure(exp, sample=4)}
+    # 4 personas x 2 turns: the first user message is the same for both models, the second is not
+    assert rows["evaluate", "simulator"]["calls"] == 4 * (1 + 2)

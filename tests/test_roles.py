@@ -268,3 +268,17 @@ def test_trees_draw_across_the_whole_pool():
     assert len({p["profile_id"] for p in first}) == 10  # every profile once before any twice
     assert spread(pairs, 10, seed=0) == first and spread(pairs, 10, seed=1) != first
     assert len({p["id"] for p in spread(pairs, 100, seed=0)}) == 100
+
+
+def test_usage_names_only_the_roles_that_asked_for_the_engine():
+    """A stage whose judge is the rules judge never asks for the judge's engine: the usage row of the
+    engine the judge would share must not say it judged (it did on the results page before)."""
+    from aloe.backends.base import ChatRequest
+    from aloe.backends.scripted import ScriptedBackend
+    from aloe.roles import Roles
+
+    roles = Roles.single(ScriptedBackend(), ["simulator", "judge"])
+    assert "judge" in roles and "policy" not in roles  # a membership test asks for no engine
+    roles["simulator"].chat([ChatRequest(({"role": "user", "content": "hi"},))])
+    (row,) = roles.usage()
+    assert row["roles"] == ["simulator"] and row["calls"] == 1

@@ -94,8 +94,9 @@ def test_ci_pipeline_end_to_end(tmp_path):
 def check_estimate_tracks_the_run(params, data):
     """`aloe estimate`'s tokens per stage against what the run used (its manifests' usage: the calls
     sent, on an empty cache), on the same parameter file. The estimate is an upper bound (replies at
-    their cap, judges on their longest route): never below 0.75 of the run, and within 2x of it
-    (measured on ci.yaml: trees 1.03, evaluate 1.76; docs/benchmarks.md)."""
+    their cap, judges on their longest route, every model under test answering in its own words):
+    never below 0.75 of the run, and within 2.5x of it (measured on ci.yaml: trees 1.03, evaluate
+    2.26, where the three SmolLM2 models echo the user alike; docs/benchmarks.md)."""
     from aloe.config import load_experiment
     from aloe.estimate import measure, reply_lengths
 
@@ -110,7 +111,7 @@ def check_estimate_tracks_the_run(params, data):
         real = sum(u["prompt_tokens"] + u["completion_tokens"] for u in used)
         est = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows if r["stage"] == stage)
         print(f"estimate {stage}: {est:,.0f} tokens estimated, {real:,} used, ratio {est / real:.2f}")
-        assert 0.75 <= est / real <= 2.0, (stage, est, real)
+        assert 0.75 <= est / real <= 2.5, (stage, est, real)
         assert all(r["sized_at_cap"] == 0 for r in sized if r["stage"] == stage)
     used = json.loads((data / "trees" / "manifest.json").read_text())["usage"]
     real = {k: sum(u[k] for u in used) for k in ("prompt_tokens", "completion_tokens")}

@@ -102,9 +102,12 @@ class SizingBackend(ChatBackend):
         if name.startswith("generate_"):  # growth: one numbered item per line, each distinct
             words = [f"item {i} {' '.join(FILLER + str(i * 7 + j) for j in range(8))}" for i in range(1, 1 + n // 12)]
             return "\n".join(f"{i}. {w}" for i, w in enumerate(words, 1)) or FILLER, n
-        # a reply of its own per request, as real replies are: identical conversations would be
-        # asked once (identical requests of a batch are), and the estimate would count too few calls
-        tag = hashlib.sha256(repr((r.messages, r.sample_index, r.sampling.seed)).encode()).hexdigest()[:3]
+        # a reply of its own per model and request, as real replies are: identical conversations would
+        # be asked once (identical requests of a batch are), and the estimate would count too few calls
+        # (a trained variant answering exactly as base made the simulator's next turns cache hits)
+        tag = hashlib.sha256(repr((self.model_id, r.messages, r.sample_index, r.sampling.seed)).encode()).hexdigest()[
+            :3
+        ]
         return " ".join([FILLER + tag] + [FILLER] * (n - 1)), n
 
     def _length(self, r: ChatRequest) -> int:
@@ -238,14 +241,15 @@ def _engines(
     return {r: by_cfg[cfg.role(r)] for r in roles}
 
 
-def _rows(given: dict[str, SizingBackend], stage: str) -> list[dict]:
+def _rows(given: dict[str, SizingBackend], stage: str, asked: frozenset[str] | None = None) -> list[dict]:
+    """Usage rows per engine, naming the roles that asked for it (all given ones without ``asked``)."""
     out = []
     for e in dict.fromkeys(given.values()):
         if e.sent:
             out.append(
                 {
                     "stage": stage,
-                    "role": ", ".join(r for r, g in given.items() if g is e),
+                    "role": ", ".join(r for r, g in given.items() if g is e and (asked is None or r in asked)),
                     "model": e.model_id,
                     "kind": e.kind,
                     "calls": e.sent,
@@ -296,14 +300,16 @@ def measure(
             pcfg = dataclasses.replace(pcfg, source="seeds", official_dir=None, preferences=pcfg.preferences)
         cache = CallCache(Path(tmp) / "sizing.sqlite")
         proles = _engines(exp, "personas", personas.roles_used(exp.stages["personas"]), fill, cache, replies)
-        personas.run(pcfg, Roles({}, None, proles) if proles else None)
-        rows += _rows(proles, "personas")
+        asked = Roles({}, None, proles)
+        personas.run(pcfg, asked if proles else None)
+        rows += _rows(proles, "personas", asked.asked)
         if "trees" in stages:
             t = exp.stages["trees"]
             k, factor = _sample(t.n_personas, sample)
             troles = _engines(exp, "trees", trees.roles_used(t), fill, cache, replies)
-            trees.run(local("trees", n_personas=k), Roles({}, None, troles), progress=False)
-            rows += _scale(_rows(troles, "trees"), factor)
+            asked = Roles({}, None, troles)
+            trees.run(local("trees", n_personas=k), asked, progress=False)
+            rows += _scale(_rows(troles, "trees", asked.asked), factor)
         if "evaluate" in stages:
             e = exp.stages["evaluate"]
             k, factor = _sample(e.n_personas, sample)
@@ -326,13 +332,14 @@ def measure(
                 return eng
 
             try:
-                evaluation.run(ecfg, Roles({}, None, eroles), progress=False, trained=trained)
+                asked = Roles({}, None, eroles)
+                evaluation.run(ecfg, asked, progress=False, trained=trained)
             except AloeError as err:
                 if "benchmark personas" not in str(err):
                     raise
                 raise AloeError(f"estimate: {err}") from None
             under_test = {f"under test: {eng.model_id}": eng for eng in trained_engines}
-            rows += _scale(_rows(eroles, "evaluate") + _rows(under_test, "evaluate"), factor)
+            rows += _scale(_rows(eroles, "evaluate", asked.asked) + _rows(under_test, "evaluate"), factor)
     return rows
 
 

@@ -44,6 +44,7 @@ class Roles(Mapping):
         self._given = dict(engines or {})  # engines handed in ready-made (tests, one-backend callers)
         self._released: list[dict] = []  # usage of engines closed before the stage ended
         self._opening = threading.Lock()  # trees scheduled one by one ask for engines from many threads
+        self._asked: set[str] = set()  # roles a stage asked for: usage names only those (a rules judge asks none)
 
     @classmethod
     def single(cls, backend: ChatBackend, names: Iterable[str] = ROLES) -> "Roles":
@@ -51,6 +52,7 @@ class Roles(Mapping):
         return cls({}, None, {n: backend for n in names})
 
     def __getitem__(self, role: str) -> ChatBackend:
+        self._asked.add(role)
         if role in self._given:
             return self._given[role]
         if role not in self.configs:
@@ -61,6 +63,14 @@ class Roles(Mapping):
                 log.info("opening %s engine for role %s: %s", cfg.kind, role, cfg.model)
                 self._by_config[cfg] = open_backend(cfg, self.cache_path)
             return self._by_config[cfg]
+
+    @property
+    def asked(self) -> frozenset[str]:
+        """The roles the stage has asked for an engine so far."""
+        return frozenset(self._asked)
+
+    def __contains__(self, role) -> bool:  # without opening an engine (Mapping's would: it calls self[role])
+        return role in self._given or role in self.configs
 
     def __iter__(self) -> Iterator[str]:
         return iter(dict.fromkeys([*self._given, *self.configs]))
@@ -122,7 +132,11 @@ class Roles(Mapping):
         (ChatBackend.usage): calls, cached calls, prompt and completion tokens."""
         out = []
         for e in self.engines():
-            played = [r for r in self if (self._given.get(r) is e or self._by_config.get(self.configs.get(r)) is e)]
+            played = [
+                r
+                for r in self
+                if r in self._asked and (self._given.get(r) is e or self._by_config.get(self.configs.get(r)) is e)
+            ]
             out.append({"roles": played, "kind": e.kind, "model": e.model_id, **e.usage()})
         return self._released + out
 
