@@ -93,10 +93,7 @@ def study(params: Path, where: Path, sample: int) -> dict:
             sys.exit(f"{where / f'{kind}.sqlite'}: the study starts from an empty call cache; give a new folder")
     _run(full)
     _run(pilot, STAGES)
-    data = {
-        k: Path(load_experiment(p).stages["trees"].paths.manifest("trees")).parent.parent
-        for k, p in (("full", full), ("pilot", pilot))
-    }
+    data = {k: load_experiment(p).stages["trees"].paths.root for k, p in (("full", full), ("pilot", pilot))}
     sized = {"at the cap": None, "by the pilot": data["pilot"], "by the run's own lengths": data["full"]}
     return {label: compare(full, sample, src) for label, src in sized.items()}
 
