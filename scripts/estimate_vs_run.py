@@ -10,16 +10,23 @@ With --replies-from, the estimate sizes replies by another finished run's (a pil
 `aloe estimate --replies-from` does.
 
 --study DIR does the whole comparison from nothing, in DIR: the file as it is (its data and call
-cache in DIR, both empty at the start), and a pilot of it: 2 personas in trees and evaluation, every
-seed plus one, no training (the trained variants are left out of evaluation; the estimate sizes them
-by the policy's lengths). It runs both with `aloe run`, then prints the estimate's tokens over the
-run's per stage: replies at their cap, sized by the pilot, and sized by the run's own lengths.
+cache in DIR, both empty at the start), and a pilot of it: --pilot-personas in trees and evaluation
+(default: the fewest that give each trees prompt 30 replies, 30 / turns; `aloe estimate` warns below
+that), every seed plus one, no training (the trained variants are left out of evaluation; the
+estimate sizes them by the policy's lengths). It runs both with `aloe run`, then prints the
+estimate's tokens over the run's per stage: replies at their cap, sized by the pilot, and sized by
+the run's own lengths.
+
+Tokens "used" are those sent to an engine. A run also asks requests its call cache answers (the
+opening user message is the same for every model under test; models that reply alike make the
+simulator's next turns alike): calls "asked" count those too, and the estimate's own cache hits likewise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +34,10 @@ from pathlib import Path
 import yaml
 
 from aloe.config import load_experiment
-from aloe.estimate import measure, reply_lengths
+from aloe.estimate import FEW_REPLIES, measure, reply_lengths
 from aloe.io import read_json
 
 STAGES = ("personas", "trees", "evaluate")
-PILOT_PERSONAS = 2
 
 
 def compare(params, sample: int = 8, replies_from=None) -> dict:
@@ -44,18 +50,34 @@ def compare(params, sample: int = 8, replies_from=None) -> dict:
         if not manifest.exists():  # a stage the run has not made (yet)
             continue
         used = read_json(manifest).get("usage") or []
+        mine = [r for r in rows if r["stage"] == stage]
         real = {k: sum(u[k] for u in used) for k in ("calls", "prompt_tokens", "completion_tokens")}
-        est = {k: round(sum(r[k] for r in rows if r["stage"] == stage)) for k in real}
+        est = {k: round(sum(r[k] for r in mine)) for k in real}
         tokens = (real["prompt_tokens"] + real["completion_tokens"], est["prompt_tokens"] + est["completion_tokens"])
         out[stage] = {
             "used": real,
             "estimated": est,
-            "tokens_ratio": round(tokens[1] / tokens[0], 3) if tokens[0] else None,
+            "tokens_ratio": _ratio(tokens[1], tokens[0]),
+            # calls sent plus those the call cache answered (the cache keeps no tokens for a judge's
+            # log-probability answers, so only calls compare here)
+            "asked_calls": {
+                "used": sum(u["calls"] + u["cached_calls"] for u in used),
+                "estimated": round(sum(r["calls"] + r["cached_calls"] for r in mine)),
+            },
         }
     return out
 
 
-def _copies(params: Path, where: Path) -> tuple[Path, Path]:
+def _ratio(a, b):
+    return round(a / b, 3) if b else None
+
+
+def pilot_size(params: Path) -> int:
+    """The fewest personas that give each trees prompt FEW_REPLIES replies (one a turn per persona)."""
+    return math.ceil(FEW_REPLIES / load_experiment(params).stages["trees"].turns)
+
+
+def _copies(params: Path, where: Path, pilot_personas: int) -> tuple[Path, Path]:
     """The file with its data and cache in ``where``, and its pilot."""
     base = yaml.safe_load(params.read_text())
     name = base["experiment"]
@@ -70,7 +92,7 @@ def _copies(params: Path, where: Path) -> tuple[Path, Path]:
                 stages[stage] = s
                 s["seed"] = int(s.get("seed", 0)) + 1
                 if stage != "personas":
-                    s["n_personas"] = min(PILOT_PERSONAS, int(s.get("n_personas", PILOT_PERSONAS)))
+                    s["n_personas"] = pilot_personas
             ev = stages["evaluate"]
             ev["models"] = [m for m in ev.get("models", ["base", "oracle"]) if m in ("base", "oracle")]
         path = where / f"{name}-{kind}.yaml"
@@ -85,9 +107,9 @@ def _run(path: Path, stages: tuple[str, ...] | None = None) -> None:
     subprocess.run([sys.executable, "-m", "aloe", "run", str(path), *only], check=True)
 
 
-def study(params: Path, where: Path, sample: int) -> dict:
+def study(params: Path, where: Path, sample: int, pilot_personas: int) -> dict:
     where.mkdir(parents=True, exist_ok=True)
-    full, pilot = _copies(params, where)
+    full, pilot = _copies(params, where, pilot_personas)
     for kind in ("full", "pilot"):
         if (where / f"{kind}.sqlite").exists():
             sys.exit(f"{where / f'{kind}.sqlite'}: the study starts from an empty call cache; give a new folder")
@@ -104,15 +126,24 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=8)
     ap.add_argument("--replies-from", help="a pilot's data folder: size replies by its lengths")
     ap.add_argument("--study", metavar="DIR", help="run the file and its pilot in DIR, then compare")
+    ap.add_argument(
+        "--pilot-personas", type=int, help="the pilot's personas in trees and evaluation (default: 30 / turns)"
+    )
     args = ap.parse_args()
     if not args.study:
         print(json.dumps(compare(args.params, args.sample, args.replies_from), indent=2))
         return
-    result = study(Path(args.params), Path(args.study), args.sample)
+    n = args.pilot_personas or pilot_size(Path(args.params))
+    print(f"pilot: {n} personas in trees and evaluation", file=sys.stderr)
+    result = study(Path(args.params), Path(args.study), args.sample, n)
     print(json.dumps(result, indent=2))
-    print("\ntokens estimated / used | " + " | ".join(STAGES))
+    print("\ntokens estimated / used (sent) | " + " | ".join(STAGES))
     for label, stages in result.items():
         print(f"replies {label} | " + " | ".join(f"{stages[s]['tokens_ratio']}" for s in STAGES if s in stages))
+    first = {s: v for s, v in next(iter(result.values())).items()}  # calls do not depend on reply lengths
+    sent = ", ".join(f"{s} {v['estimated']['calls']} / {v['used']['calls']}" for s, v in first.items())
+    asked = ", ".join(f"{s} {v['asked_calls']['estimated']} / {v['asked_calls']['used']}" for s, v in first.items())
+    print(f"calls sent, estimated / run: {sent}\ncalls asked (sent + call cache), estimated / run: {asked}")
 
 
 if __name__ == "__main__":

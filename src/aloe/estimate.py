@@ -189,7 +189,16 @@ class Line:
 
 
 def _scale(rows: list[dict], factor: float) -> list[dict]:
-    keys = ("calls", "prompt_tokens", "completion_tokens", "prefix_tokens", "sized_by_run", "sized_at_cap")
+    keys = (
+        "calls",
+        "prompt_tokens",
+        "completion_tokens",
+        "prefix_tokens",
+        "sized_by_run",
+        "sized_at_cap",
+        "cached_calls",
+        "cached_tokens",
+    )
     return [{**r, **{k: r[k] * factor for k in keys}} for r in rows]
 
 
@@ -222,7 +231,8 @@ def reply_lengths(folder: str | Path) -> dict[tuple[str, str], float]:
     few = sorted(f"{v} of {m} ({n})" for (m, v), (n, _) in tally.items() if 0 < n < FEW_REPLIES)
     if few:  # a mean of a few replies moves with the personas they answered (docs/benchmarks.md)
         log.warning(
-            "--replies-from %s: lengths from fewer than %d replies: %s; the estimate is as noisy as they are",
+            "--replies-from %s: lengths from fewer than %d replies: %s; the estimate is as noisy as they are "
+            "(a pilot asks each trees prompt once a turn per persona: 30 replies take 30 / turns personas)",
             root,
             FEW_REPLIES,
             ", ".join(few),
@@ -267,6 +277,9 @@ def _rows(given: dict[str, SizingBackend], stage: str, asked: frozenset[str] | N
                     "prefix_tokens": e.prefix_tokens,
                     "sized_by_run": e.sized[0],
                     "sized_at_cap": e.sized[1],
+                    # asked again and answered by the call cache (an earlier identical request): not sent
+                    "cached_calls": e.from_cache,
+                    "cached_tokens": e.cached_prompt_tokens + e.cached_completion_tokens,
                 }
             )
     return out
