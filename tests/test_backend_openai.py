@@ -172,3 +172,19 @@ def test_server_stopped_mid_run(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_cached_logprob_answer_counts_what_it_once_cost(llama_server, tmp_path):
+    # a judge's log-probability call reads its prompt and is billed the one token it answers; asked
+    # again, the cache answers it, and "what the cache saved" counts those tokens like a chat answer's
+    r = ProbRequest([{"role": "user", "content": "Is water wet? Answer yes or no."}], ("yes", "no"))
+    b = backend(llama_server, tmp_path)
+    first = b.logprobs([r])[0]
+    used = b.usage()
+    assert first.ok and used["prompt_tokens"] > 5 and used["completion_tokens"] == 1
+    assert (first.prompt_tokens, first.completion_tokens) == (used["prompt_tokens"], 1)
+    again = backend(llama_server, tmp_path)
+    assert again.logprobs([r])[0].cached
+    u = again.usage()
+    assert (u["calls"], u["cached_calls"]) == (0, 1)
+    assert (u["cached_prompt_tokens"], u["cached_completion_tokens"]) == (used["prompt_tokens"], 1)

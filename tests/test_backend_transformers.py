@@ -61,6 +61,14 @@ def test_cache_roundtrip_with_real_model(smollm, tmp_path):
         assert [c.text for c in first] == [c.text for c in again]
         assert [c.cached for c in again] == [True, True]
         assert smollm.cache.stats() == {"hits": 2, "misses": 2}
+        # a judge's probability call keeps what it read, so a cached one counts what it saved
+        pr = ProbRequest([{"role": "user", "content": QS[2]}], ("yes", "no"))
+        read = smollm.usage()["prompt_tokens"]
+        sent = smollm.logprobs([pr])[0]
+        assert sent.prompt_tokens == smollm.usage()["prompt_tokens"] - read > 3
+        before = smollm.usage()["cached_prompt_tokens"]
+        assert smollm.logprobs([pr])[0].cached
+        assert smollm.usage()["cached_prompt_tokens"] - before == sent.prompt_tokens
     finally:
         smollm.cache = CallCache(None)
 

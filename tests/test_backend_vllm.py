@@ -168,7 +168,7 @@ def make_stand_in(max_model_len: int = 4096, mangle: bool = False, dup_ids: bool
                     comp = types.SimpleNamespace(
                         text=f" reply to {m[-1]['content']} ", token_ids=[7, 8, 9], finish_reason="stop", logprobs=None
                     )
-                outs.append(types.SimpleNamespace(outputs=[comp]))
+                outs.append(types.SimpleNamespace(prompt_token_ids=ids, outputs=[comp]))
             return outs
 
     mod.LLM, mod.SamplingParams = LLM, SamplingParams
@@ -198,14 +198,17 @@ def test_vllm_adapter_with_stand_in(monkeypatch, tmp_path):
     assert [p.kw for p in params] == [
         {"temperature": 0.7, "top_p": 1.0, "max_tokens": 5, "seed": 2000 + i} for i in range(3)
     ]
+    read = b.usage()["prompt_tokens"]
     lp = b.logprobs([ProbRequest([{"role": "user", "content": "rate"}], ("1", "2", "3", "4", "5"))])[0]
     assert lp.logprobs["4"] == pytest.approx(-0.1) and lp.logprobs["5"] == pytest.approx(-2.5)
     assert lp.logprobs["1"] is None and not lp.exact
+    # what a probability call read is counted, and kept with the answer for the cache's savings
+    assert lp.prompt_tokens == b.usage()["prompt_tokens"] - read > 0
     assert b.chat(reqs)[0].cached  # through the same cache as every backend
     # a whole reply as the candidate (the likelihood judge): appended as the assistant's message,
     # its tokens' prompt log-probabilities summed, exact
     lp = b.logprobs([ProbRequest([{"role": "user", "content": "hi there"}], ("nice to meet you",))])[0]
-    assert lp.exact and lp.tokens == {"nice to meet you": 4}
+    assert lp.exact and lp.tokens == {"nice to meet you": 4} and lp.prompt_tokens > 0
     assert lp.logprobs["nice to meet you"] == pytest.approx(-0.1 - 0.2 - 0.3 - 0.4)
     msgs, params = calls["chat"][-1]
     assert msgs[0][-1] == {"role": "assistant", "content": "nice to meet you"} and calls["continue"][-1] is True

@@ -139,8 +139,10 @@ class SizingBackend(ChatBackend):
             for r in requests:
                 p = self._count(r.messages)
                 self._repeated(r.messages, p)
-                self.prompt_tokens += p + max(len(c.split()) for c in r.candidates)
-                self.generated_tokens += 0 if self.kind in LOCAL_KINDS else 1  # a server answers one token
+                read = p + max(len(c.split()) for c in r.candidates)
+                wrote = 0 if self.kind in LOCAL_KINDS else 1  # a server answers one token
+                self.prompt_tokens += read
+                self.generated_tokens += wrote
                 # the first candidate a little ahead, whatever the order: a pair judge asked in both orders
                 # then contradicts itself, and the judging takes its longest route (the fallbacks run)
                 k = len(r.candidates)
@@ -152,6 +154,8 @@ class SizingBackend(ChatBackend):
                             for i, c in enumerate(r.candidates)
                         },
                         tokens={c: max(1, len(c.split())) for c in r.candidates},
+                        prompt_tokens=read,
+                        completion_tokens=wrote,
                     )
                 )
             return out

@@ -142,6 +142,8 @@ class CandidateLogprobs:
     error: str | None = None
     cached: bool = False
     tokens: dict[str, int] | None = None  # tokens per candidate, where the values are exact (per-token means)
+    prompt_tokens: int | None = None  # what the request read and generated, where the engine says:
+    completion_tokens: int | None = None  # a cached answer's "saved" counts them as a chat answer's
 
     @property
     def ok(self) -> bool:
@@ -314,6 +316,10 @@ class ChatBackend(ABC):
         with self._book_lock:
             self.sent += len(uniq)
             self.from_cache += sum(1 for k in keys if k in found)
+            for k in keys:
+                if k in found:
+                    self.cached_prompt_tokens += found[k].get("prompt_tokens") or 0
+                    self.cached_completion_tokens += found[k].get("completion_tokens") or 0
         by_key = dict(zip(uniq.keys(), fresh))
         out = []
         for k in keys:

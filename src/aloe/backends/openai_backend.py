@@ -405,8 +405,10 @@ class OpenAIBackend(ChatBackend):
             failed = CandidateLogprobs({c: None for c in r.candidates}, exact=False)
             try:
                 data = self._post(payload)
-                with self._count_lock:
-                    self.prompt_tokens += _usage(data, "prompt_tokens") or 0
+                read, wrote = _usage(data, "prompt_tokens"), _usage(data, "completion_tokens")
+                with self._count_lock:  # a server bills the one token it answers, too
+                    self.prompt_tokens += read or 0
+                    self.generated_tokens += wrote or 0
                 matched = match_candidates(_top_logprobs(data), r.candidates)
             except (_GaveUp, _Shape) as e:
                 failed.error = str(e)
@@ -414,7 +416,7 @@ class OpenAIBackend(ChatBackend):
             if all(v is None for v in matched.values()):  # an answer that says nothing: not cached
                 failed.error = f"no candidate ({', '.join(r.candidates)}) among the top {self.top_logprobs} tokens"
                 return failed
-            return CandidateLogprobs(matched, exact=False)
+            return CandidateLogprobs(matched, exact=False, prompt_tokens=read, completion_tokens=wrote)
 
         out = self._map(one, requests, done)
         _raise_if_all_unreachable(out, self.base_urls)

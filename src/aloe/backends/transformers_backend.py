@@ -271,9 +271,11 @@ class TransformersBackend(ChatBackend):
         # (request index, sequence, [(candidate, token ids)], sequence is the prompt only)
         items: list[tuple[int, list[int], list[tuple[str, list[int]]], bool]] = []
         ntok: list[dict[str, int]] = []
+        read: list[int] = []
         for ri, r in enumerate(requests):
             p = self._prompt_ids(r.messages)
             self.prompt_tokens += len(p)
+            read.append(len(p))
             cids = [(c, self.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in r.candidates]
             ntok.append({c: len(t) for c, t in cids})
             if all(len(t) == 1 for _, t in cids):
@@ -306,7 +308,9 @@ class TransformersBackend(ChatBackend):
                 self._score_shared(chunk_groups, items, scores)
                 chunk_groups = []
         return [
-            CandidateLogprobs({c: scores[(ri, c)] for c in r.candidates}, exact=True, tokens=ntok[ri])
+            CandidateLogprobs(
+                {c: scores[(ri, c)] for c in r.candidates}, exact=True, tokens=ntok[ri], prompt_tokens=read[ri]
+            )
             for ri, r in enumerate(requests)
         ]
 

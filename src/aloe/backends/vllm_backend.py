@@ -240,12 +240,16 @@ class VLLMBackend(ChatBackend):
                 )
                 continue
             step = (o.outputs[0].logprobs or [{}])[0]
+            read = len(getattr(o, "prompt_token_ids", None) or [])
+            self.prompt_tokens += read
             top: dict[str, float] = {}
             for lp in step.values():  # two ids may decode to the same text: sum, not overwrite
                 if lp.decoded_token is not None:
                     prev = top.get(lp.decoded_token)
                     top[lp.decoded_token] = lp.logprob if prev is None else _logaddexp(prev, lp.logprob)
-            results[i] = CandidateLogprobs(match_candidates(top, requests[i].candidates), exact=False)
+            results[i] = CandidateLogprobs(
+                match_candidates(top, requests[i].candidates), exact=False, prompt_tokens=read or None
+            )
 
     def _score_exact(self, requests: list[ProbRequest], exact: list[int], lens: list[int], tok, results: list) -> None:
         """Whole-reply candidates: each appended as the assistant's message, its prompt
@@ -268,11 +272,15 @@ class VLLMBackend(ChatBackend):
         for i in exact:
             errors = [v for v in got[i].values() if isinstance(v, str)]
             cands = requests[i].candidates
+            self.prompt_tokens += 0 if errors else lens[i]  # the prompt, as the transformers engine counts it
             results[i] = (
                 CandidateLogprobs({c: None for c in cands}, error=errors[0])
                 if errors
                 else CandidateLogprobs(
-                    {c: got[i][c][0] for c in cands}, exact=True, tokens={c: got[i][c][1] for c in cands}
+                    {c: got[i][c][0] for c in cands},
+                    exact=True,
+                    tokens={c: got[i][c][1] for c in cands},
+                    prompt_tokens=lens[i],
                 )
             )
 
