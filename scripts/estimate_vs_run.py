@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from aloe.config import load_experiment
-from aloe.estimate import FEW_REPLIES, measure, reply_lengths
+from aloe.estimate import measure, pilot_personas, reply_lengths
 from aloe.io import read_json
 
 STAGES = ("personas", "trees", "evaluate")
@@ -70,11 +69,6 @@ def compare(params, sample: int = 8, replies_from=None) -> dict:
 
 def _ratio(a, b):
     return round(a / b, 3) if b else None
-
-
-def pilot_size(params: Path) -> int:
-    """The fewest personas that give each trees prompt FEW_REPLIES replies (one a turn per persona)."""
-    return math.ceil(FEW_REPLIES / load_experiment(params).stages["trees"].turns)
 
 
 def _copies(params: Path, where: Path, pilot_personas: int) -> tuple[Path, Path]:
@@ -133,7 +127,7 @@ def main() -> None:
     if not args.study:
         print(json.dumps(compare(args.params, args.sample, args.replies_from), indent=2))
         return
-    n = args.pilot_personas or pilot_size(Path(args.params))
+    n = args.pilot_personas or pilot_personas(load_experiment(args.params))
     print(f"pilot: {n} personas in trees and evaluation", file=sys.stderr)
     result = study(Path(args.params), Path(args.study), args.sample, n)
     print(json.dumps(result, indent=2))

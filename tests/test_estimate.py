@@ -129,6 +129,10 @@ def test_estimate_command_takes_a_pilot_s_folder(tmp_path, capsys):
     from aloe.cli import main
 
     _, p = _exp(tmp_path)
+    assert main(["estimate", str(p), "--sample", "2"]) == 0
+    # at the cap, the table says how to size replies closer: the pilot that gives each trees prompt 30
+    # replies, one a turn (2 turns here)
+    assert "a pilot, this file with 15 personas in trees and evaluation" in capsys.readouterr().out
     run = tmp_path / "pilot"
     _manifest(run, "trees", [{"model": "gpt-x", "replies": {"respond@v2": {"calls": 1, "completion_tokens": 3}}}])
     assert main(["estimate", str(p), "--sample", "2", "--replies-from", str(run)]) == 0

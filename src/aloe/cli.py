@@ -63,14 +63,14 @@ def _dispatch(args: argparse.Namespace) -> None:
         print(f"{args.params}: ok (experiment {exp.name!r})")
     elif args.command == "estimate":
         from aloe.config import load_experiment
-        from aloe.estimate import estimate, reply_lengths, table
+        from aloe.estimate import estimate, pilot_personas, reply_lengths, table
 
         if args.sample < 1 or not 0 < args.fill <= 1 or args.latency <= 0:
             raise ConfigError("estimate: --sample must be at least 1, --fill in (0, 1], --latency above 0")
         exp = load_experiment(args.params)
         replies = reply_lengths(args.replies_from) if args.replies_from else None
         lines = estimate(exp, args.sample, args.fill, args.latency, replies)
-        print(table(lines, args.latency, args.fill, args.replies_from))
+        print(table(lines, args.latency, args.fill, args.replies_from, pilot_personas(exp)))
     elif args.command == "report":
         from aloe.runner import rebuild_report
 

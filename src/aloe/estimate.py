@@ -209,6 +209,13 @@ def _scale(rows: list[dict], factor: float) -> list[dict]:
 FEW_REPLIES = 30  # below this many replies to one prompt, `reply_lengths` says its mean is noisy
 
 
+def pilot_personas(exp: Experiment) -> int:
+    """The fewest personas whose trees give each prompt FEW_REPLIES replies (one a turn per persona):
+    the pilot to size replies by (on default.yaml, 10 personas estimated every stage within 25 %
+    where 2 did not; docs/benchmarks.md)."""
+    return math.ceil(FEW_REPLIES / exp.stages["trees"].turns)
+
+
 def reply_lengths(folder: str | Path) -> dict[tuple[str, str], float]:
     """(model, prompt version) -> mean reply tokens, from a finished run's stage manifests (the
     folder that holds personas/, trees/ and evaluate/, e.g. data/pilot)."""
@@ -464,18 +471,27 @@ def _total_row(lines: list[Line]) -> list[str]:
     ]
 
 
-def _sizing(lines: list[Line], fill: float, replies_from: str | None) -> str:
+def _sizing(lines: list[Line], fill: float, replies_from: str | None, pilot: int | None = None) -> str:
     by_run, at_cap = sum(ln.sized_by_run for ln in lines), sum(ln.sized_at_cap for ln in lines)
     cap = f"at {fill:.0%} of their cap (an upper bound on output tokens)"
     if not replies_from:
-        return f"Replies {cap}"
+        closer = (
+            f" (closer: run a pilot, this file with {pilot} personas in trees and evaluation, {FEW_REPLIES} "
+            f"replies a prompt, and give its data folder to --replies-from)"
+            if pilot
+            else ""
+        )
+        return f"Replies {cap}{closer}"
     return (
         f"Replies at the mean length {replies_from}'s run recorded for the same model and prompt "
         f"({_share(by_run, by_run + at_cap)} of them), the rest {cap}"
     )
 
 
-def table(lines: list[Line], latency_s: float, fill: float, replies_from: str | None = None) -> str:
+def table(
+    lines: list[Line], latency_s: float, fill: float, replies_from: str | None = None, pilot: int | None = None
+) -> str:
+    """The estimate as a text table; ``pilot`` (pilot_personas) says how to size replies closer."""
     head = [
         "stage",
         "role",
@@ -510,7 +526,7 @@ def table(lines: list[Line], latency_s: float, fill: float, replies_from: str | 
     out = [fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*row) for row in body]
     counted = sorted({ln.counted_by for ln in lines})
     out.append(
-        f"{_sizing(lines, fill, replies_from)}; input tokens counted by "
+        f"{_sizing(lines, fill, replies_from, pilot)}; input tokens counted by "
         f"{' and '.join(counted) or 'nothing'}; repeated prefix: the share of input tokens that an earlier "
         f"prompt of the same engine began with (what a provider's prompt cache can serve); cost, prefix "
         f"cached: the cost if the provider served every repeated prefix at the file's cached_input price (a "

@@ -246,11 +246,11 @@ def run_experiment(
 
 def _print_estimate(exp: Experiment) -> None:
     """A run with a priced role prints what it will cost before it spends anything."""
-    from aloe.estimate import estimate, priced, table
+    from aloe.estimate import estimate, pilot_personas, priced, table
 
     if priced(exp):
         print(f"[aloe] {exp.name}: estimate before the run (aloe estimate {exp.path}):", flush=True)
-        print(table(estimate(exp), latency_s=5.0, fill=1.0), flush=True)
+        print(table(estimate(exp), latency_s=5.0, fill=1.0, pilot=pilot_personas(exp)), flush=True)
 
 
 def _run_stages(
