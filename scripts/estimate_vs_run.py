@@ -57,8 +57,8 @@ def compare(params, sample: int = 8, replies_from=None) -> dict:
             "used": real,
             "estimated": est,
             "tokens_ratio": _ratio(tokens[1], tokens[0]),
-            # calls sent plus those the call cache answered (the cache keeps no tokens for a judge's
-            # log-probability answers, so only calls compare here)
+            # calls sent plus those the call cache answered: the requests the stage asked. Only calls
+            # compare: which of them a cache answers, and so their tokens, differs between the two
             "asked_calls": {
                 "used": sum(u["calls"] + u["cached_calls"] for u in used),
                 "estimated": round(sum(r["calls"] + r["cached_calls"] for r in mine)),
@@ -134,7 +134,7 @@ def main() -> None:
     print("\ntokens estimated / used (sent) | " + " | ".join(STAGES))
     for label, stages in result.items():
         print(f"replies {label} | " + " | ".join(f"{stages[s]['tokens_ratio']}" for s in STAGES if s in stages))
-    first = {s: v for s, v in next(iter(result.values())).items()}  # calls do not depend on reply lengths
+    first = next(iter(result.values()))  # calls do not depend on reply lengths
     sent = ", ".join(f"{s} {v['estimated']['calls']} / {v['used']['calls']}" for s, v in first.items())
     asked = ", ".join(f"{s} {v['asked_calls']['estimated']} / {v['asked_calls']['used']}" for s, v in first.items())
     print(f"calls sent, estimated / run: {sent}\ncalls asked (sent + call cache), estimated / run: {asked}")

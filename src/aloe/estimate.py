@@ -243,10 +243,12 @@ def reply_lengths(folder: str | Path) -> dict[tuple[str, str], float]:
     if few:  # a mean of a few replies moves with the personas they answered (docs/benchmarks.md)
         log.warning(
             "--replies-from %s: lengths from fewer than %d replies: %s; the estimate is as noisy as they are "
-            "(a pilot asks each trees prompt once a turn per persona: 30 replies take 30 / turns personas)",
+            "(a pilot asks each trees prompt once a turn per persona: %d replies take %d / turns personas)",
             root,
             FEW_REPLIES,
             ", ".join(few),
+            FEW_REPLIES,
+            FEW_REPLIES,
         )
     return {k: t / n for k, (n, t) in tally.items() if n}
 
