@@ -19,7 +19,8 @@ the run's own lengths.
 
 Tokens "used" are those sent to an engine. A run also asks requests its call cache answers (the
 opening user message is the same for every model under test; models that reply alike make the
-simulator's next turns alike): calls "asked" count those too, and the estimate's own cache hits likewise.
+simulator's next turns alike): calls and tokens "asked" count those too (at what they cost when
+made), and the estimate's own cache hits likewise.
 """
 
 from __future__ import annotations
@@ -57,12 +58,16 @@ def compare(params, sample: int = 8, replies_from=None) -> dict:
             "used": real,
             "estimated": est,
             "tokens_ratio": _ratio(tokens[1], tokens[0]),
-            # calls sent plus those the call cache answered: the requests the stage asked. Only calls
-            # compare: which of them a cache answers, and so their tokens, differs between the two
+            # the requests the stage asked: those sent plus those the call cache answered, at what
+            # they cost when made (a judge's cached log-probability answers count theirs from 0390338)
             "asked_calls": {
                 "used": sum(u["calls"] + u["cached_calls"] for u in used),
                 "estimated": round(sum(r["calls"] + r["cached_calls"] for r in mine)),
             },
+            "asked_tokens_ratio": _ratio(
+                tokens[1] + sum(r["cached_tokens"] for r in mine),
+                tokens[0] + sum(u["cached_prompt_tokens"] + u["cached_completion_tokens"] for u in used),
+            ),
         }
     return out
 
@@ -131,9 +136,10 @@ def main() -> None:
     print(f"pilot: {n} personas in trees and evaluation", file=sys.stderr)
     result = study(Path(args.params), Path(args.study), args.sample, n)
     print(json.dumps(result, indent=2))
-    print("\ntokens estimated / used (sent) | " + " | ".join(STAGES))
-    for label, stages in result.items():
-        print(f"replies {label} | " + " | ".join(f"{stages[s]['tokens_ratio']}" for s in STAGES if s in stages))
+    for key, what in (("tokens_ratio", "used (sent)"), ("asked_tokens_ratio", "asked (sent + call cache)")):
+        print(f"\ntokens estimated / {what} | " + " | ".join(STAGES))
+        for label, stages in result.items():
+            print(f"replies {label} | " + " | ".join(f"{stages[s][key]}" for s in STAGES if s in stages))
     first = next(iter(result.values()))  # calls do not depend on reply lengths
     sent = ", ".join(f"{s} {v['estimated']['calls']} / {v['used']['calls']}" for s, v in first.items())
     asked = ", ".join(f"{s} {v['asked_calls']['estimated']} / {v['asked_calls']['used']}" for s, v in first.items())

@@ -117,6 +117,12 @@ def check_estimate_tracks_the_run(params, data):
         asked = sum(u["calls"] + u["cached_calls"] for u in used)
         est_asked = sum(r["calls"] + r["cached_calls"] for r in rows if r["stage"] == stage)
         assert est_asked == pytest.approx(asked, rel=0.1), (stage, est_asked, asked)
+        # and so are their tokens, sized by the run's lengths, each at what it cost when made
+        # (measured 1.02 and 1.05; 1.58 for evaluation while cached judge answers kept no tokens)
+        mine = [r for r in sized if r["stage"] == stage]
+        est_tokens = sum(r["prompt_tokens"] + r["completion_tokens"] + r["cached_tokens"] for r in mine)
+        run_tokens = real + sum(u["cached_prompt_tokens"] + u["cached_completion_tokens"] for u in used)
+        assert est_tokens == pytest.approx(run_tokens, rel=0.25), (stage, est_tokens, run_tokens)
         assert all(r["sized_at_cap"] == 0 for r in sized if r["stage"] == stage)
     used = json.loads((data / "trees" / "manifest.json").read_text())["usage"]
     real = {k: sum(u[k] for u in used) for k in ("prompt_tokens", "completion_tokens")}
