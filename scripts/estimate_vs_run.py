@@ -34,8 +34,7 @@ from pathlib import Path
 import yaml
 
 from aloe.config import load_experiment
-from aloe.estimate import measure, pilot_personas, reply_lengths
-from aloe.io import read_json
+from aloe.estimate import against_run, measure, pilot_personas, reply_lengths
 
 STAGES = ("personas", "trees", "evaluate")
 
@@ -45,29 +44,17 @@ def compare(params, sample: int = 8, replies_from=None) -> dict:
     replies = reply_lengths(replies_from) if replies_from else None
     rows = measure(exp, sample=sample, replies=replies)
     out = {}
-    for stage in STAGES:
-        manifest = exp.stages[stage].paths.manifest(stage)
-        if not manifest.exists():  # a stage the run has not made (yet)
-            continue
-        used = read_json(manifest).get("usage") or []
-        mine = [r for r in rows if r["stage"] == stage]
-        real = {k: sum(u[k] for u in used) for k in ("calls", "prompt_tokens", "completion_tokens")}
-        est = {k: round(sum(r[k] for r in mine)) for k in real}
-        tokens = (real["prompt_tokens"] + real["completion_tokens"], est["prompt_tokens"] + est["completion_tokens"])
+    for stage, both in against_run(rows, exp.stages["trees"].paths.root).items():
+        run, est = both["run"], both["estimate"]
+        keys = ("calls", "prompt_tokens", "completion_tokens")
         out[stage] = {
-            "used": real,
-            "estimated": est,
-            "tokens_ratio": _ratio(tokens[1], tokens[0]),
+            "used": {k: run[k] for k in keys},
+            "estimated": {k: round(est[k]) for k in keys},
+            "tokens_ratio": _ratio(est["tokens"], run["tokens"]),
             # the requests the stage asked: those sent plus those the call cache answered, at what
             # they cost when made (a judge's cached log-probability answers count theirs from 0390338)
-            "asked_calls": {
-                "used": sum(u["calls"] + u["cached_calls"] for u in used),
-                "estimated": round(sum(r["calls"] + r["cached_calls"] for r in mine)),
-            },
-            "asked_tokens_ratio": _ratio(
-                tokens[1] + sum(r["cached_tokens"] for r in mine),
-                tokens[0] + sum(u["cached_prompt_tokens"] + u["cached_completion_tokens"] for u in used),
-            ),
+            "asked_calls": {"used": run["asked_calls"], "estimated": round(est["asked_calls"])},
+            "asked_tokens_ratio": _ratio(est["asked_tokens"], run["asked_tokens"]),
         }
     return out
 

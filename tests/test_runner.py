@@ -98,7 +98,7 @@ def check_estimate_tracks_the_run(params, data):
     never below 0.75 of the run, and within 2.5x of it (measured on ci.yaml: trees 1.03, evaluate
     2.26, where the three SmolLM2 models echo the user alike; docs/benchmarks.md)."""
     from aloe.config import load_experiment
-    from aloe.estimate import measure, reply_lengths
+    from aloe.estimate import against_run, measure, reply_lengths
 
     exp = load_experiment(params)
     rows = measure(exp, sample=8)
@@ -106,29 +106,23 @@ def check_estimate_tracks_the_run(params, data):
     # match, and the trees' total is within 25 %; evaluation stays an upper bound here, as its three
     # models answered alike and the run asked the simulator and judge once where the estimate asks thrice
     sized = measure(exp, sample=8, replies=reply_lengths(data))
+    at_cap, by_run = against_run(rows, data), against_run(sized, data)
     for stage in ("trees", "evaluate"):
-        used = json.loads((data / stage / "manifest.json").read_text())["usage"]
-        real = sum(u["prompt_tokens"] + u["completion_tokens"] for u in used)
-        est = sum(r["prompt_tokens"] + r["completion_tokens"] for r in rows if r["stage"] == stage)
+        real, est = at_cap[stage]["run"]["tokens"], at_cap[stage]["estimate"]["tokens"]
         print(f"estimate {stage}: {est:,.0f} tokens estimated, {real:,} used, ratio {est / real:.2f}")
         assert 0.75 <= est / real <= 2.5, (stage, est, real)
         # the requests the stage asks, sent or answered by the call cache, are the run's (16 / 16 and
         # 68 / 67 measured): what the estimate cannot see is only which of them the cache answers
-        asked = sum(u["calls"] + u["cached_calls"] for u in used)
-        est_asked = sum(r["calls"] + r["cached_calls"] for r in rows if r["stage"] == stage)
+        asked, est_asked = at_cap[stage]["run"]["asked_calls"], at_cap[stage]["estimate"]["asked_calls"]
         assert est_asked == pytest.approx(asked, rel=0.1), (stage, est_asked, asked)
         # and so are their tokens, sized by the run's lengths, each at what it cost when made
         # (measured 1.02 and 1.05; 1.58 for evaluation while cached judge answers kept no tokens)
-        mine = [r for r in sized if r["stage"] == stage]
-        est_tokens = sum(r["prompt_tokens"] + r["completion_tokens"] + r["cached_tokens"] for r in mine)
-        run_tokens = real + sum(u["cached_prompt_tokens"] + u["cached_completion_tokens"] for u in used)
+        run_tokens, est_tokens = by_run[stage]["run"]["asked_tokens"], by_run[stage]["estimate"]["asked_tokens"]
         assert est_tokens == pytest.approx(run_tokens, rel=0.25), (stage, est_tokens, run_tokens)
         assert all(r["sized_at_cap"] == 0 for r in sized if r["stage"] == stage)
-    used = json.loads((data / "trees" / "manifest.json").read_text())["usage"]
-    real = {k: sum(u[k] for u in used) for k in ("prompt_tokens", "completion_tokens")}
-    est = {k: sum(r[k] for r in sized if r["stage"] == "trees") for k in real}
+    real, est = by_run["trees"]["run"], by_run["trees"]["estimate"]
     assert est["completion_tokens"] == pytest.approx(real["completion_tokens"], rel=0.1)
-    assert sum(est.values()) == pytest.approx(sum(real.values()), rel=0.25)
+    assert est["tokens"] == pytest.approx(real["tokens"], rel=0.25)
 
 
 @pytest.mark.e2e

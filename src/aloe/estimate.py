@@ -253,6 +253,33 @@ def reply_lengths(folder: str | Path) -> dict[tuple[str, str], float]:
     return {k: t / n for k, (n, t) in tally.items() if n}
 
 
+def _totals(rows: list[dict], cached_tokens) -> dict[str, float]:
+    t = {k: sum(r[k] for r in rows) for k in ("calls", "prompt_tokens", "completion_tokens")}
+    t["tokens"] = t["prompt_tokens"] + t["completion_tokens"]
+    t["asked_calls"] = t["calls"] + sum(r["cached_calls"] for r in rows)
+    t["asked_tokens"] = t["tokens"] + sum(cached_tokens(r) for r in rows)
+    return t
+
+
+def against_run(rows: list[dict], folder: str | Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Stage -> {"run": ..., "estimate": ...} for each stage the finished run in ``folder`` made:
+    calls and tokens sent, and asked (sent plus those the call cache answered, each at what it cost
+    when made), from its manifests' usage and from ``rows`` (measure) of the same file."""
+    from aloe.io import read_json
+
+    out = {}
+    for stage in ("personas", "trees", "evaluate"):
+        manifest = Path(folder) / stage / "manifest.json"
+        if not manifest.exists():  # a stage the run has not made (yet)
+            continue
+        used = read_json(manifest).get("usage") or []
+        out[stage] = {
+            "run": _totals(used, lambda u: u["cached_prompt_tokens"] + u["cached_completion_tokens"]),
+            "estimate": _totals([r for r in rows if r["stage"] == stage], lambda r: r["cached_tokens"]),
+        }
+    return out
+
+
 def _engines(
     exp: Experiment,
     stage: str,

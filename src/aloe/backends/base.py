@@ -142,8 +142,8 @@ class CandidateLogprobs:
     error: str | None = None
     cached: bool = False
     tokens: dict[str, int] | None = None  # tokens per candidate, where the values are exact (per-token means)
-    prompt_tokens: int | None = None  # what the request read and generated, where the engine says:
-    completion_tokens: int | None = None  # a cached answer's "saved" counts them as a chat answer's
+    prompt_tokens: int | None = None  # tokens the request read and generated, where the engine knows:
+    completion_tokens: int | None = None  # kept in the cache, so a cached answer counts what it saved
 
     @property
     def ok(self) -> bool:
@@ -263,6 +263,15 @@ class ChatBackend(ABC):
             return fresh
         return call(todo, done=lambda i, r: self.cache.put_many({keys[i]: asdict(r)}) if ok(r) else None)
 
+    def _book_hits(self, keys: list[str], found: dict[str, dict]) -> None:
+        """Count the requests the cache answered, and the tokens each answer cost when it was made
+        (under ``_book_lock``)."""
+        for k in keys:
+            if k in found:
+                self.from_cache += 1
+                self.cached_prompt_tokens += found[k].get("prompt_tokens") or 0
+                self.cached_completion_tokens += found[k].get("completion_tokens") or 0
+
     # -- public, cached calls
     def chat(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         keys = [self.chat_key(r) for r in requests]
@@ -277,11 +286,9 @@ class ChatBackend(ABC):
         out = []
         with self._book_lock:
             self.sent += len(uniq)
-            self.from_cache += len(requests) - len(todo)
+            self._book_hits(keys, found)
             for k in keys:
                 if k in found:
-                    self.cached_prompt_tokens += found[k].get("prompt_tokens") or 0  # what this answer once cost
-                    self.cached_completion_tokens += found[k].get("completion_tokens") or 0
                     out.append(Completion(**{**found[k], "cached": True}))
                 else:
                     c = by_key[k]
@@ -315,11 +322,7 @@ class ChatBackend(ABC):
         fresh = self._fresh(self._score, [requests[i] for i in uniq.values()], list(uniq), lambda c: c.error is None)
         with self._book_lock:
             self.sent += len(uniq)
-            self.from_cache += sum(1 for k in keys if k in found)
-            for k in keys:
-                if k in found:
-                    self.cached_prompt_tokens += found[k].get("prompt_tokens") or 0
-                    self.cached_completion_tokens += found[k].get("completion_tokens") or 0
+            self._book_hits(keys, found)
         by_key = dict(zip(uniq.keys(), fresh))
         out = []
         for k in keys:
