@@ -57,6 +57,20 @@ def test_a_sample_is_scaled_to_the_file_s_size(tmp_path):
     assert calls[8] == pytest.approx(2 * calls[4])
 
 
+def test_the_stand_in_stages_progress_stays_off_the_console(tmp_path, caplog):
+    import logging
+
+    exp, _ = _exp(tmp_path)
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("aloe.trees").info("before: shown")
+        measure(exp, sample=2)
+        logging.getLogger("aloe.trees").info("after: shown")
+    said = [r.getMessage() for r in caplog.records]
+    # the sample's "cost so far" on scripted engines is not the run's: a reader would take it for one
+    assert not [m for m in said if "cost so far" in m or "schedule" in m], said
+    assert "before: shown" in said and "after: shown" in said  # the levels are put back
+
+
 def test_only_a_served_priced_role_makes_a_run_print_its_estimate(tmp_path, capsys):
     from aloe.cli import main
 

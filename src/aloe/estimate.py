@@ -18,6 +18,7 @@ Wall time is the ideal: calls x latency / concurrency, or the rate limits' floor
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -325,6 +326,21 @@ def _rows(given: dict[str, SizingBackend], stage: str, asked: frozenset[str] | N
     return out
 
 
+@contextlib.contextmanager
+def _stand_in_quiet():
+    """The stand-in stages' info lines (progress, "cost so far", schedule) describe a sample on
+    scripted engines, not the run: keep them off the console; warnings and errors still show."""
+    quiet = [logging.getLogger(n) for n in ("aloe", "sentence_transformers")]
+    before = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(max(logging.WARNING, lg.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        for lg, level in zip(quiet, before):
+            lg.setLevel(level)
+
+
 def _sample(n: int, sample: int) -> tuple[int, float]:
     k = max(1, min(n, sample))
     return k, n / k
@@ -339,13 +355,11 @@ def measure(
 ) -> list[dict]:
     """Usage rows (stage, role, model, kind, calls, prompt/completion tokens) for the whole run;
     ``replies`` (reply_lengths) sizes replies by a finished run's, else at ``fill`` of their cap."""
-    from aloe import evaluation, personas, trees
-    from aloe.config import STAGE_ROLES
-    from aloe.errors import AloeError
+    from aloe import personas, trees
     from aloe.roles import Roles
 
     rows: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="aloe-estimate-") as tmp:
+    with _stand_in_quiet(), tempfile.TemporaryDirectory(prefix="aloe-estimate-") as tmp:
 
         def local(stage, **extra):
             c = exp.stages[stage]
@@ -371,36 +385,47 @@ def measure(
             trees.run(local("trees", n_personas=k), asked, progress=False)
             rows += _scale(_rows(troles, "trees", asked.asked), factor)
         if "evaluate" in stages:
-            e = exp.stages["evaluate"]
-            k, factor = _sample(e.n_personas, sample)
-            ecfg = local("evaluate", n_personas=k)
-            if e.official_dir and not Path(e.official_dir).is_dir():
-                ecfg = dataclasses.replace(ecfg, official_dir=None)
-            eroles = _engines(exp, "evaluate", STAGE_ROLES["evaluate"], fill, cache, replies)
-            policy = e.role("policy")
-            trained_engines = []
-
-            def trained(model: str) -> ChatBackend:
-                eng = SizingBackend(
-                    dataclasses.replace(policy, kind="vllm" if policy.kind == "vllm" else "transformers"),
-                    fill,
-                    cache,
-                    replies,
-                )
-                eng.model_id = model  # its own lengths where the finished run trained it, else the policy's
-                trained_engines.append(eng)
-                return eng
-
-            try:
-                asked = Roles({}, None, eroles)
-                evaluation.run(ecfg, asked, progress=False, trained=trained)
-            except AloeError as err:
-                if "benchmark personas" not in str(err):
-                    raise
-                raise AloeError(f"estimate: {err}") from None
-            under_test = {f"under test: {eng.model_id}": eng for eng in trained_engines}
-            rows += _scale(_rows(eroles, "evaluate", asked.asked) + _rows(under_test, "evaluate"), factor)
+            rows += _measure_evaluate(exp, local("evaluate"), sample, fill, cache, replies)
     return rows
+
+
+def _measure_evaluate(exp: Experiment, ecfg, sample: int, fill: float, cache: CallCache, replies) -> list[dict]:
+    """The evaluation stage's rows: a sample of its personas on sizing engines, scaled to the file's
+    count; each trained model under test gets its own engine (its row says which)."""
+    from aloe import evaluation
+    from aloe.config import STAGE_ROLES
+    from aloe.errors import AloeError
+    from aloe.roles import Roles
+
+    e = exp.stages["evaluate"]
+    k, factor = _sample(e.n_personas, sample)
+    ecfg = dataclasses.replace(ecfg, n_personas=k)
+    if e.official_dir and not Path(e.official_dir).is_dir():
+        ecfg = dataclasses.replace(ecfg, official_dir=None)
+    eroles = _engines(exp, "evaluate", STAGE_ROLES["evaluate"], fill, cache, replies)
+    policy = e.role("policy")
+    trained_engines = []
+
+    def trained(model: str) -> ChatBackend:
+        eng = SizingBackend(
+            dataclasses.replace(policy, kind="vllm" if policy.kind == "vllm" else "transformers"),
+            fill,
+            cache,
+            replies,
+        )
+        eng.model_id = model  # its own lengths where the finished run trained it, else the policy's
+        trained_engines.append(eng)
+        return eng
+
+    try:
+        asked = Roles({}, None, eroles)
+        evaluation.run(ecfg, asked, progress=False, trained=trained)
+    except AloeError as err:
+        if "benchmark personas" not in str(err):
+            raise
+        raise AloeError(f"estimate: {err}") from None
+    under_test = {f"under test: {eng.model_id}": eng for eng in trained_engines}
+    return _scale(_rows(eroles, "evaluate", asked.asked) + _rows(under_test, "evaluate"), factor)
 
 
 def _concurrency(cfg: BackendConfig) -> int:
