@@ -18,13 +18,21 @@ import time
 import zipfile
 from pathlib import Path
 
-VERSION = "0.3.36"  # pyproject.toml's server extra
+import tomllib
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 MODES = {"without multimodal (the Makefile's)": "-DLLAVA_BUILD=OFF", "pip's default": ""}
+
+
+def pinned() -> str:
+    """The llama-cpp-python pin of pyproject.toml's ``server`` extra, e.g. ``llama-cpp-python==0.3.36``."""
+    extra = tomllib.loads(PYPROJECT.read_text())["project"]["optional-dependencies"]["server"]
+    return next(r for r in extra if r.startswith("llama-cpp-python")).replace("[server]", "")
 
 
 def fetch_sdist(work: Path) -> Path:
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={VERSION}", "--no-deps", "--no-binary", ":all:"]
+        [sys.executable, "-m", "pip", "download", pinned(), "--no-deps", "--no-binary", ":all:"]
         + ["-q", "-d", str(work)],
         check=True,
     )
@@ -51,7 +59,9 @@ def build(sdist: Path, out: Path, cmake_args: str) -> tuple[float, list[str]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--sdist", type=Path, help=f"llama-cpp-python {VERSION}'s source archive (fetched with pip if absent)"
+        "--sdist",
+        type=Path,
+        help="the source archive of pyproject.toml's llama-cpp-python pin (fetched with pip if absent)",
     )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-llama-build-") as tmp:
