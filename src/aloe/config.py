@@ -269,6 +269,14 @@ class BackendConfig:
     max_model_len: Optional[int] = param(
         None, help="vLLM: context length (prompt and reply); None: the model's", range=(16, 10000000)
     )
+    enable_prefix_caching: bool = param(
+        True,
+        help="vLLM: reuse the KV cache of a prompt prefix seen before (the same persona and history, a judge asked in both orders); set explicitly, not left to vLLM's default",
+    )
+    enforce_eager: bool = param(
+        False,
+        help="vLLM: no CUDA graphs or torch.compile warm-up: the engine starts faster and decodes slower (the vLLM-on-CPU tests use it)",
+    )
     # log-probabilities: how many top tokens to ask for (HTTP / vLLM)
     top_logprobs: int = param(
         20, help="how many top next tokens an HTTP server or vLLM returns with log-probabilities", range=(1, 100)

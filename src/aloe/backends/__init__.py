@@ -95,6 +95,8 @@ def _vllm(cfg: BackendConfig, cache: CallCache) -> ChatBackend:
         tensor_parallel_size=cfg.tensor_parallel_size,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         max_model_len=cfg.max_model_len,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        enforce_eager=cfg.enforce_eager,
         top_logprobs=cfg.top_logprobs,
         hf_revision=spec.revision if spec.source == "hf" else None,
         dtype=cfg.dtype,

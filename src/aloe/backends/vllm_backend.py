@@ -4,8 +4,10 @@ Tensor parallelism comes from the config (``tensor_parallel_size``); for data
 parallelism run several ``vllm serve`` processes and give the ``openai`` backend
 their URLs as a list. Log-probabilities come from the top-k next-token list
 (``SamplingParams(logprobs=k)``), mapped onto candidates like the HTTP backend.
-Prompts that share a prefix (the tree judge asked in both orders) are left to vLLM's
-own automatic prefix caching; the transformers backend groups them itself.
+Prompts that share a prefix (the same persona and history; the tree judge asked in both orders)
+reuse its KV cache through vLLM's prefix caching, set explicitly (``enable_prefix_caching``, on by
+default); the transformers backend groups them itself. How many prompt tokens came from that
+cache is counted and logged when the engine closes.
 
 Checked against vLLM 0.33.0's source:
 - one prompt longer than the model's context (or exactly at it) makes ``LLM.chat`` raise for the
@@ -19,8 +21,9 @@ Checked against vLLM 0.33.0's source:
   prompt; a whole reply's token count is measured on the rendered prompt and checked by decoding;
 - top-k log-probabilities of ids that decode to the same text are summed, not overwritten.
 
-Not run in CI (no GPU there): tests/test_backend_vllm.py drives this adapter
-through a stand-in ``vllm`` module, and a ``gpu``-marked test runs the real engine.
+Tested twice: tests/test_backend_vllm.py drives this adapter through a stand-in ``vllm`` module
+(vLLM 0.33's API), and its ``vllm``-marked tests run the real engine, vLLM 0.32's CPU build, in
+.venv-vllm (``make test-vllm``); the ``gpu``-marked one adds what only a GPU shows (memory).
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class VLLMBackend(ChatBackend):
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.85,
         max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
         top_logprobs: int = 20,
         hf_revision: str | None = None,
         dtype: str = "auto",
@@ -91,6 +96,9 @@ class VLLMBackend(ChatBackend):
             "tokenizer_mode": "hf",
             # vLLM refuses a whole batch asking for more top log-probabilities than this (20)
             "max_logprobs": max(20, top_logprobs),
+            # explicit, so a run's behaviour does not depend on the vLLM release's default
+            "enable_prefix_caching": enable_prefix_caching,
+            "enforce_eager": enforce_eager,
         }
         self.dtype = kwargs["dtype"]
         if max_model_len:
@@ -98,6 +106,8 @@ class VLLMBackend(ChatBackend):
         self.llm = self._vllm.LLM(**kwargs)
         self.top_logprobs = top_logprobs
         self.tensor_parallel_size = tensor_parallel_size
+        self.prefix_caching = enable_prefix_caching
+        self.prefix_hit_tokens = 0  # prompt tokens vLLM took from its prefix cache (RequestOutput.num_cached_tokens)
         self.max_model_len = self._context_length(max_model_len)
         self._defaults = default_sampling(_generation_config(location, hf_revision))
 
@@ -156,6 +166,14 @@ class VLLMBackend(ChatBackend):
             stop = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
         if callable(stop):
             stop()
+        if self.prompt_tokens:
+            log.info(
+                "vLLM %s: %d of %d prompt tokens came from its prefix cache (prefix caching %s)",
+                self.model_id,
+                self.prefix_hit_tokens,
+                self.prompt_tokens,
+                "on" if self.prefix_caching else "off",
+            )
         self.llm = None
         del llm
         gc.collect()
@@ -174,7 +192,11 @@ class VLLMBackend(ChatBackend):
         return {"top_logprobs": self.top_logprobs}
 
     def describe(self) -> dict:
-        return {**super().describe(), "tensor_parallel_size": self.tensor_parallel_size}
+        return {
+            **super().describe(),
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "prefix_caching": self.prefix_caching,
+        }
 
     def _params(self, r: ChatRequest):
         s, seed = r.sampling, r.sampling.seed * 1000 + r.sample_index
@@ -200,7 +222,7 @@ class VLLMBackend(ChatBackend):
             c = o.outputs[0]
             n = len(c.token_ids)
             self.generated_tokens += n
-            self.prompt_tokens += len(getattr(o, "prompt_token_ids", None) or [])
+            self._read(o)
             results[i] = Completion(c.text.strip(), finish_reason=c.finish_reason, completion_tokens=n)
         return results  # type: ignore[return-value]
 
@@ -240,8 +262,7 @@ class VLLMBackend(ChatBackend):
                 )
                 continue
             step = (o.outputs[0].logprobs or [{}])[0]
-            read = len(getattr(o, "prompt_token_ids", None) or [])
-            self.prompt_tokens += read
+            read = self._read(o)
             top: dict[str, float] = {}
             for lp in step.values():  # two ids may decode to the same text: sum, not overwrite
                 if lp.decoded_token is not None:
@@ -283,6 +304,13 @@ class VLLMBackend(ChatBackend):
                     prompt_tokens=lens[i],
                 )
             )
+
+    def _read(self, o) -> int:
+        """Count one answered request's prompt tokens, and those vLLM took from its prefix cache."""
+        read = len(getattr(o, "prompt_token_ids", None) or [])
+        self.prompt_tokens += read
+        self.prefix_hit_tokens += int(getattr(o, "num_cached_tokens", None) or 0)
+        return read
 
     @staticmethod
     def _reply_logprob(reply: str, o, without: int, tok) -> tuple[float, int] | str:
