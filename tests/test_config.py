@@ -15,7 +15,7 @@ def write(tmp_path, text, name="exp.yaml"):
     return p
 
 
-@pytest.mark.parametrize("name", ["ci", "default", "cpu-large", "paper", "paper-open"])
+@pytest.mark.parametrize("name", ["ci", "ci-vllm", "default", "cpu-large", "paper", "paper-open"])
 def test_committed_parameter_files_are_valid(name):
     exp = load_experiment(REPO / "parameters" / f"{name}.yaml")
     assert exp.name == name and set(exp.stages) == {"personas", "trees", "train", "evaluate", "report"}

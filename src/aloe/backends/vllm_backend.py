@@ -222,8 +222,10 @@ class VLLMBackend(ChatBackend):
             c = o.outputs[0]
             n = len(c.token_ids)
             self.generated_tokens += n
-            self._read(o)
-            results[i] = Completion(c.text.strip(), finish_reason=c.finish_reason, completion_tokens=n)
+            read = self._read(o)  # kept with the answer, so a later cache hit credits what it read
+            results[i] = Completion(
+                c.text.strip(), finish_reason=c.finish_reason, completion_tokens=n, prompt_tokens=read or None
+            )
         return results  # type: ignore[return-value]
 
     def _score(self, requests: list[ProbRequest]) -> list[CandidateLogprobs]:
