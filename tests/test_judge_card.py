@@ -208,3 +208,26 @@ def test_likelihood_judge_refuses_top_k_servers(tmp_path):
         top_k, [([{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}], "x y")], "t@v1"
     )
     assert j.llr is None and "top-k" in j.error
+
+
+def test_a_writer_on_another_engine_of_the_judge_s_model_is_not_independent():
+    """K1's replies must not come from the judge's own model. The policy on vLLM and the judge on
+    transformers of one checkpoint differ in engine and dtype, not in weights: before, K1 took the
+    policy as an independent writer and counted (found by parameters/ci-vllm.yaml)."""
+    from aloe.judge_card import k1_writer
+
+    class Engine:
+        def __init__(self, kind, model, revision="r1", dtype="float32"):
+            self._id = {"kind": kind, "model": model, "revision": revision, "dtype": dtype}
+
+        def identity(self):
+            return dict(self._id)
+
+    judge = Engine("transformers", "smollm2-135m")
+    same = {"judge": judge, "responder": judge, "simulator": judge, "policy": Engine("vllm", "smollm2-135m")}
+    engine, role, independent = k1_writer(None, same)
+    assert not independent and role == "responder"
+    other = {**same, "policy": Engine("vllm", "smollm2-135m", revision="r2")}  # trained weights
+    assert k1_writer(None, other)[1:] == ("policy", True)
+    int8 = {**same, "simulator": Engine("transformers", "smollm2-135m", dtype="int8"), "policy": judge}
+    assert k1_writer(None, int8)[2] is False

@@ -127,7 +127,12 @@ def _engine(roles, name: str):
 
 
 def _same_model(a, b) -> bool:
-    return a is not None and b is not None and (a is b or a.identity() == b.identity())
+    """The same weights, whatever serves them: the same model and revision. A judge on transformers
+    and a writer on vLLM (or in int8) of one checkpoint are one model, not two."""
+    if a is None or b is None:
+        return False
+    ia, ib = a.identity(), b.identity()
+    return a is b or (ia["model"], ia["revision"]) == (ib["model"], ib["revision"])
 
 
 def independence(cfg: EvaluateConfig, roles) -> dict:
