@@ -132,7 +132,7 @@ def _same_model(a, b) -> bool:
     if a is None or b is None:
         return False
     ia, ib = a.identity(), b.identity()
-    return a is b or (ia["model"], ia["revision"]) == (ib["model"], ib["revision"])
+    return a is b or (ia.get("model"), ia.get("revision")) == (ib.get("model"), ib.get("revision"))
 
 
 def independence(cfg: EvaluateConfig, roles) -> dict:
