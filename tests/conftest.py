@@ -95,19 +95,26 @@ def start_llama_server(port: int) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=log,
     )
+    wait_until_serving(proc, f"http://127.0.0.1:{port}/v1", log.name, 120, "llama.cpp server")
+    return proc
+
+
+def wait_until_serving(proc: subprocess.Popen, url: str, log: str, seconds: float, name: str) -> None:
+    """Wait until the OpenAI-style server ``proc`` answers ``{url}/models``; if it exits first, or is
+    still not answering after ``seconds`` (then it is killed), raise with the end of its ``log``."""
     import httpx
 
-    deadline = time.time() + 120
+    deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"llama.cpp server exited: {open(log.name).read()[-2000:]}")
+            raise RuntimeError(f"{name} exited: {open(log).read()[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return proc
+            if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("llama.cpp server did not start within 120 s")
+    raise RuntimeError(f"{name} did not start within {seconds} s: {open(log).read()[-2000:]}")
 
 
 @pytest.fixture(scope="session")

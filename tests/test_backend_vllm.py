@@ -425,8 +425,9 @@ def engine_processes() -> list:
     found = []
     for p in psutil.Process().children(recursive=True):
         try:
-            found.append(p) if "EngineCore" in " ".join(p.cmdline()) + p.name() else None
-        except psutil.Error:
+            if "EngineCore" in " ".join(p.cmdline()) + p.name():
+                found.append(p)
+        except psutil.Error:  # it ended while we looked
             pass
     return found
 
@@ -532,11 +533,9 @@ def vllm_server():
     runs, reached through the openai engine."""
     import subprocess
     import tempfile
-    import time
 
-    import httpx
     import torch
-    from conftest import free_port
+    from conftest import free_port, wait_until_serving
 
     from aloe.models import hf_location, resolve_model
 
@@ -555,16 +554,8 @@ def vllm_server():
     log = tempfile.NamedTemporaryFile(prefix="vllm-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 300
     try:
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"vllm serve did not start: {open(log.name).read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
+        wait_until_serving(proc, url, log.name, 300, "vllm serve")
         yield url
     finally:
         proc.terminate()
